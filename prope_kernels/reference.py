@@ -1,0 +1,135 @@
+"""Pure-PyTorch reference: the definition every kernel is tested against.
+
+Readable on purpose: rotate q and k with p-RoPE, then softmax attention, with GQA by repeating
+k/v heads. Runs on any device and dtype; tests call it in float64 for the "true" answer and in the
+kernel's dtype for the error PyTorch itself makes.
+
+Layout everywhere: ``(batch, seqlen, heads, head_dim)``, or ``(total_tokens, heads, head_dim)``
+for packed (varlen) sequences described by ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .rotary import PRoPESpec
+
+
+def rotation_angles(positions: torch.Tensor, spec: PRoPESpec):
+    """cos, sin of the angles ``positions * g_k`` for the rotated pairs.
+
+    positions: integer tensor of any shape P. Returns two float64 tensors (*P, r).
+    Angles are formed in float64 (an fp32 angle is off by ~0.03 rad at position 1e6).
+    """
+    _, _, freqs = spec.pairs()
+    inv_freq = torch.tensor(freqs, dtype=torch.float64, device=positions.device)
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_prope(x: torch.Tensor, positions: torch.Tensor, spec: PRoPESpec,
+                conjugate: bool = False) -> torch.Tensor:
+    """Rotate ``x`` (..., seqlen, heads, head_dim) by p-RoPE.
+
+    positions: integer (..., seqlen), broadcastable against x's leading dims.
+    conjugate: rotate by ``-phi`` (the inverse, i.e. the gradient of the rotation).
+    The multiply happens in x's dtype (cos/sin are rounded to it), as user code does it.
+    """
+    a, b, _ = spec.pairs()
+    if not a:
+        return x.clone()
+    cos, sin = rotation_angles(positions, spec)          # (..., seqlen, r)
+    cos = cos[..., None, :].to(x.dtype)                    # (..., seqlen, 1, r): broadcast heads
+    sin = sin[..., None, :].to(x.dtype)
+    if conjugate:
+        sin = -sin
+    ia = torch.tensor(a, device=x.device)
+    ib = torch.tensor(b, device=x.device)
+    xa, xb = x[..., ia], x[..., ib]
+    out = x.clone()
+    out[..., ia] = xa * cos - xb * sin
+    out[..., ib] = xb * cos + xa * sin
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: Optional[float] = None, return_lse: bool = False):
+    """Softmax attention on (batch, seqlen, heads, d) tensors in their own dtype.
+
+    k/v heads are repeated to q's head count (q head h reads kv head ``h // (hq // hkv)``).
+    lse: (batch, q_heads, seqlen) natural-log sum of exp of the scaled scores.
+    """
+    d = q.shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
+    if causal:
+        m, n = s.shape[-2:]
+        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
+    prob = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhmn,bnhd->bmhd", prob, v)
+    return (out, lse) if return_lse else out
+
+
+def default_positions(seqlen: int, device) -> torch.Tensor:
+    return torch.arange(seqlen, device=device)
+
+
+def prope_attention(q, k, v, spec: PRoPESpec, causal=True, softmax_scale=None, positions=None,
+                    return_lse=False):
+    """Reference fused op: rotate q and k with p-RoPE, then attend. Shapes as in
+    :func:`prope_kernels.prope_attention`."""
+    if positions is None:
+        positions = default_positions(q.shape[1], q.device)
+    qr = apply_prope(q, positions, spec)
+    kr = apply_prope(k, positions, spec)
+    return attention(qr, kr, v, causal, softmax_scale, return_lse)
+
+
+def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions restarting at 0 in each packed sequence: (total,) int64."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lens)
+    return torch.arange(total, device=cu.device) - starts
+
+
+def prope_attention_varlen(q, k, v, cu_seqlens, spec: PRoPESpec, causal=True,
+                           softmax_scale=None, positions=None, return_lse=False):
+    """Reference varlen op: q (total, hq, d), k/v (total, hkv, d); each sequence
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only to itself. lse: (hq, total)."""
+    total = q.shape[0]
+    if positions is None:
+        positions = varlen_positions(cu_seqlens, total)
+    qr = apply_prope(q, positions, spec)
+    kr = apply_prope(k, positions, spec)
+    outs, lses = [], []
+    cu = cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e == s:
+            continue
+        o, l = attention(qr[None, s:e], kr[None, s:e], v[None, s:e], causal, softmax_scale, True)
+        outs.append(o[0])
+        lses.append(l[0])
+    out = torch.cat(outs) if outs else torch.empty_like(q)
+    lse = torch.cat(lses, dim=-1) if lses else q.new_empty(q.shape[1], 0, dtype=torch.float32)
+    return (out, lse) if return_lse else out
+
+
+def attention_flops(batch: int, seqlen: int, q_heads: int, head_dim: int, causal: bool,
+                    mode: str = "fwd") -> float:
+    """Standard count: forward 4*b*h*s^2*d (halved if causal); bwd 2.5x; fwd+bwd 3.5x."""
+    f = 4.0 * batch * q_heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+__all__ = [
+    "rotation_angles", "apply_prope", "attention", "prope_attention", "prope_attention_varlen",
+    "varlen_positions", "default_positions", "attention_flops",
+]
