@@ -1,0 +1,407 @@
+"""Triton FlashAttention-2 style forward and backward with p-RoPE fused.
+
+All kernels take the packed layout: tokens (total, heads, d) with int32 ``CU`` (num_seqs + 1)
+sequence offsets; a dense batch is ``CU = [0, s, 2s, ...]``. Program ids: axis 0 = block of rows
+inside one sequence, axis 1 = sequence * heads. 64-bit row offsets (``seq_start`` is int64).
+
+Where the rotation happens (each element is rotated about once per pass):
+
+* forward: the stationary Q tile is rotated on load (once per program, angles in float64);
+  K arrives pre-rotated from a short-lived buffer (``rope.py``), so the inner loop is plain
+  FlashAttention with no sin/cos.
+* backward: short-lived rotated Q', K' buffers feed a plain FA2 backward; dK' and dQ' (the
+  gradients w.r.t. the rotated tensors) are rotated back with the conjugate rotation in place.
+  dQ' is written over Q' (each dq program reads its own Q' rows once, first), so the rotated
+  copy of Q costs no memory beyond dq itself.
+
+Nothing rotated outlives the op call: forward saves only q, k, v, out and lse.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from .rope import rope_cos_sin
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------------------------------------
+# configs: tuned candidates on a GPU; one small config under the CPU interpreter (TRITON_INTERPRET)
+# ------------------------------------------------------------------------------------------------
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
+_FWD = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    512: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
+}
+_BWD = {  # dkdv: BLOCK_N rows of k/v stationary; dq: BLOCK_M rows of q stationary
+    64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)],
+    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
+    256: [(32, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1)],
+    512: [(16, 32, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1)],
+}
+
+
+def _bucket(d):
+    return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
+
+
+def _configs(table, interp_cfg):
+    if _interpret():
+        return [_cfg(*interp_cfg)]
+    seen, out = set(), []
+    for rows in table.values():
+        for row in rows:
+            if row not in seen:
+                seen.add(row)
+                out.append(_cfg(*row))
+    return out
+
+
+def _prune(table):
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        want = set(table[_bucket(d)])
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        return kept or configs
+    return prune
+
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L, lo, hi,
+               qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+    # MASKED=False: every key in [lo, hi) is valid and visible to every row: no mask work at all.
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]       # (BLOCK_N, BLOCK_D)
+        if MASKED:
+            n_ok = offs_n < L
+            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kT) * qk_scale                                          # log2 domain
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(_FWD, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune(_FWD)})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
+    sm_scale, total, n_heads, seq_bucket,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Heaviest (last, under a causal mask) row blocks are scheduled first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // n_heads
+    h = pid_sh % n_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:
+        return
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    d_ok = offs_d < HEAD_DIM
+
+    # q (BLOCK_M, BLOCK_D): loaded once, rotated once, stays in SRAM/registers.
+    q_rows = Q + (seq_start + offs_m)[:, None] * stride_qt + h * stride_qh
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0)
+    if ROTATE:
+        # q'[j] = q[j] cos + sign[j] q[partner[j]] sin; identity dims have freq 0, sign 0.
+        part = tl.load(C_PART + offs_d, mask=d_ok, other=0)
+        sign = tl.load(C_SIGN + offs_d, mask=d_ok, other=0.0)
+        freq = tl.load(C_FREQ + offs_d, mask=d_ok, other=0.0)
+        q_partner = tl.load(q_rows + part[None, :], mask=q_mask, other=0.0)
+        pos = tl.load(POS + seq_start + offs_m, mask=m_ok, other=0)
+        cos, sin = rope_cos_sin(pos[:, None], freq[None, :])
+        q = (q.to(tl.float32) * cos + q_partner.to(tl.float32) * (sin * sign[None, :]))
+        q = q.to(Q.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    k_base = K + seq_start * stride_kt + hk * stride_kh
+    v_base = V + seq_start * stride_vt + hk * stride_vh
+    n_even = (L // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        n_free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)  # blocks left of the diagonal
+        hi = tl.minimum(L, start_m + BLOCK_M)
+    else:
+        n_free = n_even
+        hi = L
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL,
+                               EVEN_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL,
+                               EVEN_D)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * LN2                 # natural log, (BLOCK_M,)
+    o_ptrs = O + (seq_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + h.to(tl.int64) * total + seq_start + offs_m, lse, mask=m_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stride_dot,
+                           stride_doh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_T: tl.constexpr, HAS_DLSE: tl.constexpr):
+    # delta[h, t] = sum_d o * do  (minus dlse when the lse output also has a gradient)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = t < total
+    t64 = t.to(tl.int64)
+    mask = t_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h * total + t64, mask=t_ok, other=0.0)
+    tl.store(DELTA + h * total + t64, delta, mask=t_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    offs_n, offs_d, L, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    EVEN_D: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]      # (BLOCK_D, BLOCK_M)
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]    # (BLOCK_M, BLOCK_D)
+        if MASKED:
+            m_ok = offs_m < L
+            qT = tl.load(qT_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            if EVEN_D:
+                qT = tl.load(qT_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # pT (BLOCK_N, BLOCK_M): probabilities recomputed from the saved lse
+        pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - (lse * LOG2E)[None, :])
+        if MASKED:
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_BWD, (16, 32, 4, 1)), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune(_BWD)})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+    sm_scale, total, n_kv_heads, seq_bucket,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: BLOCK_N keys of kv head hk, all GROUP query heads that read it (GQA/MQA
+    # gradients are reduced here, in registers: no atomics, no expanded k/v).
+    pid_n = tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // n_kv_heads
+    hk = pid_sh % n_kv_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    start_n = pid_n * BLOCK_N
+    if start_n >= L:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)                                     # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+
+    m_even = (L // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M                          # first query block that sees us
+        diag_end = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, m_even),
+                              lo)
+    else:
+        lo = 0
+        diag_end = 0
+    tail = tl.maximum(diag_end, m_even)
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_base = Q + seq_start * stride_qt + h * stride_qh
+        do_base = DO + seq_start * stride_dot + h * stride_doh
+        lse_base = LSE + h * total + seq_start
+        delta_base = DELTA + h * total + seq_start
+        # diagonal blocks (masked), blocks fully below the diagonal (no mask), ragged tail (masked)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                 stride_dot, offs_n, offs_d, L, lo, diag_end, qk_scale, BLOCK_M,
+                                 HEAD_DIM, True, CAUSAL, EVEN_D)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                 stride_dot, offs_n, offs_d, L, diag_end, m_even, qk_scale,
+                                 BLOCK_M, HEAD_DIM, False, CAUSAL, EVEN_D)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                 stride_dot, offs_n, offs_d, L, tail, L, qk_scale, BLOCK_M,
+                                 HEAD_DIM, True, CAUSAL, EVEN_D)
+    dk = dk * sm_scale
+    tl.store(DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L,
+                  lo, hi, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
+        vT_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None]
+        if MASKED:
+            n_ok = offs_n < L
+            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - (lse * LOG2E)[:, None])   # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    return dq
+
+
+@triton.autotune(configs=_configs(_BWD, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune(_BWD)},
+                 restore_value=["DQ"])  # DQ may alias Q (in-place dQ' over Q'): restore per trial
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU,
+    sm_scale, total, n_heads, seq_bucket,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // n_heads
+    h = pid_sh % n_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:
+        return
+    hk = h // GROUP
+    h64 = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + (seq_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + (seq_start + offs_m)[:, None] * stride_dot + h * stride_doh
+                 + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + h64 * total + seq_start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + h64 * total + seq_start + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    k_base = K + seq_start * stride_kt + hk * stride_kh
+    v_base = V + seq_start * stride_vt + hk * stride_vh
+    n_even = (L // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        n_free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
+        hi = tl.minimum(L, start_m + BLOCK_M)
+    else:
+        n_free = n_even
+        hi = L
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                       offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN_D)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                       offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN_D)
+    dq = dq * sm_scale
+    tl.store(DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask)

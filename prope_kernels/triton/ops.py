@@ -1,0 +1,118 @@
+"""Triton backend: launchers behind the custom ops of :mod:`prope_kernels.interface`.
+
+Packed layout in and out: q (total, q_heads, d), k/v (total, kv_heads, d), int32 cu_seqlens,
+int64 positions (total,), lse (q_heads, total) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
+    _bwd_preprocess_kernel
+from .rope import rope_launch
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    # autotuning key: retune per power-of-two bucket, not per distinct varlen max
+    return triton.next_power_of_2(max(int(max_seqlen), 16))
+
+
+def _common(q, k, spec):
+    total, hq, d = q.shape
+    block_d = max(triton.next_power_of_2(d), 16)
+    return dict(GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d,
+                ROTATE=spec.num_rotated > 0)
+
+
+def rope(x, positions, spec, conjugate):
+    y = torch.empty_like(x)
+    return rope_launch(x, y, positions.contiguous(), spec.tables(x.device), spec.num_rotated,
+                       conjugate)
+
+
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+    total, hq, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    if total == 0 or max_seqlen == 0:
+        return out, lse
+    positions = positions.contiguous()
+    cu_seqlens = cu_seqlens.contiguous()
+    tables = spec.tables(q.device)
+    meta = _common(q, k, spec)
+    if meta["ROTATE"]:
+        k_rot = rope_launch(k, torch.empty_like(k), positions, tables, spec.num_rotated, False)
+    else:
+        k_rot = k
+    num_seqs = cu_seqlens.numel() - 1
+    grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs * hq)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k_rot, v, out, lse, positions, cu_seqlens,
+        tables.col_partner, tables.col_sign, tables.col_freq,
+        scale, total, hq, _seq_bucket(max_seqlen),
+        q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        CAUSAL=causal, **meta,
+    )
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
+             scale):
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if total == 0 or max_seqlen == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    positions = positions.contiguous()
+    cu_seqlens = cu_seqlens.contiguous()
+    lse = lse.contiguous()
+    tables = spec.tables(q.device)
+    meta = _common(q, k, spec)
+    num_seqs = cu_seqlens.numel() - 1
+
+    delta = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    block_t = 32
+    _bwd_preprocess_kernel[(triton.cdiv(total, block_t), hq)](
+        out, dout, dlse.contiguous() if dlse is not None else delta, delta, total,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
+    )
+
+    if meta["ROTATE"]:
+        # Short-lived rotated copies; dq is computed over q_rot in place (see attention.py).
+        q_rot = rope_launch(q, torch.empty_like(q), positions, tables, spec.num_rotated, False)
+        k_rot = rope_launch(k, torch.empty_like(k), positions, tables, spec.num_rotated, False)
+        dq = q_rot
+    else:
+        q_rot, k_rot = q, k
+        dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    bucket = _seq_bucket(max_seqlen)
+
+    grid_kv = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs * hkv)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens,
+        scale, total, hkv, bucket,
+        q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
+        v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        CAUSAL=causal, **meta,
+    )
+    grid_q = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs * hq)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
+        scale, total, hq, bucket,
+        q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
+        v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        CAUSAL=causal, **meta,
+    )
+    if meta["ROTATE"]:
+        # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the opposite rotation, in place
+        rope_launch(dq, dq, positions, tables, spec.num_rotated, True)
+        rope_launch(dk, dk, positions, tables, spec.num_rotated, True)
+    return dq, dk, dv
