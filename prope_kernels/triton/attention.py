@@ -22,7 +22,7 @@ import os
 import triton
 import triton.language as tl
 
-from .rope import rope_cos_sin
+from .rope import lowp, rope_cos_sin
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -86,6 +86,18 @@ def _prune(table):
 _AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
 
 
+# EMULATE (constexpr) is set only under the CPU interpreter with bfloat16 inputs, never on a GPU.
+# Triton 3.9's interpreter mishandles bf16 in tl.dot and casts fp32->bf16 by truncation; these two
+# helpers make it compute what the GPU computes (exact fp32 dots of bf16 values, round-to-nearest
+# casts), so the CPU tests hold the kernels to the GPU's accuracy.
+
+@triton.jit
+def _dot(a, b, acc, EMULATE: tl.constexpr):
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +105,7 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L, lo, hi,
                qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
     # MASKED=False: every key in [lo, hi) is valid and visible to every row: no mask work at all.
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -110,7 +122,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kT) * qk_scale                                          # log2 domain
+        s = _dot(q, kT, None, EMULATE) * qk_scale                          # log2 domain
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -121,7 +133,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = _dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -134,7 +146,8 @@ def _attn_fwd_kernel(
     sm_scale, total, n_heads, seq_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Heaviest (last, under a causal mask) row blocks are scheduled first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -165,7 +178,7 @@ def _attn_fwd_kernel(
         pos = tl.load(POS + seq_start + offs_m, mask=m_ok, other=0)
         cos, sin = rope_cos_sin(pos[:, None], freq[None, :])
         q = (q.to(tl.float32) * cos + q_partner.to(tl.float32) * (sin * sign[None, :]))
-        q = q.to(Q.dtype.element_ty)
+        q = lowp(q, Q.dtype.element_ty, EMULATE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -182,15 +195,15 @@ def _attn_fwd_kernel(
         hi = L
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL,
-                               EVEN_D)
+                               EVEN_D, EMULATE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL,
-                               EVEN_D)
+                               EVEN_D, EMULATE)
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2                 # natural log, (BLOCK_M,)
     o_ptrs = O + (seq_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs, lowp(acc, O.dtype.element_ty, EMULATE), mask=q_mask)
     tl.store(LSE + h.to(tl.int64) * total + seq_start + offs_m, lse, mask=m_ok)
 
 
@@ -223,7 +236,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stri
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                     offs_n, offs_d, L, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
                     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    EVEN_D: tl.constexpr):
+                    EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -245,16 +258,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # pT (BLOCK_N, BLOCK_M): probabilities recomputed from the saved lse
-        pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - (lse * LOG2E)[None, :])
+        pT = tl.math.exp2(_dot(k, qT, None, EMULATE) * qk_scale - (lse * LOG2E)[None, :])
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dpT = tl.dot(v, tl.trans(do))
+        dv = _dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
+        dpT = _dot(v, tl.trans(do), None, EMULATE)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+        dk = _dot(lowp(dsT, qT.dtype, EMULATE), tl.trans(qT), dk, EMULATE)
     return dk, dv
 
 
@@ -267,7 +280,8 @@ def _attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_N keys of kv head hk, all GROUP query heads that read it (GQA/MQA
     # gradients are reduced here, in registers: no atomics, no expanded k/v).
@@ -309,24 +323,25 @@ def _attn_bwd_dkdv_kernel(
         # diagonal blocks (masked), blocks fully below the diagonal (no mask), ragged tail (masked)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                  stride_dot, offs_n, offs_d, L, lo, diag_end, qk_scale, BLOCK_M,
-                                 HEAD_DIM, True, CAUSAL, EVEN_D)
+                                 HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                  stride_dot, offs_n, offs_d, L, diag_end, m_even, qk_scale,
-                                 BLOCK_M, HEAD_DIM, False, CAUSAL, EVEN_D)
+                                 BLOCK_M, HEAD_DIM, False, CAUSAL, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                                  stride_dot, offs_n, offs_d, L, tail, L, qk_scale, BLOCK_M,
-                                 HEAD_DIM, True, CAUSAL, EVEN_D)
+                                 HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
     dk = dk * sm_scale
     tl.store(DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
+             lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
     tl.store(DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L,
                   lo, hi, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                  EMULATE: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -342,15 +357,16 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - (lse * LOG2E)[:, None])   # (BLOCK_M, BLOCK_N)
+        # p (BLOCK_M, BLOCK_N): probabilities recomputed from the saved lse
+        p = tl.math.exp2(_dot(q, kT, None, EMULATE) * qk_scale - (lse * LOG2E)[:, None])
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT)
+        dp = _dot(do, vT, None, EMULATE)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        dq = _dot(lowp(ds, kT.dtype, EMULATE), tl.trans(kT), dq, EMULATE)
     return dq
 
 
@@ -364,7 +380,8 @@ def _attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_sh = tl.program_id(1)
@@ -399,9 +416,11 @@ def _attn_bwd_dq_kernel(
         n_free = n_even
         hi = L
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN_D)
+                       offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN_D,
+                       EMULATE)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN_D)
+                       offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN_D,
+                       EMULATE)
     dq = dq * sm_scale
     tl.store(DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask)
+             lowp(dq, DQ.dtype.element_ty, EMULATE), mask=mask)

@@ -6,12 +6,23 @@ int64 positions (total,), lse (q_heads, total) float32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
     _bwd_preprocess_kernel
 from .rope import rope_launch
+
+
+def _new(x, *shape, dtype=None):
+    """Output/scratch allocation. PROPE_POISON=1 (set by the tests) fills it with NaN so that
+    anything a kernel forgets to write shows up as NaN instead of stale memory."""
+    shape = shape or x.shape
+    if os.environ.get("PROPE_POISON") == "1":
+        return torch.full(shape, float("nan"), device=x.device, dtype=dtype or x.dtype)
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype)
 
 
 def _seq_bucket(max_seqlen: int) -> int:
@@ -22,20 +33,21 @@ def _seq_bucket(max_seqlen: int) -> int:
 def _common(q, k, spec):
     total, hq, d = q.shape
     block_d = max(triton.next_power_of_2(d), 16)
+    emulate = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16
     return dict(GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d,
-                ROTATE=spec.num_rotated > 0)
+                ROTATE=spec.num_rotated > 0, EMULATE=emulate)
 
 
 def rope(x, positions, spec, conjugate):
-    y = torch.empty_like(x)
+    y = _new(x)
     return rope_launch(x, y, positions.contiguous(), spec.tables(x.device), spec.num_rotated,
                        conjugate)
 
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     total, hq, d = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    out = _new(q)
+    lse = _new(q, hq, total, dtype=torch.float32)
     if total == 0 or max_seqlen == 0:
         return out, lse
     positions = positions.contiguous()
@@ -43,7 +55,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
     if meta["ROTATE"]:
-        k_rot = rope_launch(k, torch.empty_like(k), positions, tables, spec.num_rotated, False)
+        k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
     else:
         k_rot = k
     num_seqs = cu_seqlens.numel() - 1
@@ -74,7 +86,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     meta = _common(q, k, spec)
     num_seqs = cu_seqlens.numel() - 1
 
-    delta = torch.empty((hq, total), device=q.device, dtype=torch.float32)
+    delta = _new(q, hq, total, dtype=torch.float32)
     block_t = 32
     _bwd_preprocess_kernel[(triton.cdiv(total, block_t), hq)](
         out, dout, dlse.contiguous() if dlse is not None else delta, delta, total,
@@ -84,14 +96,14 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
 
     if meta["ROTATE"]:
         # Short-lived rotated copies; dq is computed over q_rot in place (see attention.py).
-        q_rot = rope_launch(q, torch.empty_like(q), positions, tables, spec.num_rotated, False)
-        k_rot = rope_launch(k, torch.empty_like(k), positions, tables, spec.num_rotated, False)
+        q_rot = rope_launch(q, _new(q), positions, tables, spec.num_rotated, False)
+        k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
         dq = q_rot
     else:
         q_rot, k_rot = q, k
-        dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+        dq = _new(q)
+    dk = _new(k)
+    dv = _new(v)
     bucket = _seq_bucket(max_seqlen)
 
     grid_kv = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs * hkv)  # noqa: E731

@@ -9,6 +9,9 @@ handled as two separate tile groups whose sizes are compile-time constants:
 So the identity part of p-RoPE costs no sin/cos and no multiply; p=0 launches nothing.
 """
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -31,6 +34,20 @@ def rope_cos_sin(pos, freq):
 
 
 @triton.jit
+def lowp(x, dtype, EMULATE: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype`` (round to nearest even, as the GPU's cvt.rn does).
+
+    EMULATE is set only under the CPU interpreter with bf16, whose fp32->bf16 cast truncates
+    (Triton 3.9): there the rounding is done on the bits first, making the cast exact.
+    """
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _rope_kernel(
     X, Y, POS,                      # X, Y: (total, heads, d); POS: (total,) int64
     PAIR_A, PAIR_B, PAIR_F, IDS,    # (R,) int32, (R,) int32, (R,) float64, (D - 2R,) int32
@@ -40,6 +57,7 @@ def _rope_kernel(
     N_ID: tl.constexpr, ID_PAD: tl.constexpr,
     CONJUGATE: tl.constexpr,        # rotate by -angle (inverse / gradient)
     COPY_IDENTITY: tl.constexpr,    # False when X is Y (in place): identity dims are untouched
+    EMULATE: tl.constexpr,          # see lowp()
     BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -65,8 +83,8 @@ def _rope_kernel(
         xb = tl.load(x_row + b[None, :], mask=m, other=0.0).to(tl.float32)
         ya = xa * cos - xb * sin
         yb = xb * cos + xa * sin
-        tl.store(y_row + a[None, :], ya.to(Y.dtype.element_ty), mask=m)
-        tl.store(y_row + b[None, :], yb.to(Y.dtype.element_ty), mask=m)
+        tl.store(y_row + a[None, :], lowp(ya, Y.dtype.element_ty, EMULATE), mask=m)
+        tl.store(y_row + b[None, :], lowp(yb, Y.dtype.element_ty, EMULATE), mask=m)
 
     if COPY_IDENTITY and N_ID > 0:
         j = tl.arange(0, ID_PAD)
@@ -95,6 +113,7 @@ def rope_launch(x, y, positions, tables, num_rotated, conjugate):
         R=num_rotated, R_PAD=max(triton.next_power_of_2(num_rotated), 1),
         N_ID=n_id, ID_PAD=max(triton.next_power_of_2(n_id), 1),
         CONJUGATE=conjugate, COPY_IDENTITY=not in_place, BLOCK_T=block_t,
+        EMULATE=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16,
         num_warps=4,
     )
     return y

@@ -1,0 +1,32 @@
+"""Test setup shared by every test file.
+
+Without a GPU the Triton kernels run under the CPU interpreter: TRITON_INTERPRET must be set before
+triton is first imported, so it is set here, at collection. Outputs are poisoned with NaN
+(PROPE_POISON) so anything a kernel fails to write is caught.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PROPE_POISON", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
