@@ -1,0 +1,100 @@
+// Parameter blocks and launcher declarations shared by the kernels, the torch binding and the
+// C++ test. No CUDA/CuTe/torch headers here beyond cuda_runtime, so host code can include it.
+//
+// Layout (same as the Triton backend): tokens of all sequences packed along dim 0.
+//   q        (total, q_heads,  d)   row stride q_row, head stride q_head, unit stride in d
+//   k, v     (total, kv_heads, d)   q_heads % kv_heads == 0, q head h reads kv head h / group
+//   cu_seqlens (num_seqs + 1) int32; sequence b is rows cu_seqlens[b] .. cu_seqlens[b+1]-1
+//   positions (total) int64; lse, delta (q_heads, total) float32, natural log
+// The rotation is described by the tables of rotary.py: num_rot pairs (pair_a[i], pair_b[i])
+// with frequency pair_freq[i] (float64); dims in no pair are the identity and are never touched.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace prope {
+
+struct RotTables {
+  const int32_t* pair_a = nullptr;     // (num_rot,)
+  const int32_t* pair_b = nullptr;     // (num_rot,)
+  const double* pair_freq = nullptr;   // (num_rot,)
+  const int32_t* identity = nullptr;   // (num_id,) dims copied as they are
+  int num_rot = 0;
+  int num_id = 0;
+};
+
+struct FwdParams {
+  const void* q = nullptr;   // query (NOT rotated: the kernel rotates the Q tile on load)
+  const void* k = nullptr;   // key, ALREADY rotated (short-lived buffer made by run_rope)
+  const void* v = nullptr;
+  void* o = nullptr;         // (total, q_heads, d)
+  float* lse = nullptr;      // (q_heads, total)
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head, o_row, o_head;
+  const int32_t* cu_seqlens = nullptr;
+  const int64_t* positions = nullptr;
+  int64_t total = 0;
+  int num_seqs = 0, max_seqlen = 0, q_heads = 0, kv_heads = 0;
+  float scale = 1.f;         // softmax scale
+  RotTables rot;             // used when num_rot > 0
+  bool causal = true;
+};
+
+// Backward on pre-rotated q/k (the caller rotates them into short-lived buffers and applies the
+// inverse rotation to dq and dk afterwards).
+struct BwdParams {
+  const void* q = nullptr;   // rotated q
+  const void* k = nullptr;   // rotated k
+  const void* v = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;    // (q_heads, total)
+  const float* delta = nullptr;  // (q_heads, total): rowsum(dO * O) - dlse
+  float* dq_accum = nullptr;     // (total, q_heads, d) float32, zero-initialised, contiguous
+  void* dk = nullptr;            // (total, kv_heads, d) w.r.t. the rotated k, scale included
+  void* dv = nullptr;            // (total, kv_heads, d)
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head, do_row, do_head;
+  int64_t dk_row, dk_head, dv_row, dv_head;
+  const int32_t* cu_seqlens = nullptr;
+  int64_t total = 0;
+  int num_seqs = 0, max_seqlen = 0, q_heads = 0, kv_heads = 0;
+  float scale = 1.f;
+  bool causal = true;
+};
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// y[t, h, :] = rotate(x[t, h, :] * mul, positions[t]) (inverse rotation when conjugate).
+// x may alias y (same dtype and strides): then identity dims are not touched at all.
+struct RopeParams {
+  const void* x = nullptr;
+  void* y = nullptr;
+  DType x_dtype = DType::f16, y_dtype = DType::f16;
+  int64_t total = 0;
+  int heads = 0, head_dim = 0;
+  int64_t x_row, x_head, y_row, y_head;
+  const int64_t* positions = nullptr;
+  RotTables rot;
+  bool conjugate = false;
+  float mul = 1.f;
+};
+
+// delta[h, t] = sum_d dout[t, h, d] * out[t, h, d] - (dlse ? dlse[h, t] : 0)
+struct DeltaParams {
+  const void* out = nullptr;
+  const void* dout = nullptr;
+  const float* dlse = nullptr;   // (q_heads, total) or null
+  float* delta = nullptr;        // (q_heads, total)
+  DType dtype = DType::f16;
+  int64_t total = 0;
+  int heads = 0, head_dim = 0;
+  int64_t o_row, o_head, do_row, do_head;
+};
+
+// Defined in csrc/kernels/attn_<dtype>_hd<d>.cu (one file per instantiation).
+template <bool kBF16, int kHeadDim> cudaError_t run_attn_fwd(const FwdParams& p, cudaStream_t s);
+template <bool kBF16, int kHeadDim> cudaError_t run_attn_bwd(const BwdParams& p, cudaStream_t s);
+// Defined in csrc/kernels/rope.cu.
+cudaError_t run_rope(const RopeParams& p, cudaStream_t s);
+cudaError_t run_bwd_delta(const DeltaParams& p, cudaStream_t s);
+
+}  // namespace prope

@@ -1,0 +1,156 @@
+// Device helpers shared by the attention and rope kernels: rotation angles, CuTe layout
+// conversions for MMA accumulators, smem->register GEMM loops, guarded tile copies.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/numeric_conversion.h>
+
+namespace prope {
+
+// cos/sin of pos * freq. The angle is formed in float64 and reduced to [-pi, pi] (two-term 2*pi
+// so the reduction is exact to ~1e-10 rad at position 1e6); only then fp32 sincos.
+__device__ __forceinline__ void rot_cos_sin(int64_t pos, double freq, float& c, float& s) {
+  const double a = static_cast<double>(pos) * freq;
+  const double k = rint(a * 0.15915494309189535);           // a / (2*pi)
+  double r = fma(-k, 6.283185307179586, a);                  // 2*pi, high part
+  r = fma(-k, 2.4492935982947064e-16, r);                    // 2*pi, low part
+  sincosf(static_cast<float>(r), &s, &c);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+
+namespace cu = cute;
+
+// MMA accumulator ((2 cols, 2 rows), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
+template <class Layout>
+__device__ __forceinline__ auto acc_rowcol(Layout l) {
+  using namespace cute;
+  static_assert(decltype(rank(l))::value == 3);
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulator of an m16n8k16 MMA ((2,2), MMA_M, MMA_N) -> A-operand registers
+// ((2,2,2), MMA_M, MMA_N/2): two neighbouring n8 tiles form one k16 slice.
+template <class Layout>
+__device__ __forceinline__ auto acc_to_a(Layout l) {
+  using namespace cute;
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+template <typename To, class TensorF>
+__device__ __forceinline__ auto convert_frag(const TensorF& t) {
+  using namespace cute;
+  auto r = make_tensor<To>(t.layout());  // owning register fragment, same (compact) layout
+  CUTE_UNROLL
+  for (int i = 0; i < size(t); ++i) r(i) = static_cast<To>(t(i));
+  return r;
+}
+
+// acc += A(smem) * B(smem): both operands pulled through ldmatrix one k16 slice ahead.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CpA, class CpB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, const SA& sA, const SB& sB,
+                                        const Mma& mma, const CpA& cpA, const CpB& cpB) {
+  using namespace cute;
+  auto rA_v = make_tensor(rA.data(), CpA::retile(rA.layout()));
+  auto rB_v = make_tensor(rB.data(), CpB::retile(rB.layout()));
+  copy(cpA, sA(_, _, _0{}), rA_v(_, _, _0{}));
+  copy(cpB, sB(_, _, _0{}), rB_v(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(rA); ++i) {
+    if (i < size<2>(rA) - 1) {
+      copy(cpA, sA(_, _, i + 1), rA_v(_, _, i + 1));
+      copy(cpB, sB(_, _, i + 1), rB_v(_, _, i + 1));
+    }
+    gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+  }
+}
+
+// acc += A(registers) * B(smem).
+template <class Acc, class RA, class RB, class SB, class Mma, class CpB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, const RA& rA, RB& rB, const SB& sB,
+                                        const Mma& mma, const CpB& cpB) {
+  using namespace cute;
+  auto rB_v = make_tensor(rB.data(), CpB::retile(rB.layout()));
+  copy(cpB, sB(_, _, _0{}), rB_v(_, _, _0{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size<2>(rA); ++i) {
+    if (i < size<2>(rA) - 1) copy(cpB, sB(_, _, i + 1), rB_v(_, _, i + 1));
+    gemm(mma, rA(_, _, i), rB(_, _, i), acc);
+  }
+}
+
+// gmem -> smem tile copy (cp.async) of a (rows, d) tile; rows >= max_rows are zero-filled with
+// plain smem stores (the tile's other rows may then be read as zeros by the MMA).
+// S, D: (CPY, CPY_M, CPY_K) partitions; C: the same partition of an identity tensor.
+template <class Cp, class S, class D, class C>
+__device__ __forceinline__ void copy_rows(const Cp& cp, const S& src, D& dst, const C& coord,
+                                          int max_rows) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < max_rows) {
+      copy(cp, src(_, m, _), dst(_, m, _));
+    } else {
+      clear(dst(_, m, _));
+    }
+  }
+}
+
+// smem -> gmem (plain 128-bit stores) of rows < max_rows.
+template <class Cp, class S, class D, class C>
+__device__ __forceinline__ void store_rows(const Cp& cp, const S& src, D& dst, const C& coord,
+                                           int max_rows) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < max_rows) copy(cp, src(_, m, _), dst(_, m, _));
+  }
+}
+
+// Row-wise quad reductions: the 4 lanes of a quad hold one MMA row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Rotate a (rows, d) smem tile in place by the rotation at positions[row0 + r] (rows < nrows).
+// Only the rotated pairs are touched; each (row, pair) is one work item of the CTA's threads.
+template <class STensor>
+__device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* positions,
+                                                 int64_t row0, int nrows, const int32_t* pair_a,
+                                                 const int32_t* pair_b, const double* pair_freq,
+                                                 int num_rot, int tid, int nthreads) {
+  using namespace cute;
+  constexpr int kRows = decltype(size<0>(s))::value;
+  const int items = kRows * num_rot;
+  for (int it = tid; it < items; it += nthreads) {
+    const int r = it / num_rot, i = it - r * num_rot;
+    if (r >= nrows) continue;
+    const int a = __ldg(pair_a + i), b = __ldg(pair_b + i);
+    float c, sn;
+    rot_cos_sin(__ldg(positions + row0 + r), __ldg(pair_freq + i), c, sn);
+    const float xa = to_f(s(r, a)), xb = to_f(s(r, b));
+    using E = typename STensor::value_type;
+    s(r, a) = E(xa * c - xb * sn);
+    s(r, b) = E(xb * c + xa * sn);
+  }
+}
+
+}  // namespace prope
