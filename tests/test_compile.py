@@ -1,0 +1,77 @@
+"""torch.compile(fullgraph=True) over the fused op, and torch.library.opcheck of its custom ops."""
+
+import pytest
+import torch
+
+from prope_kernels import apply_prope, prope_attention, prope_attention_varlen
+from prope_kernels.interface import _attn_bwd_op, _attn_fwd_op, _rope_op
+
+# aot_eager on the CPU: traces forward and backward through the custom ops without needing
+# inductor's C++ toolchain; on a GPU the default (inductor) backend is used.
+COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+def _inputs(device, b=2, s=24, hq=4, hkv=2, d=32, dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype)
+            for h in (hq, hkv, hkv)]
+
+
+def test_compile_fullgraph_forward_backward(device):
+    q, k, v = _inputs(device)
+
+    def layer(q, k, v):
+        o = prope_attention(q, k, v, p=0.75, backend="triton")
+        return (o.float() ** 2).sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend=COMPILE_BACKEND)
+    grads = []
+    for fn in (layer, compiled):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        loss = fn(*xs)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, xs)))
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_compile_fullgraph_varlen_and_rope(device):
+    q, k, v = (x.reshape(48, x.shape[2], 32) for x in _inputs(device))
+    cu = torch.tensor([0, 11, 48], dtype=torch.int32, device=device)
+
+    def fn(q, k, v):
+        o = prope_attention_varlen(q, k, v, cu, 37, p=0.25, backend="triton")
+        return o + apply_prope(q, p=0.25, backend="triton")
+
+    eager = fn(q, k, v)
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)(q, k, v)
+    torch.testing.assert_close(eager, compiled)
+
+
+def _packed_args(device, requires_grad):
+    q, k, v = (x.reshape(48, x.shape[2], 32) for x in _inputs(device, seed=1))
+    q, k, v = (x.requires_grad_(requires_grad) for x in (q, k, v))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(20), torch.arange(28)]).to(device)
+    return q, k, v, cu, pos
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_attn_fwd(device, requires_grad):
+    q, k, v, cu, pos = _packed_args(device, requires_grad)
+    torch.library.opcheck(_attn_fwd_op, (q, k, v, cu, pos, 28, 0.75, 10000.0, "prope", "half",
+                                         True, 32 ** -0.5, "triton"))
+
+
+def test_opcheck_attn_bwd(device):
+    q, k, v, cu, pos = _packed_args(device, False)
+    out, lse = _attn_fwd_op(q, k, v, cu, pos, 28, 0.5, 10000.0, "partial", "interleaved", False,
+                            0.2, "triton")
+    dout = torch.randn_like(out)
+    torch.library.opcheck(_attn_bwd_op, (dout, q, k, v, out, lse, None, cu, pos, 28, 0.5,
+                                         10000.0, "partial", "interleaved", False, 0.2, "triton"))
+
+
+def test_opcheck_rope(device):
+    q, _, _, _, pos = _packed_args(device, True)
+    torch.library.opcheck(_rope_op, (q, pos, 0.75, 10000.0, "reversed", "half", False, "triton"))

@@ -1,0 +1,118 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+from prope_kernels import apply_prope, prope_attention, prope_attention_varlen
+
+
+def _qkv(b=2, s=8, hq=4, hkv=2, d=32, dtype=torch.float16, device="cpu"):
+    return (torch.randn(b, s, hq, d).to(dtype).to(device), torch.randn(b, s, hkv, d).to(dtype),
+            torch.randn(b, s, hkv, d).to(dtype))
+
+
+BAD_DENSE = [
+    (lambda q, k, v: prope_attention(q[0], k, v), ValueError, "q must have 4 dims"),
+    (lambda q, k, v: prope_attention(q, k.float(), v), TypeError, "share a dtype"),
+    (lambda q, k, v: prope_attention(q, k[:, :5], v[:, :5]), ValueError, "agree in"),
+    (lambda q, k, v: prope_attention(q, k, v[..., :16]), ValueError, "same shape"),
+    (lambda q, k, v: prope_attention(q[..., :3, :], k, v), ValueError, "multiple of kv_heads"),
+    (lambda q, k, v: prope_attention(q, k, v, p=1.5), ValueError, "p must be in [0, 1]"),
+    (lambda q, k, v: prope_attention(q, k, v, p=float("nan")), ValueError, "p must be in"),
+    (lambda q, k, v: prope_attention(q, k, v, p="0.5"), TypeError, "p must be a float"),
+    (lambda q, k, v: prope_attention(q, k, v, theta=0.5), ValueError, "theta"),
+    (lambda q, k, v: prope_attention(q, k, v, variant="neox"), ValueError, "variant"),
+    (lambda q, k, v: prope_attention(q, k, v, layout="gptj"), ValueError, "layout"),
+    (lambda q, k, v: prope_attention(q, k, v, backend="cudnn"), ValueError, "backend"),
+    (lambda q, k, v: prope_attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (lambda q, k, v: prope_attention(q, k, v, causal=1), TypeError, "causal must be a bool"),
+    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(8.0)), TypeError,
+     "positions must be an integer"),
+    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(7)), ValueError,
+     "positions must have shape"),
+    (lambda q, k, v: prope_attention(q.float(), k.float(), v.float(), backend="triton"),
+     TypeError, "float16 and bfloat16"),
+    (lambda q, k, v: prope_attention(q[..., :31], k[..., :31], v[..., :31]), ValueError,
+     "head_dim must be even"),
+    (lambda q, k, v: prope_attention(q.int(), k.int(), v.int()), TypeError, "floating-point"),
+    (lambda q, k, v: prope_attention([q], k, v), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("call,exc,msg", BAD_DENSE)
+def test_bad_dense_input(call, exc, msg):
+    with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        call(*_qkv())
+
+
+def test_unsupported_head_dim_for_triton():
+    q = torch.randn(1, 4, 2, 384, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head_dim"):
+        prope_attention(q, q, q, backend="triton")
+
+
+def test_gpu_backend_on_cpu(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        prope_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        prope_attention(q, k, v, backend="cuda")
+
+
+def test_devices_must_match():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to place one tensor elsewhere")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="one device"):
+        prope_attention(q.cuda(), k, v)
+
+
+def test_positions_device_is_checked():
+    q, k, v = _qkv()
+    pos = torch.arange(8, device="meta")
+    with pytest.raises(ValueError, match="positions must be on the same device"):
+        prope_attention(q, k, v, positions=pos)
+
+
+def _packed(lens=(3, 5), hq=2, hkv=1, d=16):
+    t = sum(lens)
+    return (torch.randn(t, hq, d).half(), torch.randn(t, hkv, d).half(),
+            torch.randn(t, hkv, d).half())
+
+
+@pytest.mark.parametrize("cu,ms,exc,msg", [
+    (torch.tensor([0, 5, 3, 8]), 5, ValueError, "non-decreasing"),
+    (torch.tensor([0, 3, 7]), 5, ValueError, "must equal the number of tokens"),
+    (torch.tensor([1, 3, 8]), 5, ValueError, "must start at 0"),
+    (torch.tensor([0, 3, 8]), 4, ValueError, "max_seqlen"),
+    (torch.tensor([0.0, 3.0, 8.0]), 5, TypeError, "int32 or int64"),
+    (torch.tensor([[0, 3, 8]]), 5, ValueError, "1-D"),
+    ([0, 3, 8], 5, TypeError, "cu_seqlens must be"),
+    (torch.tensor([0, 3, 8]), 5.0, TypeError, "max_seqlen"),
+])
+def test_bad_cu_seqlens(cu, ms, exc, msg):
+    q, k, v = _packed()
+    with pytest.raises(exc, match=msg):
+        prope_attention_varlen(q, k, v, cu, ms)
+
+
+def test_varlen_rank_and_positions():
+    q, k, v = _packed()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must have 3 dims"):
+        prope_attention_varlen(q[None], k, v, cu, 5)
+    with pytest.raises(ValueError, match="positions must have shape"):
+        prope_attention_varlen(q, k, v, cu, 5, positions=torch.arange(7))
+
+
+def test_apply_prope_errors():
+    x = torch.randn(2, 8, 3, 32)
+    with pytest.raises(ValueError, match="x must be"):
+        apply_prope(x[0, 0])
+    with pytest.raises(ValueError, match="positions must have shape"):
+        apply_prope(x, torch.arange(9))
+    with pytest.raises(ValueError, match="head_dim must be a positive even"):
+        apply_prope(x[..., :31])
+    with pytest.raises(TypeError, match="conjugate must be a bool"):
+        apply_prope(x, conjugate="yes")
