@@ -1,3 +1,7 @@
-// One (dtype, head_dim) instantiation: forward (causal x rotate) and backward (causal).
+// One (dtype, head_dim) instantiation per file so builds run in parallel:
+// forward (causal x rotate: 4 kernels) and backward (causal: 2 kernels).
+#include "prope_attn/bwd_kernel.h"
 #include "prope_attn/fwd_kernel.h"
+
 template cudaError_t prope::run_attn_fwd<true, 128>(const prope::FwdParams&, cudaStream_t);
+template cudaError_t prope::run_attn_bwd<true, 128>(const prope::BwdParams&, cudaStream_t);

@@ -10,28 +10,10 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "rotation.h"
+
 namespace prope {
 
-// cos/sin of pos * freq. The angle is formed in float64 and reduced to [-pi, pi] (two-term 2*pi
-// so the reduction is exact to ~1e-10 rad at position 1e6); only then fp32 sincos.
-__device__ __forceinline__ void rot_cos_sin(int64_t pos, double freq, float& c, float& s) {
-  const double a = static_cast<double>(pos) * freq;
-  const double k = rint(a * 0.15915494309189535);           // a / (2*pi)
-  double r = fma(-k, 6.283185307179586, a);                  // 2*pi, high part
-  r = fma(-k, 2.4492935982947064e-16, r);                    // 2*pi, low part
-  sincosf(static_cast<float>(r), &s, &c);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-
-namespace cu = cute;
 
 // MMA accumulator ((2 cols, 2 rows), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
 template <class Layout>

@@ -1,0 +1,388 @@
+// Torch binding of the CUDA kernels: ops torch.ops.prope_cuda.{rope, attn_fwd, attn_bwd}.
+// Validation with clear messages lives here; the kernels (prope_attn/*.h) know nothing of torch.
+// The Python module prope_kernels._C only exists to load this library (registration is static).
+#include <Python.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "prope_attn/params.h"
+
+namespace {
+
+using prope::DType;
+
+constexpr const char* kFix = " (use backend='triton' or 'reference' otherwise)";
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    case at::kFloat: return DType::f32;
+    default: TORCH_CHECK(false, "prope_cuda: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device(), kFix);
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but q is on ", dev,
+              "; all tensors must be on one device");
+}
+
+void check_capability(const char* op, const at::Device& dev) {
+  const auto* prop = at::cuda::getDeviceProperties(dev.index());
+  TORCH_CHECK(prop->major >= 8, op, ": needs compute capability >= 8.0 (Ampere or newer), ",
+              "device ", dev.index(), " (", prop->name, ") is ", prop->major, ".", prop->minor, kFix);
+}
+
+// (total, heads, d) with unit stride in d, 16-byte aligned base and row/head strides
+// (cp.async moves 16 bytes); anything else is copied to a contiguous tensor first.
+at::Tensor packed(const char* op, const char* name, const at::Tensor& t, int64_t total, int64_t d) {
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D (total_tokens, heads, head_dim), got ",
+              t.sizes());
+  TORCH_CHECK(t.size(0) == total && t.size(2) == d, op, ": ", name, " has shape ", t.sizes(),
+              ", expected (", total, ", heads, ", d, ")");
+  const int64_t vec = 16 / t.element_size();
+  const bool ok = t.stride(2) == 1 && t.stride(0) % vec == 0 && t.stride(1) % vec == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+struct Tables {
+  prope::RotTables rot;
+  at::Tensor a, b, f, id;  // keep the (possibly converted) tensors alive
+};
+
+Tables tables(const char* op, const at::Tensor& pair_a, const at::Tensor& pair_b,
+              const at::Tensor& pair_freq, const at::Tensor& identity, int64_t d,
+              const at::Device& dev) {
+  Tables t;
+  const char* names[4] = {"pair_a", "pair_b", "pair_freq", "identity"};
+  const at::Tensor* in[4] = {&pair_a, &pair_b, &pair_freq, &identity};
+  for (int i = 0; i < 4; ++i) {
+    check_device(op, names[i], *in[i], dev);
+    TORCH_CHECK(in[i]->dim() == 1, op, ": ", names[i], " must be 1-D, got ", in[i]->sizes());
+  }
+  t.a = pair_a.to(at::kInt).contiguous();
+  t.b = pair_b.to(at::kInt).contiguous();
+  t.f = pair_freq.to(at::kDouble).contiguous();
+  t.id = identity.to(at::kInt).contiguous();
+  const int64_t r = t.a.numel();
+  TORCH_CHECK(t.b.numel() == r && t.f.numel() == r, op, ": pair_a, pair_b, pair_freq must have one "
+              "entry per rotated pair, got ", r, ", ", t.b.numel(), ", ", t.f.numel());
+  TORCH_CHECK(2 * r + t.id.numel() == d, op, ": 2 * rotated pairs (", r, ") + identity dims (",
+              t.id.numel(), ") must equal head_dim ", d);
+  t.rot.pair_a = t.a.data_ptr<int32_t>();
+  t.rot.pair_b = t.b.data_ptr<int32_t>();
+  t.rot.pair_freq = t.f.data_ptr<double>();
+  t.rot.identity = t.id.data_ptr<int32_t>();
+  t.rot.num_rot = static_cast<int>(r);
+  t.rot.num_id = static_cast<int>(t.id.numel());
+  return t;
+}
+
+void check_cuda(const char* op, cudaError_t e) {
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
+}
+
+at::Tensor check_positions(const char* op, const at::Tensor& pos, int64_t total, const at::Device& dev) {
+  check_device(op, "positions", pos, dev);
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == total, op, ": positions must have shape (", total,
+              ",), got ", pos.sizes());
+  TORCH_CHECK(!at::isFloatingType(pos.scalar_type()) && pos.scalar_type() != at::kBool, op,
+              ": positions must be an integer tensor, got ", pos.scalar_type());
+  return pos.to(at::kLong).contiguous();
+}
+
+template <typename F>
+cudaError_t dispatch(const char* op, bool bf16, int64_t d, F&& f) {
+  if (bf16) {
+    if (d == 64) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 64>{});
+    if (d == 128) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 128>{});
+    if (d == 256) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 256>{});
+  } else {
+    if (d == 64) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 64>{});
+    if (d == 128) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 128>{});
+    if (d == 256) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 256>{});
+  }
+  TORCH_CHECK(false, op, ": head_dim must be 64, 128 or 256, got ", d, kFix);
+}
+
+struct Qkv {
+  at::Tensor q, k, v, cu, pos;
+  int64_t total, hq, hkv, d, num_seqs;
+};
+
+Qkv check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D (total_tokens, q_heads, head_dim), got ", q.sizes());
+  const at::Device dev = q.device();
+  check_device(op, "q", q, dev);
+  check_device(op, "k", k, dev);
+  check_device(op, "v", v, dev);
+  check_capability(op, dev);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q, k, v must be float16 or bfloat16, got ", q.scalar_type(), kFix);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  Qkv r;
+  r.total = q.size(0);
+  r.hq = q.size(1);
+  r.d = q.size(2);
+  TORCH_CHECK(r.d == 64 || r.d == 128 || r.d == 256, op, ": head_dim must be 64, 128 or 256, got ",
+              r.d, kFix);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), op,
+              ": k and v must be 3-D with equal shapes, got ", k.sizes(), " and ", v.sizes());
+  r.hkv = k.size(1);
+  TORCH_CHECK(r.hkv > 0 && r.hq % r.hkv == 0, op, ": q_heads (", r.hq,
+              ") must be a multiple of kv_heads (", r.hkv, ")");
+  TORCH_CHECK(r.hq <= 65535 && r.hkv <= 65535, op, ": at most 65535 heads, got ", r.hq);
+  r.q = packed(op, "q", q, r.total, r.d);
+  r.k = packed(op, "k", k, r.total, r.d);
+  r.v = packed(op, "v", v, r.total, r.d);
+  check_device(op, "cu_seqlens", cu_seqlens, dev);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2, op,
+              ": cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got ", cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+  r.cu = cu_seqlens.to(at::kInt).contiguous();
+  r.num_seqs = cu_seqlens.numel() - 1;
+  TORCH_CHECK(r.num_seqs <= 65535, op, ": at most 65535 sequences per call, got ", r.num_seqs);
+  TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= INT32_MAX, op, ": bad max_seqlen ", max_seqlen);
+  r.pos = check_positions(op, positions, r.total, dev);
+  return r;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& pair_a,
+                const at::Tensor& pair_b, const at::Tensor& pair_freq, const at::Tensor& identity,
+                bool conjugate) {
+  const char* op = "prope_cuda::rope";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device(), kFix);
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D (total_tokens, heads, head_dim), got ", x.sizes());
+  const at::Device dev = x.device();
+  c10::cuda::CUDAGuard guard(dev);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ||
+              x.scalar_type() == at::kFloat, op, ": x must be float16, bfloat16 or float32, got ",
+              x.scalar_type());
+  const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
+  const int64_t total = xc.size(0), d = xc.size(2);
+  const at::Tensor pos = check_positions(op, positions, total, dev);
+  Tables t = tables(op, pair_a, pair_b, pair_freq, identity, d, dev);
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  prope::RopeParams p;
+  p.x = xc.data_ptr();
+  p.y = y.data_ptr();
+  p.x_dtype = p.y_dtype = dtype_of(xc);
+  p.total = total;
+  p.heads = static_cast<int>(xc.size(1));
+  p.head_dim = static_cast<int>(d);
+  p.x_row = xc.stride(0);
+  p.x_head = xc.stride(1);
+  p.y_row = y.stride(0);
+  p.y_head = y.stride(1);
+  p.positions = pos.data_ptr<int64_t>();
+  p.rot = t.rot;
+  p.conjugate = conjugate;
+  check_cuda(op, prope::run_rope(p, at::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+// Rotate a packed (total, heads, d) tensor `x` into `y` (may alias x when dtypes match).
+void rotate_into(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& pos,
+                 const prope::RotTables& rot, bool conjugate, float mul, cudaStream_t st) {
+  prope::RopeParams p;
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.x_dtype = dtype_of(x);
+  p.y_dtype = dtype_of(y);
+  p.total = x.size(0);
+  p.heads = static_cast<int>(x.size(1));
+  p.head_dim = static_cast<int>(x.size(2));
+  p.x_row = x.stride(0);
+  p.x_head = x.stride(1);
+  p.y_row = y.stride(0);
+  p.y_head = y.stride(1);
+  p.positions = pos.data_ptr<int64_t>();
+  p.rot = rot;
+  p.conjugate = conjugate;
+  p.mul = mul;
+  check_cuda(op, prope::run_rope(p, st));
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                            const at::Tensor& positions, int64_t max_seqlen,
+                                            const at::Tensor& pair_a, const at::Tensor& pair_b,
+                                            const at::Tensor& pair_freq, const at::Tensor& identity,
+                                            bool causal, double scale) {
+  const char* op = "prope_cuda::attn_fwd";
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
+  c10::cuda::CUDAGuard guard(q.device());
+  Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
+  Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
+  auto st = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor out = at::empty(a.q.sizes(), a.q.options());
+  at::Tensor lse = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
+  if (a.total == 0 || max_seqlen == 0) return {out, lse};
+  // K rotated once into a short-lived buffer (freed when this function returns); Q is rotated
+  // inside the kernel as its tile lands in smem.
+  at::Tensor k_rot = a.k;
+  if (t.rot.num_rot > 0) {
+    k_rot = at::empty(a.k.sizes(), a.k.options());
+    rotate_into(op, a.k, k_rot, a.pos, t.rot, false, 1.f, st);
+  }
+  prope::FwdParams p;
+  p.q = a.q.data_ptr();
+  p.k = k_rot.data_ptr();
+  p.v = a.v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_row = a.q.stride(0); p.q_head = a.q.stride(1);
+  p.k_row = k_rot.stride(0); p.k_head = k_rot.stride(1);
+  p.v_row = a.v.stride(0); p.v_head = a.v.stride(1);
+  p.o_row = out.stride(0); p.o_head = out.stride(1);
+  p.cu_seqlens = a.cu.data_ptr<int32_t>();
+  p.positions = a.pos.data_ptr<int64_t>();
+  p.total = a.total;
+  p.num_seqs = static_cast<int>(a.num_seqs);
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.q_heads = static_cast<int>(a.hq);
+  p.kv_heads = static_cast<int>(a.hkv);
+  p.scale = static_cast<float>(scale);
+  p.rot = t.rot;
+  p.causal = causal;
+  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
+  check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
+    return prope::run_attn_fwd<decltype(B)::value, decltype(D)::value>(p, st);
+  }));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen,
+    const at::Tensor& pair_a, const at::Tensor& pair_b, const at::Tensor& pair_freq,
+    const at::Tensor& identity, bool causal, double scale) {
+  const char* op = "prope_cuda::attn_bwd";
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Device dev = q.device();
+  Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
+  Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
+  auto st = at::cuda::getCurrentCUDAStream();
+  check_device(op, "dout", dout, dev);
+  check_device(op, "out", out, dev);
+  check_device(op, "lse", lse, dev);
+  TORCH_CHECK(dout.scalar_type() == a.q.scalar_type() && out.scalar_type() == a.q.scalar_type(),
+              op, ": dout and out must have q's dtype ", a.q.scalar_type());
+  TORCH_CHECK(dout.sizes() == a.q.sizes() && out.sizes() == a.q.sizes(), op,
+              ": dout and out must have q's shape ", a.q.sizes(), ", got ", dout.sizes(), " and ",
+              out.sizes());
+  const at::Tensor d_o = packed(op, "dout", dout, a.total, a.d);
+  const at::Tensor o = packed(op, "out", out, a.total, a.d);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == a.hq && lse.size(1) == a.total, op,
+              ": lse must have shape (q_heads, total) = (", a.hq, ", ", a.total, "), got ", lse.sizes());
+  const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value() && dlse->defined()) {
+    check_device(op, "dlse", *dlse, dev);
+    TORCH_CHECK(dlse->sizes() == lse.sizes(), op, ": dlse must have lse's shape ", lse.sizes(),
+                ", got ", dlse->sizes());
+    dlse_c = dlse->to(at::kFloat).contiguous();
+  }
+
+  at::Tensor dq = at::empty(a.q.sizes(), a.q.options());
+  at::Tensor dk = at::empty(a.k.sizes(), a.k.options());
+  at::Tensor dv = at::empty(a.v.sizes(), a.v.options());
+  if (a.total == 0 || max_seqlen == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+
+  // delta = rowsum(dO * O) - dlse
+  at::Tensor delta = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
+  {
+    prope::DeltaParams dp;
+    dp.out = o.data_ptr();
+    dp.dout = d_o.data_ptr();
+    dp.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
+    dp.delta = delta.data_ptr<float>();
+    dp.dtype = dtype_of(o);
+    dp.total = a.total;
+    dp.heads = static_cast<int>(a.hq);
+    dp.head_dim = static_cast<int>(a.d);
+    dp.o_row = o.stride(0); dp.o_head = o.stride(1);
+    dp.do_row = d_o.stride(0); dp.do_head = d_o.stride(1);
+    check_cuda(op, prope::run_bwd_delta(dp, st));
+  }
+  // short-lived rotated q and k (nothing rotated was kept from the forward)
+  at::Tensor q_rot = a.q, k_rot = a.k;
+  if (t.rot.num_rot > 0) {
+    q_rot = at::empty(a.q.sizes(), a.q.options());
+    k_rot = at::empty(a.k.sizes(), a.k.options());
+    rotate_into(op, a.q, q_rot, a.pos, t.rot, false, 1.f, st);
+    rotate_into(op, a.k, k_rot, a.pos, t.rot, false, 1.f, st);
+  }
+  at::Tensor dq_accum = at::zeros({a.total, a.hq, a.d}, a.q.options().dtype(at::kFloat));
+
+  prope::BwdParams p;
+  p.q = q_rot.data_ptr();
+  p.k = k_rot.data_ptr();
+  p.v = a.v.data_ptr();
+  p.dout = d_o.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.q_row = q_rot.stride(0); p.q_head = q_rot.stride(1);
+  p.k_row = k_rot.stride(0); p.k_head = k_rot.stride(1);
+  p.v_row = a.v.stride(0); p.v_head = a.v.stride(1);
+  p.do_row = d_o.stride(0); p.do_head = d_o.stride(1);
+  p.dk_row = dk.stride(0); p.dk_head = dk.stride(1);
+  p.dv_row = dv.stride(0); p.dv_head = dv.stride(1);
+  p.cu_seqlens = a.cu.data_ptr<int32_t>();
+  p.total = a.total;
+  p.num_seqs = static_cast<int>(a.num_seqs);
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.q_heads = static_cast<int>(a.hq);
+  p.kv_heads = static_cast<int>(a.hkv);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
+  check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
+    return prope::run_attn_bwd<decltype(B)::value, decltype(D)::value>(p, st);
+  }));
+  // dq = inverse-rotate(scale * dq_accum) in the output dtype; dk inverse-rotated in place
+  rotate_into(op, dq_accum, dq, a.pos, t.rot, true, static_cast<float>(scale), st);
+  if (t.rot.num_rot > 0) rotate_into(op, dk, dk, a.pos, t.rot, true, 1.f, st);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prope_cuda, m) {
+  m.def("rope(Tensor x, Tensor positions, Tensor pair_a, Tensor pair_b, Tensor pair_freq, "
+        "Tensor identity, bool conjugate) -> Tensor");
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "
+        "int max_seqlen, Tensor pair_a, Tensor pair_b, Tensor pair_freq, Tensor identity, "
+        "bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
+        "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(prope_cuda, CUDA, m) {
+  m.impl("rope", &rope);
+  m.impl("attn_fwd", &attn_fwd);
+  m.impl("attn_bwd", &attn_bwd);
+}
+
+// Importing prope_kernels._C loads this shared library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "prope_cuda kernels (torch.ops.prope_cuda)",
+                            -1, nullptr};
+  return PyModule_Create(&def);
+}
