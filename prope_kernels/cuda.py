@@ -1,44 +1,100 @@
 """CUDA C++ backend (csrc/): thin Python side of the compiled extension ``prope_kernels._C``.
 
-Provides the backend contract of :mod:`prope_kernels.interface` (attn_fwd, attn_bwd, rope).
+Provides the backend contract of :mod:`prope_kernels.interface` (attn_fwd, attn_bwd, rope) by
+calling ``torch.ops.prope_cuda.*`` (registered when ``_C`` is imported). Imports cleanly without
+the extension: :func:`available` is then False.
+
+Packed layout in and out: q (total, q_heads, d), k/v (total, kv_heads, d), int32 cu_seqlens
+(num_seqs + 1,), int64 positions (total,), lse (q_heads, total) float32 natural log. The rotation
+tables come from :meth:`PRoPESpec.tables` (pair_a, pair_b, pair_freq, identity).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _load():
-    try:
-        from . import _C  # noqa: F401  (registers torch.ops.prope_cuda.*)
-    except ImportError:
-        return False
-    return True
+_LOADED = None
+_LOAD_ERROR = None
 
 
-_AVAILABLE = None
+def _load() -> bool:
+    global _LOADED, _LOAD_ERROR
+    if _LOADED is None:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.prope_cuda.*)
+        except (ImportError, OSError) as e:  # not built, or built against another torch
+            _LOADED, _LOAD_ERROR = False, e
+        else:
+            _LOADED = True
+            _register_fakes()
+    return _LOADED
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile / FakeTensor can trace the raw ops."""
+    lib = "prope_cuda::"
+
+    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def rope_(x, pos, pa, pb, pf, ident, conjugate):
+        return torch.empty_like(x)
+
+    for name, fn in (("attn_fwd", fwd), ("attn_bwd", bwd), ("rope", rope_)):
+        try:
+            torch.library.register_fake(lib + name)(fn)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
 
 
 def available() -> bool:
-    """True when the extension is built and a CUDA device is present."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        _AVAILABLE = _load()
-    return _AVAILABLE and torch.cuda.is_available()
+    """True when the extension is built (and loads) and a CUDA device is present."""
+    return _load() and torch.cuda.is_available()
+
+
+def load_error():
+    """Why the extension did not load (None when it did or was not tried)."""
+    _load()
+    return _LOAD_ERROR
 
 
 def preferred_over_triton(x: torch.Tensor) -> bool:
-    """Whether backend='auto' should pick the CUDA kernels for this input."""
+    """Whether backend='auto' should pick the CUDA kernels for this input. False until the
+    kernels have been validated and timed on a GPU against the Triton backend."""
     return False
 
 
+def _require() -> None:
+    if not _load():
+        raise RuntimeError(f"the CUDA backend (prope_kernels._C) is not available: {_LOAD_ERROR}")
+
+
+def _tables(spec, device):
+    t = spec.tables(device)
+    return t.pair_a, t.pair_b, t.pair_freq, t.identity
+
+
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
-    raise NotImplementedError("the CUDA backend is not built in this version")
+    _require()
+    out, lse = torch.ops.prope_cuda.attn_fwd(
+        q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
+        *_tables(spec, q.device), bool(causal), float(scale))
+    return out, lse
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale):
-    raise NotImplementedError("the CUDA backend is not built in this version")
+    """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse."""
+    _require()
+    dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
+        dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale))
+    return dq, dk, dv
 
 
 def rope(x, positions, spec, conjugate):
-    raise NotImplementedError("the CUDA backend is not built in this version")
+    _require()
+    return torch.ops.prope_cuda.rope(x, positions.to(torch.int64), *_tables(spec, x.device),
+                                     bool(conjugate))
