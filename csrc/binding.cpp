@@ -3,8 +3,9 @@
 // The Python module prope_kernels._C only exists to load this library (registration is static).
 #include <Python.h>
 
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "prope_attn/params.h"
@@ -24,6 +25,10 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
+void check_cuda(const char* op, cudaError_t e) {
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
+}
+
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device(), kFix);
   TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but q is on ", dev,
@@ -31,9 +36,12 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
 }
 
 void check_capability(const char* op, const at::Device& dev) {
-  const auto* prop = at::cuda::getDeviceProperties(dev.index());
-  TORCH_CHECK(prop->major >= 8, op, ": needs compute capability >= 8.0 (Ampere or newer), ",
-              "device ", dev.index(), " (", prop->name, ") is ", prop->major, ".", prop->minor, kFix);
+  // (ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers the toolkit may not have)
+  int major = 0, minor = 0;
+  check_cuda(op, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev.index()));
+  check_cuda(op, cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev.index()));
+  TORCH_CHECK(major >= 8, op, ": needs compute capability >= 8.0 (Ampere or newer), device ",
+              dev.index(), " is ", major, ".", minor, kFix);
 }
 
 // (total, heads, d) with unit stride in d, 16-byte aligned base and row/head strides
@@ -80,10 +88,6 @@ Tables tables(const char* op, const at::Tensor& pair_a, const at::Tensor& pair_b
   t.rot.num_rot = static_cast<int>(r);
   t.rot.num_id = static_cast<int>(t.id.numel());
   return t;
-}
-
-void check_cuda(const char* op, cudaError_t e) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
 }
 
 at::Tensor check_positions(const char* op, const at::Tensor& pos, int64_t total, const at::Device& dev) {
@@ -185,7 +189,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tens
   p.positions = pos.data_ptr<int64_t>();
   p.rot = t.rot;
   p.conjugate = conjugate;
-  check_cuda(op, prope::run_rope(p, at::cuda::getCurrentCUDAStream()));
+  check_cuda(op, prope::run_rope(p, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 
@@ -222,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
   c10::cuda::CUDAGuard guard(q.device());
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
-  auto st = at::cuda::getCurrentCUDAStream();
+  auto st = c10::cuda::getCurrentCUDAStream().stream();
 
   at::Tensor out = at::empty(a.q.sizes(), a.q.options());
   at::Tensor lse = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
@@ -273,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
-  auto st = at::cuda::getCurrentCUDAStream();
+  auto st = c10::cuda::getCurrentCUDAStream().stream();
   check_device(op, "dout", dout, dev);
   check_device(op, "out", out, dev);
   check_device(op, "lse", lse, dev);
