@@ -1,0 +1,197 @@
+"""CUDA C++ backend (csrc/, prope_kernels._C) against the float64 reference, and against Triton.
+
+On a GPU with the extension built: the tolerance rule of tolerance.py (kernel error <= 2x the error
+of the same math done by PyTorch in the kernel dtype, plus the rounding floor) for the forward and
+dq, dk, dv over the shape matrix. Without a GPU: the package imports, ``available()`` is False and
+backend='cuda' refuses CPU tensors with a ValueError. The capability checks run at test time.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import prope_kernels
+from prope_kernels import apply_prope, prope_attention, prope_attention_varlen
+from prope_kernels import cuda as cuda_backend
+from prope_kernels import reference as ref
+from prope_kernels.rotary import PRoPESpec
+from tolerance import check
+
+HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1)}
+
+
+def _need_cuda_ext():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none present)")
+    if not cuda_backend.available():
+        pytest.skip(f"CUDA extension prope_kernels._C not built: {cuda_backend.load_error()}")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs compute capability >= 8.0")
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to("cuda", dtype)
+
+
+def _grads(fn, inputs, dout):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, dout))
+
+
+def _run_dense(dtype, b, s, hq, hkv, d, p=0.75, variant="prope", layout="half", causal=True,
+               theta=10000.0, positions=None, scale=None, parity=False):
+    gen = torch.Generator().manual_seed(_seed("cuda", b, s, hq, hkv, d, p, variant, layout, causal,
+                                              dtype))
+    q, dout = (_rand((b, s, hq, d), dtype, gen) for _ in range(2))
+    k, v = (_rand((b, s, hkv, d), dtype, gen) for _ in range(2))
+    spec = PRoPESpec(d, p, theta, variant, layout)
+
+    def kern(backend):
+        return lambda q, k, v: prope_attention(q, k, v, p=p, theta=theta, variant=variant,
+                                               layout=layout, causal=causal, positions=positions,
+                                               softmax_scale=scale, backend=backend)
+
+    got = _grads(kern("cuda"), (q, k, v), dout)
+    truth = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
+                   [x.double() for x in (q, k, v)], dout.double())
+    lowp = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
+                  (q, k, v), dout)
+    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
+        check(name, g, t, lp)
+    if parity:
+        tri = _grads(kern("triton"), (q, k, v), dout)
+        for name, g, t, tr, lp in zip(("out", "dq", "dk", "dv"), got, truth, tri, lowp):
+            check(name + " (triton)", tr, t, lp)  # both backends meet the rule on the same draw
+            # and agree with each other: each is within 2x of PyTorch's error, so 4x between them
+            check(name + " (cuda vs triton)", g, tr.double(), lp.double() - t + tr.double(),
+                  factor=4.0)
+
+
+# --- without a GPU ------------------------------------------------------------------------------
+
+def test_imports_without_extension():
+    assert hasattr(prope_kernels, "prope_attention")
+    assert isinstance(cuda_backend.available(), bool)
+    if not torch.cuda.is_available():
+        assert cuda_backend.available() is False
+    assert cuda_backend.preferred_over_triton(torch.zeros(1)) is False
+
+
+def test_cuda_backend_rejects_cpu_tensors():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        prope_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        apply_prope(q, backend="cuda")
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("s", [1, 97, 1025, 4096])
+def test_shapes(s, d, heads, causal):
+    _need_cuda_ext()
+    hq, hkv = HEADS[heads]
+    dtype = torch.bfloat16 if (s + d + len(heads)) % 2 else torch.float16
+    _run_dense(dtype, 1 if s == 4096 else 2, s, hq, hkv, d, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("variant", ["prope", "reversed", "partial"])
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.75, 1.0])
+def test_rotation_variants(p, variant, layout):
+    _need_cuda_ext()
+    causal = bool(int(p * 4) % 2)
+    for dtype, d in ((torch.bfloat16, 64), (torch.float16, 128)):
+        _run_dense(dtype, 2, 97, 4, 2, d, p=p, variant=variant, layout=layout, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_uneven(dtype, causal):
+    _need_cuda_ext()
+    lens = [1, 97, 0, 300, 64, 1025, 5]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    total, hq, hkv, d = int(cu[-1]), 6, 2, 128
+    gen = torch.Generator().manual_seed(_seed("varlen", dtype, causal))
+    q, dout = (_rand((total, hq, d), dtype, gen) for _ in range(2))
+    k, v = (_rand((total, hkv, d), dtype, gen) for _ in range(2))
+    spec = PRoPESpec(d, 0.75, 10000.0, "prope", "half")
+    got = _grads(lambda q, k, v: prope_attention_varlen(q, k, v, cu, max(lens), causal=causal,
+                                                        backend="cuda"), (q, k, v), dout)
+    truth = _grads(lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal),
+                   [x.double() for x in (q, k, v)], dout.double())
+    lowp = _grads(lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal),
+                  (q, k, v), dout)
+    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
+        check(name, g, t, lp)
+
+
+@pytest.mark.gpu
+def test_long_positions_and_scale():
+    # positions near 1e6: the float64 angle + 2*pi reduction path
+    _need_cuda_ext()
+    pos = torch.arange(97, device="cuda") + 1_000_000
+    _run_dense(torch.float16, 2, 97, 4, 1, 128, p=1.0, theta=500000.0, positions=pos, scale=0.3)
+
+
+@pytest.mark.gpu
+def test_lse_and_its_gradient():
+    _need_cuda_ext()
+    gen = torch.Generator().manual_seed(_seed("lse"))
+    b, s, hq, hkv, d = 2, 130, 4, 2, 64
+    q, dout = (_rand((b, s, hq, d), torch.bfloat16, gen) for _ in range(2))
+    k, v = (_rand((b, s, hkv, d), torch.bfloat16, gen) for _ in range(2))
+    dlse = torch.randn(b, hq, s, generator=gen).cuda()
+    spec = PRoPESpec(d, 0.75)
+
+    def run(fn, inputs):
+        inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        out, lse = fn(*inputs)
+        loss = (out * dout.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
+        grads = torch.autograd.grad(loss, inputs)
+        return (out, lse, *grads)
+
+    got = run(lambda q, k, v: prope_attention(q, k, v, backend="cuda", return_lse=True), (q, k, v))
+    truth = run(lambda q, k, v: ref.prope_attention(q, k, v, spec, return_lse=True),
+                [x.double() for x in (q, k, v)])
+    lowp = run(lambda q, k, v: ref.prope_attention(q, k, v, spec, return_lse=True), (q, k, v))
+    for name, g, t, lp in zip(("out", "lse", "dq", "dk", "dv"), got, truth, lowp):
+        check(name, g, t, lp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("conjugate", [False, True])
+@pytest.mark.parametrize("variant,layout", [("prope", "half"), ("reversed", "interleaved"),
+                                            ("partial", "half")])
+def test_rope_op(variant, layout, conjugate):
+    _need_cuda_ext()
+    gen = torch.Generator().manual_seed(_seed("rope", variant, layout, conjugate))
+    x = _rand((3, 257, 5, 128), torch.bfloat16, gen)
+    spec = PRoPESpec(128, 0.75, 10000.0, variant, layout)
+    pos = torch.arange(257, device="cuda") * 131
+    got = apply_prope(x, pos, variant=variant, layout=layout, conjugate=conjugate, backend="cuda")
+    truth = ref.apply_prope(x.double(), pos, spec, conjugate)
+    lowp = ref.apply_prope(x, pos, spec, conjugate)
+    check("rope", got, truth, lowp)
+    ident = spec.identity_dims()
+    assert torch.equal(got[..., ident], x[..., ident]), "identity dims must be copied exactly"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,heads", [(64, "mha"), (128, "gqa"), (256, "mqa")])
+def test_parity_with_triton(d, heads):
+    _need_cuda_ext()
+    hq, hkv = HEADS[heads]
+    _run_dense(torch.bfloat16, 2, 1025, hq, hkv, d, p=0.25, parity=True)
