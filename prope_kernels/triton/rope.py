@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-TWO_PI = 6.283185307179586
-INV_TWO_PI = 0.15915494309189535
+TWO_PI = tl.constexpr(6.283185307179586)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 
 @triton.jit
