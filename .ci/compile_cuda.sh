@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# CI step: compile every CUDA source of the CUDA backend on a machine WITHOUT a GPU, and fail if
+# any does not compile: the torch extension prope_kernels._C (csrc/binding.cpp, csrc/kernels/*.cu,
+# through setup.py + ninja) and the CMake targets (kernel library + csrc/tests/test_prope_attn).
+#
+# Usage: .ci/compile_cuda.sh            (from anywhere; exit status 0 = everything compiled)
+# Environment (all optional):
+#   PROPE_CI_CUDA_VENV   venv with torch==2.14.1 (CUDA build) + nvidia-cutlass + ninja; created if
+#                        missing, reused if present (default ~/.cache/prope_kernels/venv-cu)
+#   PROPE_CUDA_ARCHS     archs for the extension build (default "8.0;9.0", as setup.py)
+#   PROPE_CI_CMAKE_ARCHS CMAKE_CUDA_ARCHITECTURES for the CMake build (default "80")
+#   PROPE_CI_CMAKE_HEAD_DIMS  head dims compiled by CMake (default "64": the extension build has
+#                        already compiled every kernel file; this checks CMake + the C++ test)
+#   MAX_JOBS             parallel compile jobs (default 2)
+#   CUDA_HOME            default /usr/local/cuda
+# Nothing is written into the checkout: build outputs go to a temporary directory.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PROPE_CI_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/prope_kernels/venv-cu}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+export PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-8.0;9.0}"
+CMAKE_ARCHS="${PROPE_CI_CMAKE_ARCHS:-80}"
+CMAKE_HEAD_DIMS="${PROPE_CI_CMAKE_HEAD_DIMS:-64}"
+TORCH_PIN="torch==2.14.1"
+CUTLASS_PIN="nvidia-cutlass==4.2.0.0"
+
+t0=$SECONDS
+step() { echo "=== [compile_cuda $((SECONDS - t0))s] $*"; }
+
+NVCC="$CUDA_HOME/bin/nvcc"
+[[ -x "$NVCC" ]] || { echo "compile_cuda: nvcc not found at $NVCC (set CUDA_HOME)" >&2; exit 1; }
+"$NVCC" --version | tail -n 2
+
+# 1. the build venv (torch with CUDA, CUTLASS headers, ninja), reused when already complete
+if ! "$VENV/bin/python" -c "import torch, cutlass_library, ninja, setuptools; \
+assert torch.__version__.startswith('2.14.1') and torch.version.cuda" 2>/dev/null; then
+  step "creating build venv $VENV (torch CUDA wheel, several GB, a few minutes)"
+  mkdir -p "$(dirname "$VENV")"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet "$TORCH_PIN" "$CUTLASS_PIN" ninja setuptools wheel numpy
+else
+  step "reusing build venv $VENV"
+fi
+PY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"  # ninja
+
+BUILD="$(mktemp -d "${TMPDIR:-/tmp}/prope_cuda_build.XXXXXX")"
+trap 'rm -rf "$BUILD"' EXIT
+
+# 2. the torch extension: binding + every kernel instantiation + rope kernels
+step "building prope_kernels._C (archs $PROPE_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+(cd "$ROOT" && PROPE_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext \
+    --build-temp "$BUILD/temp" --build-lib "$BUILD/lib")
+SO="$(find "$BUILD/lib" -name '_C*.so' | head -n 1)"
+[[ -n "$SO" ]] || { echo "compile_cuda: no _C*.so was produced" >&2; exit 1; }
+step "loading $SO and checking the op registrations"
+"$PY" - "$SO" <<'PYEOF'
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+for op in ("attn_fwd", "attn_bwd", "rope"):
+    assert hasattr(torch.ops.prope_cuda, op), f"torch.ops.prope_cuda.{op} is not registered"
+print("registered:", ", ".join(f"prope_cuda::{o}" for o in ("attn_fwd", "attn_bwd", "rope")))
+PYEOF
+
+# 3. CMake: kernel library + standalone C++ test (compile and link only; running needs a GPU)
+step "CMake build (archs $CMAKE_ARCHS, head dims $CMAKE_HEAD_DIMS)"
+cmake -S "$ROOT" -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="$CMAKE_ARCHS" \
+  -DPROPE_HEAD_DIMS="$CMAKE_HEAD_DIMS" -DPython3_EXECUTABLE="$PY" > "$BUILD/cmake.log" \
+  || { cat "$BUILD/cmake.log"; exit 1; }
+cmake --build "$BUILD/cmake" -j "$MAX_JOBS"
+[[ -x "$BUILD/cmake/test_prope_attn" ]] || { echo "compile_cuda: test_prope_attn missing" >&2; exit 1; }
+
+step "OK: every CUDA source compiled"
