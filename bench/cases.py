@@ -1,0 +1,202 @@
+"""What gets timed: one :class:`Case` per attention shape, named presets and sweeps.
+
+Dense cases use the training layout ``(batch, seqlen, heads, head_dim)``; varlen cases pack
+documents of uneven length into ``(total_tokens, heads, head_dim)`` (batch is 1, ``seqlen`` is the
+longest document).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+from prope_kernels.reference import attention_flops
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem. ``group`` says which report section it belongs to:
+    "preset", "seqlen", "head_dim", "causal", "heads", "p" or "varlen"."""
+
+    name: str
+    group: str
+    batch: int
+    seqlen: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = True
+    p: float = 0.75
+    theta: float = 10000.0
+    dtype: str = "bfloat16"
+    doc_lens: Optional[tuple] = None  # varlen: the packed documents' lengths
+
+    @property
+    def varlen(self) -> bool:
+        return self.doc_lens is not None
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.doc_lens) if self.varlen else self.batch * self.seqlen
+
+    @property
+    def attn_kind(self) -> str:
+        if self.kv_heads == self.q_heads:
+            return "MHA"
+        return "MQA" if self.kv_heads == 1 else "GQA"
+
+    def flops(self, mode: str) -> float:
+        """The standard count (prope_kernels.reference.attention_flops); for varlen the sum over
+        documents, so only attention inside a document counts."""
+        if self.varlen:
+            return sum(attention_flops(1, n, self.q_heads, self.head_dim, self.causal, mode)
+                       for n in self.doc_lens)
+        return attention_flops(self.batch, self.seqlen, self.q_heads, self.head_dim, self.causal,
+                               mode)
+
+    def describe(self) -> str:
+        heads = (f"{self.q_heads} heads" if self.attn_kind == "MHA"
+                 else f"{self.q_heads} q heads, {self.kv_heads} kv head"
+                 + ("s" if self.kv_heads > 1 else "") + f" ({self.attn_kind})")
+        if self.varlen:
+            shape = (f"varlen {len(self.doc_lens)} docs, {self.total_tokens} tokens, "
+                     f"longest {self.seqlen}")
+        else:
+            shape = f"batch {self.batch}, seqlen {self.seqlen}"
+        theta = "" if self.theta == 10000.0 else f", theta {self.theta:g}"
+        return (f"{shape}, {heads}, head_dim {self.head_dim}, "
+                f"{'causal' if self.causal else 'non-causal'}, {_short_dtype(self.dtype)}, "
+                f"p={self.p:g}{theta}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["doc_lens"] = list(self.doc_lens) if self.varlen else None
+        d.update(total_tokens=self.total_tokens, attn_kind=self.attn_kind, varlen=self.varlen,
+                 num_docs=len(self.doc_lens) if self.varlen else self.batch)
+        return d
+
+
+def _short_dtype(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def uneven_doc_lens(total: int, seed: int = 0, min_len: int = 64, max_len: Optional[int] = None):
+    """Document lengths summing to ``total``, drawn log-uniformly (many short documents, a few
+    long ones, as in packed pre-training data); deterministic for a seed."""
+    rng = random.Random(seed)
+    max_len = max_len or max(min_len, total // 2)
+    lens, left = [], total
+    while left > 0:
+        n = int(round(min_len * (max_len / min_len) ** rng.random()))
+        n = max(1, min(n, left))
+        lens.append(n)
+        left -= n
+    return tuple(lens)
+
+
+def varlen_case(name, group, total, q_heads, kv_heads, head_dim, *, seed=0, min_len=64,
+                max_len=None, **kw) -> Case:
+    lens = uneven_doc_lens(total, seed, min_len, max_len)
+    return Case(name, group, 1, max(lens), q_heads, kv_heads, head_dim, doc_lens=lens, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# presets: the shapes of ../shared/PERF.md
+# ----------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "gemma-2b": Case("gemma-2b", "preset", 2, 8192, 8, 1, 256),
+    "llama-gqa": Case("llama-gqa", "preset", 4, 4096, 32, 8, 128),
+    "mha-d64": Case("mha-d64", "preset", 4, 4096, 32, 32, 64),
+    "gemma-7b": Case("gemma-7b", "preset", 1, 8192, 16, 16, 256),
+    "gemma4-global": Case("gemma4-global", "preset", 1, 8192, 16, 4, 512, p=0.25, theta=1e6),
+    # Gemma 2B attention over packed documents of uneven length (16k tokens per row)
+    "gemma-2b-varlen": varlen_case("gemma-2b-varlen", "preset", 16384, 8, 1, 256, seed=1,
+                                   min_len=128, max_len=8192),
+}
+PRESET_ORDER = ["gemma-2b", "llama-gqa", "mha-d64", "gemma-7b", "gemma4-global",
+                "gemma-2b-varlen"]
+
+# tiny shapes for the CPU smoke run (reference backend, Triton interpreter)
+SMOKE_PRESETS = {
+    "smoke-mqa": Case("smoke-mqa", "preset", 2, 48, 4, 1, 32),
+    "smoke-gqa-noncausal": Case("smoke-gqa-noncausal", "preset", 1, 40, 4, 2, 64, causal=False),
+}
+
+P_VALUES = (0.0, 0.25, 0.75, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# sweeps
+# ----------------------------------------------------------------------------------------------
+
+def sweep_seqlen(seqlens=(512, 1024, 2048, 4096, 8192, 16384, 32768), head_dim=128,
+                 tokens=32768, q_heads=None, kv_heads=None, causal=True, dtype="bfloat16",
+                 p=0.75, name="seqlen"):
+    """Constant tokens per call (batch = tokens // seqlen), hidden 2048 of heads by default."""
+    hq = q_heads or max(1, 2048 // head_dim)
+    hkv = kv_heads or hq
+    return [Case(f"{name}-{s}", "seqlen", max(1, tokens // s), s, hq, hkv, head_dim,
+                 causal=causal, p=p, dtype=dtype) for s in seqlens]
+
+
+def sweep_head_dim(head_dims=(64, 128, 256), seqlen=4096, batch=4, hidden=4096, causal=True,
+                   dtype="bfloat16"):
+    return [Case(f"head_dim-{d}", "head_dim", batch, seqlen, hidden // d, hidden // d, d,
+                 causal=causal, dtype=dtype) for d in head_dims]
+
+
+def sweep_causal(base: Case):
+    return [replace(base, name=f"{base.name}-{'causal' if c else 'noncausal'}", group="causal",
+                    causal=c) for c in (True, False)]
+
+
+def sweep_heads(seqlen=4096, batch=4, q_heads=32, head_dim=128, dtype="bfloat16"):
+    """MHA, GQA (4 q heads per kv head) and MQA at one shape."""
+    return [Case(f"heads-{kind}", "heads", batch, seqlen, q_heads, hkv, head_dim, dtype=dtype)
+            for kind, hkv in (("mha", q_heads), ("gqa", q_heads // 4), ("mqa", 1))]
+
+
+def sweep_p(base: Case, p_values=P_VALUES):
+    """The cost of the identity: one shape, only p changes."""
+    return [replace(base, name=f"p-{p:g}", group="p", p=p) for p in p_values]
+
+
+def sweep_varlen(total=16384, q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16"):
+    return [varlen_case(f"varlen-{total}", "varlen", total, q_heads, kv_heads, head_dim, seed=2,
+                        min_len=128, max_len=total // 2, dtype=dtype)]
+
+
+SWEEPS = ("seqlen", "head_dim", "causal", "heads", "p", "varlen")
+
+
+def build_sweep(name: str, dtype: str = "bfloat16", seqlens=None, head_dims=None,
+                p_values=P_VALUES, smoke: bool = False):
+    """The cases of one sweep; ``smoke`` shrinks every shape to a few dozen tokens."""
+    if smoke:
+        base = SMOKE_PRESETS["smoke-mqa"]
+        return {
+            "seqlen": lambda: sweep_seqlen(seqlens or (32, 64), head_dim=32, tokens=64,
+                                           q_heads=2, kv_heads=1, dtype=dtype),
+            "head_dim": lambda: sweep_head_dim(head_dims or (32, 64), seqlen=32, batch=1,
+                                               hidden=128, dtype=dtype),
+            "causal": lambda: sweep_causal(replace(base, dtype=dtype)),
+            "heads": lambda: sweep_heads(seqlen=32, batch=1, q_heads=4, head_dim=32,
+                                         dtype=dtype),
+            "p": lambda: sweep_p(replace(base, batch=1, seqlen=32, dtype=dtype), p_values),
+            "varlen": lambda: [Case("varlen-smoke", "varlen", 1, 25, 2, 1, 32,
+                                    doc_lens=(7, 25, 16), dtype=dtype)],
+        }[name]()
+    return {
+        "seqlen": lambda: sweep_seqlen(seqlens or (512, 1024, 2048, 4096, 8192, 16384, 32768),
+                                       dtype=dtype),
+        "head_dim": lambda: sweep_head_dim(head_dims or (64, 128, 256), dtype=dtype),
+        "causal": lambda: sweep_causal(replace(PRESETS["llama-gqa"], dtype=dtype)),
+        "heads": lambda: sweep_heads(dtype=dtype),
+        "p": lambda: sweep_p(replace(PRESETS["gemma-2b"], dtype=dtype), p_values),
+        "varlen": lambda: sweep_varlen(dtype=dtype),
+    }[name]()

@@ -1,0 +1,122 @@
+"""Correctness guard: before a provider is timed, spot-check it against the reference.
+
+Cheap at any size: the upstream gradient ``dout`` is zero except on a few query rows of the first
+and last sequence. The reference then needs only those rows' attention (rows x keys, not keys x
+keys): forward output of the rows, and through autograd the exact dq of the rows and dk, dv of the
+two sequences. Everything the provider writes outside them must be zero. Errors are
+relative Frobenius norms; a provider above the dtype's tolerance is marked wrong, not timed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prope_kernels.reference import apply_prope
+from prope_kernels.rotary import PRoPESpec
+
+# relative-norm tolerance: a few times the rounding error of a bf16/fp16 attention (fwd and bwd);
+# a wrong rotation, mask or GQA mapping gives errors of order 0.1 to 1.
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-3}
+ROWS_PER_SEQ = 16
+
+
+def _rel(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _seqs(ctx):
+    """(start, end) of the first and last sequence in the packed token order."""
+    cu = ctx["cu_list"]
+    spans = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    return [spans[0]] if len(spans) == 1 else [spans[0], spans[-1]]
+
+
+def _rows(n, gen):
+    pick = {0, n - 1, n // 2, min(1, n - 1)}
+    extra = torch.randint(0, n, (ROWS_PER_SEQ,), generator=gen).tolist()
+    pick.update(extra[: max(0, ROWS_PER_SEQ - len(pick))])
+    return sorted(pick)
+
+
+def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int = 0):
+    """Run ``fn`` once (forward, and backward when ``with_grad``) and compare with the reference.
+
+    q, k, v: inputs in the case's layout (requires_grad is set here). spec_p: the p the provider
+    claims to apply (0 for the "no RoPE" rows). Returns a dict: ok, err_out, err_grad, leak, msg.
+    """
+    dt = q.dtype
+    hq, hkv, d = case.q_heads, case.kv_heads, case.head_dim
+    group = hq // hkv
+    scale = d ** -0.5
+    spec = PRoPESpec(d, float(spec_p), float(case.theta))
+    gen = torch.Generator().manual_seed(seed)
+    pos = ctx["positions"]
+
+    q, k, v = (x.detach().requires_grad_(with_grad) for x in (q, k, v))
+    if with_grad:
+        out = fn(q, k, v)
+    else:
+        with torch.no_grad():
+            out = fn(q, k, v)
+    flat = lambda x: x.reshape(-1, x.shape[-2], x.shape[-1])  # noqa: E731
+    qf, kf, vf, of = flat(q), flat(k), flat(v), flat(out)
+    if not torch.isfinite(of).all():
+        return dict(ok=False, err_out=float("nan"), err_grad=None, leak=None,
+                    msg="non-finite values in the output")
+
+    dout = torch.zeros_like(of)
+    errs_out, errs_grad, leak_num, inside = [], [], 0.0, []
+    refs = []
+    for a, b in _seqs(ctx):
+        rows = torch.tensor(_rows(b - a, gen), device=q.device)
+        dout[a + rows] = torch.randn(len(rows), hq, d, generator=gen).to(q.device, dt)
+        # reference in float32 from the same (rounded) inputs
+        ql = qf[a + rows].detach().float().requires_grad_(with_grad)
+        kl = kf[a:b].detach().float().requires_grad_(with_grad)
+        vl = vf[a:b].detach().float().requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            qr = apply_prope(ql, pos[a + rows], spec)           # (R, hq, d)
+            kr = apply_prope(kl, pos[a:b], spec)                # (L, hkv, d)
+            kr = kr.repeat_interleave(group, dim=1)
+            ve = vl.repeat_interleave(group, dim=1)
+            s = torch.einsum("rhd,lhd->hrl", qr, kr) * scale
+            if case.causal:
+                allowed = pos[a:b][None, :] <= pos[a + rows][:, None]
+                s = s.masked_fill(~allowed[None], float("-inf"))
+            o_ref = torch.einsum("hrl,lhd->rhd", torch.softmax(s, dim=-1), ve)
+        errs_out.append(_rel(of[a + rows].detach(), o_ref.detach()))
+        refs.append((a, b, rows, ql, kl, vl, o_ref))
+
+    if with_grad:
+        out.backward(dout.view_as(out))
+        dq, dk, dv = (flat(x.grad) for x in (q, k, v))
+        for a, b, rows, ql, kl, vl, o_ref in refs:
+            o_ref.backward(dout[a + rows].float())
+            errs_grad += [_rel(dq[a + rows], ql.grad), _rel(dk[a:b], kl.grad),
+                          _rel(dv[a:b], vl.grad)]
+            inside.append((a, b, rows))
+        # nothing may land outside the checked rows (dq) and sequences (dk, dv)
+        mq = torch.ones(dq.shape[0], dtype=torch.bool, device=q.device)
+        mkv = torch.ones(dk.shape[0], dtype=torch.bool, device=q.device)
+        for a, b, rows in inside:
+            mq[a + rows] = False
+            mkv[a:b] = False
+        total = sum(x.double().norm().item() for x in (dq, dk, dv)) or 1.0
+        leak_num = sum(x[m].double().norm().item() for x, m in ((dq, mq), (dk, mkv), (dv, mkv)))
+        leak = leak_num / total
+    else:
+        leak = None
+
+    tol = TOLERANCE.get(dt, 5e-2)
+    err_out = max(errs_out)
+    err_grad = max(errs_grad) if errs_grad else None
+    bad = []
+    if not err_out <= tol:
+        bad.append(f"output rel err {err_out:.3g} > {tol:g}")
+    if err_grad is not None and not err_grad <= tol:
+        bad.append(f"gradient rel err {err_grad:.3g} > {tol:g}")
+    if leak is not None and not leak <= tol:
+        bad.append(f"gradient outside the checked rows/sequences ({leak:.3g} of the norm)")
+    return dict(ok=not bad, err_out=err_out, err_grad=err_grad, leak=leak,
+                msg="; ".join(bad) or "ok")

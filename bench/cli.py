@@ -1,0 +1,259 @@
+"""`python -m bench`: the standard report, or chosen presets/sweeps/providers/modes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import cases as C
+from . import providers as P
+
+HERE = Path(__file__).resolve().parent
+STANDARD_BUDGET_MIN = 7.0
+
+EPILOG = f"""\
+presets:   {', '.join(C.PRESET_ORDER)}
+sweeps:    {', '.join(C.SWEEPS)}
+providers: {', '.join(P.PROVIDERS)}
+modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
+
+The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, llama-gqa and
+mha-d64, the time-vs-p sweep at the gemma-2b shape, the presets gemma-7b, gemma4-global and
+gemma-2b-varlen, then the seqlen sweep; it stops starting new work after --budget-min minutes
+(default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
+Without a GPU (or with --smoke) the same pipeline runs at tiny shapes and is labelled a CPU smoke
+run; set TRITON_INTERPRET=1 to include the Triton kernels (interpreter).
+
+examples:
+  python -m bench                                   # standard report -> bench/results/<date>_<gpu>/
+  python -m bench --preset gemma-2b --modes fwd,fwd+bwd
+  python -m bench --sweep seqlen --providers 'prope-*,sdpa-cudnn*' --seqlens 1024,4096,16384
+  python -m bench --sweep p --preset gemma-2b       # presets and sweeps can be combined
+  TRITON_INTERPRET=1 python -m bench --smoke --out /tmp/bench-smoke
+"""
+
+
+def _csv(s):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark p-RoPE fused attention (prope_kernels) against SDPA (cuDNN, "
+                    "flash, memory-efficient), FlexAttention and flash-attn with p-RoPE applied "
+                    "eagerly or compiled: ms, TFLOP/s and peak memory for fwd, bwd and fwd+bwd.",
+        epilog=EPILOG)
+    g = ap.add_argument_group("what to run")
+    g.add_argument("--preset", action="append", default=[], metavar="NAME[,NAME]",
+                   help="named shape(s) from PERF.md, or 'all'")
+    g.add_argument("--sweep", action="append", default=[], metavar="NAME[,NAME]",
+                   help="seqlen, head_dim, causal, heads, p, varlen, or 'all'")
+    g.add_argument("--providers", metavar="PATTERNS",
+                   help="comma-separated provider names or shell patterns, e.g. "
+                        "'prope-*,sdpa-cudnn*' (default: a set per section, see README)")
+    g.add_argument("--modes", metavar="MODES",
+                   help="comma-separated fwd, bwd, fwd+bwd (default: all three for presets, "
+                        "fwd and fwd+bwd for sweeps)")
+    g.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    g.add_argument("--seqlens", metavar="N,N", help="seqlen sweep points (default 512..32768)")
+    g.add_argument("--head-dims", metavar="D,D", help="head_dim sweep points (default 64,128,256)")
+    g.add_argument("--p-values", metavar="P,P", help="p sweep points (default 0,0.25,0.75,1)")
+    g.add_argument("--smoke", action="store_true",
+                   help="tiny shapes (automatic without a GPU); results are labelled smoke")
+    g = ap.add_argument_group("measurement")
+    g.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (ms)")
+    g.add_argument("--rep-ms", type=int, default=200, help="do_bench timed window (ms)")
+    g.add_argument("--budget-min", type=float, default=None,
+                   help=f"stop starting new runs after this many minutes (default "
+                        f"{STANDARD_BUDGET_MIN:g} for the standard report, none otherwise; 0: "
+                        "no limit)")
+    g.add_argument("--no-check", action="store_true",
+                   help="skip the spot check against the reference before timing")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR",
+                   help="output folder (default bench/results/<date>_<gpu>/)")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
+    g.add_argument("--list", action="store_true", help="list presets, sweeps, providers; exit")
+    return ap
+
+
+def _names(values, known, what):
+    names = []
+    for v in values:
+        for n in _csv(v):
+            if n == "all":
+                names += [k for k in known if k not in names]
+            elif n not in known:
+                raise SystemExit(f"unknown {what} {n!r}; choose from: {', '.join(known)}")
+            elif n not in names:
+                names.append(n)
+    return names
+
+
+def _modes(s):
+    if not s:
+        return None
+    out = []
+    for m in _csv(s):
+        m = {"fwd+bwd": "fwd_bwd", "fwdbwd": "fwd_bwd"}.get(m, m)
+        if m not in C.MODES:
+            raise SystemExit(f"unknown mode {m!r}; choose from fwd, bwd, fwd+bwd")
+        out.append(m)
+    return tuple(dict.fromkeys(out))
+
+
+def plan(args, smoke: bool):
+    """The jobs of this run, in order (the most important first: the budget cuts the tail)."""
+    from .runner import Job
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    modes = _modes(args.modes)
+    user_provs = P.select(args.providers) if args.providers else None
+    seqlens = tuple(int(x) for x in _csv(args.seqlens)) if args.seqlens else None
+    head_dims = tuple(int(x) for x in _csv(args.head_dims)) if args.head_dims else None
+    p_values = tuple(float(x) for x in _csv(args.p_values)) if args.p_values else C.P_VALUES
+    presets_known = list(C.SMOKE_PRESETS) + C.PRESET_ORDER if smoke else C.PRESET_ORDER
+    presets = _names(args.preset, presets_known, "preset")
+    sweeps = _names(args.sweep, C.SWEEPS, "sweep")
+    standard = not presets and not sweeps
+
+    def preset_case(name):
+        c = C.SMOKE_PRESETS.get(name) or C.PRESETS[name]
+        return c if c.dtype == dtype else C.replace(c, dtype=dtype)
+
+    def provs(group, case):
+        if user_provs:
+            return user_provs
+        if smoke:
+            if group == "preset":
+                return P.SMOKE_PROVIDERS
+            if group == "varlen" or case.varlen:
+                return ["prope-triton", "prope-reference", "sdpa-math+rope-eager"]
+            if group == "p":
+                return ["prope-triton", "prope-reference", "sdpa-math-norope"]
+            return P.SMOKE_SWEEP_PROVIDERS
+        if case.varlen:
+            return P.VARLEN_PROVIDERS
+        return {"preset": P.PRESET_PROVIDERS, "p": P.P_SWEEP_PROVIDERS}.get(
+            group, P.SWEEP_PROVIDERS)
+
+    def mode_for(group):
+        if modes:
+            return modes
+        if group == "preset":
+            return C.MODES
+        if smoke and group == "p":
+            return ("fwd",)
+        return ("fwd", "fwd_bwd")
+
+    def sweep_jobs(name):
+        cs = C.build_sweep(name, dtype, seqlens, head_dims, p_values, smoke=smoke)
+        return [Job(c, provs(name, c), mode_for(name)) for c in cs]
+
+    def preset_jobs(names):
+        return [Job(preset_case(n), provs("preset", preset_case(n)), mode_for("preset"))
+                for n in names]
+
+    if standard and smoke:
+        return (preset_jobs(list(C.SMOKE_PRESETS)) + sweep_jobs("seqlen") + sweep_jobs("p")
+                + sweep_jobs("varlen"))
+    if standard:
+        return (preset_jobs(["gemma-2b", "llama-gqa", "mha-d64"]) + sweep_jobs("p")
+                + preset_jobs(["gemma-7b", "gemma4-global", "gemma-2b-varlen"])
+                + sweep_jobs("seqlen"))
+    jobs = preset_jobs(presets)
+    for s in sweeps:
+        if s in ("p", "causal") and presets and not smoke:
+            # sweep p / causality around the first named preset instead of the default shape
+            base = preset_case(presets[0])
+            cs = (C.sweep_p(base, p_values) if s == "p" else C.sweep_causal(base))
+            jobs += [Job(c, provs(s, c), mode_for(s)) for c in cs]
+        else:
+            jobs += sweep_jobs(s)
+    return jobs
+
+
+def _default_out(meta):
+    from .env import slug
+    base = HERE / "results" / slug(meta)
+    out, i = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return out
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.list:
+        print(EPILOG.split("\n\n")[0])
+        for n in C.PRESET_ORDER:
+            print(f"  {n:16s} {C.PRESETS[n].describe()}")
+        for n, pr in P.PROVIDERS.items():
+            print(f"  {n:30s} {pr.label}")
+        return 0
+
+    import torch
+
+    from . import env, report
+    from .runner import Settings, run_jobs, total_pairs
+
+    t0 = time.monotonic()
+    gpu = torch.cuda.is_available()
+    smoke = args.smoke or not gpu
+    if not gpu and not args.smoke:
+        print("no CUDA GPU: running the CPU smoke mode (tiny shapes; not GPU figures)",
+              file=sys.stderr)
+    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        print("hint: TRITON_INTERPRET=1 adds the Triton kernels (interpreter) to the smoke run",
+              file=sys.stderr)
+    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
+        print("warning: TRITON_INTERPRET=1 on a GPU machine: the Triton provider is skipped; "
+              "unset it to time the kernels", file=sys.stderr)
+    if gpu and os.environ.pop("PROPE_POISON", None) == "1":
+        print("note: PROPE_POISON unset for timing (NaN-filling outputs costs time)",
+              file=sys.stderr)
+
+    jobs = plan(args, smoke)
+    standard = not args.preset and not args.sweep
+    budget = args.budget_min
+    if budget is None:
+        budget = STANDARD_BUDGET_MIN if (standard and not smoke) else 0
+    st = Settings(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, check=not args.no_check,
+                  memory=not args.no_memory, budget_s=budget * 60 if budget > 0 else None,
+                  progress=not args.no_progress, verbose=args.verbose)
+    meta = env.collect(smoke)
+    out = Path(args.out) if args.out else _default_out(meta)
+    print(f"{meta['run_kind']}: {len(jobs)} cases, {total_pairs(jobs)} provider runs -> {out}",
+          file=sys.stderr)
+
+    rows = run_jobs(jobs, st)
+
+    meta["elapsed_s"] = round(time.monotonic() - t0, 1)
+    settings = dict(warmup_ms=st.warmup_ms, rep_ms=st.rep_ms, cpu_warmup=st.cpu_warmup,
+                    cpu_reps=st.cpu_reps, check=st.check, memory=st.memory,
+                    budget_s=st.budget_s, smoke=smoke, standard=standard,
+                    dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
+                    providers=sorted({p for j in jobs for p in j.providers}))
+    files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
+    meta["elapsed_s"] = round(time.monotonic() - t0, 1)
+
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"done in {meta['elapsed_s']:.0f} s: "
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
+    for kind in ("md", "json", "csv"):
+        print(f"  {files[kind]}", file=sys.stderr)
+    for p in files["png"]:
+        print(f"  {p}", file=sys.stderr)
+    bad = [r for r in rows if r["kind"] == "ours" and r["status"] == "wrong"]
+    for r in bad:
+        print(f"WRONG: {r['provider']} on {r['case']}: {r['reason']}", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,359 @@
+"""Providers: our fused op per backend, and the peers a user would otherwise call.
+
+Every provider turns (q, k, v) into ``out`` in the layout the case uses: dense
+``(batch, seqlen, heads, head_dim)`` or packed ``(total_tokens, heads, head_dim)`` for varlen.
+Peers get their p-RoPE from :mod:`bench.user_rope` (eager, or the same function compiled);
+"norope" rows skip it (the floor a fused op has to meet).
+
+``build`` raises :class:`Unavailable` when a provider cannot run here (not installed, no GPU, no
+such backend in this torch): the report lists it as missing with that reason, it is never faked.
+Optional features (FlexAttention, cuDNN SDPA, flash-attn) are imported only inside ``build``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+
+
+class Unavailable(Exception):
+    """The provider cannot run on this machine / torch build; str(e) says why."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str     # stable id used on the command line, in JSON/CSV and by pytest-benchmark
+    family: str   # "prope", "sdpa", "flex", "flash-attn", "fa3"
+    backend: str  # prope: triton/cuda/reference; sdpa: cudnn/flash/efficient/math
+    rope: str     # "fused" (ours), "none", "eager", "compiled"
+    label: str    # what a person reads in the tables
+
+    @property
+    def kind(self) -> str:
+        if self.family == "prope":
+            return "ours"
+        return "no-rope" if self.rope == "none" else "peer"
+
+
+@dataclass
+class Impl:
+    fn: Callable          # fn(q, k, v) -> out
+    notes: List[str] = field(default_factory=list)
+
+
+_SDPA_LABEL = {"cudnn": "cuDNN SDPA", "flash": "FlashAttention-2 (SDPA flash)",
+               "efficient": "SDPA memory-efficient", "math": "SDPA math"}
+_ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + RoPE compiled"}
+
+
+def _all_providers():
+    out = [Provider("prope-triton", "prope", "triton", "fused", "prope_attention (triton)"),
+           Provider("prope-cuda", "prope", "cuda", "fused", "prope_attention (cuda)"),
+           Provider("prope-reference", "prope", "reference", "fused",
+                    "prope_attention (reference, PyTorch)")]
+    for be in ("cudnn", "flash", "efficient", "math"):
+        for rope in ("none", "eager", "compiled"):
+            suffix = "-norope" if rope == "none" else f"+rope-{rope}"
+            out.append(Provider(f"sdpa-{be}{suffix}", "sdpa", be, rope,
+                                _SDPA_LABEL[be] + _ROPE_LABEL[rope]))
+    for fam, lab in (("flex", "FlexAttention (compiled)"), ("flash-attn", "flash-attn"),
+                     ("fa3", "FlashAttention-3 (flash_attn_interface)")):
+        for rope in ("none", "eager", "compiled"):
+            suffix = "-norope" if rope == "none" else f"+rope-{rope}"
+            out.append(Provider(f"{fam}{suffix}", fam, fam, rope, lab + _ROPE_LABEL[rope]))
+    return {p.name: p for p in out}
+
+
+PROVIDERS = _all_providers()
+FLOOR = "sdpa-cudnn-norope"
+
+# default selections (see bench/README.md); names not runnable here turn into "missing" rows
+PRESET_PROVIDERS = [
+    "prope-triton", "prope-cuda",
+    "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-cudnn+rope-eager",
+    "sdpa-flash-norope", "sdpa-flash+rope-compiled", "sdpa-flash+rope-eager",
+    "sdpa-efficient-norope", "sdpa-efficient+rope-compiled", "sdpa-efficient+rope-eager",
+    "flex-norope", "flex+rope-compiled",
+    "flash-attn-norope", "flash-attn+rope-compiled", "flash-attn+rope-eager",
+    "fa3-norope", "fa3+rope-compiled",
+]
+SWEEP_PROVIDERS = [
+    "prope-triton", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
+    "sdpa-flash+rope-compiled", "flash-attn+rope-compiled", "fa3+rope-compiled",
+]
+P_SWEEP_PROVIDERS = ["prope-triton", "prope-cuda", "sdpa-cudnn-norope",
+                     "sdpa-cudnn+rope-compiled"]
+VARLEN_PROVIDERS = [
+    "prope-triton", "prope-cuda", "flex-norope", "flex+rope-compiled",
+    "flash-attn-norope", "flash-attn+rope-compiled", "fa3+rope-compiled",
+    "sdpa-efficient+rope-compiled", "sdpa-cudnn+rope-compiled",
+]
+SMOKE_PROVIDERS = [
+    "prope-triton", "prope-reference", "prope-cuda",
+    "sdpa-math-norope", "sdpa-math+rope-eager", "sdpa-flash+rope-eager",
+    "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-efficient+rope-eager",
+    "flex+rope-compiled", "flash-attn+rope-eager",
+]
+SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-reference", "sdpa-math-norope",
+                         "sdpa-math+rope-eager"]
+
+
+def select(patterns) -> List[str]:
+    """Provider names matching comma-separated names or shell patterns ("prope-*,sdpa-cudnn*")."""
+    if isinstance(patterns, str):
+        patterns = [x.strip() for x in patterns.split(",") if x.strip()]
+    names = []
+    for pat in patterns:
+        hits = [n for n in PROVIDERS if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"no provider matches {pat!r}; known: {', '.join(PROVIDERS)}")
+        names += [n for n in hits if n not in names]
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# building a provider for a case
+# ----------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def build(prov: Provider, case, ctx, q, k, v) -> Impl:
+    """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors
+    (positions, cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs used to probe
+    GQA support. Raises Unavailable."""
+    dev = q.device
+    if prov.family != "prope" and prov.rope == "compiled" and dev.type != "cuda":
+        raise Unavailable("torch.compile providers are not run on the CPU (compile time; smoke "
+                          "mode)")
+    if prov.family == "prope":
+        return _build_prope(prov, case, ctx, dev)
+    rope = _rope_fn(prov.rope, ctx)
+    if prov.family == "sdpa":
+        return _build_sdpa(prov, case, ctx, rope, q, k, v)
+    if prov.family == "flex":
+        return _build_flex(prov, case, ctx, rope, dev)
+    if prov.family in ("flash-attn", "fa3"):
+        return _build_flash_attn(prov, case, ctx, rope, dev)
+    raise Unavailable(f"unknown provider family {prov.family}")  # pragma: no cover
+
+
+def _rope_fn(kind, ctx):
+    from . import user_rope
+    if kind == "none":
+        return None
+    cos, sin = ctx["cos"], ctx["sin"]
+    f = user_rope.rope_qk_eager if kind == "eager" else user_rope.rope_qk_compiled()
+    return lambda q, k: f(q, k, cos, sin)
+
+
+def _build_prope(prov, case, ctx, dev):
+    from prope_kernels import interface as api
+    be = prov.backend
+    if be == "triton":
+        if not api.triton_available():
+            raise Unavailable("triton is not installed")
+        if dev.type != "cuda" and not _interpreting():
+            raise Unavailable("needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+        if dev.type == "cuda" and _interpreting():
+            raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
+                              "the compiled kernels")
+    elif be == "cuda":
+        if dev.type != "cuda":
+            raise Unavailable("needs a CUDA GPU")
+        if not api.cuda_ext_available():
+            raise Unavailable("the CUDA extension prope_kernels._C is not built")
+    elif be == "reference" and dev.type == "cuda":
+        need = 3 * 4 * case.q_heads * sum(n * n for n in (case.doc_lens or
+                                                          [case.seqlen] * case.batch))
+        if need > 16 * 2**30:
+            raise Unavailable(f"the reference would materialise ~{need / 2**30:.0f} GiB of "
+                              "scores at this shape")
+    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
+    if case.varlen:
+        cu, max_s = ctx["cu_seqlens"], case.seqlen
+        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw))
+    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw))
+
+
+def _sdpa_backend(name):
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:  # torch < 2.3
+        raise Unavailable(f"torch.nn.attention.sdpa_kernel is missing in torch "
+                          f"{torch.__version__}") from e
+    attr = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+            "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[name]
+    if not hasattr(SDPBackend, attr):
+        raise Unavailable(f"this torch ({torch.__version__}) has no SDPBackend.{attr}")
+    return sdpa_kernel, getattr(SDPBackend, attr)
+
+
+def _has_enable_gqa():
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # builtins without a signature: try it
+        return True
+
+
+def _probe(fn, q, k, v):
+    """One forward+backward on the sample inputs: does this path work at all?"""
+    qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
+    out = fn(qs, ks, vs)
+    out.backward(torch.ones_like(out))
+
+
+def _build_sdpa(prov, case, ctx, rope, q, k, v):
+    sdpa_kernel, backend = _sdpa_backend(prov.backend)
+    dev = q.device
+    if prov.backend in ("cudnn", "efficient") and dev.type != "cuda":
+        raise Unavailable("needs a CUDA GPU")
+    scale = case.head_dim ** -0.5
+    group = case.q_heads // case.kv_heads
+    notes = []
+    mask = None
+    if case.varlen:
+        # what users do without a varlen API: one row, a dense block-diagonal mask (T x T)
+        doc, pos = ctx["doc_ids"], ctx["positions"]
+        mask = doc[:, None] == doc[None, :]
+        if case.causal:
+            mask &= pos[None, :] <= pos[:, None]
+        mask = mask[None, None]
+        notes.append("varlen: dense block-diagonal mask")
+
+    def make(gqa):
+        def fn(q, k, v):
+            if rope is not None:
+                q, k = rope(q, k)
+            if case.varlen:
+                q, k, v = q[None], k[None], v[None]
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            kw = {}
+            if group > 1 and gqa == "enable_gqa":
+                kw["enable_gqa"] = True
+            elif group > 1:
+                kt = kt.repeat_interleave(group, dim=1)
+                vt = vt.repeat_interleave(group, dim=1)
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask, is_causal=case.causal and mask is None,
+                    scale=scale, **kw)
+            o = o.transpose(1, 2)
+            return o[0] if case.varlen else o
+        return fn
+
+    if group == 1:
+        return Impl(make(None), notes)
+    first_err = None
+    if _has_enable_gqa():
+        fn = make("enable_gqa")
+        try:
+            _probe(fn, q, k, v)
+            return Impl(fn, notes + ["GQA: enable_gqa=True"])
+        except Exception as e:  # noqa: BLE001 - any backend refusal means "try expanding"
+            first_err = _short(e)
+    fn = make("expand")
+    _probe(fn, q, k, v)  # raises with the real reason when this path fails too
+    why = f" (enable_gqa failed: {first_err})" if first_err else ""
+    return Impl(fn, notes + ["GQA: k/v expanded with repeat_interleave" + why])
+
+
+_FLEX = {}
+
+
+def _build_flex(prov, case, ctx, rope, dev):
+    if dev.type != "cuda":
+        raise Unavailable("FlexAttention is run compiled, on a CUDA GPU only")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Unavailable(f"torch {torch.__version__} has no FlexAttention") from e
+    if "fn" not in _FLEX:
+        from . import user_rope
+        user_rope.rope_qk_compiled()  # raises the recompile limits as a side effect
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    scale = case.head_dim ** -0.5
+    group = case.q_heads // case.kv_heads
+    n = case.total_tokens if case.varlen else case.seqlen
+    if case.varlen:
+        doc, pos = ctx["doc_ids"], ctx["positions"]
+        if case.causal:
+            def mask_mod(b, h, qi, ki):
+                return (doc[qi] == doc[ki]) & (pos[ki] <= pos[qi])
+        else:
+            def mask_mod(b, h, qi, ki):
+                return doc[qi] == doc[ki]
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+    elif case.causal:
+        def mask_mod(b, h, qi, ki):
+            return ki <= qi
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+    else:
+        block_mask = None
+    kw = {}
+    if group > 1:
+        if "enable_gqa" not in inspect.signature(flex_attention).parameters:
+            raise Unavailable("this FlexAttention has no enable_gqa")
+        kw["enable_gqa"] = True
+
+    def fn(q, k, v):
+        if rope is not None:
+            q, k = rope(q, k)
+        if case.varlen:
+            q, k, v = q[None], k[None], v[None]
+        o = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                 scale=scale, **kw)
+        o = o.transpose(1, 2)
+        return o[0] if case.varlen else o
+    return Impl(fn, ["block mask built outside the timed call"] if block_mask is not None else [])
+
+
+def _build_flash_attn(prov, case, ctx, rope, dev):
+    if prov.family == "fa3":
+        try:
+            import flash_attn_interface as fa
+        except ImportError as e:
+            raise Unavailable("FlashAttention-3 (flash_attn_interface, hopper build) is not "
+                              "installed") from e
+    else:
+        try:
+            import flash_attn as fa
+        except ImportError as e:
+            raise Unavailable("flash-attn is not installed (pip install flash-attn)") from e
+    if dev.type != "cuda":
+        raise Unavailable("needs a CUDA GPU")
+    scale = case.head_dim ** -0.5
+    notes = [f"{prov.family} {getattr(fa, '__version__', '')}".strip()]
+
+    def first(o):
+        return o[0] if isinstance(o, tuple) else o  # some versions return (out, lse)
+
+    if case.varlen:
+        cu, max_s = ctx["cu_seqlens"], case.seqlen
+
+        def attn(q, k, v):
+            return first(fa.flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s,
+                                                   softmax_scale=scale, causal=case.causal))
+    else:
+        def attn(q, k, v):
+            return first(fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal))
+
+    def fn(q, k, v):
+        if rope is not None:
+            q, k = rope(q, k)
+        return attn(q, k, v)
+    return Impl(fn, notes)
+
+
+def _short(e: BaseException, n: int = 160) -> str:
+    msg = " ".join(str(e).split())
+    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg if len(msg) <= n else msg[: n - 3] + "..."

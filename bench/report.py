@@ -1,0 +1,364 @@
+"""Outputs of a run: results.json, results.csv, report.md and PNG plots in one folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+from .cases import MODE_LABELS
+from .providers import FLOOR, PROVIDERS
+
+SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
+                "It checks that the suite works end to end; its numbers are not GPU figures and "
+                "say nothing about speed.")
+GPU_SMOKE_BANNER = ("GPU SMOKE RUN: tiny shapes; launch overhead dominates. Not the standard "
+                    "report: run `python -m bench` without --smoke for figures.")
+META_CSV = ("run_kind", "gpu", "driver", "torch", "torch_cuda", "cudnn", "triton", "date_utc",
+            "git_commit")
+
+
+def banner(meta):
+    return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])
+
+
+def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool = True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["json"] = out_dir / "results.json"
+    files["json"].write_text(json.dumps(
+        {"schema": 1, "meta": meta, "settings": settings, "results": rows}, indent=1,
+        default=_jsonable))
+    files["csv"] = out_dir / "results.csv"
+    write_csv(files["csv"], meta, rows)
+    pngs = write_plots(out_dir, meta, rows) if plots else []
+    files["md"] = out_dir / "report.md"
+    files["md"].write_text(markdown(meta, settings, rows, pngs))
+    files["png"] = pngs
+    return files
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def write_csv(path, meta, rows):
+    if not rows:
+        path.write_text("")
+        return
+    fields = list(rows[0].keys()) + [k for k in META_CSV if k not in rows[0]]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{k: meta.get(k) for k in META_CSV}})
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------
+
+def _fmt_ms(ms):
+    if ms is None:
+        return ""
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _cell(r):
+    if r is None:
+        return ""
+    if r["status"] != "ok":
+        return f"{r['status']}"
+    tf = r["tflops"]
+    tf_s = f"{tf:.0f}" if tf is not None and tf >= 10 else (f"{tf:.2g}" if tf else "-")
+    return f"{_fmt_ms(r['ms_median'])} ({tf_s})"
+
+
+def _index(rows):
+    idx = {}
+    for r in rows:
+        idx[(r["case"], r["provider"], r["mode"])] = r
+    return idx
+
+
+def _ordered(seq):
+    return list(OrderedDict.fromkeys(seq))
+
+
+def _env_table(meta, settings):
+    def v(x, none="-"):
+        return none if x in (None, "") else str(x)
+    lines = ["| | |", "|---|---|"]
+    if meta.get("gpu"):
+        cap = str(meta.get("capability") or "").replace(".", "")
+        lines.append(f"| GPU | {meta['gpu']} ({meta['sm_count']} SMs, sm_{cap}, "
+                     f"{meta['gpu_memory_gib']} GiB), driver {v(meta.get('driver'))} |")
+    else:
+        lines.append(f"| device | CPU ({v(meta.get('cpu'))}, {v(meta.get('cpu_count'))} cores): "
+                     "no GPU |")
+    lines += [
+        f"| torch | {meta['torch']} (CUDA {v(meta.get('torch_cuda'))}, cuDNN "
+        f"{v(meta.get('cudnn'))}) |",
+        f"| Triton | {v(meta.get('triton'))}"
+        + (" (TRITON_INTERPRET=1: interpreter)" if meta.get("triton_interpret") else "") + " |",
+        f"| flash-attn | {v(meta.get('flash_attn'), 'not installed')} |",
+        f"| prope_kernels | {v(meta.get('prope_kernels'))}, commit "
+        f"{v(meta.get('git_commit'))[:12]}{' (uncommitted changes)' if meta.get('git_dirty') else ''} |",
+        f"| date (UTC) | {meta['date_utc']} |",
+        f"| command | `{meta.get('command', '')}` |",
+    ]
+    if meta["run_kind"] == "cpu-smoke":
+        lines.append(f"| timing | wall clock, {settings.get('cpu_reps')} run(s): meaningless |")
+    else:
+        lines.append(f"| timing | triton.testing.do_bench, median of all runs in "
+                     f"{settings.get('rep_ms')} ms after {settings.get('warmup_ms')} ms warm-up; "
+                     "spread = 20th-80th percentile |")
+    return "\n".join(lines)
+
+
+def markdown(meta, settings, rows, pngs=()):
+    idx = _index(rows)
+    title = meta.get("gpu") or "CPU"
+    out = [f"# prope_kernels benchmark: {title}, {meta['date_utc'][:10]}", ""]
+    b = banner(meta)
+    if b:
+        out += [f"> **{b}**", ""]
+    out += [_env_table(meta, settings), ""]
+    out += ["Cells: median ms (TFLOP/s by the standard count: forward 4·b·h·s²·d, halved when "
+            "causal; bwd 2.5x, fwd+bwd 3.5x). `missing` / `failed` / `wrong` / `skipped`: see "
+            "the list at the end. Peak MiB: extra GPU memory allocated during one fwd+bwd call. "
+            "vs floor: fwd+bwd time / cuDNN SDPA without RoPE (below 1 is faster).", ""]
+
+    groups = _ordered(r["group"] for r in rows)
+    if "preset" in groups:
+        out += ["## Presets (the shapes of PERF.md)", ""]
+        for case in _ordered(r["case"] for r in rows if r["group"] == "preset"):
+            out += _case_table(case, rows, idx) + [""]
+    if "p" in groups:
+        out += ["## The cost of the identity: time vs p", "",
+                "Same shape, only the fraction of rotated pairs changes. The claim to check: "
+                "p < 1 costs nothing (time at p=0.25 <= time at p=1).", ""]
+        out += _sweep_table("p", rows, idx, key=lambda r: f"p={r['p']:g}") + [""]
+    titles = {"seqlen": "seqlen sweep", "head_dim": "head_dim sweep", "causal":
+              "causal vs non-causal", "heads": "MHA / GQA / MQA", "varlen":
+              "varlen (packed documents of uneven length)"}
+    for g in ("seqlen", "head_dim", "causal", "heads", "varlen"):
+        if g in groups:
+            out += [f"## {titles[g]}", ""]
+            key = {"seqlen": lambda r: f"{r['batch']}x{r['seqlen']}",
+                   "head_dim": lambda r: f"d={r['head_dim']}, {r['q_heads']} heads",
+                   "causal": lambda r: "causal" if r["causal"] else "non-causal",
+                   "heads": lambda r: f"{r['attn_kind']} {r['q_heads']}/{r['kv_heads']}",
+                   "varlen": lambda r: f"{r['num_docs']} docs, {r['total_tokens']} tok"}[g]
+            first = next(r for r in rows if r["group"] == g)
+            out += [f"Shape: {_shape_note(first, g)}", ""]
+            out += _sweep_table(g, rows, idx, key=key) + [""]
+    if pngs:
+        out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    out += _not_run(rows)
+    return "\n".join(out) + "\n"
+
+
+def _shape_note(r, group):
+    parts = []
+    if group != "seqlen":
+        parts.append(f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
+                     else f"longest {r['seqlen']}")
+    if group != "heads":
+        parts.append(f"{r['q_heads']} q / {r['kv_heads']} kv heads")
+    if group != "head_dim":
+        parts.append(f"head_dim {r['head_dim']}")
+    if group != "causal":
+        parts.append("causal" if r["causal"] else "non-causal")
+    if group != "p":
+        parts.append(f"p={r['p']:g}")
+    if group == "seqlen":
+        parts.append(f"{r['total_tokens']} tokens per call")
+    parts.append(r["dtype"])
+    return ", ".join(parts)
+
+
+def _case_table(case, rows, idx):
+    rs = [r for r in rows if r["case"] == case]
+    modes = _ordered(r["mode"] for r in rs)
+    provs = _ordered(r["provider"] for r in rs)
+    from .cases import PRESETS, SMOKE_PRESETS
+    c = PRESETS.get(case) or SMOKE_PRESETS.get(case)
+    desc = c.describe() if c else ""
+    head = ["provider"] + [f"{MODE_LABELS[m]} ms (TF)" for m in modes]
+    has_fb = "fwd_bwd" in modes
+    if has_fb:
+        head += ["fwd+bwd vs floor", "peak MiB", "spread"]
+    lines = [f"### {case}: {desc}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    floor = idx.get((case, FLOOR, "fwd_bwd"))
+    for p in provs:
+        cells = [PROVIDERS[p].label if p in PROVIDERS else p]
+        cells += [_cell(idx.get((case, p, m))) for m in modes]
+        if has_fb:
+            r = idx.get((case, p, "fwd_bwd"))
+            ok = r is not None and r["status"] == "ok"
+            ratio = (f"{r['ms_median'] / floor['ms_median']:.2f}x"
+                     if ok and floor and floor["status"] == "ok" else "")
+            mem = f"{r['peak_mib']:.0f}" if ok and r["peak_mib"] is not None else ""
+            spread = (f"±{50 * (r['ms_p80'] - r['ms_p20']) / r['ms_median']:.1f}%"
+                      if ok and r["ms_median"] else "")
+            cells += [ratio, mem, spread]
+        if all(idx.get((case, p, m), {}).get("status") == "missing" for m in modes):
+            continue  # listed under "Not run"
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweep_table(group, rows, idx, key):
+    rs = [r for r in rows if r["group"] == group]
+    cases = _ordered(r["case"] for r in rs)
+    modes = _ordered(r["mode"] for r in rs)
+    provs = [p for p in _ordered(r["provider"] for r in rs)
+             if any(r["provider"] == p and r["status"] != "missing" for r in rs)]
+    first = {r["case"]: r for r in rs}
+    lines = []
+    for m in modes:
+        head = [f"{MODE_LABELS[m]}: ms (TF)"] + [PROVIDERS[p].label for p in provs]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in cases:
+            lines.append("| " + " | ".join([key(first[c])] + [_cell(idx.get((c, p, m)))
+                                                                for p in provs]) + " |")
+        lines.append("")
+    return lines
+
+
+def _not_run(rows):
+    seen = OrderedDict()
+    for r in rows:
+        if r["status"] == "ok":
+            continue
+        k = (r["provider"], r["status"], r["reason"])
+        seen.setdefault(k, [])
+        if r["case"] not in seen[k]:
+            seen[k].append(r["case"])
+    if not seen:
+        return []
+    out = ["## Not run, failed or wrong", "", "| provider | status | cases | reason |",
+           "|---|---|---|---|"]
+    for (p, st, reason), cases in seen.items():
+        cs = ", ".join(cases[:4]) + (f" (+{len(cases) - 4})" if len(cases) > 4 else "")
+        out.append(f"| {p} | {st} | {cs} | {reason.replace('|', '/')} |")
+    return out + [""]
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+
+def _style(prov):
+    p = PROVIDERS.get(prov)
+    if p is None:
+        return {}
+    if p.kind == "ours":
+        return dict(lw=2.6, marker="o")
+    if p.kind == "no-rope":
+        return dict(lw=1.4, ls="--", marker="s")
+    return dict(lw=1.4, ls="-" if p.rope == "compiled" else ":", marker=".")
+
+
+def _fig_title(fig, meta, what):
+    gpu = meta.get("gpu") or "CPU"
+    fig.suptitle(f"{what}: {gpu}, torch {meta['torch']}, triton {meta.get('triton')}, "
+                 f"{meta['date_utc'][:10]}", fontsize=10)
+    b = banner(meta)
+    if b:
+        fig.text(0.5, 0.5, "CPU SMOKE RUN\nnot GPU figures" if meta["run_kind"] == "cpu-smoke"
+                 else "GPU SMOKE RUN", ha="center", va="center", fontsize=28, color="red",
+                 alpha=0.25, rotation=20, transform=fig.transFigure)
+
+
+def write_plots(out_dir: Path, meta, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pngs = []
+    ok = [r for r in rows if r["status"] == "ok"]
+
+    def by_mode(group):
+        rs = [r for r in ok if r["group"] == group]
+        return rs, _ordered(r["mode"] for r in rs)
+
+    rs, modes = by_mode("seqlen")
+    if rs:
+        fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
+        for ax, m in zip(axes[0], modes):
+            for p in _ordered(r["provider"] for r in rs):
+                pts = sorted((r["seqlen"], r["tflops"]) for r in rs
+                             if r["provider"] == p and r["mode"] == m)
+                if pts:
+                    ax.plot(*zip(*pts), label=PROVIDERS[p].label, **_style(p))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+            ax.set_title(MODE_LABELS[m])
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        _fig_title(fig, meta, "TFLOP/s vs seqlen")
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+        pngs.append(out_dir / "tflops_vs_seqlen.png")
+        fig.savefig(pngs[-1], dpi=110)
+        plt.close(fig)
+
+    rs, modes = by_mode("p")
+    if rs:
+        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+        for ax, m in zip(axes[0], modes):
+            for p in _ordered(r["provider"] for r in rs):
+                pts = sorted((r["p"], r["ms_median"]) for r in rs
+                             if r["provider"] == p and r["mode"] == m)
+                if pts:
+                    ax.plot(*zip(*pts), label=PROVIDERS[p].label, **_style(p))
+            ax.set_xlabel("p (fraction of rotated pairs)")
+            ax.set_ylabel("ms (median)")
+            ax.set_ylim(bottom=0)
+            ax.set_title(MODE_LABELS[m])
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        _fig_title(fig, meta, "time vs p")
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+        pngs.append(out_dir / "time_vs_p.png")
+        fig.savefig(pngs[-1], dpi=110)
+        plt.close(fig)
+
+    rs = [r for r in ok if r["group"] == "preset" and r["mode"] == "fwd_bwd"]
+    if not rs:
+        rs = [r for r in ok if r["group"] == "preset"]
+    if rs:
+        mode = rs[0]["mode"]
+        rs = [r for r in rs if r["mode"] == mode]
+        cases = _ordered(r["case"] for r in rs)
+        provs = _ordered(r["provider"] for r in rs)
+        fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cases) + 3), 5))
+        w = 0.8 / max(1, len(provs))
+        for i, p in enumerate(provs):
+            xs, ys = [], []
+            for j, c in enumerate(cases):
+                r = next((r for r in rs if r["case"] == c and r["provider"] == p), None)
+                if r:
+                    xs.append(j + i * w)
+                    ys.append(r["tflops"])
+            st = PROVIDERS[p]
+            ax.bar(xs, ys, w, label=st.label, edgecolor="black" if st.kind == "ours" else None,
+                   hatch="//" if st.kind == "no-rope" else None)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cases))])
+        ax.set_xticklabels(cases, fontsize=8)
+        ax.set_ylabel(f"TFLOP/s ({MODE_LABELS[mode]})")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        _fig_title(fig, meta, f"presets, {MODE_LABELS[mode]}")
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+        pngs.append(out_dir / "presets_tflops.png")
+        fig.savefig(pngs[-1], dpi=110)
+        plt.close(fig)
+    return pngs
