@@ -123,8 +123,8 @@ PRESET_ORDER = ["gemma-2b", "llama-gqa", "mha-d64", "gemma-7b", "gemma4-global",
 
 # tiny shapes for the CPU smoke run (reference backend, Triton interpreter)
 SMOKE_PRESETS = {
-    "smoke-mqa": Case("smoke-mqa", "preset", 2, 48, 4, 1, 32),
-    "smoke-gqa-noncausal": Case("smoke-gqa-noncausal", "preset", 1, 40, 4, 2, 64, causal=False),
+    "smoke-mqa": Case("smoke-mqa", "preset", 2, 24, 2, 1, 32),
+    "smoke-gqa-noncausal": Case("smoke-gqa-noncausal", "preset", 1, 20, 4, 2, 16, causal=False),
 }
 
 P_VALUES = (0.0, 0.25, 0.75, 1.0)
@@ -180,16 +180,17 @@ def build_sweep(name: str, dtype: str = "bfloat16", seqlens=None, head_dims=None
     if smoke:
         base = SMOKE_PRESETS["smoke-mqa"]
         return {
-            "seqlen": lambda: sweep_seqlen(seqlens or (32, 64), head_dim=32, tokens=64,
+            "seqlen": lambda: sweep_seqlen(seqlens or (16, 32), head_dim=16, tokens=32,
                                            q_heads=2, kv_heads=1, dtype=dtype),
             "head_dim": lambda: sweep_head_dim(head_dims or (32, 64), seqlen=32, batch=1,
                                                hidden=128, dtype=dtype),
             "causal": lambda: sweep_causal(replace(base, dtype=dtype)),
             "heads": lambda: sweep_heads(seqlen=32, batch=1, q_heads=4, head_dim=32,
                                          dtype=dtype),
-            "p": lambda: sweep_p(replace(base, batch=1, seqlen=32, dtype=dtype), p_values),
-            "varlen": lambda: [Case("varlen-smoke", "varlen", 1, 25, 2, 1, 32,
-                                    doc_lens=(7, 25, 16), dtype=dtype)],
+            "p": lambda: sweep_p(replace(base, batch=1, seqlen=16, q_heads=1, dtype=dtype),
+                                 p_values),
+            "varlen": lambda: [Case("varlen-smoke", "varlen", 1, 13, 2, 1, 16,
+                                    doc_lens=(5, 13, 9), dtype=dtype)],
         }[name]()
     return {
         "seqlen": lambda: sweep_seqlen(seqlens or (512, 1024, 2048, 4096, 8192, 16384, 32768),

@@ -220,6 +220,9 @@ def main(argv=None):
         print("note: PROPE_POISON unset for timing (NaN-filling outputs costs time)",
               file=sys.stderr)
 
+    if not gpu:
+        # tiny ops: one thread avoids oversubscribing a shared CPU (figures are meaningless anyway)
+        torch.set_num_threads(1)
     jobs = plan(args, smoke)
     standard = not args.preset and not args.sweep
     budget = args.budget_min

@@ -299,6 +299,11 @@ def write_plots(out_dir: Path, meta, rows):
                 if pts:
                     ax.plot(*zip(*pts), label=PROVIDERS[p].label, **_style(p))
             ax.set_xscale("log", base=2)
+            xs = sorted({r["seqlen"] for r in rs})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x)
+                                for x in xs])
+            ax.minorticks_off()
             ax.set_xlabel("seqlen")
             ax.set_ylabel("TFLOP/s")
             ax.set_title(MODE_LABELS[m])
