@@ -26,17 +26,22 @@ def banner(meta):
 
 def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool = True):
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files = {"png": []}
+    if plots:
+        try:
+            files["png"] = write_plots(out_dir, meta, rows)
+        except ImportError:
+            meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
+             for k, x in r.items()} for r in rows]  # strict JSON: no NaN
     files["json"] = out_dir / "results.json"
     files["json"].write_text(json.dumps(
         {"schema": 1, "meta": meta, "settings": settings, "results": rows}, indent=1,
         default=_jsonable))
     files["csv"] = out_dir / "results.csv"
     write_csv(files["csv"], meta, rows)
-    pngs = write_plots(out_dir, meta, rows) if plots else []
     files["md"] = out_dir / "report.md"
-    files["md"].write_text(markdown(meta, settings, rows, pngs))
-    files["png"] = pngs
+    files["md"].write_text(markdown(meta, settings, rows, files["png"]))
     return files
 
 
@@ -159,6 +164,8 @@ def markdown(meta, settings, rows, pngs=()):
             out += _sweep_table(g, rows, idx, key=key) + [""]
     if pngs:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    elif meta.get("plots"):
+        out += [f"Plots {meta['plots']}", ""]
     out += _not_run(rows)
     return "\n".join(out) + "\n"
 

@@ -140,12 +140,26 @@ def _measure(impl, case, mode, q, k, v, dout, st: Settings):
     return timing, mem
 
 
+class _NoBar:
+    def __init__(self, *a, **k):
+        pass
+
+    update = set_description = close = __init__
+
+    @staticmethod
+    def write(msg, file=None):
+        print(msg, file=file)
+
+
 def total_pairs(jobs):
     return sum(len(j.providers) for j in jobs)
 
 
 def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bar is optional (pip install tqdm)
+        tqdm = _NoBar
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     rows: List[dict] = []
     t_start = time.monotonic()

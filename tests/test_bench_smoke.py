@@ -1,0 +1,135 @@
+"""The benchmark suite (bench/) works end to end on a CPU: `python -m bench --smoke`.
+
+Runs the smoke mode in a subprocess with the GPU hidden (reference backend, Triton interpreter,
+tiny shapes; ~15 s) and checks every output: JSON, CSV, markdown, PNG plots, the providers and
+fields they record, and that the run is labelled a CPU smoke run, never GPU figures.
+Also checks that the correctness guard rejects a wrong provider.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROW_FIELDS = {"case", "group", "provider", "label", "kind", "mode", "status", "reason", "batch",
+              "seqlen", "q_heads", "kv_heads", "head_dim", "causal", "p", "dtype", "varlen",
+              "flops", "ms_median", "ms_p20", "ms_p80", "n_runs", "tflops", "peak_mib",
+              "check_err_out", "check_err_grad", "wall_s"}
+META_FIELDS = {"run_kind", "gpu", "driver", "torch", "torch_cuda", "triton", "date_utc",
+               "git_commit"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    pytest.importorskip("matplotlib", reason="the bench plots need matplotlib "
+                        "(pip install '.[bench]')")
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("PROPE_POISON", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in
+                                                       [os.environ.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-progress",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def test_outputs_exist(smoke_run):
+    out, _ = smoke_run
+    for name in ("results.json", "results.csv", "report.md", "tflops_vs_seqlen.png",
+                 "time_vs_p.png", "presets_tflops.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_json_labels_cpu_smoke_and_records_versions(smoke_run):
+    out, _ = smoke_run
+    data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    assert META_FIELDS <= set(meta)
+    assert meta["run_kind"] == "cpu-smoke"
+    assert meta["gpu"] is None and meta["torch"] == torch.__version__
+    assert data["settings"]["smoke"] is True
+
+
+def test_json_rows(smoke_run):
+    from prope_kernels.reference import attention_flops
+    out, _ = smoke_run
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert rows and all(ROW_FIELDS <= set(r) for r in rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    # our op under the interpreter and the reference, and an eager-RoPE peer, really ran
+    for prov in ("prope-triton", "prope-reference", "sdpa-math+rope-eager",
+                 "sdpa-math-norope"):
+        assert any(r["provider"] == prov for r in ok), prov
+    assert {r["mode"] for r in ok} == {"fwd", "bwd", "fwd_bwd"}
+    assert {r["group"] for r in ok} >= {"preset", "seqlen", "p", "varlen"}
+    assert {r["p"] for r in ok if r["group"] == "p"} == {0.0, 0.25, 0.75, 1.0}
+    for r in ok:
+        assert r["ms_median"] > 0 and r["tflops"] > 0
+        assert r["check_err_out"] is not None and r["check_err_out"] < 0.05
+        if not r["varlen"]:
+            assert r["flops"] == attention_flops(r["batch"], r["seqlen"], r["q_heads"],
+                                                 r["head_dim"], r["causal"], r["mode"])
+    assert not [r for r in rows if r["status"] in ("wrong", "failed")]
+    # GPU-only peers are reported missing with a reason, never timed on the CPU
+    missing = {r["provider"]: r["reason"] for r in rows if r["status"] == "missing"}
+    for prov in ("prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
+                 "flex+rope-compiled"):
+        assert missing.get(prov), prov
+
+
+def test_csv_matches_json(smoke_run):
+    out, _ = smoke_run
+    rows = json.loads((out / "results.json").read_text())["results"]
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    assert ROW_FIELDS | META_FIELDS <= set(table[0])
+    assert {r["run_kind"] for r in table} == {"cpu-smoke"}
+    assert {r["provider"] for r in table} == {r["provider"] for r in rows}
+
+
+def test_markdown_report(smoke_run):
+    out, _ = smoke_run
+    md = (out / "report.md").read_text()
+    assert "CPU SMOKE RUN" in md and "not GPU figures" in md
+    for text in ("prope_attention (triton)", "prope_attention (reference, PyTorch)",
+                 "SDPA math + RoPE eager", "The cost of the identity", "seqlen sweep",
+                 "varlen", "Not run", "sdpa-cudnn-norope", "tflops_vs_seqlen.png"):
+        assert text in md, text
+
+
+def test_spot_check_rejects_a_wrong_provider():
+    """The guard: a provider that rotates the wrong fraction of pairs is caught before timing."""
+    sys.path.insert(0, str(REPO))
+    from bench.cases import Case
+    from bench.check import spot_check
+    from bench.runner import make_ctx, make_inputs
+    from prope_kernels import prope_attention
+
+    case = Case("t", "preset", 2, 64, 4, 2, 32, causal=True, p=0.75, dtype="float32")
+    ctx = make_ctx(case, "cpu")
+
+    def right(q, k, v):
+        return prope_attention(q, k, v, p=0.75, backend="reference")
+
+    def wrong_p(q, k, v):
+        return prope_attention(q, k, v, p=0.25, backend="reference")
+
+    def no_mask(q, k, v):
+        return prope_attention(q, k, v, p=0.75, causal=False, backend="reference")
+
+    assert spot_check(right, case, ctx, *make_inputs(case, "cpu", 0), 0.75, True)["ok"]
+    for bad in (wrong_p, no_mask):
+        res = spot_check(bad, case, ctx, *make_inputs(case, "cpu", 0), 0.75, True)
+        assert not res["ok"], (bad.__name__, res)
