@@ -137,9 +137,10 @@ P_VALUES = (0.0, 0.25, 0.75, 1.0)
 def sweep_seqlen(seqlens=(512, 1024, 2048, 4096, 8192, 16384, 32768), head_dim=128,
                  tokens=32768, q_heads=None, kv_heads=None, causal=True, dtype="bfloat16",
                  p=0.75, name="seqlen"):
-    """Constant tokens per call (batch = tokens // seqlen), hidden 2048 of heads by default."""
-    hq = q_heads or max(1, 2048 // head_dim)
-    hkv = kv_heads or hq
+    """Constant tokens per call (batch = tokens // seqlen). Default heads: Llama-style GQA, hidden
+    4096 (32 q heads, 8 kv heads at head_dim 128), the llama-gqa preset's kernels."""
+    hq = q_heads or max(1, 4096 // head_dim)
+    hkv = kv_heads or max(1, hq // 4)
     return [Case(f"{name}-{s}", "seqlen", max(1, tokens // s), s, hq, hkv, head_dim,
                  causal=causal, p=p, dtype=dtype) for s in seqlens]
 

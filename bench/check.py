@@ -90,7 +90,8 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
 
     if with_grad:
         out.backward(dout.view_as(out))
-        dq, dk, dv = (flat(x.grad) for x in (q, k, v))
+        dq, dk, dv = (flat(x.grad if x.grad is not None else torch.zeros_like(x))
+                      for x in (q, k, v))
         for a, b, rows, ql, kl, vl, o_ref in refs:
             o_ref.backward(dout[a + rows].float())
             errs_grad += [_rel(dq[a + rows], ql.grad), _rel(dk[a:b], kl.grad),

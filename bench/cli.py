@@ -21,8 +21,8 @@ providers: {', '.join(P.PROVIDERS)}
 modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
 
 The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, llama-gqa and
-mha-d64, the time-vs-p sweep at the gemma-2b shape, the presets gemma-7b, gemma4-global and
-gemma-2b-varlen, then the seqlen sweep; it stops starting new work after --budget-min minutes
+mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
+gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
 Without a GPU (or with --smoke) the same pipeline runs at tiny shapes and is labelled a CPU smoke
 run; set TRITON_INTERPRET=1 to include the Triton kernels (interpreter).
@@ -165,8 +165,8 @@ def plan(args, smoke: bool):
                 + sweep_jobs("varlen"))
     if standard:
         return (preset_jobs(["gemma-2b", "llama-gqa", "mha-d64"]) + sweep_jobs("p")
-                + preset_jobs(["gemma-7b", "gemma4-global", "gemma-2b-varlen"])
-                + sweep_jobs("seqlen"))
+                + sweep_jobs("seqlen") + preset_jobs(["gemma-7b", "gemma4-global",
+                                                      "gemma-2b-varlen"]))
     jobs = preset_jobs(presets)
     for s in sweeps:
         if s in ("p", "causal") and presets and not smoke:

@@ -74,14 +74,14 @@ PROVIDERS = _all_providers()
 FLOOR = "sdpa-cudnn-norope"
 
 # default selections (see bench/README.md); names not runnable here turn into "missing" rows
-PRESET_PROVIDERS = [
+PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-cuda",
-    "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-cudnn+rope-eager",
-    "sdpa-flash-norope", "sdpa-flash+rope-compiled", "sdpa-flash+rope-eager",
-    "sdpa-efficient-norope", "sdpa-efficient+rope-compiled", "sdpa-efficient+rope-eager",
+    "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
+    "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
     "flash-attn-norope", "flash-attn+rope-compiled", "flash-attn+rope-eager",
     "fa3-norope", "fa3+rope-compiled",
+    "sdpa-efficient-norope", "sdpa-efficient+rope-compiled", "sdpa-efficient+rope-eager",
 ]
 SWEEP_PROVIDERS = [
     "prope-triton", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",

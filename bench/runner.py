@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -187,33 +188,51 @@ def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
     return rows
 
 
+def _why(e, caught, n=300):
+    """The exception, plus the warnings that explain it (SDPA says why each backend refused)."""
+    reason = _short(e)
+    hints = []
+    for w in caught:
+        msg = " ".join(str(w.message).split())
+        if ("because" in msg or "kernel" in msg.lower()) and msg not in hints:
+            hints.append(msg)
+    if hints:
+        reason += " [" + " / ".join(hints) + "]"
+    return reason if len(reason) <= n else reason[: n - 3] + "..."
+
+
 def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
     if st.budget_s is not None and time.monotonic() - t_start > st.budget_s:
         return [_row(case, prov, m, "skipped", f"time budget of {st.budget_s:.0f} s spent")
                 for m in modes]
-    try:
-        q, k, v = make_inputs(case, device, seed)
-        impl = build(prov, case, ctx, q, k, v)
-    except Unavailable as e:
-        if st.verbose:
-            log(f"[missing] {prov.name} on {case.name}: {e}")
-        return [_row(case, prov, m, "missing", str(e)) for m in modes]
-    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
-        log(f"[failed] {prov.name} on {case.name}: {_short(e)}")
-        return [_row(case, prov, m, "failed", _short(e)) for m in modes]
-
-    chk = None
-    if st.check:
-        with_grad = any(m != "fwd" for m in modes)
-        claim_p = 0.0 if prov.rope == "none" else case.p
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            cq, ck, cv = make_inputs(case, device, seed + 1)  # a fresh draw for the check
-            chk = _check.spot_check(impl.fn, case, ctx, cq, ck, cv, claim_p, with_grad,
-                                    seed=seed)
-            del cq, ck, cv
-        except Exception as e:  # noqa: BLE001
-            log(f"[failed] {prov.name} on {case.name}: {_short(e)}")
-            return [_row(case, prov, m, "failed", _short(e), notes=impl.notes) for m in modes]
+            q, k, v = make_inputs(case, device, seed)
+            impl = build(prov, case, ctx, q, k, v)
+        except Unavailable as e:
+            if st.verbose:
+                log(f"[missing] {prov.name} on {case.name}: {e}")
+            return [_row(case, prov, m, "missing", str(e)) for m in modes]
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+            reason = _why(e, caught)
+            log(f"[failed] {prov.name} on {case.name}: {reason}")
+            return [_row(case, prov, m, "failed", reason) for m in modes]
+
+        chk = None
+        if st.check:
+            with_grad = any(m != "fwd" for m in modes)
+            claim_p = 0.0 if prov.rope == "none" else case.p
+            try:
+                cq, ck, cv = make_inputs(case, device, seed + 1)  # a fresh draw for the check
+                chk = _check.spot_check(impl.fn, case, ctx, cq, ck, cv, claim_p, with_grad,
+                                        seed=seed)
+                del cq, ck, cv
+            except Exception as e:  # noqa: BLE001
+                reason = _why(e, caught)
+                log(f"[failed] {prov.name} on {case.name}: {reason}")
+                return [_row(case, prov, m, "failed", reason, notes=impl.notes)
+                        for m in modes]
         if not chk["ok"]:
             log(f"[wrong] {prov.name} on {case.name}: {chk['msg']}")
             return [_row(case, prov, m, "wrong", "spot check vs reference: " + chk["msg"],
