@@ -31,6 +31,13 @@ def _version(mod):
     return getattr(m, "__version__", "unknown")
 
 
+def _dirty():
+    """Uncommitted changes in the code being measured; None without a git checkout."""
+    if not _run(["git", "rev-parse", "HEAD"]):
+        return None
+    return bool(_run(["git", "status", "--porcelain", "--", "prope_kernels", "csrc", "bench"]))
+
+
 def run_kind(smoke: bool) -> str:
     """"gpu" (real figures), "gpu-smoke" (tiny shapes on a GPU) or "cpu-smoke"."""
     if not torch.cuda.is_available():
@@ -53,9 +60,9 @@ def collect(smoke: bool) -> dict:
         "flash_attn": _version("flash_attn"),
         "prope_kernels": _version("prope_kernels"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "git_commit": _run(["git", "rev-parse", "HEAD"]) or None,
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--", "prope_kernels", "csrc",
-                                "bench"])),
+        "git_commit": (_run(["git", "rev-parse", "HEAD"])
+                       or os.environ.get("PROPE_BENCH_COMMIT") or None),
+        "git_dirty": _dirty(),
         "command": " ".join([Path(sys.executable).name, "-m", "bench"] + sys.argv[1:]),
     }
     if torch.cuda.is_available():

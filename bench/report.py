@@ -36,7 +36,8 @@ def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool
              for k, x in r.items()} for r in rows]  # strict JSON: no NaN
     files["json"] = out_dir / "results.json"
     files["json"].write_text(json.dumps(
-        {"schema": 1, "meta": meta, "settings": settings, "results": rows}, indent=1,
+        {"schema": 1, "meta": meta, "settings": settings, "bars": bars(rows), "results": rows},
+        indent=1,
         default=_jsonable))
     files["csv"] = out_dir / "results.csv"
     write_csv(files["csv"], meta, rows)
@@ -61,6 +62,49 @@ def write_csv(path, meta, rows):
         w.writeheader()
         for r in rows:
             w.writerow({**r, **{k: meta.get(k) for k in META_CSV}})
+
+
+# ----------------------------------------------------------------------------------------------
+# the speed bars of issue 2 (Gemma 2B shape), computed from the rows of this run
+# ----------------------------------------------------------------------------------------------
+
+BAR_CASE = "gemma-2b"
+NOISE = 0.01  # "no higher" comparisons of medians allow 1% of timing noise
+
+
+def bars(rows):
+    """Pass/fail of each bar for each of our backends that ran; [] if the rows are missing."""
+    idx = _index(rows)
+
+    def get(case, prov, mode, key="ms_median"):
+        r = idx.get((case, prov, mode))
+        return r[key] if r and r["status"] == "ok" else None
+
+    out = []
+    ours = _ordered(r["provider"] for r in rows if r["kind"] == "ours")
+    for p in ours:
+        fb = get(BAR_CASE, p, "fwd_bwd")
+        checks = [
+            ("must", "fwd+bwd faster than FlashAttention-2 (SDPA flash) + RoPE compiled",
+             fb, get(BAR_CASE, "sdpa-flash+rope-compiled", "fwd_bwd"), "ms", "lt"),
+            ("must", "peak memory (fwd+bwd) no higher than cuDNN SDPA without RoPE",
+             get(BAR_CASE, p, "fwd_bwd", "peak_mib"),
+             get(BAR_CASE, FLOOR, "fwd_bwd", "peak_mib"), "MiB", "le"),
+            ("goal", "fwd+bwd at or below cuDNN SDPA without RoPE", fb,
+             get(BAR_CASE, FLOOR, "fwd_bwd"), "ms", "le"),
+            ("goal", "forward above 500 TFLOP/s", get(BAR_CASE, p, "fwd", "tflops"), 500.0,
+             "TFLOP/s", "gt"),
+        ]
+        for mode in ("fwd_bwd", "fwd"):
+            checks.append(("must", f"{MODE_LABELS[mode]} time at p=0.25 no higher than at p=1",
+                           get("p-0.25", p, mode), get("p-1", p, mode), "ms", "le"))
+        for level, what, val, ref, unit, op in checks:
+            if val is None or ref is None:
+                continue
+            ok = {"lt": val < ref, "gt": val > ref, "le": val <= ref * (1 + NOISE)}[op]
+            out.append(dict(provider=p, level=level, bar=what, value=val, target=ref,
+                            unit=unit, ratio=val / ref if ref else None, passed=bool(ok)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +181,16 @@ def markdown(meta, settings, rows, pngs=()):
             "causal; bwd 2.5x, fwd+bwd 3.5x). `missing` / `failed` / `wrong` / `skipped`: see "
             "the list at the end. Peak MiB: extra GPU memory allocated during one fwd+bwd call. "
             "vs floor: fwd+bwd time / cuDNN SDPA without RoPE (below 1 is faster).", ""]
+
+    bs = bars(rows)
+    if bs:
+        out += [f"## Speed bars of issue 2 ({BAR_CASE} shape, this run)", "",
+                "| backend | level | bar | measured | target | ratio | |", "|---|---|---|---|---|---|---|"]
+        for b in bs:
+            out.append(f"| {b['provider']} | {b['level']} | {b['bar']} | {b['value']:.4g} "
+                       f"{b['unit']} | {b['target']:.4g} {b['unit']} | "
+                       f"{b['ratio']:.2f} | {'PASS' if b['passed'] else 'FAIL'} |")
+        out += ["", f"(\"no higher\" allows {NOISE:.0%} timing noise between medians)", ""]
 
     groups = _ordered(r["group"] for r in rows)
     if "preset" in groups:
