@@ -24,8 +24,9 @@ The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemm
 mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
 gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
-Without a GPU (or with --smoke) the same pipeline runs at tiny shapes and is labelled a CPU smoke
-run; set TRITON_INTERPRET=1 to include the Triton kernels (interpreter).
+Without a GPU the same pipeline runs at tiny shapes and is labelled a CPU smoke run (set
+TRITON_INTERPRET=1 to include the Triton kernels, interpreted); --smoke on a GPU gives tiny shapes
+labelled a GPU smoke run.
 
 examples:
   python -m bench                                   # standard report -> bench/results/<date>_<gpu>/
