@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(Tr::kNThreads) attn_fwd_kernel(const FwdParams
   using Element = typename Tr::Element;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // last q blocks first: under a causal mask they have the most keys (better tail balance)
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
   const int64_t seq_start = p.cu_seqlens[b];
   const int seqlen = p.cu_seqlens[b + 1] - static_cast<int>(seq_start);
