@@ -158,8 +158,9 @@ def sweep_causal(base: Case):
 
 def sweep_heads(seqlen=4096, batch=4, q_heads=32, head_dim=128, dtype="bfloat16"):
     """MHA, GQA (4 q heads per kv head) and MQA at one shape."""
+    gqa = q_heads // 4 if q_heads >= 8 else max(1, q_heads // 2)
     return [Case(f"heads-{kind}", "heads", batch, seqlen, q_heads, hkv, head_dim, dtype=dtype)
-            for kind, hkv in (("mha", q_heads), ("gqa", q_heads // 4), ("mqa", 1))]
+            for kind, hkv in (("mha", q_heads), ("gqa", gqa), ("mqa", 1))]
 
 
 def sweep_p(base: Case, p_values=P_VALUES):

@@ -119,8 +119,12 @@ def plan(args, smoke: bool):
     seqlens = tuple(int(x) for x in _csv(args.seqlens)) if args.seqlens else None
     head_dims = tuple(int(x) for x in _csv(args.head_dims)) if args.head_dims else None
     p_values = tuple(float(x) for x in _csv(args.p_values)) if args.p_values else C.P_VALUES
-    presets_known = list(C.SMOKE_PRESETS) + C.PRESET_ORDER if smoke else C.PRESET_ORDER
+    presets_known = list(C.SMOKE_PRESETS) + C.PRESET_ORDER
     presets = _names(args.preset, presets_known, "preset")
+    big = [n for n in presets if n not in C.SMOKE_PRESETS]
+    if smoke and big:
+        raise SystemExit(f"preset(s) {', '.join(big)} are GPU shapes; a smoke run (no GPU, or "
+                         f"--smoke) takes only the tiny presets: {', '.join(C.SMOKE_PRESETS)}")
     sweeps = _names(args.sweep, C.SWEEPS, "sweep")
     standard = not presets and not sweeps
 

@@ -298,22 +298,31 @@ def _build_flex(prov, case, ctx, rope, dev):
         block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
     else:
         block_mask = None
-    kw = {}
+    kw, notes = {}, []
+    expand = False
     if group > 1:
-        if "enable_gqa" not in inspect.signature(flex_attention).parameters:
-            raise Unavailable("this FlexAttention has no enable_gqa")
-        kw["enable_gqa"] = True
+        if "enable_gqa" in inspect.signature(flex_attention).parameters:
+            kw["enable_gqa"] = True
+            notes.append("GQA: enable_gqa=True")
+        else:
+            expand = True
+            notes.append("GQA: k/v expanded with repeat_interleave (no enable_gqa)")
 
     def fn(q, k, v):
         if rope is not None:
             q, k = rope(q, k)
         if case.varlen:
             q, k, v = q[None], k[None], v[None]
-        o = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                 scale=scale, **kw)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if expand:
+            kt = kt.repeat_interleave(group, dim=1)
+            vt = vt.repeat_interleave(group, dim=1)
+        o = flex(qt, kt, vt, block_mask=block_mask, scale=scale, **kw)
         o = o.transpose(1, 2)
         return o[0] if case.varlen else o
-    return Impl(fn, ["block mask built outside the timed call"] if block_mask is not None else [])
+    if block_mask is not None:
+        notes.append("block mask built outside the timed call")
+    return Impl(fn, notes)
 
 
 def _build_flash_attn(prov, case, ctx, rope, dev):

@@ -229,7 +229,7 @@ def _shape_note(r, group):
     if group != "seqlen":
         parts.append(f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
                      else f"longest {r['seqlen']}")
-    if group != "heads":
+    if group not in ("heads", "head_dim"):
         parts.append(f"{r['q_heads']} q / {r['kv_heads']} kv heads")
     if group != "head_dim":
         parts.append(f"head_dim {r['head_dim']}")
