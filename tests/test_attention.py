@@ -77,6 +77,26 @@ def test_head_dims(device, d):
     run_dense(device, torch.float16, 2, 33, 2, 1, d, p=0.5, layout="interleaved")
 
 
+@pytest.fixture
+def q_prerotated():
+    """Run the forward in its Q_ON_LOAD=0 mode (Q rotated into the output buffer by the config
+    pre-hook). On a GPU the autotuner picks the mode; under the interpreter the test chooses."""
+    from prope_kernels.triton.attention import set_interpreter_q_on_load
+    if torch.cuda.is_available():
+        pytest.skip("the autotuner picks the Q rotation mode on a GPU")
+    set_interpreter_q_on_load(False)
+    yield
+    set_interpreter_q_on_load(True)
+
+
+@pytest.mark.parametrize("variant,layout,p,causal", [("prope", "half", 0.75, True),
+                                                     ("partial", "interleaved", 0.25, False),
+                                                     ("reversed", "half", 1.0, True)])
+def test_q_prerotated_mode(device, q_prerotated, variant, layout, p, causal):
+    run_dense(device, torch.bfloat16, 3, 45, 6, 2, 64, p=p, variant=variant, layout=layout,
+              causal=causal)
+
+
 def test_softmax_scale_and_theta(device):
     run_dense(device, torch.bfloat16, 1, 50, 2, 2, 64, p=0.25, theta=1e6, scale=0.3)
 

@@ -6,9 +6,14 @@ inside one sequence, axis 1 = sequence * heads. 64-bit row offsets (``seq_start`
 
 Where the rotation happens (each element is rotated about once per pass):
 
-* forward: the stationary Q tile is rotated on load (once per program, angles in float64);
-  K arrives pre-rotated from a short-lived buffer (``rope.py``), so the inner loop is plain
-  FlashAttention with no sin/cos.
+* forward: K arrives pre-rotated from a short-lived buffer (``rope.py``), so the inner loop is
+  plain FlashAttention with no sin/cos. The stationary Q tile is rotated one of two ways, and the
+  autotuner times both on the GPU (the rotation's cost included) and keeps the faster:
+  - Q_ON_LOAD=1: rotated in registers once per program (angles in float64). Fused, but a full
+    (BLOCK_M, d) tile of cos/sin raises register pressure in the prologue;
+  - Q_ON_LOAD=0: a config pre-hook rotates Q into the output buffer (rotated pairs rotated,
+    identity dims copied), and each program reads its own Q' rows from there before
+    overwriting them with its output: no extra memory, one extra pass over q.
 * backward: short-lived rotated Q', K' buffers feed a plain FA2 backward; dK' and dQ' (the
   gradients w.r.t. the rotated tensors) are rotated back with the conjugate rotation in place.
   dQ' is written over Q' (each dq program reads its own Q' rows once, first), so the rotated
@@ -22,7 +27,7 @@ import os
 import triton
 import triton.language as tl
 
-from .rope import lowp, rope_cos_sin
+from .rope import lowp, rope_cos_sin, rope_launch_raw
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -38,6 +43,18 @@ def _interpret() -> bool:
 
 def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _rotate_q_into_out(nargs):
+    # pre-hook of the Q_ON_LOAD=0 forward configs: O <- p-RoPE(Q); the kernel then reads Q' from O
+    if nargs["N_ROT"] > 0:
+        rope_launch_raw(nargs["Q"], nargs["O"], nargs["POS"], nargs["PAIR_A"], nargs["PAIR_B"],
+                        nargs["PAIR_F"], nargs["IDS"], nargs["N_ROT"], False)
+
+
+def _fwd_cfg(bm, bn, warps, stages, q_on_load):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "Q_ON_LOAD": q_on_load}, num_warps=warps,
+                         num_stages=stages, pre_hook=None if q_on_load else _rotate_q_into_out)
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
@@ -59,26 +76,32 @@ def _bucket(d):
     return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
 
 
+def _rows(table):
+    return list(dict.fromkeys(row for rows in table.values() for row in rows))
+
+
 def _configs(table, interp_cfg):
     if _interpret():
         return [_cfg(*interp_cfg)]
-    seen, out = set(), []
-    for rows in table.values():
-        for row in rows:
-            if row not in seen:
-                seen.add(row)
-                out.append(_cfg(*row))
-    return out
+    return [_cfg(*row) for row in _rows(table)]
+
+
+def _fwd_configs(interp_cfg):
+    if _interpret():
+        # one config; tests switch Q_ON_LOAD through set_interpreter_q_on_load()
+        return [_fwd_cfg(*interp_cfg, 1)]
+    return [_fwd_cfg(*row, q) for row in _rows(_FWD) for q in (1, 0)]
 
 
 def _prune(table):
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
-        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        want = set(table[_bucket(d)])
+        args = {**named_args, **kwargs}
+        want = set(table[_bucket(args["HEAD_DIM"])])
         kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want
+                and (c.kwargs.get("Q_ON_LOAD", 1) or args.get("N_ROT", 0) > 0)]
         return kept or configs
     return prune
 
@@ -96,6 +119,13 @@ def _dot(a, b, acc, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
+
+
+def set_interpreter_q_on_load(on_load: bool) -> None:
+    """Tests only (CPU interpreter, single config): choose the forward's Q rotation mode."""
+    cfg = _attn_fwd_kernel.configs[0]
+    cfg.kwargs["Q_ON_LOAD"] = int(on_load)
+    cfg.pre_hook = None if on_load else _rotate_q_into_out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,16 +168,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_fwd_configs((32, 16, 4, 1)), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _prune(_FWD)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
+    PAIR_A, PAIR_B, PAIR_F, IDS, N_ROT,     # read by the Q_ON_LOAD=0 pre-hook only
     sm_scale, total, n_heads, seq_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
 ):
     # Heaviest (last, under a causal mask) row blocks are scheduled first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -166,10 +197,14 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     # q (BLOCK_M, BLOCK_D): loaded once, rotated once, stays in SRAM/registers.
-    q_rows = Q + (seq_start + offs_m)[:, None] * stride_qt + h * stride_qh
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0)
-    if ROTATE:
+    o_ptrs = O + (seq_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    if ROTATE and not Q_ON_LOAD:
+        q = tl.load(o_ptrs, mask=q_mask, other=0.0)      # Q' rows written by the pre-hook
+    else:
+        q_rows = Q + (seq_start + offs_m)[:, None] * stride_qt + h * stride_qh
+        q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0)
+    if ROTATE and Q_ON_LOAD:
         # q'[j] = q[j] cos + sign[j] q[partner[j]] sin; identity dims have freq 0, sign 0.
         part = tl.load(C_PART + offs_d, mask=d_ok, other=0)
         sign = tl.load(C_SIGN + offs_d, mask=d_ok, other=0.0)
@@ -202,7 +237,6 @@ def _attn_fwd_kernel(
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2                 # natural log, (BLOCK_M,)
-    o_ptrs = O + (seq_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, lowp(acc, O.dtype.element_ty, EMULATE), mask=q_mask)
     tl.store(LSE + h.to(tl.int64) * total + seq_start + offs_m, lse, mask=m_ok)
 

@@ -63,6 +63,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     _attn_fwd_kernel[grid](
         q, k_rot, v, out, lse, positions, cu_seqlens,
         tables.col_partner, tables.col_sign, tables.col_freq,
+        tables.pair_a, tables.pair_b, tables.pair_freq, tables.identity, spec.num_rotated,
         scale, total, hq, _seq_bucket(max_seqlen),
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),

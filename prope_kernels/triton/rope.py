@@ -98,17 +98,21 @@ def _rope_kernel(
 def rope_launch(x, y, positions, tables, num_rotated, conjugate):
     """y <- p-RoPE(x). x, y: (total, heads, d) with stride(-1) == 1 (may be the same tensor).
     positions: (total,) int64. tables: :class:`prope_kernels.rotary.RotaryTables`."""
+    return rope_launch_raw(x, y, positions, tables.pair_a, tables.pair_b, tables.pair_freq,
+                           tables.identity, num_rotated, conjugate)
+
+
+def rope_launch_raw(x, y, positions, pair_a, pair_b, pair_freq, identity, num_rotated,
+                    conjugate):
     total, heads, d = x.shape
     n_id = d - 2 * num_rotated
     in_place = x.data_ptr() == y.data_ptr()
-    if num_rotated == 0 and (in_place or n_id == 0):
-        return y
-    if total == 0:
+    if total == 0 or (num_rotated == 0 and (in_place or n_id == 0)):
         return y
     block_t = 32 if d <= 128 else 16
     grid = (triton.cdiv(total, block_t), heads)
     _rope_kernel[grid](
-        x, y, positions, tables.pair_a, tables.pair_b, tables.pair_freq, tables.identity,
+        x, y, positions, pair_a, pair_b, pair_freq, identity,
         total, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         R=num_rotated, R_PAD=max(triton.next_power_of_2(num_rotated), 1),
         N_ID=n_id, ID_PAD=max(triton.next_power_of_2(n_id), 1),
