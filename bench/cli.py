@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,6 +83,11 @@ def parser():
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
     g.add_argument("--list", action="store_true", help="list presets, sweeps, providers; exit")
+    g.add_argument("--resume", metavar="RESULTS_JSON",
+                   help="finish a run whose time budget ran out: rerun only the pairs it marked "
+                        "skipped, on the same kind of GPU, and write the merged report")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the planned cases, providers and modes; run nothing")
     return ap
 
 
@@ -184,6 +190,35 @@ def plan(args, smoke: bool):
     return jobs
 
 
+def _case_from_dict(d):
+    fields = {f: d[f] for f in C.Case.__dataclass_fields__ if f in d}
+    if fields.get("doc_lens") is not None:
+        fields["doc_lens"] = tuple(fields["doc_lens"])
+    return C.Case(**fields)
+
+
+def resume_jobs(old):
+    """Jobs for the (case, provider) pairs a previous run skipped, in its order."""
+    from .runner import Job
+    cases = {c["name"]: _case_from_dict(c) for c in old["settings"]["cases"]}
+    todo = {}
+    for r in old["results"]:
+        if r["status"] == "skipped":
+            todo.setdefault(r["case"], {}).setdefault(r["provider"], []).append(r["mode"])
+    jobs = []
+    for cname, provs in todo.items():
+        modes = tuple(dict.fromkeys(m for ms in provs.values() for m in ms))
+        jobs.append(Job(cases[cname], list(provs), modes))
+    return jobs
+
+
+def merge_rows(old_rows, new_rows):
+    key = lambda r: (r["case"], r["provider"], r["mode"])  # noqa: E731
+    new = {key(r): r for r in new_rows}
+    merged = [new.pop(key(r), r) for r in old_rows]
+    return merged + list(new.values())
+
+
 def _default_out(meta):
     from .env import slug
     base = HERE / "results" / slug(meta)
@@ -228,15 +263,34 @@ def main(argv=None):
     if not gpu:
         # tiny ops: one thread avoids oversubscribing a shared CPU (figures are meaningless anyway)
         torch.set_num_threads(1)
-    jobs = plan(args, smoke)
+    old = None
+    if args.resume:
+        old = json.loads(Path(args.resume).read_text())
+        jobs = resume_jobs(old)
+    else:
+        jobs = plan(args, smoke)
+    if args.dry_run:
+        for j in jobs:
+            print(f"{j.case.name:22s} {'/'.join(j.modes):16s} {j.case.describe()}")
+            print(f"{'':22s} {', '.join(j.providers)}")
+        print(f"{len(jobs)} cases, {total_pairs(jobs)} provider runs")
+        return 0
     standard = not args.preset and not args.sweep
     budget = args.budget_min
     if budget is None:
-        budget = STANDARD_BUDGET_MIN if (standard and not smoke) else 0
+        budget = STANDARD_BUDGET_MIN if ((standard or old) and not smoke) else 0
     st = Settings(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, check=not args.no_check,
                   memory=not args.no_memory, budget_s=budget * 60 if budget > 0 else None,
                   progress=not args.no_progress, verbose=args.verbose)
     meta = env.collect(smoke)
+    if old is not None:
+        om = old["meta"]
+        if (om.get("gpu"), om.get("run_kind")) != (meta["gpu"], meta["run_kind"]):
+            raise SystemExit(f"--resume: {args.resume} was run on {om.get('gpu') or 'CPU'} "
+                             f"({om.get('run_kind')}), this is {meta['gpu'] or 'CPU'} "
+                             f"({meta['run_kind']}): figures would not be comparable")
+        meta["resumed_from"] = om.get("resumed_from", []) + [
+            {k: om.get(k) for k in ("date_utc", "git_commit", "elapsed_s", "command")}]
     out = Path(args.out) if args.out else _default_out(meta)
     print(f"{meta['run_kind']}: {len(jobs)} cases, {total_pairs(jobs)} provider runs -> {out}",
           file=sys.stderr)
@@ -244,11 +298,15 @@ def main(argv=None):
     rows = run_jobs(jobs, st)
 
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
-    settings = dict(warmup_ms=st.warmup_ms, rep_ms=st.rep_ms, cpu_warmup=st.cpu_warmup,
-                    cpu_reps=st.cpu_reps, check=st.check, memory=st.memory,
-                    budget_s=st.budget_s, smoke=smoke, standard=standard,
-                    dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
-                    providers=sorted({p for j in jobs for p in j.providers}))
+    if old is not None:
+        rows = merge_rows(old["results"], rows)
+        settings = dict(old["settings"], resumed=True)
+    else:
+        settings = dict(warmup_ms=st.warmup_ms, rep_ms=st.rep_ms, cpu_warmup=st.cpu_warmup,
+                        cpu_reps=st.cpu_reps, check=st.check, memory=st.memory,
+                        budget_s=st.budget_s, smoke=smoke, standard=standard,
+                        dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
+                        providers=sorted({p for j in jobs for p in j.providers}))
     files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
 

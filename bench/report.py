@@ -160,6 +160,10 @@ def _env_table(meta, settings):
         f"| date (UTC) | {meta['date_utc']} |",
         f"| command | `{meta.get('command', '')}` |",
     ]
+    for r in meta.get("resumed_from", []):
+        lines.append(f"| resumes | the run of {r['date_utc']} (commit "
+                     f"{v(r.get('git_commit'))[:12]}, `{r.get('command')}`): its skipped pairs "
+                     "were run by this process on the same GPU model |")
     if meta["run_kind"] == "cpu-smoke":
         lines.append(f"| timing | wall clock, {settings.get('cpu_reps')} run(s): meaningless |")
     else:
