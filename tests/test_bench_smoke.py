@@ -28,8 +28,6 @@ META_FIELDS = {"run_kind", "gpu", "driver", "torch", "torch_cuda", "triton", "da
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    pytest.importorskip("matplotlib", reason="the bench plots need matplotlib "
-                        "(pip install '.[bench]')")
     out = tmp_path_factory.mktemp("bench") / "smoke"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.pop("PROPE_POISON", None)
@@ -42,13 +40,29 @@ def smoke_run(tmp_path_factory):
     return out, proc
 
 
+def _have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+PNGS = ("tflops_vs_seqlen.png", "time_vs_p.png", "presets_tflops.png")
+
+
 def test_outputs_exist(smoke_run):
     out, _ = smoke_run
-    for name in ("results.json", "results.csv", "report.md", "tflops_vs_seqlen.png",
-                 "time_vs_p.png", "presets_tflops.png"):
+    for name in ("results.json", "results.csv", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for png in out.glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    if not _have_matplotlib():
+        # the suite still runs; it says why there are no plots
+        assert "matplotlib is not installed" in (out / "report.md").read_text()
+        pytest.skip("matplotlib is not installed: PNG plots not checked "
+                    "(pip install matplotlib)")
+    for name in PNGS:
+        png = out / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_json_labels_cpu_smoke_and_records_versions(smoke_run):
@@ -105,8 +119,10 @@ def test_markdown_report(smoke_run):
     assert "CPU SMOKE RUN" in md and "not GPU figures" in md
     for text in ("prope_attention (triton)", "prope_attention (reference, PyTorch)",
                  "SDPA math + RoPE eager", "The cost of the identity", "seqlen sweep",
-                 "varlen", "Not run", "sdpa-cudnn-norope", "tflops_vs_seqlen.png"):
+                 "varlen", "Not run", "sdpa-cudnn-norope"):
         assert text in md, text
+    if _have_matplotlib():
+        assert all(f"({name})" in md for name in PNGS)
 
 
 def test_spot_check_rejects_a_wrong_provider():
