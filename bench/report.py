@@ -149,6 +149,7 @@ def _env_table(meta, settings):
     else:
         lines.append(f"| device | CPU ({v(meta.get('cpu'))}, {v(meta.get('cpu_count'))} cores): "
                      "no GPU |")
+    dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
     lines += [
         f"| torch | {meta['torch']} (CUDA {v(meta.get('torch_cuda'))}, cuDNN "
         f"{v(meta.get('cudnn'))}) |",
@@ -156,7 +157,7 @@ def _env_table(meta, settings):
         + (" (TRITON_INTERPRET=1: interpreter)" if meta.get("triton_interpret") else "") + " |",
         f"| flash-attn | {v(meta.get('flash_attn'), 'not installed')} |",
         f"| prope_kernels | {v(meta.get('prope_kernels'))}, commit "
-        f"{v(meta.get('git_commit'))[:12]}{' (uncommitted changes)' if meta.get('git_dirty') else ''} |",
+        f"{v(meta.get('git_commit'))[:12]}{dirty} |",
         f"| date (UTC) | {meta['date_utc']} |",
         f"| command | `{meta.get('command', '')}` |",
     ]
@@ -189,7 +190,8 @@ def markdown(meta, settings, rows, pngs=()):
     bs = bars(rows)
     if bs:
         out += [f"## Speed bars of issue 2 ({BAR_CASE} shape, this run)", "",
-                "| backend | level | bar | measured | target | ratio | |", "|---|---|---|---|---|---|---|"]
+                "| backend | level | bar | measured | target | ratio | |",
+                "|---|---|---|---|---|---|---|"]
         for b in bs:
             out.append(f"| {b['provider']} | {b['level']} | {b['bar']} | {b['value']:.4g} "
                        f"{b['unit']} | {b['target']:.4g} {b['unit']} | "

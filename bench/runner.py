@@ -181,7 +181,7 @@ def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
                     r["wall_s"] = round(time.monotonic() - t_pair, 2)
                 rows += new
                 bar.update(1)
-                _cleanup(device)
+                _cleanup(device, full=any(r["status"] == "failed" for r in new))
             del ctx
     finally:
         bar.close()

@@ -7,8 +7,8 @@
 One test per (preset, provider, mode). Each provider is spot-checked against the reference first
 (a wrong result fails the test for our kernels, skips a peer with the reason); a provider that
 cannot run here skips with the reason. Timings are host wall clock around a call followed by
-``torch.cuda.synchronize()`` (fine for the millisecond calls here); ``python -m bench`` (CUDA events,
-TFLOP/s, memory, peers side by side) is the report to quote.
+``torch.cuda.synchronize()`` (fine for the millisecond calls here); ``python -m bench`` (CUDA
+events, TFLOP/s, memory, peers side by side) is the report to quote.
 
 Without a GPU the GPU tests skip; ``test_cpu_smoke`` runs the reference and the Triton interpreter
 at a tiny shape so the pipeline is exercised (those numbers mean nothing).
