@@ -295,6 +295,16 @@ def _sweep_table(group, rows, idx, key):
         for c in cases:
             lines.append("| " + " | ".join([key(first[c])] + [_cell(idx.get((c, p, m)))
                                                                 for p in provs]) + " |")
+        if group == "p":  # the claim in one line: time at p=0.25 over time at p=1
+            lo = next((c for c in cases if first[c]["p"] == 0.25), None)
+            hi = next((c for c in cases if first[c]["p"] == 1.0), None)
+            if lo and hi:
+                cells = []
+                for p in provs:
+                    a, b = idx.get((lo, p, m)), idx.get((hi, p, m))
+                    ok = a and b and a["status"] == b["status"] == "ok"
+                    cells.append(f"{a['ms_median'] / b['ms_median']:.3f}x" if ok else "")
+                lines.append("| **time p=0.25 / p=1** | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
