@@ -86,6 +86,10 @@ def parser():
     g.add_argument("--resume", metavar="RESULTS_JSON",
                    help="finish a run whose time budget ran out: rerun only the pairs it marked "
                         "skipped, on the same kind of GPU, and write the merged report")
+    g.add_argument("--render", metavar="RESULTS_JSON",
+                   help="only rewrite report.md, CSV and plots from a results.json (e.g. on a "
+                        "machine with matplotlib after a GPU run without it); into --out or "
+                        "the JSON's folder")
     g.add_argument("--dry-run", action="store_true",
                    help="print the planned cases, providers and modes; run nothing")
     return ap
@@ -237,6 +241,17 @@ def main(argv=None):
             print(f"  {n:16s} {C.PRESETS[n].describe()}")
         for n, pr in P.PROVIDERS.items():
             print(f"  {n:30s} {pr.label}")
+        return 0
+
+    if args.render:
+        from . import report
+        src = Path(args.render)
+        data = json.loads(src.read_text())
+        out = Path(args.out) if args.out else src.parent
+        files = report.write_all(out, data["meta"], data["settings"], data["results"],
+                                 plots=not args.no_plots)
+        for p in [files["md"], files["json"], files["csv"], *files["png"]]:
+            print(f"  {p}", file=sys.stderr)
         return 0
 
     import torch

@@ -30,6 +30,7 @@ def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool
     if plots:
         try:
             files["png"] = write_plots(out_dir, meta, rows)
+            meta.pop("plots", None)  # a re-render with matplotlib clears an earlier "skipped"
         except ImportError:
             meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
     rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
