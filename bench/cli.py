@@ -78,7 +78,8 @@ def parser():
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     g = ap.add_argument_group("output")
     g.add_argument("--out", metavar="DIR",
-                   help="output folder (default bench/results/<date>_<gpu>/)")
+                   help="output folder (default bench/results/<date>_<gpu>/; smoke runs: "
+                        "bench/results/tmp_<date>_..., git-ignored)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
@@ -225,7 +226,10 @@ def merge_rows(old_rows, new_rows):
 
 def _default_out(meta):
     from .env import slug
-    base = HERE / "results" / slug(meta)
+    name = slug(meta)
+    if meta["run_kind"] != "gpu":
+        name = "tmp_" + name  # smoke output: git-ignored (bench/results/tmp*), never committed
+    base = HERE / "results" / name
     out, i = base, 2
     while out.exists():
         out = base.with_name(f"{base.name}-{i}")
