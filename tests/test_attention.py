@@ -97,6 +97,13 @@ def test_q_prerotated_mode(device, q_prerotated, variant, layout, p, causal):
               causal=causal)
 
 
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gqa_gradient_split(device, monkeypatch, split):
+    # dk/dv of a kv head summed over its 4 query heads in 1, 2 or 4 programs (partial sums)
+    monkeypatch.setenv("PROPE_KV_SPLIT", str(split))
+    run_dense(device, torch.float16, 2, 70, 8, 2, 32, p=0.5, causal=split != 2)
+
+
 def test_softmax_scale_and_theta(device):
     run_dense(device, torch.bfloat16, 1, 50, 2, 2, 64, p=0.25, theta=1e6, scale=0.3)
 

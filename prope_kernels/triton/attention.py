@@ -312,17 +312,20 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU,
     sm_scale, total, n_kv_heads, seq_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_N keys of kv head hk, all GROUP query heads that read it (GQA/MQA
-    # gradients are reduced here, in registers: no atomics, no expanded k/v).
+    # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it.
+    # GQA/MQA gradients are reduced over those heads in registers (no atomics, no expanded k/v).
+    # SPLIT > 1 (few kv heads: too few programs to fill the GPU) writes fp32 partial sums
+    # DK/DV[split] (split stride stride_dks; dv shares the strides) that the launcher adds up.
     pid_n = tl.program_id(0)
     pid_sh = tl.program_id(1)
-    seq = pid_sh // n_kv_heads
-    hk = pid_sh % n_kv_heads
+    split = pid_sh % SPLIT
+    seq = pid_sh // (n_kv_heads * SPLIT)
+    hk = (pid_sh // SPLIT) % n_kv_heads
     seq_start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - tl.load(CU + seq)
     start_n = pid_n * BLOCK_N
@@ -348,7 +351,7 @@ def _attn_bwd_dkdv_kernel(
         lo = 0
         diag_end = 0
     tail = tl.maximum(diag_end, m_even)
-    for g in range(GROUP):
+    for g in range(split * (GROUP // SPLIT), (split + 1) * (GROUP // SPLIT)):
         h = (hk * GROUP + g).to(tl.int64)
         q_base = Q + seq_start * stride_qt + h * stride_qh
         do_base = DO + seq_start * stride_dot + h * stride_doh
@@ -365,6 +368,8 @@ def _attn_bwd_dkdv_kernel(
                                  stride_dot, offs_n, offs_d, L, tail, L, qk_scale, BLOCK_M,
                                  HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
     dk = dk * sm_scale
+    DK += split.to(tl.int64) * stride_dks
+    DV += split.to(tl.int64) * stride_dks
     tl.store(DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
              lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
     tl.store(DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],

@@ -30,6 +30,27 @@ def _seq_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(int(max_seqlen), 16))
 
 
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so that the CPU tests exercise SPLIT > 1 too
+
+
+def _kv_split(group: int, kv_programs: int, device) -> int:
+    """Split a kv head's query-head group over programs when there are too few kv programs to
+    fill the GPU (MQA/GQA with few kv heads): the smallest divisor of the group giving about
+    four programs per SM. PROPE_KV_SPLIT overrides it (tests)."""
+    forced = int(os.environ.get("PROPE_KV_SPLIT", "0"))
+    if forced:
+        assert group % forced == 0, f"PROPE_KV_SPLIT={forced} must divide the group {group}"
+        return forced
+    want = 4 * _num_sms(device)
+    for split in range(1, group + 1):
+        if group % split == 0 and kv_programs * split >= want:
+            return split
+    return group
+
+
 def _common(q, k, spec):
     total, hq, d = q.shape
     block_d = max(triton.next_power_of_2(d), 16)
@@ -103,19 +124,29 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     else:
         q_rot, k_rot = q, k
         dq = _new(q)
-    dk = _new(k)
-    dv = _new(v)
     bucket = _seq_bucket(max_seqlen)
+    # programs along the sequence for the smallest tuned BLOCK_N (a lower bound on the grid)
+    kv_programs = triton.cdiv(max_seqlen, 128) * num_seqs * hkv
+    split = _kv_split(meta["GROUP"], kv_programs, q.device)
+    if split == 1:
+        dk, dv = _new(k), _new(v)
+    else:  # fp32 partial sums over split query-head groups, added up below
+        dk = _new(k, split, *k.shape, dtype=torch.float32)
+        dv = _new(v, split, *v.shape, dtype=torch.float32)
 
-    grid_kv = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs * hkv)  # noqa: E731
+    grid_kv = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs * hkv * split)  # noqa: E731,E501
     _attn_bwd_dkdv_kernel[grid_kv](
         q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens,
         scale, total, hkv, bucket,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        CAUSAL=causal, **meta,
+        dk.stride(0) if split > 1 else 0, dk.stride(-3), dk.stride(-2), dv.stride(-3),
+        dv.stride(-2),
+        CAUSAL=causal, SPLIT=split, **meta,
     )
+    if split > 1:
+        dk = dk.sum(0).to(k.dtype)
+        dv = dv.sum(0).to(v.dtype)
     grid_q = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs * hq)  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,

@@ -40,7 +40,7 @@ def lowp(x, dtype, EMULATE: tl.constexpr):
     EMULATE is set only under the CPU interpreter with bf16, whose fp32->bf16 cast truncates
     (Triton 3.9): there the rounding is done on the bits first, making the cast exact.
     """
-    if EMULATE:
+    if EMULATE and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
