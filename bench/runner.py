@@ -233,7 +233,7 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
                 log(f"[failed] {prov.name} on {case.name}: {reason}")
                 return [_row(case, prov, m, "failed", reason, notes=impl.notes)
                         for m in modes]
-        if not chk["ok"]:
+        if chk is not None and not chk["ok"]:
             log(f"[wrong] {prov.name} on {case.name}: {chk['msg']}")
             return [_row(case, prov, m, "wrong", "spot check vs reference: " + chk["msg"],
                          chk=chk, notes=impl.notes) for m in modes]
