@@ -126,7 +126,10 @@ def plan(args, smoke: bool):
     from .runner import Job
     dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     modes = _modes(args.modes)
-    user_provs = P.select(args.providers) if args.providers else None
+    try:
+        user_provs = P.select(args.providers) if args.providers else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     seqlens = tuple(int(x) for x in _csv(args.seqlens)) if args.seqlens else None
     head_dims = tuple(int(x) for x in _csv(args.head_dims)) if args.head_dims else None
     p_values = tuple(float(x) for x in _csv(args.p_values)) if args.p_values else C.P_VALUES
