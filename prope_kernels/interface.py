@@ -21,6 +21,7 @@ A backend module provides::
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -289,6 +290,11 @@ def _check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
         raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return  # value checks need a host sync; the eager path has made them
+    key = id(cu_seqlens)
+    seen = _CU_CHECKED.get(key)
+    if (seen is not None and seen[0]() is cu_seqlens
+            and seen[1:] == (cu_seqlens._version, total, max_seqlen)):
+        return  # same tensor, unmodified, already checked (e.g. by the previous layer)
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
@@ -301,6 +307,15 @@ def _check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
     if lens.max().item() > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
                          f"cu_seqlens ({lens.max().item()})")
+    if len(_CU_CHECKED) > 64:
+        _CU_CHECKED.clear()
+    _CU_CHECKED[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
+
+
+# cu_seqlens tensors whose values were checked: id -> (weakref, version, total, max_seqlen).
+# The value checks cost a device->host copy; a model calls the op once per layer with the same
+# cu_seqlens, so only the first call pays it.
+_CU_CHECKED: dict = {}
 
 
 # ----------------------------------------------------------------------------------------------

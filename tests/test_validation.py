@@ -116,3 +116,12 @@ def test_apply_prope_errors():
         apply_prope(x[..., :31])
     with pytest.raises(TypeError, match="conjugate must be a bool"):
         apply_prope(x, conjugate="yes")
+
+
+def test_cu_seqlens_checked_again_after_in_place_change():
+    q, k, v = _packed()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    prope_attention_varlen(q, k, v, cu, 5, backend="reference")
+    cu[1] = 9  # now decreasing: the cached check must not hide it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        prope_attention_varlen(q, k, v, cu, 5, backend="reference")
