@@ -71,7 +71,7 @@ def _arch_flags(nvcc: str) -> list:
         cc = m.group(1) + m.group(2) + m.group(3)
         if int(m.group(1)) < 8:
             raise RuntimeError(f"PROPE_CUDA_ARCHS: {item} < 8.0; the kernels need sm80+ MMA")
-        if f"compute_{cc}" not in listed:
+        if f"compute_{m.group(1)}{m.group(2)}" not in listed:  # 9.0a: nvcc lists compute_90
             raise RuntimeError(f"PROPE_CUDA_ARCHS: {item} is not supported by {nvcc} "
                                f"(nvcc --list-gpu-arch: {' '.join(listed)})")
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
