@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI step: compile every CUDA source of the CUDA backend on a machine WITHOUT a GPU, and fail if
 # any does not compile: the torch extension prope_kernels._C (csrc/binding.cpp, csrc/kernels/*.cu,
-# through setup.py + ninja) and the CMake targets (kernel library + csrc/tests/test_prope_attn).
+# through setup.py + ninja) and the CMake targets (kernel library + csrc/tests/test_prope_attn,
+# csrc/tests/test_layouts, which it also runs: a host-only check of the forward's register layouts).
 #
 # Usage: .ci/compile_cuda.sh            (from anywhere; exit status 0 = everything compiled)
 # Environment (all optional):
@@ -73,5 +74,7 @@ cmake -S "$ROOT" -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release \
   || { cat "$BUILD/cmake.log"; exit 1; }
 cmake --build "$BUILD/cmake" -j "$MAX_JOBS"
 [[ -x "$BUILD/cmake/test_prope_attn" ]] || { echo "compile_cuda: test_prope_attn missing" >&2; exit 1; }
+step "running the host-only layout test (no GPU needed)"
+"$BUILD/cmake/test_layouts"
 
 step "OK: every CUDA source compiled"

@@ -17,7 +17,7 @@ namespace prope {
 
 // MMA accumulator ((2 cols, 2 rows), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)).
 template <class Layout>
-__device__ __forceinline__ auto acc_rowcol(Layout l) {
+CUTE_HOST_DEVICE auto acc_rowcol(Layout l) {  // host too: csrc/tests/test_layouts.cu
   using namespace cute;
   static_assert(decltype(rank(l))::value == 3);
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
@@ -26,7 +26,7 @@ __device__ __forceinline__ auto acc_rowcol(Layout l) {
 // Accumulator of an m16n8k16 MMA ((2,2), MMA_M, MMA_N) -> A-operand registers
 // ((2,2,2), MMA_M, MMA_N/2): two neighbouring n8 tiles form one k16 slice.
 template <class Layout>
-__device__ __forceinline__ auto acc_to_a(Layout l) {
+CUTE_HOST_DEVICE auto acc_to_a(Layout l) {
   using namespace cute;
   auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
   return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));

@@ -1,0 +1,81 @@
+// Host-only check (runs without a GPU) of the two hand-written register-layout conversions the
+// forward kernel relies on, for every (dtype, head_dim) configuration:
+//  * acc_rowcol: every accumulator row of S / O is held by exactly the 4 lanes of one quad (so
+//    the quad shuffles reduce a full row), and each (row, col) is owned exactly once;
+//  * acc_to_a: the S accumulator re-viewed as the A operand of P @ V gives, element by element,
+//    the same (row, key) coordinates as the MMA's own A partition of a (kBlockM, kBlockN) tile.
+#include <cstdio>
+#include <set>
+#include <vector>
+
+#include "prope_attn/fwd_kernel.h"
+
+using namespace cute;
+
+template <class Tr>
+int check_config(const char* name) {
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  typename Tr::TiledMma mma;
+  int errors = 0;
+  auto check_rowcol = [&](auto shape_mn, const char* what) {
+    constexpr int M = decltype(size<0>(shape_mn))::value, N = decltype(size<1>(shape_mn))::value;
+    std::vector<int> owner(M * N, -1);
+    std::vector<std::set<int>> row_threads(M);
+    for (int tid = 0; tid < Tr::kNThreads; ++tid) {
+      auto thr = mma.get_thread_slice(tid);
+      Tensor c = thr.partition_C(make_identity_tensor(shape_mn));
+      Tensor rc = make_tensor(c.data(), prope::acc_rowcol(c.layout()));
+      for (int i = 0; i < size<0>(rc); ++i) {
+        const int row = get<0>(rc(i, 0));
+        for (int j = 0; j < size<1>(rc); ++j) {
+          const int r = get<0>(rc(i, j)), col = get<1>(rc(i, j));
+          if (r != row) { if (errors++ < 5) std::printf("%s %s: tid %d row-view %d mixes rows\n", name, what, tid, i); }
+          if (owner[r * N + col] != -1) { if (errors++ < 5) std::printf("%s %s: (%d,%d) owned twice\n", name, what, r, col); }
+          owner[r * N + col] = tid;
+          row_threads[r].insert(tid);
+        }
+      }
+    }
+    for (int r = 0; r < M; ++r) {
+      const auto& s = row_threads[r];
+      bool quad = s.size() == 4;
+      if (quad) { const int q0 = *s.begin() / 4; for (int t : s) quad &= (t / 4 == q0); }
+      if (!quad && errors++ < 5) std::printf("%s %s: row %d is not held by exactly one quad\n", name, what, r);
+    }
+    for (int x : owner) if (x < 0 && errors++ < 5) std::printf("%s %s: element not owned\n", name, what);
+  };
+  check_rowcol(Shape<Int<kBM>, Int<kBN>>{}, "S");
+  check_rowcol(Shape<Int<kBM>, Int<kD>>{}, "O");
+
+  for (int tid = 0; tid < Tr::kNThreads; ++tid) {
+    auto thr = mma.get_thread_slice(tid);
+    Tensor c = thr.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor as_a = make_tensor(c.data(), prope::acc_to_a(c.layout()));
+    Tensor a = thr.partition_A(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    if (size(as_a) != size(a) || size<2>(as_a) != size<2>(a)) {
+      if (errors++ < 5) std::printf("%s: acc_to_a shape mismatch\n", name);
+      continue;
+    }
+    for (int i = 0; i < size(a); ++i) {
+      if (get<0>(as_a(i)) != get<0>(a(i)) || get<1>(as_a(i)) != get<1>(a(i))) {
+        if (errors++ < 5)
+          std::printf("%s: tid %d elem %d: P at (%d,%d) but A expects (%d,%d)\n", name, tid, i,
+                      int(get<0>(as_a(i))), int(get<1>(as_a(i))), int(get<0>(a(i))), int(get<1>(a(i))));
+      }
+    }
+  }
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  return errors;
+}
+
+int main() {
+  int e = 0;
+  e += check_config<prope::FwdTraits<64, false>>("fwd f16 64");
+  e += check_config<prope::FwdTraits<128, false>>("fwd f16 128");
+  e += check_config<prope::FwdTraits<256, false>>("fwd f16 256");
+  e += check_config<prope::FwdTraits<64, true>>("fwd bf16 64");
+  e += check_config<prope::FwdTraits<128, true>>("fwd bf16 128");
+  e += check_config<prope::FwdTraits<256, true>>("fwd bf16 256");
+  std::printf("%s\n", e ? "FAILED" : "PASSED");
+  return e ? 1 : 0;
+}
