@@ -3,11 +3,14 @@
 //  * acc_rowcol: every accumulator row of S / O is held by exactly the 4 lanes of one quad (so
 //    the quad shuffles reduce a full row), and each (row, col) is owned exactly once;
 //  * acc_to_a: the S accumulator re-viewed as the A operand of P @ V gives, element by element,
-//    the same (row, key) coordinates as the MMA's own A partition of a (kBlockM, kBlockN) tile.
+//    the same (row, key) coordinates as the MMA's own A partition of a (kBlockM, kBlockN) tile;
+//  * copy_rows/store_rows: each (CPY, m, :) slice of the gmem<->smem tiled copies is one tile row
+//    (the row predicate is taken from its first element), forward and backward.
 #include <cstdio>
 #include <set>
 #include <vector>
 
+#include "prope_attn/bwd_kernel.h"
 #include "prope_attn/fwd_kernel.h"
 
 using namespace cute;
@@ -68,6 +71,59 @@ int check_config(const char* name) {
   return errors;
 }
 
+// every slice (_, m, _) of the gmem tiled copy's partition lies in a single row
+template <class Copy, int kThreads, class Shape>
+int check_rows(const char* name, Shape shape) {
+  Copy cp;
+  int errors = 0;
+  std::vector<int> seen(size(shape), 0);
+  for (int tid = 0; tid < kThreads; ++tid) {
+    Tensor c = cp.get_thread_slice(tid).partition_S(make_identity_tensor(shape));
+    for (int m = 0; m < size<1>(c); ++m) {
+      const int row = get<0>(c(0, m, 0));
+      Tensor sl = c(_, m, _);
+      for (int i = 0; i < size(sl); ++i) {
+        if (get<0>(sl(i)) != row && errors++ < 5) std::printf("%s: tid %d slice %d spans rows\n", name, tid, m);
+        seen[get<0>(sl(i)) + size<0>(shape) * get<1>(sl(i))]++;
+      }
+    }
+  }
+  for (int x : seen) if (x != 1 && errors++ < 5) std::printf("%s: element copied %d times\n", name, x);
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  return errors;
+}
+
+// a transposed smem view must address exactly the element of the original at (j, i)
+template <class L, class Lt>
+int check_transpose(const char* name) {
+  L l;
+  Lt lt;
+  int errors = 0;
+  for (int i = 0; i < size<0>(l); ++i)
+    for (int j = 0; j < size<1>(l); ++j)
+      if (l(i, j) != lt(j, i) && errors++ < 5) std::printf("%s: (%d,%d) differs\n", name, i, j);
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  return errors;
+}
+
+template <int kD>
+int check_copies() {
+  using F = prope::FwdTraits<kD, false>;
+  using B = prope::BwdTraits<kD, true>;
+  int e = 0;
+  e += check_rows<typename F::GmemTiledCopy, F::kNThreads>("fwd copy Q", Shape<Int<F::kBlockM>, Int<kD>>{});
+  e += check_rows<typename F::GmemTiledCopy, F::kNThreads>("fwd copy KV", Shape<Int<F::kBlockN>, Int<kD>>{});
+  e += check_rows<typename F::GmemTiledCopyO, F::kNThreads>("fwd store O", Shape<Int<F::kBlockM>, Int<kD>>{});
+  e += check_rows<typename B::GmemTiledCopy, B::kNThreads>("bwd copy Q", Shape<Int<B::kBlockM>, Int<kD>>{});
+  e += check_rows<typename B::GmemTiledCopy, B::kNThreads>("bwd copy KV", Shape<Int<B::kBlockN>, Int<kD>>{});
+  e += check_rows<typename B::GmemTiledCopyO, B::kNThreads>("bwd store dK", Shape<Int<B::kBlockN>, Int<kD>>{});
+  e += check_transpose<typename F::SmemLayoutKV, typename F::SmemLayoutVt>("fwd Vt");
+  e += check_transpose<typename B::SmemLayoutQ, typename B::SmemLayoutQt>("bwd Qt");
+  e += check_transpose<typename B::SmemLayoutKV, typename B::SmemLayoutKt>("bwd Kt");
+  e += check_transpose<typename B::SmemLayoutPdS, typename B::SmemLayoutPdSt>("bwd PdSt");
+  return e;
+}
+
 int main() {
   int e = 0;
   e += check_config<prope::FwdTraits<64, false>>("fwd f16 64");
@@ -76,6 +132,7 @@ int main() {
   e += check_config<prope::FwdTraits<64, true>>("fwd bf16 64");
   e += check_config<prope::FwdTraits<128, true>>("fwd bf16 128");
   e += check_config<prope::FwdTraits<256, true>>("fwd bf16 256");
+  e += check_copies<64>() + check_copies<128>() + check_copies<256>();
   std::printf("%s\n", e ? "FAILED" : "PASSED");
   return e ? 1 : 0;
 }
