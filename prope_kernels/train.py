@@ -52,6 +52,7 @@ class TrainConfig:
     eval_batches: int = 8
     val_fraction: float = 0.05
     save_every: int = 0         # 0: only at the end
+    stop_at: int = 0            # stop after this step with a checkpoint (0: run to --steps)
     out: str = "runs/prope-train"
     resume: bool = False
     seed: int = 0
@@ -87,6 +88,8 @@ HELP = {
     "eval_batches": "validation batches per evaluation",
     "val_fraction": "fraction of documents held out for validation",
     "save_every": "checkpoint every N steps (0: only at the end)",
+    "stop_at": "stop after this step, with a checkpoint, to continue later with --resume "
+               "(0: run to --steps)",
     "out": "run folder",
     "resume": "continue from the checkpoint in --out",
     "seed": "random seed (model init and data order)",
@@ -248,10 +251,8 @@ def load_checkpoint(path: Path, model, opt, device):
 def _loss_terms(model, batch):
     """Sum of token losses and the number of target tokens of one micro-batch."""
     tokens, targets, cu, max_len = batch
-    core = model.module if hasattr(model, "module") else model
-    core = getattr(core, "_orig_mod", core)
     count = (targets != -100).sum()
-    return core.loss(tokens, targets, cu, max_len) * count, count
+    return model(tokens, cu, max_len, targets=targets) * count, count
 
 
 @torch.no_grad()
@@ -369,7 +370,8 @@ def train(cfg: TrainConfig) -> dict:
             pass
     result = {}
     t_last = time.perf_counter()
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    while step < last:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -406,7 +408,7 @@ def train(cfg: TrainConfig) -> dict:
             rec["val_loss"] = evaluate(fwd_model, val, cfg, device, autocast)
             rec["val_ppl"] = math.exp(rec["val_loss"])
             t_last = time.perf_counter()  # evaluation time is not training throughput
-        if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+        if cfg.save_every and step % cfg.save_every == 0 or step == last:
             if rank == 0:
                 save_checkpoint(out / "checkpoint", model, opt, step, batches.position, cfg)
         if rank == 0:

@@ -4,6 +4,7 @@ data (a text file, a directory of text files, or JSONL with a "text" field)."""
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,17 @@ from pathlib import Path
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
 
+@functools.lru_cache(maxsize=2)
+def _builtin(max_chars: int) -> tuple:
+    return tuple(_builtin_docs(max_chars))
+
+
 def builtin_corpus(max_chars: int = 4_000_000) -> list[str]:
+    """The bundled default corpus (see :func:`_builtin_docs`), built once per process."""
+    return list(_builtin(max_chars))
+
+
+def _builtin_docs(max_chars: int) -> list[str]:
     """Real English text available offline on any machine with Python, under the PSF license:
     the reference-manual topics of ``pydoc_data`` plus the docstrings of the standard library's
     modules, classes and functions (read with ``ast``, nothing is imported). Deterministic:

@@ -126,6 +126,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, c.kv_heads, c.head_dim)
         v = self.v_proj(x).view(b, t, c.kv_heads, c.head_dim)
         rope = dict(p=c.rope_fraction, theta=c.theta, variant=c.variant, layout=c.layout)
+        if c.attn in ("triton", "cuda") and q.dtype == torch.float32:
+            # the fused kernels take fp16/bf16: without autocast, attend in bf16 as autocast would
+            out_dtype = q.dtype
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        else:
+            out_dtype = None
         if c.attn == "sdpa":
             o = _sdpa_attention(q, k, v, cu_seqlens, rope)
         elif cu_seqlens is None:
@@ -135,6 +141,8 @@ class Attention(nn.Module):
                                        k.view(b * t, c.kv_heads, c.head_dim),
                                        v.view(b * t, c.kv_heads, c.head_dim), cu_seqlens,
                                        max_seqlen, causal=True, backend=c.attn, **rope)
+        if out_dtype is not None:
+            o = o.to(out_dtype)
         return self.o_proj(o.reshape(b, t, c.heads * c.head_dim))
 
 
@@ -214,9 +222,12 @@ class Gemma(nn.Module):
                 x = layer(x, cu_seqlens, max_seqlen)
         return self.norm(x)
 
-    def forward(self, tokens, cu_seqlens=None, max_seqlen=None):
-        """Logits (batch, seqlen, vocab), tied to the embedding. For training use :meth:`loss`,
-        which never materializes the full fp32 logits."""
+    def forward(self, tokens, cu_seqlens=None, max_seqlen=None, targets=None):
+        """Logits (batch, seqlen, vocab), tied to the embedding; with ``targets`` the mean loss
+        instead (:meth:`loss`: no full fp32 logits). Going through forward keeps DDP and
+        torch.compile wrappers in the loop."""
+        if targets is not None:
+            return self.loss(tokens, targets, cu_seqlens, max_seqlen)
         return self.hidden_states(tokens, cu_seqlens, max_seqlen) @ self.embed_tokens.weight.t()
 
     def loss(self, tokens, targets, cu_seqlens=None, max_seqlen=None, chunk: int = 2048):
