@@ -25,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 def _types(dt):
     p = "*" + dt
-    ints = ["total", "n_heads", "n_kv_heads", "seq_bucket", "N_ROT"] + [
+    ints = ["total", "n_heads", "n_kv_heads", "seq_bucket", "N_ROT", "stride_dks"] + [
         f"stride_{a}{b}" for a in ("q", "k", "v", "o", "do", "dk", "dv", "dq", "x", "y")
         for b in "th"]
     t = {n: "i32" for n in ints}
@@ -66,7 +66,7 @@ def _cases(full):
                        _attn_consts(d, bm, bn, Q_ON_LOAD=q_on_load), w, s)
         for bm, bn, w, s in bwd:
             yield (f"dkdv d{d} {bm}x{bn} w{w} s{s}", A._attn_bwd_dkdv_kernel,
-                   _attn_consts(d, bm, bn), w, s)
+                   _attn_consts(d, bm, bn, SPLIT=2), w, s)
             yield (f"dq d{d} {bm}x{bn} w{w} s{s}", A._attn_bwd_dq_kernel,
                    _attn_consts(d, bm, bn), w, s)
     yield ("bwd_preprocess d128", A._bwd_preprocess_kernel,
