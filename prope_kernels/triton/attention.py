@@ -128,6 +128,32 @@ def set_interpreter_q_on_load(on_load: bool) -> None:
     cfg.pre_hook = None if on_load else _rotate_q_into_out
 
 
+@triton.jit
+def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
+    """A program over query-row blocks -> (head, first token of its sequence (int64), sequence
+    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_sh = tl.program_id(1)
+    seq = pid_sh // n_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_blocks(start_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys seen by query rows [start_m, start_m + BLOCK_M): blocks in [0, free) are full and left
+    of the diagonal (no mask at all); [free, hi) need the causal/ragged-tail mask."""
+    n_even = (L // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
+        hi = tl.minimum(L, start_m + BLOCK_M)
+    else:
+        free = n_even
+        hi = L
+    return free, hi
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -180,14 +206,7 @@ def _attn_fwd_kernel(
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
 ):
-    # Heaviest (last, under a causal mask) row blocks are scheduled first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_sh = tl.program_id(1)
-    seq = pid_sh // n_heads
-    h = pid_sh % n_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    start_m = pid_m * BLOCK_M
+    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP
@@ -221,13 +240,7 @@ def _attn_fwd_kernel(
     qk_scale = sm_scale * LOG2E
     k_base = K + seq_start * stride_kt + hk * stride_kh
     v_base = V + seq_start * stride_vt + hk * stride_vh
-    n_even = (L // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        n_free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)  # blocks left of the diagonal
-        hi = tl.minimum(L, start_m + BLOCK_M)
-    else:
-        n_free = n_even
-        hi = L
+    n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL,
                                EVEN_D, EMULATE)
@@ -422,13 +435,7 @@ def _attn_bwd_dq_kernel(
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_sh = tl.program_id(1)
-    seq = pid_sh // n_heads
-    h = pid_sh % n_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    start_m = pid_m * BLOCK_M
+    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP
@@ -447,13 +454,7 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
     k_base = K + seq_start * stride_kt + hk * stride_kh
     v_base = V + seq_start * stride_vt + hk * stride_vh
-    n_even = (L // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        n_free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
-        hi = tl.minimum(L, start_m + BLOCK_M)
-    else:
-        n_free = n_even
-        hi = L
+    n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
                        offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN_D,
                        EMULATE)
