@@ -96,7 +96,7 @@ def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Positions restarting at 0 in each packed sequence: (total,) int64."""
     cu = cu_seqlens.to(torch.int64)
     lens = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lens)
+    starts = torch.repeat_interleave(cu[:-1], lens, output_size=total)  # no host sync
     return torch.arange(total, device=cu.device) - starts
 
 
