@@ -169,12 +169,11 @@ def _memory_check(model_cfg, cfg: TrainConfig, device):
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if need > have * (world if device.type == "cuda" else 1):
+    if need > have:  # DDP keeps a full replica on every device
         raise UsageError(
             f"preset {cfg.preset!r} needs about {need / 2**30:.0f} GiB for weights, gradients "
             f"and optimizer state, but the {device.type} has {have / 2**30:.0f} GiB; choose a "
-            "smaller --preset or more GPUs")
+            "smaller --preset or a larger device")
 
 
 def _data(cfg: TrainConfig, rank: int, world: int):
