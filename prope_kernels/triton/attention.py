@@ -1,8 +1,9 @@
 """Triton FlashAttention-2 style forward and backward with p-RoPE fused.
 
 All kernels take the packed layout: tokens (total, heads, d) with int32 ``CU`` (num_seqs + 1)
-sequence offsets; a dense batch is ``CU = [0, s, 2s, ...]``. Program ids: axis 0 = block of rows
-inside one sequence, axis 1 = sequence * heads. 64-bit row offsets (``seq_start`` is int64).
+sequence offsets; a dense batch is ``CU = [0, s, 2s, ...]``. Program ids: axis 0 = sequence * heads
+(CUDA allows 2^31 - 1 there), axis 1 = block of rows inside the sequence. All token offsets are
+64-bit (positions times strides overflow int32 in long sequences).
 
 Where the rotation happens (each element is rotated about once per pass):
 
@@ -132,8 +133,8 @@ def set_interpreter_q_on_load(on_load: bool) -> None:
 def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
     """A program over query-row blocks -> (head, first token of its sequence (int64), sequence
     length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_sh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_sh = tl.program_id(0)
     seq = pid_sh // n_heads
     seq_start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - tl.load(CU + seq)
@@ -166,8 +167,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]       # (BLOCK_N, BLOCK_D)
+        kT_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
+        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]       # (BLOCK_N, BLOCK_D)
         if MASKED:
             n_ok = offs_n < L
             kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
@@ -287,8 +288,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qT_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]      # (BLOCK_D, BLOCK_M)
-        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]    # (BLOCK_M, BLOCK_D)
+        qT_ptrs = q_base + offs_m.to(tl.int64)[None, :] * stride_qt + offs_d[:, None]      # (BLOCK_D, BLOCK_M)
+        do_ptrs = do_base + offs_m.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]    # (BLOCK_M, BLOCK_D)
         if MASKED:
             m_ok = offs_m < L
             qT = tl.load(qT_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
@@ -334,8 +335,8 @@ def _attn_bwd_dkdv_kernel(
     # GQA/MQA gradients are reduced over those heads in registers (no atomics, no expanded k/v).
     # SPLIT > 1 (few kv heads: too few programs to fill the GPU) writes fp32 partial sums
     # DK/DV[split] (split stride stride_dks; dv shares the strides) that the launcher adds up.
-    pid_n = tl.program_id(0)
-    pid_sh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_sh = tl.program_id(0)
     split = pid_sh % SPLIT
     seq = pid_sh // (n_kv_heads * SPLIT)
     hk = (pid_sh // SPLIT) % n_kv_heads
@@ -397,8 +398,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
-        vT_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None]
+        kT_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
+        vT_ptrs = v_base + offs_n.to(tl.int64)[None, :] * stride_vt + offs_d[:, None]
         if MASKED:
             n_ok = offs_n < L
             kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)

@@ -80,7 +80,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     else:
         k_rot = k
     num_seqs = cu_seqlens.numel() - 1
-    grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs * hq)  # noqa: E731
+    grid = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k_rot, v, out, lse, positions, cu_seqlens,
         tables.col_partner, tables.col_sign, tables.col_freq,
@@ -134,7 +134,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         dk = _new(k, split, *k.shape, dtype=torch.float32)
         dv = _new(v, split, *v.shape, dtype=torch.float32)
 
-    grid_kv = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), num_seqs * hkv * split)  # noqa: E731,E501
+    grid_kv = lambda m: (num_seqs * hkv * split, triton.cdiv(max_seqlen, m["BLOCK_N"]))  # noqa: E731,E501
     _attn_bwd_dkdv_kernel[grid_kv](
         q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens,
         scale, total, hkv, bucket,
@@ -147,7 +147,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     if split > 1:
         dk = dk.sum(0).to(k.dtype)
         dv = dv.sum(0).to(v.dtype)
-    grid_q = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), num_seqs * hq)  # noqa: E731
+    grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
         scale, total, hq, bucket,
