@@ -12,6 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PROPE_POISON", "1")
+# GPU runs: no autotuning (the first config of each table) so that the suite stays fast;
+# test_triton_configs.py runs every tuned config once.
+os.environ.setdefault("PROPE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -40,7 +40,13 @@ def _compile(fn, consts, dt, arch, warps, stages):
     jit = fn if isinstance(fn, JITFunction) else fn.fn
     types = _types(dt)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
-    src = ASTSource(fn=jit, signature=sig,
+    # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
+    # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
+    # hints the compile is pessimistic (scalar loads, much higher register use).
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(jit.arg_names)
+               if n not in consts and (types[n].startswith("*") or n.startswith("stride_")
+                                       or n in ("total", "seq_bucket"))}
+    src = ASTSource(fn=jit, signature=sig, attrs=aligned,
                     constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=stages))
@@ -59,14 +65,16 @@ def _cases(full):
     dims = (64, 128, 256, 512) if full else (128,)
     for d in dims:
         fwd = A._FWD[d] if full else A._FWD[d][:1]
-        bwd = A._BWD[d] if full else A._BWD[d][:1]
+        dkdv = A._DKDV[d] if full else A._DKDV[d][:1]
+        dq = A._DQ[d] if full else A._DQ[d][:1]
         for bm, bn, w, s in fwd:
             for q_on_load in (1, 0):
                 yield (f"fwd d{d} {bm}x{bn} w{w} s{s} q_on_load={q_on_load}", A._attn_fwd_kernel,
                        _attn_consts(d, bm, bn, Q_ON_LOAD=q_on_load), w, s)
-        for bm, bn, w, s in bwd:
+        for bm, bn, w, s in dkdv:
             yield (f"dkdv d{d} {bm}x{bn} w{w} s{s}", A._attn_bwd_dkdv_kernel,
-                   _attn_consts(d, bm, bn, SPLIT=2), w, s)
+                   _attn_consts(d, bm, bn, SPLIT=2, ATOMIC=1), w, s)
+        for bm, bn, w, s in dq:
             yield (f"dq d{d} {bm}x{bn} w{w} s{s}", A._attn_bwd_dq_kernel,
                    _attn_consts(d, bm, bn), w, s)
     yield ("bwd_preprocess d128", A._bwd_preprocess_kernel,

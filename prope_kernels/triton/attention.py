@@ -23,6 +23,7 @@ Where the rotation happens (each element is rotated about once per pass):
 Nothing rotated outlives the op call: forward saves only q, k, v, out and lse.
 """
 
+import contextlib
 import os
 
 import triton
@@ -59,22 +60,40 @@ def _fwd_cfg(bm, bn, warps, stages, q_on_load):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
+# Chosen from an ahead-of-time sm_90 compile (Triton 3.6, aligned args: see
+# tests/test_triton_gpu_compile.py --all): candidates that spill no or few registers, with wgmma.
 _FWD = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
     512: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
 }
-_BWD = {  # dkdv: BLOCK_N rows of k/v stationary; dq: BLOCK_M rows of q stationary
-    64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
-    256: [(32, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1)],
-    512: [(16, 32, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1)],
+# dkdv: BLOCK_N rows of k/v stationary (two fp32 (BLOCK_N, d) accumulators), BLOCK_M q rows
+# streamed; dq: BLOCK_M rows of q stationary (one accumulator), BLOCK_N keys streamed. Separate
+# tables: the stationary tile of each wants to be large, the streamed one small. At d=256 the
+# dkdv accumulators alone take 128 registers a thread at BLOCK_N=64 with 8 warps: the streamed
+# q block is kept at 16-32 rows and cp.async pipelining (stages >= 2) keeps loads out of registers.
+_DKDV = {
+    64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
+    128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (64, 128, 8, 2)],
+    256: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (16, 32, 4, 2), (32, 32, 4, 2)],
+    512: [(16, 32, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
+}
+_DQ = {
+    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (128, 16, 8, 2), (64, 16, 8, 2)],
+    512: [(64, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
 }
 
 
 def _bucket(d):
     return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
+
+
+def dkdv_max_block_n(head_dim: int) -> int:
+    """The largest stationary key block the dkdv autotuner may pick (sizes the GQA split)."""
+    return 32 if _interpret() else max(row[1] for row in _DKDV[_bucket(head_dim)])
 
 
 def _rows(table):
@@ -94,15 +113,34 @@ def _fwd_configs(interp_cfg):
     return [_fwd_cfg(*row, q) for row in _rows(_FWD) for q in (1, 0)]
 
 
-def _prune(table):
+# Which configs the GPU autotuner tries (the interpreter has one config per kernel):
+#   all rows of the head_dim bucket's table (default);
+#   PROPE_AUTOTUNE=0: the first row only, no tuning (fast GPU test runs);
+#   force_config(kernel, row): exactly that row (tests that run every tuned config).
+_FORCED = {}
+
+
+def _prune(table, name):
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}
-        want = set(table[_bucket(args["HEAD_DIM"])])
+        rows = table[_bucket(args["HEAD_DIM"])]
+        forced = _FORCED.get(name)
+        if forced is not None:
+            rows = [forced[:4]]
+        elif os.environ.get("PROPE_AUTOTUNE", "1") == "0":
+            rows = rows[:1]
         kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in rows
                 and (c.kwargs.get("Q_ON_LOAD", 1) or args.get("N_ROT", 0) > 0)]
+        if forced is not None:
+            kept = [c for c in kept if len(forced) == 4 or c.kwargs["Q_ON_LOAD"] == forced[4]]
+            if len(kept) != 1:
+                raise ValueError(f"force_config({name!r}, {forced}): not a config of head_dim "
+                                 f"{args['HEAD_DIM']} (its rows: {table[_bucket(args['HEAD_DIM'])]})")
+        elif os.environ.get("PROPE_AUTOTUNE", "1") == "0":
+            kept = kept[-1:]  # forward: Q_ON_LOAD=0 when rotating (fewer registers), else 1
         return kept or configs
     return prune
 
@@ -196,7 +234,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
 
 
 @triton.autotune(configs=_fwd_configs((32, 16, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune(_FWD)})
+                 prune_configs_by={"early_config_prune": _prune(_FWD, "fwd")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
@@ -319,22 +357,26 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD, (16, 32, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune(_BWD)})
+@triton.autotune(configs=_configs(_DKDV, (16, 32, 4, 1)), key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC"],
+                 prune_configs_by={"early_config_prune": _prune(_DKDV, "dkdv")},
+                 reset_to_zero=["DK", "DV"])  # ATOMIC accumulates: zero before every trial
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU,
     sm_scale, total, n_kv_heads, seq_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    GROUP: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
+    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it.
-    # GQA/MQA gradients are reduced over those heads in registers (no atomics, no expanded k/v).
-    # SPLIT > 1 (few kv heads: too few programs to fill the GPU) writes fp32 partial sums
-    # DK/DV[split] (split stride stride_dks; dv shares the strides) that the launcher adds up.
+    # GQA/MQA gradients are reduced over those heads in registers (no expanded k/v).
+    # SPLIT > 1 (few kv heads: too few programs to fill the GPU) reduces over the SPLIT programs
+    # of a key block in fp32 DK/DV (total, kv_heads, d):
+    #   ATOMIC=1: atomic adds into one zeroed fp32 buffer (the default: 1x the fp32 size of k);
+    #   ATOMIC=0: fp32 partial sums DK/DV[split] (split stride stride_dks; dv shares the strides)
+    #             that the launcher adds up in a fixed order (torch's deterministic mode).
     pid_n = tl.program_id(1)
     pid_sh = tl.program_id(0)
     split = pid_sh % SPLIT
@@ -382,12 +424,16 @@ def _attn_bwd_dkdv_kernel(
                                  stride_dot, offs_n, offs_d, L, tail, L, qk_scale, BLOCK_M,
                                  HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
     dk = dk * sm_scale
-    DK += split.to(tl.int64) * stride_dks
-    DV += split.to(tl.int64) * stride_dks
-    tl.store(DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
-             lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
-    tl.store(DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
-             lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+    dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :]
+    if SPLIT > 1 and ATOMIC:
+        tl.atomic_add(dk_ptrs, dk, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dv_ptrs, dv, mask=kv_mask, sem="relaxed")
+    else:
+        dk_ptrs += split.to(tl.int64) * stride_dks
+        dv_ptrs += split.to(tl.int64) * stride_dks
+        tl.store(dk_ptrs, lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+        tl.store(dv_ptrs, lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
 
 
 @triton.jit
@@ -423,8 +469,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
     return dq
 
 
-@triton.autotune(configs=_configs(_BWD, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune(_BWD)},
+@triton.autotune(configs=_configs(_DQ, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune(_DQ, "dq")},
                  restore_value=["DQ"])  # DQ may alias Q (in-place dQ' over Q'): restore per trial
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -465,3 +511,20 @@ def _attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              lowp(dq, DQ.dtype.element_ty, EMULATE), mask=mask)
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
+
+
+@contextlib.contextmanager
+def force_config(kernel: str, row: tuple):
+    """Tests on a GPU: run ``kernel`` ("fwd", "dkdv" or "dq") with exactly the config ``row`` =
+    (BLOCK_M, BLOCK_N, warps, stages) of its table (fwd: plus Q_ON_LOAD), no tuning."""
+    _FORCED[kernel] = tuple(row)
+    _KERNELS[kernel].cache.clear()
+    try:
+        yield
+    finally:
+        del _FORCED[kernel]
+        _KERNELS[kernel].cache.clear()

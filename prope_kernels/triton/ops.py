@@ -12,7 +12,7 @@ import torch
 import triton
 
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
-    _bwd_preprocess_kernel
+    _bwd_preprocess_kernel, dkdv_max_block_n
 from .rope import rope_launch
 
 
@@ -39,7 +39,8 @@ def _num_sms(device) -> int:
 def _kv_split(group: int, kv_programs: int, device) -> int:
     """Split a kv head's query-head group over programs when there are too few kv programs to
     fill the GPU (MQA/GQA with few kv heads): the smallest divisor of the group giving about
-    four programs per SM. PROPE_KV_SPLIT overrides it (tests)."""
+    four programs per SM. kv_programs: (sequence, kv head, key block) programs at the largest
+    tuned key block. PROPE_KV_SPLIT overrides it (tests)."""
     forced = int(os.environ.get("PROPE_KV_SPLIT", "0"))
     if forced:
         assert group % forced == 0, f"PROPE_KV_SPLIT={forced} must divide the group {group}"
@@ -125,12 +126,18 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         q_rot, k_rot = q, k
         dq = _new(q)
     bucket = _seq_bucket(max_seqlen)
-    # programs along the sequence for the smallest tuned BLOCK_N (a lower bound on the grid)
-    kv_programs = triton.cdiv(max_seqlen, 128) * num_seqs * hkv
+    kv_programs = triton.cdiv(max_seqlen, dkdv_max_block_n(d)) * num_seqs * hkv
     split = _kv_split(meta["GROUP"], kv_programs, q.device)
+    # split > 1: the split programs of a key block reduce into fp32 dk/dv. By default with atomic
+    # adds into one zeroed buffer; under torch.use_deterministic_algorithms(True) as partial sums
+    # added in a fixed order (split x the fp32 size of k and v: more memory, bitwise repeatable).
+    atomic = split > 1 and not torch.are_deterministic_algorithms_enabled()
     if split == 1:
         dk, dv = _new(k), _new(v)
-    else:  # fp32 partial sums over split query-head groups, added up below
+    elif atomic:
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    else:
         dk = _new(k, split, *k.shape, dtype=torch.float32)
         dv = _new(v, split, *v.shape, dtype=torch.float32)
 
@@ -140,13 +147,16 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         scale, total, hkv, bucket,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0) if split > 1 else 0, dk.stride(-3), dk.stride(-2), dv.stride(-3),
-        dv.stride(-2),
-        CAUSAL=causal, SPLIT=split, **meta,
+        dk.stride(0) if split > 1 and not atomic else 0, dk.stride(-3), dk.stride(-2),
+        dv.stride(-3), dv.stride(-2),
+        CAUSAL=causal, SPLIT=split, ATOMIC=atomic, **meta,
     )
-    if split > 1:
-        dk = dk.sum(0).to(k.dtype)
-        dv = dv.sum(0).to(v.dtype)
+    if split > 1 and not atomic:
+        dk, dv = dk.sum(0), dv.sum(0)
+    dk_rot = None
+    if dk.dtype != k.dtype:  # fp32 sums: rotate dK' back in fp32, round once into dk
+        dk_rot, dk = dk, _new(k)
+        dv = dv.to(v.dtype)
     grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
@@ -158,5 +168,10 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     if meta["ROTATE"]:
         # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the opposite rotation, in place
         rope_launch(dq, dq, positions, tables, spec.num_rotated, True)
-        rope_launch(dk, dk, positions, tables, spec.num_rotated, True)
+        if dk_rot is None:
+            rope_launch(dk, dk, positions, tables, spec.num_rotated, True)
+        else:
+            rope_launch(dk_rot, dk, positions, tables, spec.num_rotated, True)
+    elif dk_rot is not None:
+        dk = dk_rot.to(k.dtype)
     return dq, dk, dv

@@ -92,11 +92,14 @@ def _rope_kernel(
         ids = tl.load(IDS + j, mask=j_mask, other=0)
         m = t_mask[:, None] & j_mask[None, :]
         x = tl.load(x_row + ids[None, :], mask=m, other=0.0)
+        if X.dtype.element_ty != Y.dtype.element_ty:   # e.g. fp32 gradient sums -> bf16
+            x = lowp(x.to(tl.float32), Y.dtype.element_ty, EMULATE)
         tl.store(y_row + ids[None, :], x, mask=m)
 
 
 def rope_launch(x, y, positions, tables, num_rotated, conjugate):
-    """y <- p-RoPE(x). x, y: (total, heads, d) with stride(-1) == 1 (may be the same tensor).
+    """y <- p-RoPE(x). x, y: (total, heads, d) with stride(-1) == 1 (may be the same tensor; y may
+    be of a lower precision than x: the rotation is done in fp32 and rounded once).
     positions: (total,) int64. tables: :class:`prope_kernels.rotary.RotaryTables`."""
     return rope_launch_raw(x, y, positions, tables.pair_a, tables.pair_b, tables.pair_freq,
                            tables.identity, num_rotated, conjugate)
@@ -117,7 +120,7 @@ def rope_launch_raw(x, y, positions, pair_a, pair_b, pair_freq, identity, num_ro
         R=num_rotated, R_PAD=max(triton.next_power_of_2(num_rotated), 1),
         N_ID=n_id, ID_PAD=max(triton.next_power_of_2(n_id), 1),
         CONJUGATE=conjugate, COPY_IDENTITY=not in_place, BLOCK_T=block_t,
-        EMULATE=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16,
+        EMULATE=os.environ.get("TRITON_INTERPRET") == "1" and y.dtype == torch.bfloat16,
         num_warps=4,
     )
     return y
