@@ -96,6 +96,30 @@ def check(archs=(80, 90), dts=("bf16", "fp16")):
                 assert k.metadata.shared <= SMEM_LIMIT[arch], \
                     f"{name}: {k.metadata.shared} B shared memory on sm_{arch}"
                 print(f"ok sm_{arch} {dt} {name}", flush=True)
+    check_spills()
+
+
+# The untuned defaults (first row of each table: what runs with PROPE_AUTOTUNE=0 and the first
+# candidate the autotuner tries) must not spill much on sm_90. Earlier tables spilled 0.7-4 KiB a
+# thread at head_dim 256; the exact figure moves a little between Triton versions.
+STACK_LIMIT = 512
+
+
+def check_spills():
+    from prope_kernels.triton import attention as A
+    for d in (128, 256):
+        rows = {k: A.TABLES[k][d][0] for k in A.TABLES}
+        for name, fn, consts in (
+                ("fwd", A._attn_fwd_kernel, dict(Q_ON_LOAD=0)),
+                ("dkdv", A._attn_bwd_dkdv_kernel, dict(SPLIT=2, ATOMIC=1)),
+                ("dq", A._attn_bwd_dq_kernel, {})):
+            bm, bn, w, st = rows[name]
+            k = _compile(fn, _attn_consts(d, bm, bn, **consts), "bf16", 90, w, st)
+            regs, stack = _resource_usage(k.asm["cubin"])
+            assert stack <= STACK_LIMIT, \
+                f"{name} d{d} {rows[name]}: {stack} B of register spills a thread on sm_90"
+            print(f"ok spills sm_90 {name} d{d} {rows[name]}: regs {regs}, stack {stack} B",
+                  flush=True)
 
 
 def test_kernels_compile_for_gpu():
@@ -109,9 +133,12 @@ def test_kernels_compile_for_gpu():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, preprocess, rope)
     assert r.stdout.count("ok sm_") == 2 * 2 * 6, r.stdout[-3000:]
+    # the untuned defaults at head_dim 128 and 256: fwd, dkdv, dq
+    assert r.stdout.count("ok spills sm_90") == 2 * 3, r.stdout[-3000:]
 
 
-def _resource_usage(cubin: bytes) -> str:
+def _resource_usage(cubin: bytes) -> tuple:
+    """(registers, stack bytes) a thread, from cuobjdump (shipped in Triton's wheel)."""
     import tempfile
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -119,7 +146,8 @@ def _resource_usage(cubin: bytes) -> str:
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return f"regs {m.group(1)} stack {m.group(2)} B" if m else "?"
+    assert m, f"cuobjdump -res-usage printed no REG/STACK: {out[-500:]}"
+    return int(m.group(1)), int(m.group(2))
 
 
 if __name__ == "__main__":
@@ -129,5 +157,6 @@ if __name__ == "__main__":
     arch = int(os.environ.get("ARCH", "90"))
     for name, fn, consts, warps, stages in _cases(full="--all" in sys.argv):
         k = _compile(fn, consts, "bf16", arch, warps, stages)
-        print(f"sm_{arch} {name}: smem {k.metadata.shared // 1024} KiB, "
-              f"{_resource_usage(k.asm['cubin'])}", flush=True)
+        regs, stack = _resource_usage(k.asm["cubin"])
+        print(f"sm_{arch} {name}: smem {k.metadata.shared // 1024} KiB, regs {regs}, "
+              f"stack {stack} B", flush=True)
