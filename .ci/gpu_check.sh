@@ -9,9 +9,10 @@
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report (python -m bench)
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
 #
-# The machine needs torch with CUDA, Triton, pytest; the cuda stage also the CUTLASS headers:
-# with no network there, fetch the wheel here first, into the git-ignored .whl/ folder, and carry
-# it:  python3 -m pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0
+# The machine needs torch with CUDA, Triton, pytest; the cuda stage also the CUTLASS headers, and
+# pytest-xdist (optional) spreads the tests' many Triton compiles over the CPU cores. A machine
+# with no network gets them as wheels in the git-ignored .whl/ folder, installed from there:
+#   python3 -m pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0 pytest-xdist execnet
 # Exits non-zero when a stage fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,14 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 status=0
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/prope_site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/prope_site"
+fi
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "${PYTEST_WORKERS:-8}")
+fi
 
 run() {  # run NAME CMD...: tee the output to $OUT/NAME.log, remember a failure
   local name=$1; shift
@@ -42,16 +51,12 @@ stage() {
     tests)
       # every test on the GPU (the CI matrix runs on cuda tensors there, plus the gpu-marked
       # sizes), except the stages below and the CPU-only compile/smoke checks
-      run tests "$PY" -m pytest -q -rs tests/ --ignore=tests/test_triton_configs.py \
+      run tests "$PY" -m pytest -q -rs "${XDIST[@]}" tests/ --ignore=tests/test_triton_configs.py \
           --ignore=tests/test_cuda_backend.py --ignore=tests/test_triton_gpu_compile.py \
           --ignore=tests/test_bench_smoke.py --junitxml="$OUT/tests.xml" ;;
     configs)
-      run configs "$PY" -m pytest -q -rs tests/test_triton_configs.py ;;
+      run configs "$PY" -m pytest -q -rs "${XDIST[@]}" tests/test_triton_configs.py ;;
     cuda)
-      if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --target /tmp/prope_site .whl/nvidia_cutlass-*.whl
-        export PYTHONPATH="$PYTHONPATH:/tmp/prope_site"
-      fi
       export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
       run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0}" \
           MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
