@@ -6,7 +6,8 @@
 #   bash .ci/gpu_check.sh tests     # GPU test suite, Triton backend (no autotuning: first configs)
 #   bash .ci/gpu_check.sh configs   # every tuned Triton config once (tests/test_triton_configs.py)
 #   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90) and run its GPU tests
-#   bash .ci/gpu_check.sh bench     # the standard benchmark report (python -m bench)
+#   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
+#   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
 #
 # The machine needs torch with CUDA, Triton, pytest; the cuda stage also the CUTLASS headers, and
@@ -62,11 +63,18 @@ stage() {
           MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
       run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py ;;
     bench)
-      run bench "$PY" -m bench --out "$OUT/results" --no-progress ;;
+      # the standard report (6 files), then the GPU time per kernel at the gemma-2b shape, both
+      # in bench.log (a lent machine returns at most 8 files)
+      run bench bash -c "'$PY' -m bench --out '$OUT/results' --no-progress \
+          && '$PY' -m bench.breakdown --preset gemma-2b \
+          && '$PY' -m bench.breakdown --preset gemma-2b --p 0.25 \
+          && '$PY' -m bench.breakdown --preset llama-gqa" ;;
+    breakdown)
+      run breakdown "$PY" -m bench.breakdown --preset "${PRESET:-gemma-2b}" ;;
     all)
       stage tests; stage configs; stage bench ;;
     *)
-      echo "unknown stage $1 (tests, configs, cuda, bench, all)" >&2; exit 2 ;;
+      echo "unknown stage $1 (tests, configs, cuda, bench, breakdown, all)" >&2; exit 2 ;;
   esac
 }
 

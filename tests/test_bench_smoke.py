@@ -149,3 +149,21 @@ def test_spot_check_rejects_a_wrong_provider():
     for bad in (wrong_p, no_mask):
         res = spot_check(bad, case, ctx, *make_inputs(case, "cpu", 0), 0.75, True)
         assert not res["ok"], (bad.__name__, res)
+
+
+def test_breakdown_smoke(tmp_path):
+    # `python -m bench.breakdown` (GPU time per kernel of one call) runs end to end on the CPU:
+    # there it profiles CPU ops of an interpreter-sized case and says it is not a measurement.
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in
+                                                       [os.environ.get("PYTHONPATH")] if p])
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.breakdown", "--smoke", "--iters", "1",
+                           "--json", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "CPU (not a measurement)" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["gpu"] is False and set(res["modes"]) == {"fwd", "fwd+bwd"}
+    ops = {row["kernel"] for row in res["modes"]["fwd+bwd"]}
+    assert "prope_kernels::attn_bwd" in ops, sorted(ops)[:20]
