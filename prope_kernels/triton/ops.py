@@ -153,10 +153,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     )
     if split > 1 and not atomic:
         dk, dv = dk.sum(0), dv.sum(0)
-    dk_rot = None
-    if dk.dtype != k.dtype:  # fp32 sums: rotate dK' back in fp32, round once into dk
-        dk_rot, dk = dk, _new(k)
-        dv = dv.to(v.dtype)
+    dv = dv.to(v.dtype)
     grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
@@ -168,10 +165,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     if meta["ROTATE"]:
         # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the opposite rotation, in place
         rope_launch(dq, dq, positions, tables, spec.num_rotated, True)
-        if dk_rot is None:
-            rope_launch(dk, dk, positions, tables, spec.num_rotated, True)
-        else:
-            rope_launch(dk_rot, dk, positions, tables, spec.num_rotated, True)
-    elif dk_rot is not None:
-        dk = dk_rot.to(k.dtype)
-    return dq, dk, dv
+        # dK' in fp32 (split sums) is rotated back in fp32 and rounded once, into a new tensor
+        dk = rope_launch(dk, dk if dk.dtype == k.dtype else _new(k), positions, tables,
+                         spec.num_rotated, True)
+    return dq, dk.to(k.dtype), dv
