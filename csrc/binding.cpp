@@ -54,7 +54,20 @@ at::Tensor packed(const char* op, const char* name, const at::Tensor& t, int64_t
   const int64_t vec = 16 / t.element_size();
   const bool ok = t.stride(2) == 1 && t.stride(0) % vec == 0 && t.stride(1) % vec == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  if (ok) return t;
+  // A fresh allocation, not t.contiguous(): that returns t itself when t is contiguous but its
+  // base is not 16-byte aligned (a view at an odd offset), which cp.async would fault on.
+  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)).copy_(t);
+}
+
+// The kernels' dynamic shared memory against the device's opt-in limit per block: sm_80 and
+// sm_90 have room for every instantiation; sm_86/sm_89/sm_120 (99 KiB) not for the head_dim 256
+// backward. A clear error here instead of "invalid argument" from the launch.
+void check_smem(const char* op, int dev, int need, int64_t d) {
+  int optin = 0;
+  check_cuda(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(need <= optin, op, ": head_dim ", d, " needs ", need, " bytes of shared memory per "
+              "block, device ", dev, " allows ", optin, kFix);
 }
 
 struct Tables {
@@ -260,6 +273,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
   p.causal = causal;
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
+    check_smem(op, q.device().index(), prope::attn_fwd_smem_bytes<decltype(B)::value,
+                                                                  decltype(D)::value>(), a.d);
     return prope::run_attn_fwd<decltype(B)::value, decltype(D)::value>(p, st);
   }));
   return {out, lse};
@@ -356,6 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   p.causal = causal;
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
+    check_smem(op, q.device().index(), prope::attn_bwd_smem_bytes<decltype(B)::value,
+                                                                  decltype(D)::value>(), a.d);
     return prope::run_attn_bwd<decltype(B)::value, decltype(D)::value>(p, st);
   }));
   // dq = inverse-rotate(scale * dq_accum) in the output dtype; dk inverse-rotated in place

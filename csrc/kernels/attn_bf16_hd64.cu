@@ -5,3 +5,5 @@
 
 template cudaError_t prope::run_attn_fwd<true, 64>(const prope::FwdParams&, cudaStream_t);
 template cudaError_t prope::run_attn_bwd<true, 64>(const prope::BwdParams&, cudaStream_t);
+template int prope::attn_fwd_smem_bytes<true, 64>();
+template int prope::attn_bwd_smem_bytes<true, 64>();

@@ -254,6 +254,9 @@ __global__ void __launch_bounds__(Tr::kNThreads) attn_bwd_kernel(const BwdParams
 }
 
 template <bool kBF16, int kD>
+int attn_bwd_smem_bytes() { return BwdTraits<kD, kBF16>::kSmemBytes; }
+
+template <bool kBF16, int kD>
 cudaError_t run_attn_bwd(const BwdParams& p, cudaStream_t st) {
   using Tr = BwdTraits<kD, kBF16>;
   if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;

@@ -227,6 +227,9 @@ __global__ void __launch_bounds__(Tr::kNThreads) attn_fwd_kernel(const FwdParams
 }
 
 template <bool kBF16, int kD>
+int attn_fwd_smem_bytes() { return FwdTraits<kD, kBF16>::kSmemBytes; }
+
+template <bool kBF16, int kD>
 cudaError_t run_attn_fwd(const FwdParams& p, cudaStream_t st) {
   using Tr = FwdTraits<kD, kBF16>;
   if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;

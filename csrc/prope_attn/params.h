@@ -93,6 +93,10 @@ struct DeltaParams {
 // Defined in csrc/kernels/attn_<dtype>_hd<d>.cu (one file per instantiation).
 template <bool kBF16, int kHeadDim> cudaError_t run_attn_fwd(const FwdParams& p, cudaStream_t s);
 template <bool kBF16, int kHeadDim> cudaError_t run_attn_bwd(const BwdParams& p, cudaStream_t s);
+// Dynamic shared memory (bytes) one block of run_attn_fwd / run_attn_bwd takes (the binding
+// checks it against the device's limit).
+template <bool kBF16, int kHeadDim> int attn_fwd_smem_bytes();
+template <bool kBF16, int kHeadDim> int attn_bwd_smem_bytes();
 // Defined in csrc/kernels/rope.cu.
 cudaError_t run_rope(const RopeParams& p, cudaStream_t s);
 cudaError_t run_bwd_delta(const DeltaParams& p, cudaStream_t s);
