@@ -195,3 +195,17 @@ def test_parity_with_triton(d, heads):
     _need_cuda_ext()
     hq, hkv = HEADS[heads]
     _run_dense(torch.bfloat16, 2, 1025, hq, hkv, d, p=0.25, parity=True)
+
+
+def test_misaligned_contiguous_inputs():
+    # A contiguous view whose base is not 16-byte aligned (storage offset 1 element): the binding
+    # copies it to an aligned tensor (the kernels' cp.async moves 16 bytes) instead of faulting.
+    _need_cuda_ext()
+    b, s, h, d = 2, 77, 4, 64
+    gen = torch.Generator().manual_seed(17)
+    bufs = [_rand((1 + b * s * h * d,), torch.float16, gen) for _ in range(3)]
+    q, k, v = (x[1:].view(b, s, h, d) for x in bufs)
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    got = prope_attention(q, k, v, backend="cuda")
+    want = prope_attention(q.clone(), k.clone(), v.clone(), backend="cuda")
+    assert torch.equal(got, want)
