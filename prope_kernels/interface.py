@@ -385,7 +385,10 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
     Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64, starts at 0, non-decreasing,
-    ends at total) and attends only within itself. ``max_seqlen`` bounds the longest sequence.
+    ends at total) and attends only within itself. ``max_seqlen`` bounds the longest sequence
+    (the kernels size their grids by it). Eager calls check these values (once per unmodified
+    ``cu_seqlens`` tensor); inside ``torch.compile`` the check would need a host sync and is
+    skipped, so there they are the caller's contract, as in flash-attn's varlen API.
     positions: (total,) integers; default restarts at 0 in each sequence.
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
