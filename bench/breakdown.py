@@ -53,7 +53,8 @@ def profile_call(fn, n_iter: int, on_gpu: bool) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.breakdown",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gemma-2b", choices=sorted(PRESETS))
     ap.add_argument("--backend", default="triton", choices=["triton", "cuda", "reference"])
     ap.add_argument("--p", type=float, default=None, help="override the preset's p")

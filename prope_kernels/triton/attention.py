@@ -125,12 +125,10 @@ def _prune(table, name):
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}
-        rows = table[_bucket(args["HEAD_DIM"])]
+        table_rows = table[_bucket(args["HEAD_DIM"])]
         forced = _FORCED.get(name)
-        if forced is not None:
-            rows = [forced[:4]]
-        elif os.environ.get("PROPE_AUTOTUNE", "1") == "0":
-            rows = rows[:1]
+        untuned = os.environ.get("PROPE_AUTOTUNE", "1") == "0"
+        rows = [forced[:4]] if forced is not None else table_rows[:1] if untuned else table_rows
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in rows
                 and (c.kwargs.get("Q_ON_LOAD", 1) or args.get("N_ROT", 0) > 0)]
@@ -138,8 +136,8 @@ def _prune(table, name):
             kept = [c for c in kept if len(forced) == 4 or c.kwargs["Q_ON_LOAD"] == forced[4]]
             if len(kept) != 1:
                 raise ValueError(f"force_config({name!r}, {forced}): not a config of head_dim "
-                                 f"{args['HEAD_DIM']} (its rows: {table[_bucket(args['HEAD_DIM'])]})")
-        elif os.environ.get("PROPE_AUTOTUNE", "1") == "0":
+                                 f"{args['HEAD_DIM']} (its rows: {table_rows})")
+        elif untuned:
             kept = kept[-1:]  # forward: Q_ON_LOAD=0 when rotating (fewer registers), else 1
         return kept or configs
     return prune
@@ -357,7 +355,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV, (16, 32, 4, 1)), key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC"],
+@triton.autotune(configs=_configs(_DKDV, (16, 32, 4, 1)),
+                 key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC"],
                  prune_configs_by={"early_config_prune": _prune(_DKDV, "dkdv")},
                  reset_to_zero=["DK", "DV"])  # ATOMIC accumulates: zero before every trial
 @triton.jit
