@@ -227,8 +227,24 @@ def markdown(meta, settings, rows, pngs=()):
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     elif meta.get("plots"):
         out += [f"Plots {meta['plots']}", ""]
+    out += _triton_configs(rows)
     out += _not_run(rows)
     return "\n".join(out) + "\n"
+
+
+def _triton_configs(rows):
+    """Which rows of the Triton config tables the autotuner picked, per case (fwd+bwd runs)."""
+    picked = [(r["case"], r["notes"]) for r in rows
+              if r["provider"] == "prope-triton" and r["status"] == "ok"
+              and r["mode"] == "fwd_bwd" and "configs " in (r["notes"] or "")]
+    if not picked:
+        return []
+    out = ["## Triton configs the autotuner picked (BLOCK_M x BLOCK_N, warps, stages)", "",
+           "| case | configs |", "|---|---|"]
+    for case, notes in picked:
+        cfg = next(n for n in notes.split("; ") if n.startswith("configs "))
+        out.append(f"| {case} | {cfg[len('configs '):]} |")
+    return out + [""]
 
 
 def _shape_note(r, group):

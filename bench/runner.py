@@ -201,6 +201,16 @@ def _why(e, caught, n=300):
     return reason if len(reason) <= n else reason[: n - 3] + "..."
 
 
+def _triton_configs(prov, mode) -> list:
+    """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
+    if prov.family != "prope" or prov.backend != "triton":
+        return []
+    from prope_kernels.triton.attention import chosen_configs
+    chosen = chosen_configs()
+    names = {"fwd": ("fwd",), "bwd": ("dkdv", "dq")}.get(mode, ("fwd", "dkdv", "dq"))
+    return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]
+
+
 def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
     if st.budget_s is not None and time.monotonic() - t_start > st.budget_s:
         return [_row(case, prov, m, "skipped", f"time budget of {st.budget_s:.0f} s spent")
@@ -245,7 +255,7 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
         try:
             timing, mem = _measure(impl, case, mode, q, k, v, dout, st)
             rows.append(_row(case, prov, mode, "ok", timing=timing, mem=mem, chk=chk,
-                             notes=impl.notes))
+                             notes=impl.notes + _triton_configs(prov, mode)))
         except Exception as e:  # noqa: BLE001
             reason = ("out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
                       else _short(e))

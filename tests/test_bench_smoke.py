@@ -95,6 +95,12 @@ def test_json_rows(smoke_run):
             assert r["flops"] == attention_flops(r["batch"], r["seqlen"], r["q_heads"],
                                                  r["head_dim"], r["causal"], r["mode"])
     assert not [r for r in rows if r["status"] in ("wrong", "failed")]
+    # each Triton row records the kernel configs it ran with (which table rows the tuner picks)
+    want = {"fwd": ["fwd "], "bwd": ["dkdv ", "dq "], "fwd_bwd": ["fwd ", "dkdv ", "dq "]}
+    for r in ok:
+        if r["provider"] == "prope-triton":
+            assert "configs " in r["notes"], r["notes"]
+            assert all(k in r["notes"] for k in want[r["mode"]]), (r["mode"], r["notes"])
     # GPU-only peers are reported missing with a reason, never timed on the CPU
     missing = {r["provider"]: r["reason"] for r in rows if r["status"] == "missing"}
     for prov in ("prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
@@ -119,7 +125,8 @@ def test_markdown_report(smoke_run):
     assert "CPU SMOKE RUN" in md and "not GPU figures" in md
     for text in ("prope_attention (triton)", "prope_attention (reference, PyTorch)",
                  "SDPA math + RoPE eager", "The cost of the identity", "seqlen sweep",
-                 "varlen", "Not run", "sdpa-cudnn-norope"):
+                 "varlen", "Not run", "sdpa-cudnn-norope", "Triton configs the autotuner picked",
+                 "| smoke-mqa | fwd 32x16 w4 s1 q1, dkdv 16x32 w4 s1, dq 32x16 w4 s1 |"):
         assert text in md, text
     if _have_matplotlib():
         assert all(f"({name})" in md for name in PNGS)

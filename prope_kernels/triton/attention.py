@@ -527,3 +527,16 @@ def force_config(kernel: str, row: tuple):
     finally:
         del _FORCED[kernel]
         _KERNELS[kernel].cache.clear()
+
+
+def chosen_configs() -> dict:
+    """The config each kernel ran with last (autotuned or not): {"fwd": "128x64 w8 s2 q0", ...}.
+    The benchmark records it next to each Triton timing, to show which table rows win."""
+    out = {}
+    for name, kern in _KERNELS.items():
+        c = getattr(kern, "best_config", None)
+        if c is not None:
+            kw = c.kwargs
+            q = f" q{kw['Q_ON_LOAD']}" if "Q_ON_LOAD" in kw else ""
+            out[name] = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}{q}"
+    return out
