@@ -288,6 +288,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& identity, bool causal, double scale) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
+  // dQ is summed with float atomics (order varies run to run): under
+  // torch.use_deterministic_algorithms(True) this raises (warns with warn_only), as torch's own
+  // atomic kernels do; the Triton backend has a deterministic path.
+  at::globalContext().alertNotDeterministic(
+      "prope_cuda::attn_bwd (backend='cuda'; backend='triton' is deterministic in this mode)");
   c10::cuda::CUDAGuard guard(q.device());
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);

@@ -209,3 +209,18 @@ def test_misaligned_contiguous_inputs():
     got = prope_attention(q, k, v, backend="cuda")
     want = prope_attention(q.clone(), k.clone(), v.clone(), backend="cuda")
     assert torch.equal(got, want)
+
+
+def test_deterministic_mode_refuses_atomic_backward():
+    # dQ is summed with float atomics: torch's deterministic mode must refuse it, not let it
+    # through silently (the Triton backend is the deterministic choice there).
+    _need_cuda_ext()
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (_rand((1, 33, 2, 64), torch.bfloat16, gen).requires_grad_() for _ in range(3))
+    out = prope_attention(q, k, v, backend="cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
