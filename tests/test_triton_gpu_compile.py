@@ -39,6 +39,10 @@ def _compile(fn, consts, dt, arch, warps, stages):
     from triton.runtime.jit import JITFunction
     jit = fn if isinstance(fn, JITFunction) else fn.fn
     types = _types(dt)
+    consts = dict(consts)
+    x_dtype = consts.pop("_X_DTYPE", None)  # rope: input X of another dtype than the output Y
+    if x_dtype:
+        types["X"] = "*" + x_dtype
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
     # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
     # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
@@ -82,6 +86,10 @@ def _cases(full):
     yield ("rope d256 p0.75", R._rope_kernel,
            dict(R=96, R_PAD=128, N_ID=64, ID_PAD=64, CONJUGATE=False, COPY_IDENTITY=True,
                 EMULATE=False, BLOCK_T=16), 4, 1)
+    # the backward's fp32 dK' sums rotated back into the low-precision dk (GQA/MQA split)
+    yield ("rope fp32->lowp d256 p0.75 conjugate", R._rope_kernel,
+           dict(R=96, R_PAD=128, N_ID=64, ID_PAD=64, CONJUGATE=True, COPY_IDENTITY=True,
+                EMULATE=False, BLOCK_T=16, _X_DTYPE="fp32"), 4, 1)
 
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -131,8 +139,8 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check"], env=env,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, preprocess, rope)
-    assert r.stdout.count("ok sm_") == 2 * 2 * 6, r.stdout[-3000:]
+    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, preprocess, rope, fp32->lowp rope)
+    assert r.stdout.count("ok sm_") == 2 * 2 * 7, r.stdout[-3000:]
     # the untuned defaults at head_dim 128 and 256: fwd, dkdv, dq
     assert r.stdout.count("ok spills sm_90") == 2 * 3, r.stdout[-3000:]
 
