@@ -54,6 +54,11 @@ _ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + Ro
 
 def _all_providers():
     out = [Provider("prope-triton", "prope", "triton", "fused", "prope_attention (triton)"),
+           # the two Triton kernel sets of the triton backend, each forced (PROPE_TRITON_KERNELS)
+           Provider("prope-triton-hopper", "prope", "triton", "fused",
+                    "prope_attention (triton, Hopper TMA kernels)"),
+           Provider("prope-triton-portable", "prope", "triton", "fused",
+                    "prope_attention (triton, portable kernels)"),
            Provider("prope-cuda", "prope", "cuda", "fused", "prope_attention (cuda)"),
            Provider("prope-reference", "prope", "reference", "fused",
                     "prope_attention (reference, PyTorch)")]
@@ -75,7 +80,7 @@ FLOOR = "sdpa-cudnn-norope"
 
 # default selections (see bench/README.md); names not runnable here turn into "missing" rows
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
-    "prope-triton", "prope-cuda",
+    "prope-triton", "prope-triton-portable", "prope-cuda",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -179,8 +184,38 @@ def _build_prope(prov, case, ctx, dev):
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
-        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw))
-    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw))
+        call = lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw)  # noqa: E731
+    else:
+        call = lambda q, k, v: api.prope_attention(q, k, v, **kw)  # noqa: E731
+    if be != "triton":
+        return Impl(call)
+    return _triton_kernel_set(prov, call, dev)
+
+
+def _triton_kernel_set(prov, call, dev):
+    """prope-triton: the kernels the dispatch picks (the user's PROPE_TRITON_KERNELS, default
+    auto); prope-triton-hopper / -portable: that kernel set forced. The switch is read at each
+    forward and backward call, so every call re-sets it: the backward that follows a forward of
+    one provider sees that provider's setting."""
+    from prope_kernels.triton import hopper
+    user = os.environ.get(hopper.KERNELS_ENV)
+    want = {"prope-triton-hopper": "hopper", "prope-triton-portable": "portable"}.get(prov.name,
+                                                                                     user)
+    if want == "hopper":
+        if dev.type != "cuda":
+            raise Unavailable("the Hopper kernels are timed on an sm_90 GPU only")
+        if torch.cuda.get_device_capability(dev) != (9, 0) or not hopper.triton_supports():
+            raise Unavailable(f"needs an sm_90 GPU and a Triton with tensor descriptors "
+                              f"(have sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}"
+                              f", Triton {__import__('triton').__version__})")
+
+    def fn(q, k, v):
+        if want is None:
+            os.environ.pop(hopper.KERNELS_ENV, None)
+        else:
+            os.environ[hopper.KERNELS_ENV] = want
+        return call(q, k, v)
+    return Impl(fn, [f"{hopper.KERNELS_ENV}={want or 'auto'}"])
 
 
 def _sdpa_backend(name):

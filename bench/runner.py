@@ -205,9 +205,14 @@ def _triton_configs(prov, mode) -> list:
     """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
     if prov.family != "prope" or prov.backend != "triton":
         return []
-    from prope_kernels.triton.attention import chosen_configs
-    chosen = chosen_configs()
-    names = {"fwd": ("fwd",), "bwd": ("dkdv", "dq")}.get(mode, ("fwd", "dkdv", "dq"))
+    from prope_kernels.triton import attention, hopper
+    chosen = {}
+    if prov.name != "prope-triton-hopper":
+        chosen.update(attention.chosen_configs())
+    if prov.name != "prope-triton-portable":
+        chosen.update(hopper.chosen_configs())
+    names = {"fwd": ("fwd", "hfwd"), "bwd": ("dkdv", "dq", "hbwd")}.get(
+        mode, ("fwd", "dkdv", "dq", "hfwd", "hbwd"))
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]
 
 

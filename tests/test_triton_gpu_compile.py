@@ -43,6 +43,7 @@ def _compile(fn, consts, dt, arch, warps, stages):
     x_dtype = consts.pop("_X_DTYPE", None)  # rope: input X of another dtype than the output Y
     if x_dtype:
         types["X"] = "*" + x_dtype
+    types.update(consts.pop("_TYPES", {}))  # e.g. fp32 accumulators of the Hopper backward
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
     # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
     # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
