@@ -50,11 +50,28 @@ _HFWD = {
 # out by atomics. At d256 dK+dV alone take 128 registers a thread at BLOCK_N=64 with 8 warps.
 _HBWD = {
     64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
-    256: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2)],
-    512: [(32, 32, 8, 1), (16, 32, 4, 1)],
 }
-TABLES = {"hfwd": _HFWD, "hbwd": _HBWD}
+# split backward (head dims where the fused kernel spills): _hbwd_kernel with FUSED_DQ=0 takes
+# the _HDKDV rows, _hdq_kernel (Q'/dO stationary) the _HDQ rows.
+_HDKDV = {
+    64: [(64, 128, 8, 2)],
+    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
+    256: [(64, 64, 8, 1), (32, 64, 8, 2), (64, 64, 4, 1)],
+    512: [(32, 64, 8, 1), (16, 64, 8, 1)],
+}
+_HDQ = {
+    64: [(128, 64, 8, 2)],
+    128: [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    512: [(64, 64, 8, 1), (64, 32, 8, 1)],
+}
+
+
+def fused_dq(head_dim: int) -> bool:
+    """The one-kernel backward (dQ' by atomics) where its table has rows (no spills), else the
+    split one."""
+    return _bucket(head_dim) in _HBWD
+TABLES = {"hfwd": _HFWD, "hbwd": _HBWD, "hdkdv": _HDKDV, "hdq": _HDQ}
 # head dims the descriptors take: power-of-two tiles, inner box >= 16 B
 HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 
@@ -67,12 +84,12 @@ def _bucket(d):
     return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
 
 
-def _rows(table):
-    return list(dict.fromkeys(row for rows in table.values() for row in rows))
+def _rows(tables):
+    return list(dict.fromkeys(row for t in tables for rows in t.values() for row in rows))
 
 
-def _configs(table, interp_row):
-    rows = [interp_row] if _interpret() else _rows(table)
+def _configs(tables, interp_row):
+    rows = [interp_row] if _interpret() else _rows(tables)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in rows]
 
@@ -80,14 +97,16 @@ def _configs(table, interp_row):
 _FORCED = {}
 
 
-def _prune(name):
-    table = TABLES[name]
-
+def _prune(*names):
+    """Autotuner pruning: the rows of the table of the call's head_dim bucket (all rows, the first
+    with PROPE_AUTOTUNE=0, or exactly the one forced by force_config). A kernel that serves two
+    tables (the backward: fused or split) picks its table by FUSED_DQ."""
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}
-        table_rows = table[_bucket(args["HEAD_DIM"])]
+        name = names[0] if len(names) == 1 or args["FUSED_DQ"] else names[1]
+        table_rows = TABLES[name].get(_bucket(args["HEAD_DIM"]), [])
         forced = _FORCED.get(name)
         if forced is not None:
             rows = [forced]
@@ -136,7 +155,7 @@ def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_HFWD, (16, 16, 4, 1)), key=_AUTOTUNE_KEY,
+@triton.autotune(configs=_configs([_HFWD], (16, 16, 4, 1)), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _prune("hfwd")})
 @triton.jit
 def _hfwd_kernel(
@@ -189,7 +208,8 @@ def _hfwd_kernel(
 @triton.jit
 def _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, stride_dqt, offs_n,
                 L, lo, hi, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EMULATE: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EMULATE: tl.constexpr,
+                FUSED_DQ: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in tl.range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -214,18 +234,20 @@ def _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, st
         dpT = _dot(v, do.T, None, EMULATE)
         dsT = lowp(pT * (dpT - delta[None, :]), q.dtype, EMULATE)       # (BLOCK_N, BLOCK_M)
         dk = _dot(dsT, q, dk, EMULATE)
-        # this key block's share of dQ' (BLOCK_M, D), added in fp32 (other key blocks add theirs)
-        dq = _dot(dsT.T, k, None, EMULATE) * sm_scale
-        dq_ptrs = dq_base + offs_m.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :]
-        if MASKED:
-            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None], sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        if FUSED_DQ:
+            # this key block's share of dQ' (BLOCK_M, D), added in fp32 (other blocks add theirs)
+            dq = _dot(dsT.T, k, None, EMULATE) * sm_scale
+            dq_ptrs = dq_base + offs_m.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_HBWD, (16, 16, 4, 1)), key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC"],
-                 prune_configs_by={"early_config_prune": _prune("hbwd")},
+@triton.autotune(configs=_configs([_HBWD, _HDKDV], (16, 16, 4, 1)),
+                 key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC", "FUSED_DQ"],
+                 prune_configs_by={"early_config_prune": _prune("hbwd", "hdkdv")},
                  reset_to_zero=["DQ", "DK", "DV"])  # DQ (and DK/DV when ATOMIC) accumulate
 @triton.jit
 def _hbwd_kernel(
@@ -234,8 +256,10 @@ def _hbwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EMULATE: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    # FUSED_DQ=1: dQ' is added here by atomics (one kernel); 0: dK/dV only, _hdq_kernel does dQ.
     # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it
     # (GQA/MQA reduced in registers). SPLIT > 1 (too few kv programs to fill the GPU): the SPLIT
     # programs of a key block add their dK'/dV into fp32 DK/DV with atomics (ATOMIC=1 always here:
@@ -287,13 +311,13 @@ def _hbwd_kernel(
         # diagonal blocks (masked), blocks fully below the diagonal (no mask), ragged tail (masked)
         dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
                              stride_dqt, offs_n, L, lo, diag_end, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, True, CAUSAL, EMULATE)
+                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ)
         dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
                              stride_dqt, offs_n, L, diag_end, m_even, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, False, CAUSAL, EMULATE)
+                             HEAD_DIM, False, CAUSAL, EMULATE, FUSED_DQ)
         dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
                              stride_dqt, offs_n, L, tail, L, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, True, CAUSAL, EMULATE)
+                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ)
     dk = dk * sm_scale
     kv_mask = (offs_n < L)[:, None]
     dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
@@ -304,6 +328,76 @@ def _hbwd_kernel(
     else:
         tl.store(dk_ptrs, lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
         tl.store(dv_ptrs, lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+
+
+@triton.jit
+def _hdq_inner(dq, q, do, lse, delta, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               EMULATE: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = k_desc.load([start_n, 0])                                    # (BLOCK_N, D) via TMA
+        v = v_desc.load([start_n, 0])
+        p = tl.math.exp2(_dot(q, k.T, None, EMULATE) * qk_scale - (lse * LOG2E)[:, None])
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            keep = (offs_n < L)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, v.T, None, EMULATE)
+        ds = lowp(p * (dp - delta[:, None]), k.dtype, EMULATE)
+        dq = _dot(ds, k, dq, EMULATE)
+    return dq
+
+
+@triton.autotune(configs=_configs([_HDQ], (16, 16, 4, 1)), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune("hdq")},
+                 restore_value=["DQ"])  # DQ aliases Q (dQ' written over Q'): restore per trial
+@triton.jit
+def _hdq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU,
+    sm_scale, total, n_heads, seq_bucket,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The split backward's dQ' (where the fused one would spill): BLOCK_M rows of Q'/dO
+    # stationary, K'/V streamed by TMA; dQ' written over this program's own Q' rows.
+    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
+    if start_m >= L:
+        return
+    hk = h // GROUP
+    h64 = h.to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh, shape=[L, HEAD_DIM],
+                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    do_desc = tl.make_tensor_descriptor(DO + seq_start * stride_dot + h * stride_doh,
+                                        shape=[L, HEAD_DIM], strides=[stride_dot, 1],
+                                        block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K + seq_start * stride_kt + hk * stride_kh,
+                                       shape=[L, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(V + seq_start * stride_vt + hk * stride_vh,
+                                       shape=[L, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    dq_desc = tl.make_tensor_descriptor(DQ + seq_start * stride_dqt + h * stride_dqh,
+                                        shape=[L, HEAD_DIM], strides=[stride_dqt, 1],
+                                        block_shape=[BLOCK_M, HEAD_DIM])
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    q = q_desc.load([start_m, 0])
+    do = do_desc.load([start_m, 0])
+    lse = tl.load(LSE + h64 * total + seq_start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + h64 * total + seq_start + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _hdq_inner(dq, q, do, lse, delta, k_desc, v_desc, offs_m, L, 0, n_free, qk_scale,
+                    BLOCK_N, False, CAUSAL, EMULATE)
+    dq = _hdq_inner(dq, q, do, lse, delta, k_desc, v_desc, offs_m, L, n_free, hi, qk_scale,
+                    BLOCK_N, True, CAUSAL, EMULATE)
+    dq_desc.store([start_m, 0], lowp(dq * sm_scale, DQ.dtype.element_ty, EMULATE))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,17 +509,25 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, *,
 
 def attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
              *, seq_bucket, rotate, emulate, split):
-    """dq, dk, dv given delta = rowsum(o * do) - dlse (computed by ops.attn_bwd)."""
+    """dq, dk, dv given delta = rowsum(o * do) - dlse (computed by ops.attn_bwd).
+
+    Fused (fused_dq(d)): one kernel, dQ' summed in an fp32 buffer by atomics, then rotated back
+    and rounded once. Split: the dK/dV kernel, then the dQ kernel writing dQ' over Q' in place
+    (no fp32 buffer), rotated back in place."""
     from .rope import rope_launch
     total, hq, d = q.shape
     hkv = k.shape[1]
+    fused = fused_dq(d)
     tables = spec.tables(q.device)
     if rotate:
         q_rot = rope_launch(q, _new(q), positions, tables, spec.num_rotated, False)
         k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
     else:
         q_rot, k_rot = q, k
-    dq32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    if fused:
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    else:
+        dq = q_rot if rotate else _new(q)
     if split == 1:
         dk, dv = _new(k), _new(v)
     else:
@@ -433,34 +535,45 @@ def attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec,
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     num_seqs = cu_seqlens.numel() - 1
     grid = lambda m: (num_seqs * hkv * split, triton.cdiv(max_seqlen, m["BLOCK_N"]))  # noqa: E731
+    strides = (q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
+               v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
     _set_allocator()
     _hbwd_kernel[grid](
-        q_rot, k_rot, v, dout, lse, delta, dq32, dk, dv, cu_seqlens,
-        scale, total, hkv, seq_bucket,
-        q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
-        v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq32.stride(0), dq32.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q_rot, k_rot, v, dout, lse, delta, dq, dk, dv, cu_seqlens,
+        scale, total, hkv, seq_bucket, *strides,
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         GROUP=hq // hkv, SPLIT=split, ATOMIC=split > 1, HEAD_DIM=d, CAUSAL=causal,
-        EMULATE=emulate,
+        EMULATE=emulate, FUSED_DQ=fused,
     )
-    del q_rot, k_rot
+    if not fused:
+        grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
+        _set_allocator()
+        _hdq_kernel[grid_q](
+            q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens, scale, total, hq, seq_bucket,
+            *strides, dq.stride(0), dq.stride(1),
+            GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=causal, EMULATE=emulate,
+        )
+    del k_rot
     dv = dv.to(v.dtype)
     if rotate:
-        # fp32 sums w.r.t. the rotated tensors -> w.r.t. q, k: the opposite rotation, rounded once
-        dq = rope_launch(dq32, _new(q), positions, tables, spec.num_rotated, True)
+        # sums w.r.t. the rotated tensors -> w.r.t. q, k: the opposite rotation, rounded once
+        dq = rope_launch(dq, dq if dq.dtype == q.dtype else _new(q), positions, tables,
+                         spec.num_rotated, True)
         dk = rope_launch(dk, dk if dk.dtype == k.dtype else _new(k), positions, tables,
                          spec.num_rotated, True)
-    else:
-        dq = dq32.to(q.dtype)
-    return dq, dk.to(k.dtype), dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv
 
 
 def bwd_max_block_n(head_dim: int) -> int:
     """The largest stationary key block the backward may pick (sizes the GQA split)."""
-    return 16 if _interpret() else max(row[1] for row in _HBWD[_bucket(head_dim)])
+    if _interpret():
+        return 16
+    table = _HBWD if fused_dq(head_dim) else _HDKDV
+    return max(row[1] for row in table[_bucket(head_dim)])
 
 
-_KERNELS = {"hfwd": _hfwd_kernel, "hbwd": _hbwd_kernel}
+_KERNELS = {"hfwd": _hfwd_kernel, "hbwd": _hbwd_kernel, "hdkdv": _hbwd_kernel,
+            "hdq": _hdq_kernel}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,192 @@
+"""The Hopper kernels (prope_kernels/triton/hopper.py) against the float64 reference, and the
+dispatch between them and the portable kernels.
+
+Without a GPU they run under the CPU interpreter (Triton 3.9's interpreter executes the device-side
+tensor descriptors, zero-fill and clipped stores included) at small odd shapes, forced by
+PROPE_TRITON_KERNELS=hopper; on an H100 the same cases run compiled, and the ``gpu`` cases add
+training sizes at every head_dim and GQA group, and every config of the tables once.
+"""
+
+import pytest
+import torch
+
+from prope_kernels.triton import hopper
+from test_attention import HEADS, run_dense
+
+ON_GPU = torch.cuda.is_available()
+SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def hopper_kernels(monkeypatch):
+    """Force the Hopper kernels and count their launches (a test must not pass on the portable
+    path by accident)."""
+    if ON_GPU and not SM90:
+        pytest.skip("the Hopper kernels run on sm_90 GPUs (or the CPU interpreter)")
+    if not hopper.triton_supports():
+        pytest.skip(f"Triton {__import__('triton').__version__} has no tensor descriptors")
+    monkeypatch.setenv(hopper.KERNELS_ENV, "hopper")
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = hopper.attn_fwd, hopper.attn_bwd
+
+    def count(name, f):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(hopper, "attn_fwd", count("fwd", fwd))
+    monkeypatch.setattr(hopper, "attn_bwd", count("bwd", bwd))
+    yield calls
+    assert calls["fwd"] > 0 and calls["bwd"] > 0, f"the Hopper kernels did not run: {calls}"
+
+
+# --- interpreter-sized (CI) and compiled on an H100: odd shapes, every GQA group ---------------
+
+@pytest.mark.parametrize("s,heads,causal,d,dtype", [
+    (1, "mha", True, 32, torch.float16),
+    (17, "gqa", True, 32, torch.bfloat16),
+    (17, "mqa", False, 64, torch.float16),
+    (97, "mha", False, 32, torch.bfloat16),
+    (97, "mqa", True, 16, torch.float16),
+    (130, "gqa", True, 64, torch.bfloat16),
+])
+def test_hopper_shapes(device, hopper_kernels, s, heads, causal, d, dtype):
+    hq, hkv = HEADS[heads]
+    run_dense(device, dtype, 2, s, hq, hkv, d, p=0.75, causal=causal)
+
+
+@pytest.mark.parametrize("variant,layout,p", [("prope", "half", 0.0), ("prope", "half", 0.25),
+                                              ("partial", "interleaved", 1.0),
+                                              ("reversed", "interleaved", 0.5)])
+def test_hopper_rotation_variants(device, hopper_kernels, variant, layout, p):
+    run_dense(device, torch.bfloat16, 2, 41, 4, 2, 32, p=p, variant=variant, layout=layout)
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_hopper_gqa_split(device, monkeypatch, hopper_kernels, split):
+    # dK/dV of a kv head from its 4 query heads in `split` programs, added by fp32 atomics
+    monkeypatch.setenv("PROPE_KV_SPLIT", str(split))
+    run_dense(device, torch.float16, 2, 70, 8, 2, 32, p=0.5, causal=split == 2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_backward_fused_and_split(device, monkeypatch, hopper_kernels, fused, causal):
+    # both backward forms at one head_dim: one kernel with dQ' by fp32 atomics, or dK/dV + dQ
+    monkeypatch.setattr(hopper, "fused_dq", lambda d: fused)
+    run_dense(device, torch.bfloat16, 2, 53, 6, 2, 64, p=0.75, causal=causal)
+
+
+def test_hopper_varlen(device, hopper_kernels):
+    # per-sequence descriptors: rows of the next sequence must be neither read nor written
+    from prope_kernels import prope_attention_varlen
+    from prope_kernels import reference as ref
+    from prope_kernels.rotary import PRoPESpec
+    from tolerance import check
+    gen = torch.Generator().manual_seed(11)
+    lens = [5, 0, 33, 18]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total, hq, hkv, d = sum(lens), 4, 2, 32
+    q, k, v, dout = (torch.randn((total, h, d), generator=gen).to(torch.bfloat16).to(device)
+                     for h in (hq, hkv, hkv, hq))
+    spec = PRoPESpec(d, 0.75, 1e4, "prope", "half")
+
+    def grads(f, xs, do):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = f(*xs)
+        return (out, *torch.autograd.grad(out, xs, do))
+
+    def reference(q, k, v):
+        outs, start = [], 0
+        for n in lens:
+            sl = slice(start, start + n)
+            outs.append(ref.prope_attention(q[None, sl], k[None, sl], v[None, sl], spec, True,
+                                            None, None)[0])
+            start += n
+        return torch.cat(outs)
+
+    got = grads(lambda q, k, v: prope_attention_varlen(q, k, v, cu.to(device), max(lens), p=0.75,
+                                                       backend="triton"), (q, k, v), dout)
+    truth = grads(reference, [x.double() for x in (q, k, v)], dout.double())
+    lowp = grads(reference, (q, k, v), dout)
+    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
+        check(name, g, t, lp)
+
+
+# --- the dispatch ----------------------------------------------------------------------------
+
+def test_dispatch_rules(monkeypatch):
+    q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
+    k = v = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv(hopper.KERNELS_ENV, "portable")
+    assert not hopper.selected(q, k, v)
+    monkeypatch.setenv(hopper.KERNELS_ENV, "auto")
+    assert not hopper.selected(q, k, v)          # auto never picks them for CPU tensors
+    monkeypatch.delenv(hopper.KERNELS_ENV)
+    assert hopper.requested() == "auto"
+    monkeypatch.setenv(hopper.KERNELS_ENV, "fast")
+    with pytest.raises(ValueError, match="PROPE_TRITON_KERNELS must be"):
+        hopper.selected(q, k, v)
+    if not hopper.triton_supports():
+        assert "tensor descriptors" in hopper.unsupported_reason(q, k, v)
+        return
+    # what the new kernels lack falls back to the portable ones (explicitly named)
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert hopper.unsupported_reason(q, k, v) is None
+    assert "head_dim 48" in hopper.unsupported_reason(q[..., :48], k[..., :48], v[..., :48])
+    assert hopper.unsupported_reason(q, k, v, window=(8, 0)) == "sliding window"
+    assert hopper.unsupported_reason(q, k, v, softcap=30.0) == "softcap"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert "deterministic" in hopper.unsupported_reason(q, k, v, backward=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # forced: an unsupported call is an error, never a silent portable run
+    monkeypatch.setenv(hopper.KERNELS_ENV, "hopper")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="head_dim 48"):
+            hopper.selected(q[..., :48], k[..., :48], v[..., :48])
+
+
+def test_portable_forced_runs_portable(device, monkeypatch):
+    # PROPE_TRITON_KERNELS=portable: the Hopper launchers are never called
+    monkeypatch.setenv(hopper.KERNELS_ENV, "portable")
+
+    def fail(*a, **kw):
+        raise AssertionError("Hopper kernels called under PROPE_TRITON_KERNELS=portable")
+    monkeypatch.setattr(hopper, "attn_fwd", fail)
+    monkeypatch.setattr(hopper, "attn_bwd", fail)
+    run_dense(device, torch.float16, 1, 19, 2, 1, 32, p=0.5)
+
+
+# --- GPU: training sizes at every head_dim and GQA group; every config once -------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("d", [64, 128, 256, 512])
+def test_hopper_gpu_head_dims(hopper_kernels, d, heads):
+    hq, hkv = HEADS[heads]
+    s = 1025 if d <= 256 else 333
+    run_dense("cuda", torch.bfloat16, 2, s, hq, hkv, d, p=0.75, causal=True)
+
+
+@pytest.mark.gpu
+def test_hopper_gpu_noncausal_long(hopper_kernels):
+    run_dense("cuda", torch.float16, 1, 4096, 8, 1, 256, p=0.25, causal=False)
+
+
+def _config_cases():
+    for kernel, table in hopper.TABLES.items():
+        for d, rows in table.items():
+            for row in rows:
+                yield kernel, d, row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,d,row", list(_config_cases()),
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_hopper_every_config(hopper_kernels, kernel, d, row):
+    s = 1000 if d <= 256 else 333
+    with hopper.force_config(kernel, row):
+        run_dense("cuda", torch.bfloat16, 2, s, 8, 2, d, p=0.75, causal=True)
