@@ -180,6 +180,8 @@ def _hopper_cases():
             for bm, bn, w, st in rows:
                 consts = dict(GROUP=2, HEAD_DIM=d, CAUSAL=True, EMULATE=False, BLOCK_M=bm,
                               BLOCK_N=bn, **extra)
+                if fn is H._hbwd_kernel:
+                    consts["KV_RELOAD"] = d >= 128   # as the launcher sets it
                 yield f"{name} d{d} {bm}x{bn} w{w} s{st}", fn, consts, w, st
 
 

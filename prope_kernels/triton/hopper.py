@@ -40,30 +40,28 @@ from .rope import lowp
 # Registers/spills a thread, bf16, causal, sm_90 (Triton 3.9 | Triton 3.6):
 #   HFWD_TABLE_RESOURCES (filled by the compile run, see the report at the end of this block)
 _HFWD = {
-    64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
-    256: [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
-    512: [(64, 64, 8, 2), (64, 32, 4, 2)],
+    64: [(128, 128, 8, 3), (128, 64, 4, 3)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 2)],
 }
-# backward: BLOCK_N rows of K'/V stationary (dK, dV fp32 accumulators, BLOCK_N x d each),
-# BLOCK_M rows of Q'/dO streamed through TMA; per q block one (BLOCK_M, d) fp32 dQ' tile goes
-# out by atomics. At d256 dK+dV alone take 128 registers a thread at BLOCK_N=64 with 8 warps.
+# backward, fused (one kernel): BLOCK_N rows of K'/V stationary (dK, dV fp32 accumulators,
+# BLOCK_N x d each), BLOCK_M rows of Q'/dO streamed by TMA; per q block one (BLOCK_M, d) fp32 dQ'
+# tile goes out by atomics. Only where that fits without spills (d64); elsewhere the split form.
 _HBWD = {
-    64: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
+    64: [(64, 128, 8, 2), (32, 128, 8, 2)],
 }
-# split backward (head dims where the fused kernel spills): _hbwd_kernel with FUSED_DQ=0 takes
-# the _HDKDV rows, _hdq_kernel (Q'/dO stationary) the _HDQ rows.
+# backward, split: _hbwd_kernel with FUSED_DQ=0 (dK/dV) takes the _HDKDV rows, _hdq_kernel
+# (Q'/dO stationary, K'/V streamed) the _HDQ rows. At d >= 128 K'/V are re-read by TMA each step
+# (KV_RELOAD) instead of held in registers: d256 32x64 w8 spilled 184 B without, 0 with.
 _HDKDV = {
     64: [(64, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2)],
-    256: [(64, 64, 8, 1), (32, 64, 8, 2), (64, 64, 4, 1)],
-    512: [(32, 64, 8, 1), (16, 64, 8, 1)],
+    128: [(32, 128, 8, 2), (64, 128, 8, 2)],
+    256: [(32, 64, 8, 2), (16, 64, 8, 2)],
 }
 _HDQ = {
     64: [(128, 64, 8, 2)],
-    128: [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-    512: [(64, 64, 8, 1), (64, 32, 8, 1)],
+    128: [(128, 64, 8, 2), (128, 128, 8, 2)],
+    256: [(128, 32, 8, 2), (64, 64, 4, 2)],
 }
 
 
@@ -71,9 +69,13 @@ def fused_dq(head_dim: int) -> bool:
     """The one-kernel backward (dQ' by atomics) where its table has rows (no spills), else the
     split one."""
     return _bucket(head_dim) in _HBWD
+
+
 TABLES = {"hfwd": _HFWD, "hbwd": _HBWD, "hdkdv": _HDKDV, "hdq": _HDQ}
 # head dims the descriptors take: power-of-two tiles, inner box >= 16 B
-HEAD_DIMS = (16, 32, 64, 128, 256, 512)
+# head_dim 512 has no spill-free config yet (dK+dV alone are 256 registers a thread at a 64-row
+# key block with 8 warps): it runs on the portable kernels.
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _interpret() -> bool:
@@ -81,7 +83,7 @@ def _interpret() -> bool:
 
 
 def _bucket(d):
-    return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
+    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def _rows(tables):
@@ -156,7 +158,8 @@ def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
 
 
 @triton.autotune(configs=_configs([_HFWD], (16, 16, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune("hfwd")})
+                 prune_configs_by={"early_config_prune": _prune("hfwd")},
+                 restore_value=["O"])  # O holds Q' (read, then overwritten): restore per trial
 @triton.jit
 def _hfwd_kernel(
     Q, K, V, O, LSE, CU,
@@ -206,13 +209,18 @@ def _hfwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, stride_dqt, offs_n,
-                L, lo, hi, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EMULATE: tl.constexpr,
-                FUSED_DQ: tl.constexpr):
+def _hbwd_inner(dk, dv, k, v, k_desc, v_desc, start_n, q_desc, do_desc, lse_base, delta_base,
+                dq_base, stride_dqt, offs_n, L, lo, hi, qk_scale, sm_scale, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EMULATE: tl.constexpr, FUSED_DQ: tl.constexpr, KV_RELOAD: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in tl.range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        if KV_RELOAD:
+            # K'/V tiles re-read (L2 hits) into shared memory each step, fed to wgmma from
+            # there: holding them in registers across the loop costs d/4 registers a thread
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = q_desc.load([start_m, 0])                                    # (BLOCK_M, D) via TMA
         do = do_desc.load([start_m, 0])
@@ -256,8 +264,8 @@ def _hbwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, EMULATE: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EMULATE: tl.constexpr, FUSED_DQ: tl.constexpr, KV_RELOAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # FUSED_DQ=1: dQ' is added here by atomics (one kernel); 0: dK/dV only, _hdq_kernel does dQ.
     # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it
@@ -309,15 +317,18 @@ def _hbwd_kernel(
         delta_base = DELTA + h * total + seq_start
         dq_base = DQ + seq_start * stride_dqt + h * stride_dqh
         # diagonal blocks (masked), blocks fully below the diagonal (no mask), ragged tail (masked)
-        dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
+        dk, dv = _hbwd_inner(dk, dv, k, v, k_desc, v_desc, start_n, q_desc, do_desc, lse_base,
+                             delta_base, dq_base,
                              stride_dqt, offs_n, L, lo, diag_end, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ)
-        dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
+                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ, KV_RELOAD)
+        dk, dv = _hbwd_inner(dk, dv, k, v, k_desc, v_desc, start_n, q_desc, do_desc, lse_base,
+                             delta_base, dq_base,
                              stride_dqt, offs_n, L, diag_end, m_even, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, False, CAUSAL, EMULATE, FUSED_DQ)
-        dk, dv = _hbwd_inner(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base,
+                             HEAD_DIM, False, CAUSAL, EMULATE, FUSED_DQ, KV_RELOAD)
+        dk, dv = _hbwd_inner(dk, dv, k, v, k_desc, v_desc, start_n, q_desc, do_desc, lse_base,
+                             delta_base, dq_base,
                              stride_dqt, offs_n, L, tail, L, qk_scale, sm_scale, BLOCK_M,
-                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ)
+                             HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ, KV_RELOAD)
     dk = dk * sm_scale
     kv_mask = (offs_n < L)[:, None]
     dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
@@ -528,6 +539,8 @@ def attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec,
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     else:
         dq = q_rot if rotate else _new(q)
+    if dout.data_ptr() % 16 or any((st * dout.element_size()) % 16 for st in dout.stride()[:-1]):
+        dout = dout.clone(memory_format=torch.contiguous_format)    # TMA: 16-byte aligned rows
     if split == 1:
         dk, dv = _new(k), _new(v)
     else:
@@ -538,12 +551,15 @@ def attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec,
     strides = (q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
                v.stride(0), v.stride(1), dout.stride(0), dout.stride(1))
     _set_allocator()
+    # split form: DQ is unused by this kernel, and the autotuner zeroes it per trial (reset_to_zero)
+    # while dq aliases Q' there: hand it dk (fully written or accumulated) instead
+    dq_arg = dq if fused else dk
     _hbwd_kernel[grid](
-        q_rot, k_rot, v, dout, lse, delta, dq, dk, dv, cu_seqlens,
+        q_rot, k_rot, v, dout, lse, delta, dq_arg, dk, dv, cu_seqlens,
         scale, total, hkv, seq_bucket, *strides,
-        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_arg.stride(0), dq_arg.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         GROUP=hq // hkv, SPLIT=split, ATOMIC=split > 1, HEAD_DIM=d, CAUSAL=causal,
-        EMULATE=emulate, FUSED_DQ=fused,
+        EMULATE=emulate, FUSED_DQ=fused, KV_RELOAD=d >= 128,
     )
     if not fused:
         grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
