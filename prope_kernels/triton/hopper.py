@@ -35,10 +35,21 @@ from .rope import lowp
 # ------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim. Chosen from ahead-of-time sm_90 compiles
-# (python tests/test_triton_gpu_compile.py --hopper prints the table below); every row must show
-# wgmma + TMA in its PTX and stay under the spill bound (tests/test_triton_gpu_compile.py).
-# Registers/spills a thread, bf16, causal, sm_90 (Triton 3.9 | Triton 3.6):
-#   HFWD_TABLE_RESOURCES (filled by the compile run, see the report at the end of this block)
+# (`python tests/test_triton_gpu_compile.py --hopper` prints this); CI asserts every row has wgmma
+# and TMA (cp.async.bulk.tensor) in its PTX and spills <= 256 B a thread. Measured 2026-11-26,
+# bf16, causal, GQA 2, registers / spill bytes a thread, Triton 3.9 | Triton 3.6:
+#   hfwd  d64  128x128 w8 s3  162/0 | 187/0     hdkdv d64  64x128 w8 s2  217/0  | 215/0
+#   hfwd  d64  128x64  w4 s3  197/0 | 201/0     hdkdv d128 32x128 w8 s2  228/0  | 226/0
+#   hfwd  d128 128x128 w8 s3  191/0 | 217/0     hdkdv d128 64x128 w8 s2  255/56 | 255/24
+#   hfwd  d128 128x64  w8 s3  145/0 | 151/0     hdkdv d256 32x64  w8 s2  236/0  | 245/0
+#   hfwd  d256 128x64  w8 s2  208/0 | 226/0     hdkdv d256 16x64  w8 s2  224/0  | 225/0
+#   hfwd  d256 64x64   w4 s2  207/0 | 227/0     hdq   d64  128x64 w8 s2  124/0  | 123/0
+#   hbwd  d64  64x128  w8 s2  230/0 | 236/0     hdq   d128 128x64 w8 s2  159/0  | 172/0
+#   hbwd  d64  32x128  w8 s2  207/0 | 217/0     hdq   d128 128x128 w8 s2 227/0  | 233/0
+#                                               hdq   d256 128x32 w8 s2  190/0  | 241/0
+#                                               hdq   d256 64x64  w4 s2  220/0  | 255/40
+# Rejected by the same compile: the fused backward at d128 (64x128 w8: 488 B spilled) and d256
+# (64x64 w8: 656 B and 257 KiB shared memory); d512 dK/dV (2.6-2.8 KiB spilled).
 _HFWD = {
     64: [(128, 128, 8, 3), (128, 64, 4, 3)],
     128: [(128, 128, 8, 3), (128, 64, 8, 3)],
