@@ -120,9 +120,10 @@ qstep() {  # qstep NAME PCT CMD...: run CMD, killed when PCT% of the deadline is
 }
 
 quick() {
-  local build_rc_file="$OUT/.cuda_build.rc" build_pid cap
+  local build_rc_file build_pid cap
+  build_rc_file=$(mktemp /tmp/prope_build_rc.XXXXXX)
   # this stage's files only (a stale junit or bench file must not pass for this run's)
-  rm -f "$build_rc_file" "$OUT"/{cuda_build.log,tests.xml,cuda_tests.xml,bench.json,bench.md}
+  rm -f "$OUT"/{cuda_build.log,tests.xml,cuda_tests.xml,bench.json,bench.md}
   rm -f "$OUT/summary.md"
   : >"$LOG"
   # 1. the CUDA extension, in the background (own log until merged: no interleaving)

@@ -35,7 +35,7 @@ def quick_providers() -> list:
     return ours + [n for n in PEERS if n in PROVIDERS]
 
 
-# --- tests -----------------------------------------------------------------------------------------
+# --- tests ---------------------------------------------------------------------------------------
 
 def junit_counts(path: Path) -> dict:
     """{passed, failed, errors, skipped, failed_names} from a pytest junit XML file."""
