@@ -11,6 +11,7 @@ whether it is set.
   PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
                        (GPU test runs; see prope_kernels/triton/configs.py)
   PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
+  WORLD_SIZE, RANK, LOCAL_RANK   set by torchrun: the trainer's data-parallel processes
   PROPE_CACHE          where the trainer caches corpora and tokenizers (default
                        $XDG_CACHE_HOME/prope_kernels, i.e. ~/.cache/prope_kernels)
 """
@@ -48,3 +49,8 @@ def cache_dir() -> str:
     """Where the trainer caches built corpora and tokenizers."""
     return _get("PROPE_CACHE") or os.path.join(
         _get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prope_kernels")
+
+
+def distributed() -> tuple:
+    """(world size, rank, local rank) of a torchrun process; (1, 0, 0) otherwise."""
+    return int(_get("WORLD_SIZE", "1")), int(_get("RANK", "0")), int(_get("LOCAL_RANK", "0"))
