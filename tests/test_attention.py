@@ -82,13 +82,13 @@ def q_mode(request, device):
     """Run the forward in one Q rotation mode: Q rotated into the output buffer by the config's
     pre-hook (0) or in registers when the program loads it (1). The interpreter has one config whose
     mode the test switches; on a GPU the first head_dim-64 table row is forced in that mode."""
-    from prope_kernels.triton import attention as A
+    from prope_kernels.triton import configs as C
     if device == "cpu":
-        A.set_interpreter_q_on_load(bool(request.param))
+        C.set_interpreter_q_on_load(bool(request.param))
         yield
-        A.set_interpreter_q_on_load(True)
+        C.set_interpreter_q_on_load(True)
     else:
-        with A.force_config("fwd", A.TABLES["fwd"][64][0] + (request.param,)):
+        with C.force_config("fwd", C.TABLES["fwd"][64][0] + (request.param,)):
             yield
 
 
