@@ -21,6 +21,9 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
+from prope_kernels import backends
+from prope_kernels import env as prope_env
+
 
 class Unavailable(Exception):
     """The provider cannot run on this machine / torch build; str(e) says why."""
@@ -30,7 +33,7 @@ class Unavailable(Exception):
 class Provider:
     name: str     # stable id used on the command line, in JSON/CSV and by pytest-benchmark
     family: str   # "prope", "sdpa", "flex", "flash-attn", "fa3"
-    backend: str  # prope: triton/cuda/reference; sdpa: cudnn/flash/efficient/math
+    backend: str  # prope: a name of prope_kernels.backends; sdpa: cudnn/flash/efficient/math
     rope: str     # "fused" (ours), "none", "eager", "compiled"
     label: str    # what a person reads in the tables
 
@@ -53,15 +56,15 @@ _ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + Ro
 
 
 def _all_providers():
-    out = [Provider("prope-triton", "prope", "triton", "fused", "prope_attention (triton)"),
-           # the two Triton kernel sets of the triton backend, each forced (PROPE_TRITON_KERNELS)
-           Provider("prope-triton-hopper", "prope", "triton", "fused",
-                    "prope_attention (triton, Hopper TMA kernels)"),
-           Provider("prope-triton-portable", "prope", "triton", "fused",
-                    "prope_attention (triton, portable kernels)"),
-           Provider("prope-cuda", "prope", "cuda", "fused", "prope_attention (cuda)"),
-           Provider("prope-reference", "prope", "reference", "fused",
-                    "prope_attention (reference, PyTorch)")]
+    # ours: one provider per registered backend
+    out = [Provider(f"prope-{be}", "prope", be, "fused",
+                    "prope_attention (reference, PyTorch)" if be == "reference"
+                    else f"prope_attention ({be})") for be in backends.names()]
+    # the two Triton kernel sets of the triton backend, each forced (PROPE_TRITON_KERNELS)
+    out += [Provider("prope-triton-hopper", "prope", "triton", "fused",
+                     "prope_attention (triton, Hopper TMA kernels)"),
+            Provider("prope-triton-portable", "prope", "triton", "fused",
+                     "prope_attention (triton, portable kernels)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -126,10 +129,6 @@ def select(patterns) -> List[str]:
 # building a provider for a case
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def build(prov: Provider, case, ctx, q, k, v) -> Impl:
     """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors
     (positions, cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs used to probe
@@ -162,20 +161,16 @@ def _rope_fn(kind, ctx):
 def _build_prope(prov, case, ctx, dev):
     from prope_kernels import interface as api
     be = prov.backend
-    if be == "triton":
-        if not api.triton_available():
-            raise Unavailable("triton is not installed")
-        if dev.type != "cuda" and not _interpreting():
-            raise Unavailable("needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
-        if dev.type == "cuda" and _interpreting():
-            raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
-                              "the compiled kernels")
-    elif be == "cuda":
-        if dev.type != "cuda":
-            raise Unavailable("needs a CUDA GPU")
-        if not api.cuda_ext_available():
-            raise Unavailable("the CUDA extension prope_kernels._C is not built")
-    elif be == "reference" and dev.type == "cuda":
+    entry = backends.get(be)
+    if not entry.runs_on(dev):
+        raise Unavailable("needs a CUDA GPU" + (" (or TRITON_INTERPRET=1 on the CPU)"
+                                                if entry.interpreter_cpu else ""))
+    if entry.unavailable() is not None:
+        raise Unavailable(f"backend={be!r} {entry.unavailable()}")
+    if entry.interpreter_cpu and dev.type == "cuda" and prope_env.interpreting():
+        raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
+                          "the compiled kernels")
+    if be == "reference" and dev.type == "cuda":
         need = 3 * 4 * case.q_heads * sum(n * n for n in (case.doc_lens or
                                                           [case.seqlen] * case.batch))
         if need > 16 * 2**30:
@@ -198,24 +193,24 @@ def _triton_kernel_set(prov, call, dev):
     forward and backward call, so every call re-sets it: the backward that follows a forward of
     one provider sees that provider's setting."""
     from prope_kernels.triton import hopper
-    user = os.environ.get(hopper.KERNELS_ENV)
+    user = os.environ.get(prope_env.TRITON_KERNELS)
     want = {"prope-triton-hopper": "hopper", "prope-triton-portable": "portable"}.get(prov.name,
                                                                                      user)
     if want == "hopper":
         if dev.type != "cuda":
             raise Unavailable("the Hopper kernels are timed on an sm_90 GPU only")
-        if torch.cuda.get_device_capability(dev) != (9, 0) or not hopper.triton_supports():
-            raise Unavailable(f"needs an sm_90 GPU and a Triton with tensor descriptors "
-                              f"(have sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}"
-                              f", Triton {__import__('triton').__version__})")
+        cap = torch.cuda.get_device_capability(dev)
+        if cap != (9, 0) or not hopper.triton_supports():
+            raise Unavailable(f"needs an sm_90 GPU and a Triton with tensor descriptors (have "
+                              f"sm_{cap[0]}{cap[1]}, Triton {__import__('triton').__version__})")
 
     def fn(q, k, v):
         if want is None:
-            os.environ.pop(hopper.KERNELS_ENV, None)
+            os.environ.pop(prope_env.TRITON_KERNELS, None)
         else:
-            os.environ[hopper.KERNELS_ENV] = want
+            os.environ[prope_env.TRITON_KERNELS] = want
         return call(q, k, v)
-    return Impl(fn, [f"{hopper.KERNELS_ENV}={want or 'auto'}"])
+    return Impl(fn, [f"{prope_env.TRITON_KERNELS}={want or 'auto'}"])
 
 
 def _sdpa_backend(name):

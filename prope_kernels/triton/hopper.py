@@ -21,12 +21,12 @@ Device-side descriptors need a global scratch allocation per launch: see ``_set_
 """
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import env
 from .attention import LN2, LOG2E, _dot, _key_blocks, _q_block
 from .rope import lowp
 
@@ -90,7 +90,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.interpreting()
 
 
 def _bucket(d):
@@ -123,7 +123,7 @@ def _prune(*names):
         forced = _FORCED.get(name)
         if forced is not None:
             rows = [forced]
-        elif os.environ.get("PROPE_AUTOTUNE", "1") == "0":
+        elif not env.autotune():
             rows = table_rows[:1]
         else:
             rows = table_rows
@@ -185,16 +185,18 @@ def _hfwd_kernel(
     if start_m >= L:
         return
     hk = h // GROUP
-    q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh, shape=[L, HEAD_DIM],
-                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh,
+                                       shape=[L, HEAD_DIM], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
     k_desc = tl.make_tensor_descriptor(K + seq_start * stride_kt + hk * stride_kh,
                                        shape=[L, HEAD_DIM], strides=[stride_kt, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
     v_desc = tl.make_tensor_descriptor(V + seq_start * stride_vt + hk * stride_vh,
                                        shape=[L, HEAD_DIM], strides=[stride_vt, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(O + seq_start * stride_ot + h * stride_oh, shape=[L, HEAD_DIM],
-                                       strides=[stride_ot, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(O + seq_start * stride_ot + h * stride_oh,
+                                       shape=[L, HEAD_DIM], strides=[stride_ot, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = q_desc.load([start_m, 0])                     # (BLOCK_M, D); rows >= L are zero-filled
 
@@ -309,7 +311,7 @@ def _hbwd_kernel(
 
     m_even = (L // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M                          # first query block that sees us
+        lo = (start_n // BLOCK_M) * BLOCK_M                   # first query block that sees us
         diag_end = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, m_even),
                               lo)
     else:
@@ -392,8 +394,9 @@ def _hdq_kernel(
         return
     hk = h // GROUP
     h64 = h.to(tl.int64)
-    q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh, shape=[L, HEAD_DIM],
-                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh,
+                                       shape=[L, HEAD_DIM], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
     do_desc = tl.make_tensor_descriptor(DO + seq_start * stride_dot + h * stride_doh,
                                         shape=[L, HEAD_DIM], strides=[stride_dot, 1],
                                         block_shape=[BLOCK_M, HEAD_DIM])
@@ -431,18 +434,12 @@ def triton_supports() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-KERNELS_ENV = "PROPE_TRITON_KERNELS"
+KERNELS_ENV = env.TRITON_KERNELS
 
 
 def requested() -> str:
-    """The one read of PROPE_TRITON_KERNELS, which Triton kernels the Triton backend runs:
-    "auto" (default): these on an sm_90 GPU wherever they support the call, else the portable
-    ones; "portable": always the portable kernels (attention.py); "hopper": these, and an error
-    where they cannot run the call (tests; also runs them under the CPU interpreter)."""
-    mode = os.environ.get(KERNELS_ENV, "auto") or "auto"
-    if mode not in ("auto", "portable", "hopper"):
-        raise ValueError(f"{KERNELS_ENV} must be 'auto', 'portable' or 'hopper', got {mode!r}")
-    return mode
+    """Which Triton kernels the Triton backend runs (PROPE_TRITON_KERNELS, read in env.py)."""
+    return env.triton_kernels()
 
 
 def selected(q, k, v, *, backward=False, window=None, softcap=None) -> bool:
@@ -482,7 +479,8 @@ def unsupported_reason(q, k, v, *, backward=False, window=None, softcap=None):
     # TMA: 16-byte aligned bases and row strides
     for x in (q, k, v):
         esize = x.element_size()
-        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((s * esize) % 16 for s in x.stride()[:-1]):
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((st * esize) % 16
+                                                          for st in x.stride()[:-1]):
             return "q/k/v not 16-byte aligned for TMA"
     return None
 
