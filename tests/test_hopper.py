@@ -26,7 +26,7 @@ def hopper_kernels(monkeypatch):
     if not hopper.triton_supports():
         pytest.skip(f"Triton {__import__('triton').__version__} has no tensor descriptors")
     monkeypatch.setenv(hopper.KERNELS_ENV, "hopper")
-    calls = {"fwd": 0, "bwd": 0}
+    calls = {"fwd": 0, "bwd": 0, "need_bwd": True}
     fwd, bwd = hopper.attn_fwd, hopper.attn_bwd
 
     def count(name, f):
@@ -37,7 +37,8 @@ def hopper_kernels(monkeypatch):
     monkeypatch.setattr(hopper, "attn_fwd", count("fwd", fwd))
     monkeypatch.setattr(hopper, "attn_bwd", count("bwd", bwd))
     yield calls
-    assert calls["fwd"] > 0 and calls["bwd"] > 0, f"the Hopper kernels did not run: {calls}"
+    assert calls["fwd"] > 0 and (calls["bwd"] > 0 or not calls["need_bwd"]), \
+        f"the Hopper kernels did not run: {calls}"
 
 
 # --- interpreter-sized (CI) and compiled on an H100: odd shapes, every GQA group ---------------
@@ -75,6 +76,25 @@ def test_hopper_backward_fused_and_split(device, monkeypatch, hopper_kernels, fu
     # both backward forms at one head_dim: one kernel with dQ' by fp32 atomics, or dK/dV + dQ
     monkeypatch.setattr(hopper, "fused_dq", lambda d: fused)
     run_dense(device, torch.bfloat16, 2, 53, 6, 2, 64, p=0.75, causal=causal)
+
+
+def test_hopper_d512_forward(device, hopper_kernels):
+    # head_dim 512: the Hopper forward (its backward is portable, and an error when forced)
+    from prope_kernels import prope_attention
+    from prope_kernels import reference as ref
+    from prope_kernels.rotary import PRoPESpec
+    from tolerance import check
+    hopper_kernels["need_bwd"] = False
+    gen = torch.Generator().manual_seed(512)
+    q, k, v = (torch.randn((1, 19, h, 512), generator=gen).to(device, torch.bfloat16)
+               for h in (2, 1, 1))
+    spec = PRoPESpec(512, 0.25, 1e6, "prope", "half")
+    out = prope_attention(q, k, v, p=0.25, theta=1e6, backend="triton")
+    truth = ref.prope_attention(q.double(), k.double(), v.double(), spec, True, None, None)
+    check("out", out, truth, ref.prope_attention(q, k, v, spec, True, None, None))
+    with pytest.raises(ValueError, match="head_dim 512 backward"):
+        qg = q.clone().requires_grad_()
+        prope_attention(qg, k, v, p=0.25, theta=1e6, backend="triton").sum().backward()
 
 
 def test_hopper_varlen(device, hopper_kernels):
@@ -136,7 +156,9 @@ def test_dispatch_rules(monkeypatch):
         assert hopper.unsupported_reason(q, k, v) is None
     assert "head_dim 48" in hopper.unsupported_reason(q[..., :48], k[..., :48], v[..., :48])
     big = torch.zeros(8, 2, 512, dtype=torch.bfloat16)
-    assert "head_dim 512" in hopper.unsupported_reason(big, big, big)   # portable path
+    if not ON_GPU:
+        assert hopper.unsupported_reason(big, big, big) is None        # forward: Hopper
+    assert "head_dim 512 backward" in hopper.unsupported_reason(big, big, big, backward=True)
     assert hopper.unsupported_reason(q, k, v, window=(8, 0)) == "sliding window"
     assert hopper.unsupported_reason(q, k, v, softcap=30.0) == "softcap"
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -174,6 +196,20 @@ def test_hopper_gpu_head_dims(hopper_kernels, d, heads):
 
 
 @pytest.mark.gpu
+def test_hopper_gpu_d512_forward_portable_backward(monkeypatch):
+    # auto: head_dim 512 runs the Hopper forward and the portable backward (no spill-free config)
+    if not SM90:
+        pytest.skip("sm_90 only")
+    monkeypatch.setenv(hopper.KERNELS_ENV, "auto")
+    calls = []
+    fwd, bwd = hopper.attn_fwd, hopper.attn_bwd
+    monkeypatch.setattr(hopper, "attn_fwd", lambda *a, **kw: calls.append("fwd") or fwd(*a, **kw))
+    monkeypatch.setattr(hopper, "attn_bwd", lambda *a, **kw: calls.append("bwd") or bwd(*a, **kw))
+    run_dense("cuda", torch.bfloat16, 1, 333, 4, 1, 512, p=0.25, causal=True)
+    assert calls == ["fwd"], calls
+
+
+@pytest.mark.gpu
 def test_hopper_gpu_noncausal_long(hopper_kernels):
     run_dense("cuda", torch.float16, 1, 4096, 8, 1, 256, p=0.25, causal=False)
 
@@ -185,10 +221,29 @@ def _config_cases():
                 yield kernel, d, row
 
 
+def _run_config(kernel, d):
+    s = 1000 if d <= 256 else 333
+    if d in hopper.BWD_HEAD_DIMS:
+        run_dense("cuda", torch.bfloat16, 2, s, 8, 2, d, p=0.75, causal=True)
+        return
+    # forward only (head_dim 512): the output and lse against the reference
+    from prope_kernels import prope_attention
+    from prope_kernels import reference as ref
+    from prope_kernels.rotary import PRoPESpec
+    from tolerance import check
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn((2, s, h, d), generator=gen).to("cuda", torch.bfloat16)
+               for h in (8, 2, 2))
+    spec = PRoPESpec(d, 0.75, 1e4, "prope", "half")
+    out = prope_attention(q, k, v, p=0.75, backend="triton")
+    truth = ref.prope_attention(q.double(), k.double(), v.double(), spec, True, None, None)
+    check("out", out, truth, ref.prope_attention(q, k, v, spec, True, None, None))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,d,row", list(_config_cases()),
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_hopper_every_config(hopper_kernels, kernel, d, row):
-    s = 1000
+    hopper_kernels["need_bwd"] = d in hopper.BWD_HEAD_DIMS   # d512: a forward-only check
     with hopper.force_config(kernel, row):
-        run_dense("cuda", torch.bfloat16, 2, s, 8, 2, d, p=0.75, causal=True)
+        _run_config(kernel, d)

@@ -48,12 +48,15 @@ from .rope import lowp
 #   hbwd  d64  32x128  w8 s2  207/0 | 217/0     hdq   d128 128x128 w8 s2 227/0  | 233/0
 #                                               hdq   d256 128x32 w8 s2  190/0  | 241/0
 #                                               hdq   d256 64x64  w4 s2  220/0  | 255/40
+#   hfwd  d512 64x32   w8 s2  238/0 | 240/0     hfwd  d512 64x16  w8 s2  224/0  | 228/0
 # Rejected by the same compile: the fused backward at d128 (64x128 w8: 488 B spilled) and d256
-# (64x64 w8: 656 B and 257 KiB shared memory); d512 dK/dV (2.6-2.8 KiB spilled).
+# (64x64 w8: 656 B and 257 KiB shared memory); d512 dK/dV (2.6-2.8 KiB spilled); d512 forward
+# 64x64 w8 (321 KiB shared memory), 64x32 w4 (1.8 KiB spilled), 64x32 w8 s1 (504 B spilled).
 _HFWD = {
     64: [(128, 128, 8, 3), (128, 64, 4, 3)],
     128: [(128, 128, 8, 3), (128, 64, 8, 3)],
     256: [(128, 64, 8, 2), (64, 64, 4, 2)],
+    512: [(64, 32, 8, 2), (64, 16, 8, 2)],     # forward only: the d512 backward is portable
 }
 # backward, fused (one kernel): BLOCK_N rows of K'/V stationary (dK, dV fp32 accumulators,
 # BLOCK_N x d each), BLOCK_M rows of Q'/dO streamed by TMA; per q block one (BLOCK_M, d) fp32 dQ'
@@ -84,9 +87,10 @@ def fused_dq(head_dim: int) -> bool:
 
 TABLES = {"hfwd": _HFWD, "hbwd": _HBWD, "hdkdv": _HDKDV, "hdq": _HDQ}
 # head dims the descriptors take: power-of-two tiles, inner box >= 16 B
-# head_dim 512 has no spill-free config yet (dK+dV alone are 256 registers a thread at a 64-row
-# key block with 8 warps): it runs on the portable kernels.
-HEAD_DIMS = (16, 32, 64, 128, 256)
+# head_dim 512: forward only. Its backward has no spill-free config yet (dK+dV alone are 256
+# registers a thread at a 64-row key block with 8 warps) and runs on the portable kernels.
+HEAD_DIMS = (16, 32, 64, 128, 256, 512)
+BWD_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _interpret() -> bool:
@@ -94,7 +98,7 @@ def _interpret() -> bool:
 
 
 def _bucket(d):
-    return 64 if d <= 64 else 128 if d <= 128 else 256
+    return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
 
 
 def _rows(tables):
@@ -470,6 +474,8 @@ def unsupported_reason(q, k, v, *, backward=False, window=None, softcap=None):
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         return f"head_dim {d} is not one of {HEAD_DIMS}"
+    if backward and d not in BWD_HEAD_DIMS:
+        return f"head_dim {d} backward (no spill-free sm_90 config yet)"
     if window is not None:
         return "sliding window"
     if softcap is not None:
