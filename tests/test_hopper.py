@@ -173,6 +173,24 @@ def test_dispatch_rules(monkeypatch):
             hopper.selected(q[..., :48], k[..., :48], v[..., :48])
 
 
+def test_backward_form_choice(monkeypatch):
+    # which backward form runs: a forced config's, else the default (no tuning here)
+    seen = []
+    monkeypatch.setattr(hopper, "_attn_bwd_form", lambda *a, fused, **kw: seen.append(fused))
+    q = torch.zeros(4, 2, 128)
+    args = (None, q, q, q, None, None, None, None, 4, None, True, 1.0)
+    kw = dict(seq_bucket=16, rotate=True, emulate=False, split=1)
+    monkeypatch.setenv("PROPE_AUTOTUNE", "0")
+    hopper.attn_bwd(*args, **kw)
+    with hopper.force_config("hbwd", hopper.TABLES["hbwd"][128][0]):
+        hopper.attn_bwd(*args, **kw)
+    with hopper.force_config("hdq", hopper.TABLES["hdq"][128][0]):
+        hopper.attn_bwd(*args, **kw)
+    assert seen == [hopper.fused_dq(128), True, False]
+    assert hopper._forms(128) == [True, False] and hopper._forms(64)[0] is True
+    assert hopper.fused_dq(64) and not hopper.fused_dq(256)
+
+
 def test_portable_forced_runs_portable(device, monkeypatch):
     # PROPE_TRITON_KERNELS=portable: the Hopper launchers are never called
     monkeypatch.setenv(hopper.KERNELS_ENV, "portable")

@@ -46,7 +46,8 @@ from .rope import lowp
 #   hfwd  d256 64x64   w4 s2  207/0 | 227/0     hdq   d64  128x64 w8 s2  124/0  | 123/0
 #   hbwd  d64  64x128  w8 s2  230/0 | 236/0     hdq   d128 128x64 w8 s2  159/0  | 172/0
 #   hbwd  d64  32x128  w8 s2  207/0 | 217/0     hdq   d128 128x128 w8 s2 227/0  | 233/0
-#                                               hdq   d256 128x32 w8 s2  190/0  | 241/0
+#   hbwd  d128 32x128  w8 s2  255/32 | 255/8    hdq   d256 128x32 w8 s2  190/0  | 241/0
+#   hbwd  d256 16x64   w8 s2  255/48 | 255/72
 #                                               hdq   d256 64x64  w4 s2  220/0  | 255/40
 #   hfwd  d512 64x32   w8 s2  238/0 | 240/0     hfwd  d512 64x16  w8 s2  224/0  | 228/0
 # Rejected by the same compile: the fused backward at d128 (64x128 w8: 488 B spilled) and d256
@@ -63,6 +64,8 @@ _HFWD = {
 # tile goes out by atomics. Only where that fits without spills (d64); elsewhere the split form.
 _HBWD = {
     64: [(64, 128, 8, 2), (32, 128, 8, 2)],
+    128: [(32, 128, 8, 2)],        # KV_RELOAD (see _HDKDV); 64x128 spilled 144 B
+    256: [(16, 64, 8, 2)],         # KV_RELOAD; 32x64 spilled 168 B
 }
 # backward, split: _hbwd_kernel with FUSED_DQ=0 (dK/dV) takes the _HDKDV rows, _hdq_kernel
 # (Q'/dO stationary, K'/V streamed) the _HDQ rows. At d >= 128 K'/V are re-read by TMA each step
@@ -80,9 +83,10 @@ _HDQ = {
 
 
 def fused_dq(head_dim: int) -> bool:
-    """The one-kernel backward (dQ' by atomics) where its table has rows (no spills), else the
-    split one."""
-    return _bucket(head_dim) in _HBWD
+    """The default backward form: fused (one kernel, dQ' by atomics) where it does not spill at
+    all (d64), else split. With autotuning on a GPU both forms are timed where both have rows
+    (d128, d256: the fused one spills a little) and the faster is kept per shape key."""
+    return _bucket(head_dim) == 64
 
 
 TABLES = {"hfwd": _HFWD, "hbwd": _HBWD, "hdkdv": _HDKDV, "hdq": _HDQ}
@@ -533,17 +537,44 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, *,
     return out, lse
 
 
+_FORM = {}   # (head_dim, group, causal, seq_bucket, split, rotate) -> fused (tuned on the GPU)
+
+
+def _forms(head_dim):
+    b = _bucket(head_dim)
+    return [f for f in (True, False) if b in (_HBWD if f else _HDKDV)]
+
+
 def attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
              *, seq_bucket, rotate, emulate, split):
+    """Which backward form runs: the forced config's (force_config), the tuned one (both timed
+    once per key with the kernels' own autotuning inside, the faster kept), or fused_dq(d)."""
+    d = q.shape[-1]
+    args = (dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec, causal, scale)
+    kw = dict(seq_bucket=seq_bucket, rotate=rotate, emulate=emulate, split=split)
+    if "hbwd" in _FORCED or "hdkdv" in _FORCED or "hdq" in _FORCED:
+        return _attn_bwd_form(*args, **kw, fused="hbwd" in _FORCED)
+    forms = _forms(d)
+    if _interpret() or not env.autotune() or len(forms) < 2:
+        return _attn_bwd_form(*args, **kw, fused=fused_dq(d))
+    key = (d, q.shape[1] // k.shape[1], causal, seq_bucket, split, rotate)
+    if key not in _FORM:
+        times = {f: triton.testing.do_bench(lambda: _attn_bwd_form(*args, **kw, fused=f))
+                 for f in forms}
+        _FORM[key] = min(times, key=times.get)
+    return _attn_bwd_form(*args, **kw, fused=_FORM[key])
+
+
+def _attn_bwd_form(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen, spec, causal,
+                   scale, *, seq_bucket, rotate, emulate, split, fused):
     """dq, dk, dv given delta = rowsum(o * do) - dlse (computed by ops.attn_bwd).
 
-    Fused (fused_dq(d)): one kernel, dQ' summed in an fp32 buffer by atomics, then rotated back
+    fused=True: one kernel, dQ' summed in an fp32 buffer by atomics, then rotated back
     and rounded once. Split: the dK/dV kernel, then the dQ kernel writing dQ' over Q' in place
     (no fp32 buffer), rotated back in place."""
     from .rope import rope_launch
     total, hq, d = q.shape
     hkv = k.shape[1]
-    fused = fused_dq(d)
     tables = spec.tables(q.device)
     if rotate:
         q_rot = rope_launch(q, _new(q), positions, tables, spec.num_rotated, False)
@@ -599,8 +630,8 @@ def bwd_max_block_n(head_dim: int) -> int:
     """The largest stationary key block the backward may pick (sizes the GQA split)."""
     if _interpret():
         return 16
-    table = _HBWD if fused_dq(head_dim) else _HDKDV
-    return max(row[1] for row in table[_bucket(head_dim)])
+    b = _bucket(head_dim)
+    return max(row[1] for t in (_HBWD, _HDKDV) for row in t.get(b, []))
 
 
 _KERNELS = {"hfwd": _hfwd_kernel, "hbwd": _hbwd_kernel, "hdkdv": _hbwd_kernel,
