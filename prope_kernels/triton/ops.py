@@ -66,7 +66,8 @@ def rope(x, positions, spec, conjugate):
                        conjugate)
 
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
     total, hq, d = q.shape
     out = _new(q)
     lse = _new(q, hq, total, dtype=torch.float32)
@@ -95,7 +96,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale):
+             scale, window=(-1, -1), softcap=0.0):
     total, hq, d = q.shape
     hkv = k.shape[1]
     if dout.stride(-1) != 1:
