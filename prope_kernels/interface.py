@@ -78,7 +78,7 @@ def supported_head_dim(backend: str, head_dim: int) -> bool:
 
 # Attention features each kernel backend implements (the reference implements all of them).
 # "auto" skips a backend that lacks a feature the call uses; naming it explicitly raises.
-FEATURES = {"triton": frozenset(), "cuda": frozenset()}
+FEATURES = {"triton": frozenset({"window", "softcap"}), "cuda": frozenset()}
 
 
 def _features(window=(-1, -1), softcap=0.0, causal=False) -> frozenset:
