@@ -135,6 +135,7 @@ setup(
     version=_version(),
     description="p-RoPE fused into FlashAttention-style attention kernels (Triton and CUDA)",
     packages=find_packages(include=["prope_kernels", "prope_kernels.*"]),
+    package_data={"prope_kernels": ["dispatch.json"]},  # backend="auto" table
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

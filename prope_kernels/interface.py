@@ -29,7 +29,7 @@ import torch
 from . import reference as ref
 from .rotary import PRoPESpec, validate_rotary_args
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "cuda", "sdpa", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -59,6 +59,8 @@ def _backend_module(name: str):
         from .triton import ops as m
     elif name == "cuda":
         from . import cuda as m
+    elif name == "sdpa":
+        from . import sdpa as m
     else:  # pragma: no cover - guarded by _resolve_backend
         raise ValueError(f"unknown kernel backend {name!r}")
     return m
@@ -72,11 +74,17 @@ def supported_head_dim(backend: str, head_dim: int) -> bool:
     return head_dim % 2 == 0
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def _resolve_backend(backend: str, x: torch.Tensor, attn=None) -> str:
+    """The backend that runs. attn: (k, num_seqs, max_seqlen, causal) of an attention call
+    (x is q, packed or (batch, seqlen, ...)): 'auto' then decides by prope_kernels.dispatch (table or default), and
+    'sdpa' is checked for a PyTorch kernel that fits."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_gpu = x.device.type == "cuda"
-    if backend == "auto":
+    if backend == "auto" and attn is not None:
+        from .dispatch import decide
+        return decide(x, *attn).backend
+    if backend == "auto":  # the rotation alone (apply_prope)
         if on_gpu and x.dtype in _KERNEL_DTYPES:
             if cuda_ext_available() and supported_head_dim("cuda", x.shape[-1]):
                 from . import cuda as cuda_backend
@@ -101,6 +109,9 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
             raise ValueError("backend='cuda' needs the compiled extension prope_kernels._C, which "
                              "is not built; reinstall with a CUDA toolkit "
                              "(PROPE_FORCE_CUDA_BUILD=1 pip install .) or use backend='triton'")
+    if backend == "sdpa" and attn is not None and not torch.compiler.is_compiling():
+        from . import sdpa
+        sdpa.check(x, *attn)  # ValueError naming why no PyTorch kernel fits
     if backend in ("triton", "cuda"):
         if x.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"backend={backend!r} supports float16 and bfloat16 q/k/v, got "
@@ -341,7 +352,9 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
         causal: causal mask (query i attends to keys j <= i).
         softmax_scale: defaults to head_dim ** -0.5.
         positions: integer (seqlen,) or (batch, seqlen); default 0..seqlen-1.
-        backend: "auto", "triton", "cuda" or "reference" (pure PyTorch, any device).
+        backend: "auto" (see prope_kernels.dispatch and explain()), "triton", "cuda", "sdpa"
+            (PyTorch's cuDNN/flash/memory-efficient kernel with our rotation around it) or
+            "reference" (pure PyTorch, any device).
         return_lse: also return the log-sum-exp (batch, q_heads, seqlen), float32.
 
     Returns:
@@ -355,7 +368,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     b, s = q.shape[:2]
     if positions is not None:
         _check_positions(positions, [(s,), (b, s)], q.device)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, (k, b, s, causal))
     spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
 
     if backend == "reference":
@@ -401,7 +414,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
     if positions is not None:
         _check_positions(positions, [(total,)], q.device)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, (k, cu_seqlens.numel() - 1, int(max_seqlen), causal))
     spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
 
     if backend == "reference":
@@ -415,6 +428,49 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), float(p),
                             float(theta), variant, layout, causal, scale, backend)
     return (out, lse) if return_lse else out
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None, *,
+            p: float = 0.75, theta: float = 10000.0, variant: str = "prope",
+            layout: str = "half", causal: bool = True, softmax_scale: Optional[float] = None,
+            positions: Optional[torch.Tensor] = None, backend: str = "auto",
+            return_lse: bool = False):
+    """Which backend :func:`prope_attention` (or, with ``cu_seqlens``, the varlen op) would run
+    for these arguments, and why: a dispatch-table entry (measured) or the documented default,
+    the PyTorch kernel of the sdpa backend, k/v expansions, what cannot run. Validates like the
+    op (same errors) and runs nothing. Returns a :class:`prope_kernels.dispatch.Decision`; its
+    ``str()`` is the explanation.
+    """
+    from .dispatch import Decision, decide
+    packed = cu_seqlens is not None
+    _check_qkv(q, k, v, packed=packed)
+    validate_rotary_args(q.shape[-1], p, theta, variant, layout)
+    _check_bool("causal", causal)
+    _check_bool("return_lse", return_lse)
+    _check_scale(softmax_scale, q.shape[-1])
+    if packed:
+        if max_seqlen is None:
+            raise TypeError("explain: max_seqlen is required with cu_seqlens")
+        _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+        if positions is not None:
+            _check_positions(positions, [(q.shape[0],)], q.device)
+        attn = (k, cu_seqlens.numel() - 1, int(max_seqlen), causal)
+    else:
+        b, s = q.shape[:2]
+        if positions is not None:
+            _check_positions(positions, [(s,), (b, s)], q.device)
+        attn = (k, b, s, causal)
+    if backend == "auto":
+        return decide(q, *attn)
+    chosen = _resolve_backend(backend, q, attn)  # raises what the op would raise
+    dec = Decision(chosen, "requested by backend=" + repr(backend), "requested")
+    if chosen == "sdpa":
+        from . import sdpa
+        ch = sdpa.choose(q, *attn)
+        dec.kernel, dec.notes = ch.kernel, list(ch.notes)
+        dec.reason += f"; {ch.why}"
+    return dec
 
 
 def apply_prope(x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, p: float = 0.75,

@@ -145,7 +145,11 @@ def test_long_context_positions(device):
 
 
 def test_return_lse_and_its_gradient(device):
-    b, s, hq, hkv, d = 2, 29, 4, 2, 32
+    run_lse(device, "triton")
+
+
+def run_lse(device, backend, b=2, s=29, hq=4, hkv=2, d=32, causal=True):
+    """out and lse against the reference, and the gradients of a loss that uses both."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = (_rand((b, s, h, d), torch.float16, device, gen) for h in (hq, hkv, hkv))
     dout = _rand((b, s, hq, d), torch.float16, device, gen)
@@ -153,11 +157,11 @@ def test_return_lse_and_its_gradient(device):
     spec = PRoPESpec(d, 0.75)
 
     def fused(q, k, v):
-        o, lse = prope_attention(q, k, v, backend="triton", return_lse=True)
+        o, lse = prope_attention(q, k, v, backend=backend, causal=causal, return_lse=True)
         return o, lse
 
     def reference(q, k, v):
-        return ref.prope_attention(q, k, v, spec, True, None, None, return_lse=True)
+        return ref.prope_attention(q, k, v, spec, causal, None, None, return_lse=True)
 
     results = []
     for fn, xs in ((fused, (q, k, v)), (reference, [x.double() for x in (q, k, v)]),
@@ -174,7 +178,7 @@ def test_return_lse_and_its_gradient(device):
 # --- varlen --------------------------------------------------------------------------------------
 
 def run_varlen(device, dtype, lens, hq, hkv, d, p=0.75, variant="prope", layout="half",
-               causal=True, explicit_positions=False):
+               causal=True, explicit_positions=False, backend="triton"):
     gen = torch.Generator().manual_seed(_seed(tuple(lens), hq, hkv, d, p, causal))
     total = sum(lens)
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
@@ -189,7 +193,7 @@ def run_varlen(device, dtype, lens, hq, hkv, d, p=0.75, variant="prope", layout=
 
     got = _grads(lambda q, k, v: prope_attention_varlen(
         q, k, v, cu, ms, p=p, variant=variant, layout=layout, causal=causal,
-        positions=positions, backend="triton"), (q, k, v), dout)
+        positions=positions, backend=backend), (q, k, v), dout)
     fn = lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal, None, positions)  # noqa: E731,E501
     truth = _grads(fn, [x.double() for x in (q, k, v)], dout.double())
     lowp = _grads(fn, (q, k, v), dout)
