@@ -26,13 +26,14 @@ not been benchmarked), the documented default applies:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import env
 
 TABLE = Path(__file__).with_name("dispatch.json")
 SCHEMA = 1
@@ -79,7 +80,7 @@ def _load(path: str, mtime: float) -> dict:
 
 def table(path=None) -> dict:
     """key tuple -> entry. PROPE_DISPATCH_TABLE overrides the path (tests, experiments)."""
-    p = Path(path or os.environ.get("PROPE_DISPATCH_TABLE") or TABLE)
+    p = Path(path or env.dispatch_table() or TABLE)
     if not p.is_file():
         return {}
     return _load(str(p), p.stat().st_mtime)
@@ -116,8 +117,7 @@ class Decision:
 def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
            causal: bool) -> Decision:
     """The auto choice for packed q (total, hq, d), k (total, hkv, d), or (batch, seqlen, ...)."""
-    from . import interface as api
-    from . import sdpa
+    from . import backends, sdpa
     d = q.shape[-1]
     if q.device.type != "cuda":
         return Decision("reference", f"tensors on {q.device}: the kernels need CUDA tensors",
@@ -133,17 +133,17 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
         notes += list(ch.notes)
     else:
         notes.append(f"sdpa cannot run: {ch.why}")
-    if api.triton_available() and api.supported_head_dim("triton", d):
-        runnable["triton"] = "Triton kernels"
-    else:
-        notes.append(f"triton cannot run: head_dim {d} or triton missing")
-    if api.cuda_ext_available() and api.supported_head_dim("cuda", d):
-        runnable["cuda"] = "CUDA C++ extension"
+    for name in ("triton", "cuda"):
+        be = backends.REGISTRY.get(name)
+        if be is not None and be.can_run(q):
+            runnable[name] = be.description
+        elif name == "triton":
+            notes.append(f"triton cannot run: it takes {be.head_dims}, got head_dim {d}"
+                         if be is not None and be.unavailable() is None
+                         else "triton cannot run: not available")
     k_ = key(arch(q.device), d, q.shape[-2] // k.shape[-2], causal, not ch.dense, max_seqlen)
-    cuda_preferred = False
-    if "cuda" in runnable:
-        from . import cuda as cuda_backend
-        cuda_preferred = cuda_backend.preferred_over_triton(q)
+    cuda_be = backends.REGISTRY.get("cuda")
+    cuda_preferred = bool("cuda" in runnable and cuda_be.auto is not None and cuda_be.auto(q))
     return pick(runnable, ch, k_, lookup(k_), cuda_preferred, notes)
 
 

@@ -36,12 +36,12 @@ carries a gradient.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from . import env
 from . import reference as ref
 
 KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
@@ -65,7 +65,7 @@ class Choice:
 
 
 def _forced() -> Optional[str]:
-    k = os.environ.get("PROPE_SDPA_KERNEL", "").strip()
+    k = env.sdpa_kernel()
     if k and k not in GPU_KERNELS:
         raise ValueError(f"PROPE_SDPA_KERNEL must be one of {GPU_KERNELS}, got {k!r}")
     return k or None
