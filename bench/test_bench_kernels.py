@@ -25,7 +25,8 @@ pytest.importorskip("pytest_benchmark")
 
 from bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
 from bench.check import spot_check  # noqa: E402
-from bench.providers import PROVIDERS, PYTEST_SMOKE_PROVIDERS, Unavailable, _short, build  # noqa: E402,E501
+from bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS, Unavailable,  # noqa: E402
+                             _short, build)
 from bench.runner import make_ctx, make_inputs  # noqa: E402
 
 GPU = torch.cuda.is_available()

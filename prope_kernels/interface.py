@@ -40,14 +40,20 @@ def _backend_module(name: str):
     return backends.get(name).load()
 
 
+def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal):
+    if name == "auto":  # resolved here when the op was traced by torch.compile (see resolve)
+        name = backends.choose_auto(q, (k, cu_seqlens.numel() - 1, max_seqlen, causal))
+    return _backend_module(name)
+
+
 @torch.library.custom_op("prope_kernels::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  positions: torch.Tensor, max_seqlen: int, p: float, theta: float, variant: str,
                  layout: str, causal: bool, softmax_scale: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    return _backend_module(backend).attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec,
-                                             causal, softmax_scale)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
+    return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale)
 
 
 @_attn_fwd_op.register_fake
@@ -63,8 +69,9 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    return _backend_module(backend).attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions,
-                                             max_seqlen, spec, causal, softmax_scale)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
+    return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
+                      causal, softmax_scale)
 
 
 @_attn_bwd_op.register_fake
@@ -196,7 +203,8 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
     if positions is not None:
         check_positions(positions, [(total,)], q.device)
-    backend = backends.resolve(backend, q, (k, cu_seqlens.numel() - 1, int(max_seqlen), causal))
+    num_seqs = cu_seqlens.numel() - 1
+    backend = backends.resolve(backend, q, (k, num_seqs, int(max_seqlen), causal))
 
     if positions is None:
         pos = ref.varlen_positions(cu_seqlens, total)

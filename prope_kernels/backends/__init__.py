@@ -139,6 +139,11 @@ def resolve(backend, x: torch.Tensor, attn=None) -> str:
     if not isinstance(backend, str) or backend not in choices():
         raise ValueError(f"backend must be one of {choices()}, got {backend!r}")
     if backend == "auto":
+        if attn is not None and torch.compiler.is_compiling():
+            # Inside torch.compile the attention op gets "auto" and decides when it runs, on
+            # the real tensors (prope_kernels.interface): torch's kernel-eligibility checks that
+            # the decision calls are not traceable.
+            return "auto"
         return choose_auto(x, attn)
     be = REGISTRY[backend]
     be.check(x)
