@@ -112,6 +112,10 @@ SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-
                          "sdpa-math+rope-eager"]
 SMOKE_VARLEN_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math+rope-eager"]
 SMOKE_P_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math-norope"]
+# the peers `.ci/gpu_check.sh quick` times (bench/gpu_summary.py): cuDNN and FlashAttention-2
+# (SDPA's flash backend), each without RoPE (the floor) and with the user's p-RoPE compiled
+QUICK_PEER_PROVIDERS = ["sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash-norope",
+                        "sdpa-flash+rope-compiled"]
 # pytest-benchmark (bench/conftest.py, bench/test_bench_kernels.py)
 PYTEST_BENCH_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope",
                           "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",

@@ -15,6 +15,7 @@ whether it is set.
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
                        prope_kernels/dispatch.json (tests, experiments)
+  WORLD_SIZE, RANK, LOCAL_RANK   set by torchrun: the trainer's data-parallel processes
   PROPE_CACHE          where the trainer caches corpora and tokenizers (default
                        $XDG_CACHE_HOME/prope_kernels, i.e. ~/.cache/prope_kernels)
 """
@@ -62,3 +63,8 @@ def sdpa_kernel() -> str:
 def dispatch_table() -> str:
     """Path of the auto dispatch table; "" for the package's own."""
     return _get("PROPE_DISPATCH_TABLE")
+
+
+def distributed() -> tuple:
+    """(world size, rank, local rank) of a torchrun process; (1, 0, 0) otherwise."""
+    return int(_get("WORLD_SIZE", "1")), int(_get("RANK", "0")), int(_get("LOCAL_RANK", "0"))

@@ -77,22 +77,25 @@ def test_head_dims(device, d):
     run_dense(device, torch.float16, 2, 33, 2, 1, d, p=0.5, layout="interleaved")
 
 
-@pytest.fixture
-def q_prerotated():
-    """Run the forward in its Q_ON_LOAD=0 mode (Q rotated into the output buffer by the config
-    pre-hook). On a GPU the autotuner picks the mode; under the interpreter the test chooses."""
-    from prope_kernels.triton.attention import set_interpreter_q_on_load
-    if torch.cuda.is_available():
-        pytest.skip("the autotuner picks the Q rotation mode on a GPU")
-    set_interpreter_q_on_load(False)
-    yield
-    set_interpreter_q_on_load(True)
+@pytest.fixture(params=[0, 1], ids=["q_prerotated", "q_on_load"])
+def q_mode(request, device):
+    """Run the forward in one Q rotation mode: Q rotated into the output buffer by the config's
+    pre-hook (0) or in registers when the program loads it (1). The interpreter has one config whose
+    mode the test switches; on a GPU the first head_dim-64 table row is forced in that mode."""
+    from prope_kernels.triton import configs as C
+    if device == "cpu":
+        C.set_interpreter_q_on_load(bool(request.param))
+        yield
+        C.set_interpreter_q_on_load(True)
+    else:
+        with C.force_config("fwd", C.TABLES["fwd"][64][0] + (request.param,)):
+            yield
 
 
 @pytest.mark.parametrize("variant,layout,p,causal", [("prope", "half", 0.75, True),
                                                      ("partial", "interleaved", 0.25, False),
                                                      ("reversed", "half", 1.0, True)])
-def test_q_prerotated_mode(device, q_prerotated, variant, layout, p, causal):
+def test_q_rotation_modes(device, q_mode, variant, layout, p, causal):
     run_dense(device, torch.bfloat16, 3, 45, 6, 2, 64, p=p, variant=variant, layout=layout,
               causal=causal)
 

@@ -197,6 +197,7 @@ def test_parity_with_triton(d, heads):
     _run_dense(torch.bfloat16, 2, 1025, hq, hkv, d, p=0.25, parity=True)
 
 
+@pytest.mark.gpu
 def test_misaligned_contiguous_inputs():
     # A contiguous view whose base is not 16-byte aligned (storage offset 1 element): the binding
     # copies it to an aligned tensor (the kernels' cp.async moves 16 bytes) instead of faulting.
@@ -211,6 +212,7 @@ def test_misaligned_contiguous_inputs():
     assert torch.equal(got, want)
 
 
+@pytest.mark.gpu
 def test_deterministic_mode_refuses_atomic_backward():
     # dQ is summed with float atomics: torch's deterministic mode must refuse it, not let it
     # through silently (the Triton backend is the deterministic choice there).
