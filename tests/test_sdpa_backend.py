@@ -14,7 +14,7 @@ import torch
 
 from prope_kernels import dispatch, explain, prope_attention, prope_attention_varlen, sdpa
 from prope_kernels.rotary import PRoPESpec
-from test_attention import HEADS, run_dense, run_lse, run_varlen
+from harness import HEADS, run_dense, run_varlen
 
 # --- numbers against the reference (CPU: cpu_flash; GPU: the kernel choose() picks) -------------
 
@@ -54,8 +54,8 @@ def test_softmax_scale_theta_and_long_positions(device):
 @pytest.mark.parametrize("causal", [True, False])
 def test_return_lse_and_its_gradient(device, causal):
     # the lse gradient is added outside the ATen backward (one extra fwd and bwd): exact math
-    run_lse(device, "sdpa", causal=causal)
-    run_lse(device, "sdpa", b=1, s=18, hq=3, hkv=1, d=16, causal=causal)
+    run_dense(device, torch.float16, 2, 29, 4, 2, 32, causal=causal, backend="sdpa", lse=True)
+    run_dense(device, torch.bfloat16, 1, 18, 3, 1, 16, causal=causal, backend="sdpa", lse=True)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -255,7 +255,7 @@ def test_gpu_each_kernel(monkeypatch, kernel, heads, d):
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 def test_gpu_lse(monkeypatch, kernel):
     monkeypatch.setenv("PROPE_SDPA_KERNEL", kernel)
-    run_lse("cuda", "sdpa", b=2, s=1000, hq=8, hkv=2, d=128)
+    run_dense("cuda", torch.bfloat16, 2, 1000, 8, 2, 128, backend="sdpa", lse=True)
 
 
 @pytest.mark.gpu
