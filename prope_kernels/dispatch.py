@@ -115,8 +115,9 @@ class Decision:
 
 
 def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
-           causal: bool) -> Decision:
-    """The auto choice for packed q (total, hq, d), k (total, hkv, d), or (batch, seqlen, ...)."""
+           causal: bool, needs: frozenset = frozenset()) -> Decision:
+    """The auto choice for packed q (total, hq, d), k (total, hkv, d), or (batch, seqlen, ...),
+    for a call that uses the features ``needs`` (a backend without one of them cannot run it)."""
     from . import backends, sdpa
     d = q.shape[-1]
     if q.device.type != "cuda":
@@ -128,6 +129,10 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
     notes = []
     runnable = {}
     ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
+    lacks = {n: sorted(set(needs) - set(be.features)) for n, be in backends.REGISTRY.items()}
+    if ch.kernel and lacks.get("sdpa"):
+        ch = sdpa.Choice(None, ch.dense, False, f"PyTorch's kernels are called without "
+                                                f"{', '.join(lacks['sdpa'])} here")
     if ch.kernel:
         runnable["sdpa"] = f"PyTorch kernel {ch.kernel}"
         notes += list(ch.notes)
@@ -135,12 +140,13 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
         notes.append(f"sdpa cannot run: {ch.why}")
     for name in ("triton", "cuda"):
         be = backends.REGISTRY.get(name)
-        if be is not None and be.can_run(q):
+        if be is not None and be.can_run(q) and not lacks.get(name):
             runnable[name] = be.description
         elif name == "triton":
-            notes.append(f"triton cannot run: it takes {be.head_dims}, got head_dim {d}"
-                         if be is not None and be.unavailable() is None
-                         else "triton cannot run: not available")
+            notes.append("triton cannot run: " + (
+                "not available" if be is None or be.unavailable() is not None else
+                f"it lacks {', '.join(lacks[name])}" if lacks.get(name) else
+                f"it takes {be.head_dims}, got head_dim {d}"))
     k_ = key(arch(q.device), d, q.shape[-2] // k.shape[-2], causal, not ch.dense, max_seqlen)
     cuda_be = backends.REGISTRY.get("cuda")
     cuda_preferred = bool("cuda" in runnable and cuda_be.auto is not None and cuda_be.auto(q))

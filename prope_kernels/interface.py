@@ -42,7 +42,7 @@ def _backend_module(name: str):
 
 def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal):
     if name == "auto":  # resolved here when the op was traced by torch.compile (see resolve)
-        name = backends.choose_auto(q, (k, cu_seqlens.numel() - 1, max_seqlen, causal))
+        name = backends.choose_auto(q, attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
     return _backend_module(name)
 
 
@@ -164,7 +164,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     b, s = q.shape[:2]
     if positions is not None:
         check_positions(positions, [(s,), (b, s)], q.device)
-    backend = backends.resolve(backend, q, (k, b, s, causal))
+    backend = backends.resolve(backend, q, attn=(k, b, s, causal))
 
     if positions is None:
         pos = torch.arange(s, device=q.device, dtype=torch.int64).repeat(b)
@@ -204,7 +204,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if positions is not None:
         check_positions(positions, [(total,)], q.device)
     num_seqs = cu_seqlens.numel() - 1
-    backend = backends.resolve(backend, q, (k, num_seqs, int(max_seqlen), causal))
+    backend = backends.resolve(backend, q, attn=(k, num_seqs, int(max_seqlen), causal))
 
     if positions is None:
         pos = ref.varlen_positions(cu_seqlens, total)
@@ -245,7 +245,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn = (k, b, s, causal)
     if backend == "auto":
         return decide(q, *attn)
-    chosen = backends.resolve(backend, q, attn)  # raises what the op would raise
+    chosen = backends.resolve(backend, q, attn=attn)  # raises what the op would raise
     dec = Decision(chosen, f"requested by backend={backend!r}", "requested")
     if chosen == "sdpa":
         from . import sdpa

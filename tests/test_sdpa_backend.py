@@ -8,6 +8,7 @@ checked for shapes and layouts on the meta device here, and for numbers by the `
 """
 
 import json
+import types
 
 import pytest
 import torch
@@ -275,3 +276,25 @@ def test_gpu_explain_default():
     q5, k5, v5 = (torch.randn(1, 256, h, 512, device="cuda", dtype=torch.bfloat16)
                   for h in (4, 1, 1))
     assert explain(q5, k5, v5).backend == "triton"
+
+
+def test_auto_respects_needed_features(monkeypatch):
+    # a feature the sdpa backend lacks (e.g. a sliding window) takes it out of auto's choice
+    from prope_kernels import backends
+    seen = {}
+
+    def fake_pick(runnable, ch, k_, entry, cuda_preferred=False, notes=None):
+        seen.update(runnable=dict(runnable), ch=ch)
+        return dispatch.Decision("x", "", "default")
+    monkeypatch.setattr(dispatch, "pick", fake_pick)
+    monkeypatch.setattr(dispatch, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(sdpa, "choose", lambda *a: _choice("flash"))
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16,
+                              shape=(64, 4, 128))
+    k = types.SimpleNamespace(shape=(64, 2, 128))
+    feats = {n: be.features for n, be in backends.REGISTRY.items()}
+    dispatch.decide(q, k, 1, 64, True)
+    assert "sdpa" in seen["runnable"] and seen["ch"].kernel == "flash"
+    missing = next(iter({"window", "softcap"} - set(feats["sdpa"])))
+    dispatch.decide(q, k, 1, 64, True, needs=frozenset({missing}))
+    assert "sdpa" not in seen["runnable"] and missing in seen["ch"].why

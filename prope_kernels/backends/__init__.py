@@ -118,13 +118,13 @@ def get(name: str) -> Backend:
     return REGISTRY[name]
 
 
-def choose_auto(x: torch.Tensor, attn=None) -> str:
-    """The backend ``auto`` picks for q-like ``x``. attn: (k, num_seqs, max_seqlen, causal) of
-    an attention call: then the dispatch table / default of :mod:`prope_kernels.dispatch`
-    decides (``prope_kernels.explain`` says why)."""
+def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
+    """The backend ``auto`` picks for q-like ``x`` and a call that uses the features ``needs``.
+    attn: (k, num_seqs, max_seqlen, causal) of an attention call: then the dispatch table /
+    default of :mod:`prope_kernels.dispatch` decides (``prope_kernels.explain`` says why)."""
     if attn is not None:
         from ..dispatch import decide
-        return decide(x, *attn).backend
+        return decide(x, *attn, needs=needs).backend
     for name in AUTO_ORDER:
         be = REGISTRY[name]
         if be.auto is not None and be.can_run(x) and be.auto(x):
@@ -132,10 +132,10 @@ def choose_auto(x: torch.Tensor, attn=None) -> str:
     return "reference"
 
 
-def resolve(backend, x: torch.Tensor, attn=None) -> str:
+def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
     """A backend name for ``x``: ``auto`` resolved, an explicit choice checked (ValueError or
-    TypeError naming what it cannot run). attn: (k, num_seqs, max_seqlen, causal) of an
-    attention call (x is q), None for the rotation alone."""
+    TypeError naming what it cannot run). needs: the features the call uses. attn: (k,
+    num_seqs, max_seqlen, causal) of an attention call (x is q), None for the rotation alone."""
     if not isinstance(backend, str) or backend not in choices():
         raise ValueError(f"backend must be one of {choices()}, got {backend!r}")
     if backend == "auto":
@@ -144,10 +144,11 @@ def resolve(backend, x: torch.Tensor, attn=None) -> str:
             # the real tensors (prope_kernels.interface): torch's kernel-eligibility checks that
             # the decision calls are not traceable.
             return "auto"
-        return choose_auto(x, attn)
+        return choose_auto(x, needs, attn)
     be = REGISTRY[backend]
     be.check(x)
-    if attn is not None and be.check_attention is not None and not torch.compiler.is_compiling():
+    if (attn is not None and be.check_attention is not None
+            and not torch.compiler.is_compiling()):
         be.check_attention(x, *attn)
     return backend
 
