@@ -91,6 +91,25 @@ def choose(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
         return Choice(None, dense, False, f"the fused GPU kernels take float16/bfloat16, got "
                                           f"{q.dtype}")
     forced = _forced()
+    cb = torch.backends.cuda
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), num_seqs, max_seqlen,
+           bool(causal), forced, torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(), cb.cudnn_sdp_enabled(),
+           cb.flash_sdp_enabled(), cb.mem_efficient_sdp_enabled())
+    hit = _CHOICES.get(key)
+    if hit is None:  # the checks below cost tens of microseconds: once per shape and setting
+        if len(_CHOICES) > 256:
+            _CHOICES.clear()
+        hit = _CHOICES[key] = _choose_gpu(q, k, num_seqs, max_seqlen, causal, dense, forced)
+    return hit
+
+
+_CHOICES: dict = {}
+
+
+def _choose_gpu(q, k, num_seqs, max_seqlen, causal, dense, forced) -> Choice:
+    total, hq, d = q.shape
+    hkv = k.shape[1]
     # torch's own eligibility checks on (batch, heads, seqlen, d) views (varlen: one row)
     b = num_seqs if dense else 1
     q4 = q.reshape(b, total // b, hq, d).transpose(1, 2)

@@ -120,6 +120,19 @@ def test_gpu_kernel_calls_on_meta(kernel, dense, hq, hkv):
         assert g.shape == x.shape and g.is_contiguous() and g.dtype == x.dtype
 
 
+@pytest.mark.parametrize("forced", [None, "cudnn", "flash", "efficient"])
+def test_gpu_kernel_choice_runs_torch_checks(forced):
+    # the GPU choice calls torch's own eligibility checks (SDPAParams, can_use_*); on CPU tensors
+    # each refuses, and the answer says which kernel refused (varlen: cudnn/efficient not wired)
+    q = torch.empty(2 * 24, 4, 64, dtype=torch.bfloat16)
+    k = torch.empty(2 * 24, 2, 64, dtype=torch.bfloat16)
+    for num_seqs, dense in ((2, True), (3, False)):
+        ch = sdpa._choose_gpu(q, k, num_seqs, 24, True, dense, forced)
+        assert ch.kernel is None and ch.dense == dense
+        for kern in ([forced] if forced else sdpa.GPU_KERNELS):
+            assert f"{kern}:" in ch.why, ch.why
+
+
 def test_forced_kernel_must_be_known(monkeypatch):
     monkeypatch.setenv("PROPE_SDPA_KERNEL", "math")
     with pytest.raises(ValueError, match="PROPE_SDPA_KERNEL"):
@@ -261,7 +274,7 @@ def test_gpu_lse(monkeypatch, kernel):
 
 @pytest.mark.gpu
 def test_gpu_varlen_flash_and_head_dim_512():
-    run_varlen("cuda", torch.bfloat16, [1, 3000, 517, 2048, 7], 16, 4, 128, backend="sdpa")
+    run_varlen("cuda", torch.bfloat16, [1, 3000, 0, 517, 2048, 7], 16, 4, 128, backend="sdpa")
     run_dense("cuda", torch.bfloat16, 1, 1024, 4, 1, 512, p=0.25, theta=1e6, backend="sdpa")
 
 
