@@ -162,11 +162,17 @@ def check(q, k, num_seqs, max_seqlen, causal) -> Choice:
 # rotation
 # ----------------------------------------------------------------------------------------------
 
+# Tests set this under TRITON_INTERPRET=1 to run the Triton rotation kernel on CPU tensors (the
+# launch sequence of the GPU path: in-place inverse rotation of dq', dk').
+_TRITON_ON_CPU = False
+
+
 def _rotate(x, positions, spec, conjugate, out=None):
-    """Rotated copy of x (total, heads, d); x itself when nothing rotates (p=0)."""
+    """Rotated copy of x (total, heads, d) (or into ``out``, which may be x itself); x itself
+    when nothing rotates (p=0)."""
     if spec.num_rotated == 0:
         return x if out is None else out.copy_(x)
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" or _TRITON_ON_CPU:
         from .triton.rope import rope_launch
         y = torch.empty_like(x) if out is None else out
         return rope_launch(x, y, positions.contiguous(), spec.tables(x.device),
@@ -360,8 +366,9 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     del qr, kr
     # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the inverse rotation
     if spec.num_rotated:
-        dq = _rotate(dq, positions, spec, True, out=dq if dq.device.type == "cuda" else None)
-        dk = _rotate(dk, positions, spec, True, out=dk if dk.device.type == "cuda" else None)
+        in_place = dq.device.type == "cuda" or _TRITON_ON_CPU
+        dq = _rotate(dq, positions, spec, True, out=dq if in_place else None)
+        dk = _rotate(dk, positions, spec, True, out=dk if in_place else None)
     return dq, dk, dv
 
 

@@ -13,7 +13,8 @@ import types
 import pytest
 import torch
 
-from prope_kernels import dispatch, explain, prope_attention, prope_attention_varlen, sdpa
+from prope_kernels import (dispatch, env, explain, prope_attention, prope_attention_varlen,
+                           sdpa)
 from prope_kernels.rotary import PRoPESpec
 from harness import HEADS, run_dense, run_varlen
 
@@ -81,6 +82,17 @@ def test_varlen_return_lse(device):
     assert lse.shape == (4, 18) and lse.dtype == torch.float32
     torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=0)
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("p,layout", [(0.75, "half"), (0.25, "interleaved")])
+def test_with_the_triton_rotation(device, monkeypatch, p, layout):
+    # the GPU path's rotation: the Triton kernel into new buffers, dq'/dk' rotated back in place
+    # (on the CPU under the interpreter)
+    if device == "cpu" and not env.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    monkeypatch.setattr(sdpa, "_TRITON_ON_CPU", True)
+    run_dense(device, torch.bfloat16, 2, 21, 4, 2, 32, p=p, layout=layout, backend="sdpa",
+              lse=True)
 
 
 def test_p_zero_rotates_nothing_and_rope_op(device):
