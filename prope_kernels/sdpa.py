@@ -78,8 +78,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
     and dtypes only (no host sync)."""
     if q.dim() == 4:
         q, k = q.flatten(0, 1), k.flatten(0, 1)
-    total, hq, d = q.shape
-    hkv = k.shape[1]
+    total = q.shape[0]
     # Every length <= max_seqlen and their sum is total: all equal max_seqlen iff total fills it.
     dense = max_seqlen > 0 and num_seqs * max_seqlen == total
     if q.device.type != "cuda":
