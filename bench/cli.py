@@ -23,7 +23,7 @@ sweeps:    {', '.join(C.SWEEPS)}
 providers: {', '.join(P.PROVIDERS)}
 modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
 
-The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, llama-gqa and
+The standard report (no --preset/--sweep) on a GPU runs the presets gemma-2b, llama-gqa and
 mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
 gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
@@ -53,7 +53,7 @@ def parser():
         epilog=EPILOG)
     g = ap.add_argument_group("what to run")
     g.add_argument("--preset", action="append", default=[], metavar="NAME[,NAME]",
-                   help="named shape(s) from PERF.md, or 'all'")
+                   help="named shape(s) (see --list), or 'all'")
     g.add_argument("--sweep", action="append", default=[], metavar="NAME[,NAME]",
                    help="seqlen, head_dim, causal, heads, p, varlen, or 'all'")
     g.add_argument("--providers", metavar="PATTERNS",

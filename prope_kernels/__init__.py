@@ -2,7 +2,8 @@
 
     from prope_kernels import prope_attention, prope_attention_varlen, apply_prope
 
-See :mod:`prope_kernels.interface` for the API, :mod:`prope_kernels.reference` for the math.
+See :mod:`prope_kernels.interface` for the API, :mod:`prope_kernels.backends` for the backends,
+:mod:`prope_kernels.reference` for the math.
 """
 
 from .interface import apply_prope, prope_attention, prope_attention_varlen

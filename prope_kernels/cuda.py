@@ -1,6 +1,6 @@
 """CUDA C++ backend (csrc/): thin Python side of the compiled extension ``prope_kernels._C``.
 
-Provides the backend contract of :mod:`prope_kernels.interface` (attn_fwd, attn_bwd, rope) by
+Provides the backend contract of :mod:`prope_kernels.backends` (attn_fwd, attn_bwd, rope) by
 calling ``torch.ops.prope_cuda.*`` (registered when ``_C`` is imported). Imports cleanly without
 the extension: :func:`available` is then False.
 
