@@ -41,7 +41,9 @@ def _backend_module(name: str):
 
 
 def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal):
-    if name == "auto":  # resolved here when the op was traced by torch.compile (see resolve)
+    # "auto" reaches the op only from torch.compile (see backends.resolve); a feature a call
+    # needs (backends.resolve's ``needs``) must be passed to choose_auto here too.
+    if name == "auto":
         name = backends.choose_auto(q, attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
     return _backend_module(name)
 
