@@ -141,6 +141,7 @@ setup(
     version=_version(),
     description="p-RoPE fused into FlashAttention-style attention kernels (Triton and CUDA)",
     packages=find_packages(include=["prope_kernels", "prope_kernels.*"]),
+    package_data={"prope_kernels": ["dispatch.json"]},  # backend="auto" table
     python_requires=">=3.10",
     # the kernels alone: torch and triton; the trainer, the benchmark and the tests are extras
     install_requires=[

@@ -50,6 +50,9 @@ class Backend:
     unavailable: Callable[[], Optional[str]] = lambda: None
     # when ``auto`` should take it for an input it can run (None: never picked by auto)
     auto: Optional[Callable[[torch.Tensor], bool]] = None
+    # attention inputs a backend may still refuse (a vendor kernel's limits): called with
+    # (q, k, num_seqs, max_seqlen, causal), raises a ValueError naming why
+    check_attention: Optional[Callable] = None
     device_hint: str = "use backend='reference' on the CPU"
     _module: list = field(default_factory=list, repr=False, compare=False)
 
@@ -115,8 +118,13 @@ def get(name: str) -> Backend:
     return REGISTRY[name]
 
 
-def choose_auto(x: torch.Tensor) -> str:
-    """The backend ``auto`` picks for q-like ``x``."""
+def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
+    """The backend ``auto`` picks for q-like ``x`` and a call that uses the features ``needs``.
+    attn: (k, num_seqs, max_seqlen, causal) of an attention call: then the dispatch table /
+    default of :mod:`prope_kernels.dispatch` decides (``prope_kernels.explain`` says why)."""
+    if attn is not None:
+        from ..dispatch import decide
+        return decide(x, *attn, needs=needs).backend
     for name in AUTO_ORDER:
         be = REGISTRY[name]
         if be.auto is not None and be.can_run(x) and be.auto(x):
@@ -124,14 +132,24 @@ def choose_auto(x: torch.Tensor) -> str:
     return "reference"
 
 
-def resolve(backend, x: torch.Tensor) -> str:
+def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
     """A backend name for ``x``: ``auto`` resolved, an explicit choice checked (ValueError or
-    TypeError naming what it cannot run)."""
+    TypeError naming what it cannot run). needs: the features the call uses. attn: (k,
+    num_seqs, max_seqlen, causal) of an attention call (x is q), None for the rotation alone."""
     if not isinstance(backend, str) or backend not in choices():
         raise ValueError(f"backend must be one of {choices()}, got {backend!r}")
     if backend == "auto":
-        return choose_auto(x)
-    REGISTRY[backend].check(x)
+        if attn is not None and torch.compiler.is_compiling():
+            # Inside torch.compile the attention op gets "auto" and decides when it runs, on
+            # the real tensors (prope_kernels.interface): torch's kernel-eligibility checks that
+            # the decision calls are not traceable.
+            return "auto"
+        return choose_auto(x, needs, attn)
+    be = REGISTRY[backend]
+    be.check(x)
+    if (attn is not None and be.check_attention is not None
+            and not torch.compiler.is_compiling()):
+        be.check_attention(x, *attn)
     return backend
 
 
@@ -179,6 +197,23 @@ register(Backend(
     description="CUDA C++ kernels (csrc/, CUTLASS/CuTe), built into prope_kernels._C",
     head_dims="head_dim 64, 128 or 256", head_dim_ok=lambda d: d in (64, 128, 256),
     unavailable=_cuda_unavailable, auto=_cuda_preferred,
+))
+
+def _sdpa_check(q, k, num_seqs, max_seqlen, causal):
+    from .. import sdpa
+    sdpa.check(q, k, num_seqs, max_seqlen, causal)
+
+
+# PyTorch's fused attention (cuDNN, else flash, else memory-efficient; CPU: the CPU flash op)
+# with our rotation around it. Which inputs it takes is torch's own eligibility check on the
+# shape (prope_kernels.sdpa.choose); auto picks it through prope_kernels.dispatch.
+register(Backend(
+    name="sdpa", module="prope_kernels.sdpa",
+    description="PyTorch's cuDNN / FlashAttention-2 / memory-efficient attention (ATen ops) with "
+                "the p-RoPE rotation kernel around it",
+    dtypes=ALL_DTYPES, devices=None,
+    head_dims="what torch's cuDNN/flash/memory-efficient kernels take (float16/bfloat16 on CUDA)",
+    check_attention=_sdpa_check,
 ))
 
 register(Backend(
