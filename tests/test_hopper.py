@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prope_kernels.triton import hopper
-from test_attention import HEADS, run_dense
+from harness import HEADS, run_dense
 
 ON_GPU = torch.cuda.is_available()
 SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
@@ -189,6 +189,30 @@ def test_backward_form_choice(monkeypatch):
     assert seen == [hopper.fused_dq(128), True, False]
     assert hopper._forms(128) == [True, False] and hopper._forms(64)[0] is True
     assert hopper.fused_dq(64) and not hopper.fused_dq(256)
+
+
+@pytest.mark.parametrize("feature", ["window", "softcap"])
+def test_window_softcap_not_on_hopper_kernels(device, monkeypatch, feature):
+    # forced: a clear error naming the feature; auto (on an sm_90 GPU): the portable kernels run
+    # the call, checked against the reference
+    from prope_kernels import prope_attention
+    kw = {"window": (5, 0)} if feature == "window" else {"softcap": 20.0}
+    q = torch.randn(1, 33, 2, 32, device=device, dtype=torch.float16)
+    if hopper.triton_supports() and (SM90 or not ON_GPU):
+        monkeypatch.setenv(hopper.KERNELS_ENV, "hopper")
+        with pytest.raises(ValueError, match="sliding window" if feature == "window"
+                           else "softcap"):
+            prope_attention(q, q[:, :, :1], q[:, :, :1], backend="triton", **kw)
+    if not SM90:
+        return
+    from test_window_softcap import run_dense as run_features
+    monkeypatch.setenv(hopper.KERNELS_ENV, "auto")
+
+    def fail(*a, **k):
+        raise AssertionError("Hopper kernels called for a window/softcap call")
+    monkeypatch.setattr(hopper, "attn_fwd", fail)
+    monkeypatch.setattr(hopper, "attn_bwd", fail)
+    run_features("cuda", torch.bfloat16, 2, 300, "gqa", 128, True, **kw)
 
 
 def test_portable_forced_runs_portable(device, monkeypatch):

@@ -27,8 +27,46 @@ import triton
 import triton.language as tl
 
 from .. import env
-from .attention import LN2, LOG2E, _dot, _key_blocks, _q_block
 from .rope import lowp
+
+# Own copies of the small helpers (the portable kernels' versions grow features these kernels do
+# not have, e.g. the sliding window's key range).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _dot(a, b, acc, EMULATE: tl.constexpr):
+    # EMULATE (CPU interpreter with bf16 only): exact fp32 dots of the bf16 values, as on a GPU
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
+    """Program over query-row blocks -> (head, first token of its sequence (int64), sequence
+    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_sh = tl.program_id(0)
+    seq = pid_sh // n_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_blocks(start_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys seen by query rows [start_m, start_m + BLOCK_M): [0, free) full blocks left of the
+    diagonal (no mask), [free, hi) need the causal/ragged-tail mask."""
+    n_even = (L // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
+        hi = tl.minimum(L, start_m + BLOCK_M)
+    else:
+        free = n_even
+        hi = L
+    return free, hi
 
 # ------------------------------------------------------------------------------------------------
 # configs
