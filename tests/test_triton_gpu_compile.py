@@ -90,10 +90,10 @@ def _cases(full, dims=None):
                    _attn_consts(d, bm, bn), w, s)
         # the sliding window and softcap paths (constexpr), on each kernel's first row
         feats = dict(WINDOW=True, SOFTCAP=True)
-        for name, fn, rows, extra in (("fwd", A._attn_fwd_kernel, A._FWD, dict(Q_ON_LOAD=0)),
-                                      ("dkdv", A._attn_bwd_dkdv_kernel, A._DKDV,
+        for name, fn, rows, extra in (("fwd", A._attn_fwd_kernel, C.FWD, dict(Q_ON_LOAD=0)),
+                                      ("dkdv", A._attn_bwd_dkdv_kernel, C.DKDV,
                                        dict(SPLIT=2, ATOMIC=1)),
-                                      ("dq", A._attn_bwd_dq_kernel, A._DQ, {})):
+                                      ("dq", A._attn_bwd_dq_kernel, C.DQ, {})):
             bm, bn, w, s = rows[d][0]
             yield (f"{name} window+softcap d{d} {bm}x{bn} w{w} s{s}", fn,
                    _attn_consts(d, bm, bn, **feats, **extra), w, s)
