@@ -195,6 +195,8 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
         notes = [f"auto -> {dec.backend} ({dec.source})"
                  + (f", PyTorch kernel {dec.kernel}" if dec.kernel else "")]
         kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
+        if case.has_window or case.softcap:   # the case's features, as for the other backends
+            kw.update(window=tuple(case.window), softcap=case.softcap or None)
         if case.varlen:
             cu, max_s = ctx["cu_seqlens"], case.seqlen
             return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw),
