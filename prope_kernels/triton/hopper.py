@@ -1,4 +1,4 @@
-"""Hopper (sm_90) fused p-RoPE attention: TMA tensor-descriptor loads, wgmma, one-kernel backward.
+"""Hopper (sm_90) fused p-RoPE attention: TMA tensor-descriptor loads, wgmma, FA3-style backward.
 
 Same packed layout and contract as :mod:`.attention` (the portable kernels, which stay the path for
 sm_80, older Triton, the interpreter's default run and the calls these kernels do not support).
@@ -8,13 +8,16 @@ What is different here:
   base = first token of the sequence, shape = (L, head_dim). The TMA engine zero-fills rows past
   the sequence end and clips stores there, so varlen and ragged tails need no pointer masks on the
   big tiles (only the score mask and the lse/delta vectors).
-* backward, FlashAttention-3 style: ONE kernel with K'/V stationary (BLOCK_N rows) computes dK and
-  dV in registers and adds each q block's dQ' contribution (BLOCK_M, d) into an fp32 buffer with
-  atomics, instead of the portable path's second pass (dq kernel) that recomputes P and dP.
+* backward, FlashAttention-3 style (fused form): ONE kernel with K'/V stationary (BLOCK_N rows)
+  computes dK and dV in registers and adds each q block's dQ' contribution (BLOCK_M, d) into an
+  fp32 buffer with atomics, instead of a second pass (dq kernel) that recomputes P and dP. Where
+  that spills (d128/d256 a little, see the tables) the split form (dK/dV kernel + dQ kernel, both
+  on TMA) also exists; the GPU times both once per shape key and keeps the faster.
 * p-RoPE stays fused exactly as in the portable path: K' and Q' live in short-lived buffers made
   by the rotation kernel (forward: Q' is written into the output buffer and read back by the
-  program that owns those rows), identity dims are plain copies there, and the fp32 dQ'/dK' sums
-  are rotated back (conjugate) and rounded once. Nothing rotated outlives the op call.
+  program that owns those rows), identity dims are plain copies there, and dQ'/dK' (fp32 sums
+  where accumulated) are rotated back (conjugate) and rounded once. Nothing rotated outlives
+  the op call.
 
 Program ids as in attention.py: axis 0 = sequence * heads, axis 1 = block of rows.
 Device-side descriptors need a global scratch allocation per launch: see ``_set_allocator``.
