@@ -54,7 +54,7 @@ import torch
 from ..interface import prope_attention, prope_attention_varlen, apply_prope
 from ..rotary import rotated_pairs
 
-__all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings",
+__all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings", "unpatch_class",
            "PLAN_KWARG", "SUPPORTED_ATTENTION_CLASSES"]
 
 PLAN_KWARG = "prope_plan"
@@ -131,6 +131,18 @@ def _expected_inv_freq(head_dim, p, theta, variant) -> torch.Tensor:
     return torch.where(keep, f, torch.zeros_like(f))
 
 
+def _config_inv_freq(params, head_dim, theta) -> torch.Tensor:
+    """The frequencies transformers computes from a "default"/"proportional" rope config."""
+    if params.get("rope_type", "default") == "default" or params.get("factor", 1.0) != 1.0:
+        p = 1.0 if params.get("factor", 1.0) == 1.0 else float("nan")
+    else:
+        p = float(params.get("partial_rotary_factor", 1.0))
+    if math.isnan(p):
+        return torch.full((head_dim // 2,), float("nan"))
+    r = int(p * head_dim // 2)
+    return _expected_inv_freq(head_dim, r / (head_dim // 2), theta, "prope")
+
+
 def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float):
     """(p, variant) if ``inv_freq`` is p-RoPE with this theta, else (None, reason)."""
     h = head_dim // 2
@@ -176,7 +188,10 @@ def _layer_settings(attn, rotary, config, backend) -> LayerSettings:
     scaling = getattr(rotary, s_name, 1.0)
     if scaling != 1.0:
         return fallback(f"its rope scales cos/sin by {scaling}")
-    p, variant = _read_rotation(getattr(rotary, f_name), head_dim, theta)
+    inv_freq = getattr(rotary, f_name)
+    if inv_freq.is_meta:  # built on the meta device: transformers fills it from the config
+        inv_freq = _config_inv_freq(params, head_dim, theta)
+    p, variant = _read_rotation(inv_freq, head_dim, theta)
     if p is None:
         return fallback(variant)
     s = LayerSettings(p=p, theta=theta, variant=variant, **base)
@@ -209,8 +224,9 @@ def _convert_rotary(rotary, config, layer_type, head_dim, p, variant):
             if buf.numel() != want.numel():
                 raise ValueError(f"p: the rotary buffer {name} has {buf.numel()} entries, "
                                  f"expected head_dim/2 = {want.numel()}")
-            with torch.no_grad():
-                buf.copy_(want.to(buf.dtype))
+            if not buf.is_meta:  # meta: transformers fills it from the (updated) config
+                with torch.no_grad():
+                    buf.copy_(want.to(buf.dtype))
     if variant == "prope":
         params["rope_type"] = "proportional"
         params["partial_rotary_factor"] = float(p)
@@ -567,9 +583,11 @@ def prope_layer_settings(model) -> list:
 def _patch_class(cls, **options):
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise TypeError(f"model must be a torch.nn.Module or a subclass of it, got {cls!r}")
+    if options.get("variant", "prope") != "prope" and options.get("p") is not None:
+        raise ValueError("a patched class converts through its config, which records only "
+                         "variant='prope'; patch the loaded model for variant='reversed'")
     init = cls.__init__
-    if getattr(init, "_prope_wrapped", False):
-        init = init.__wrapped__
+    init = getattr(init, "_prope_original", init)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -577,6 +595,14 @@ def _patch_class(cls, **options):
         if type(self) is cls:  # once, for the outermost class being built
             apply_prope_attention(self, **options)
 
-    __init__._prope_wrapped = True
+    __init__._prope_original = init
     cls.__init__ = __init__
+    return cls
+
+
+def unpatch_class(cls):
+    """Undo :func:`apply_prope_attention` on a class (models built before stay patched)."""
+    init = getattr(cls.__init__, "_prope_original", None)
+    if init is not None:
+        cls.__init__ = init
     return cls
