@@ -23,7 +23,8 @@ from tolerance import check  # noqa: E402
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              attention_dropout=0.0, pad_token_id=0)
+              attention_dropout=0.0, pad_token_id=0,
+              initializer_range=0.2)  # large enough that attention is far from uniform
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2)),
@@ -302,8 +303,8 @@ def test_cu_seq_lens_kwargs(device, monkeypatch):
 
 def test_convert_rope_to_prope_roundtrip(tmp_path, device, monkeypatch):
     model = build("llama", device=device)
-    apply_prope_attention(model, p=0.75, backend="reference")
-    assert [s.p for s in prope_layer_settings(model)] == [0.75, 0.75]  # 6 of 8 pairs
+    apply_prope_attention(model, p=0.25, backend="reference")
+    assert [s.p for s in prope_layer_settings(model)] == [0.25, 0.25]  # 2 of 8 pairs rotate
     assert model.config.rope_parameters["rope_type"] == "proportional"
     ids, labels, keep, kw = make_inputs("padding", device)
     calls = OpCounter(monkeypatch)
@@ -317,7 +318,8 @@ def test_convert_rope_to_prope_roundtrip(tmp_path, device, monkeypatch):
     again = transformers.LlamaForCausalLM.from_pretrained(tmp_path).to(device).eval()
     torch.testing.assert_close(again(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
     # p-RoPE differs from the RoPE the model had
-    assert not torch.allclose(build("llama", device=device)(ids, **kw).logits[keep], fused[keep])
+    rope = build("llama", device=device)(ids, **kw).logits[keep]
+    assert (rope - fused[keep]).abs().max() > 1e-2
 
 
 def test_convert_per_layer_type_gemma4(device):

@@ -41,6 +41,7 @@ p-RoPE) and its config records ``rope_type="proportional"`` with ``partial_rotar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -125,7 +126,7 @@ def _expected_inv_freq(head_dim, p, theta, variant) -> torch.Tensor:
     form of transformers' "proportional" rope; "reversed" rotates the slowest pairs instead)."""
     h = head_dim // 2
     r = rotated_pairs(head_dim, p)
-    k = torch.arange(h, dtype=torch.float64)
+    k = torch.arange(h, dtype=torch.float64, device="cpu")  # not a meta-device context
     f = float(theta) ** (-2.0 * k / head_dim)
     keep = k < r if variant == "prope" else k >= h - r
     return torch.where(keep, f, torch.zeros_like(f))
@@ -138,7 +139,7 @@ def _config_inv_freq(params, head_dim, theta) -> torch.Tensor:
     else:
         p = float(params.get("partial_rotary_factor", 1.0))
     if math.isnan(p):
-        return torch.full((head_dim // 2,), float("nan"))
+        return torch.full((head_dim // 2,), float("nan"), device="cpu")
     r = int(p * head_dim // 2)
     return _expected_inv_freq(head_dim, r / (head_dim // 2), theta, "prope")
 
@@ -195,15 +196,16 @@ def _layer_settings(attn, rotary, config, backend) -> LayerSettings:
     if p is None:
         return fallback(variant)
     s = LayerSettings(p=p, theta=theta, variant=variant, **base)
+    reason = None
     if not getattr(attn, "is_causal", True):
-        return fallback("the layer is not causal (bidirectional attention)")
-    if window is not None and not _HAS_WINDOW:
-        return fallback("sliding-window attention needs the op's window= keyword, not in this "
-                        "prope_kernels version")
-    if softcap is not None and not _HAS_SOFTCAP:
-        return fallback("attention logit soft-capping needs the op's softcap= keyword, not in "
-                        "this prope_kernels version")
-    return s
+        reason = "the layer is not causal (bidirectional attention)"
+    elif window is not None and not _HAS_WINDOW:
+        reason = ("sliding-window attention needs the op's window= keyword, not in this "
+                  "prope_kernels version")
+    elif softcap is not None and not _HAS_SOFTCAP:
+        reason = ("attention logit soft-capping needs the op's softcap= keyword, not in this "
+                  "prope_kernels version")
+    return dataclasses.replace(s, reason=reason)
 
 
 def _convert_rotary(rotary, config, layer_type, head_dim, p, variant):
