@@ -147,6 +147,8 @@ def _config_inv_freq(params, head_dim, theta) -> torch.Tensor:
 def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float):
     """(p, variant) if ``inv_freq`` is p-RoPE with this theta, else (None, reason)."""
     h = head_dim // 2
+    # built in float32 (relative error ~1e-7); a model cast with .to(bf16) rounds it further
+    rtol = max(1e-5, 4 * torch.finfo(inv_freq.dtype).eps)
     got = inv_freq.detach().to("cpu", torch.float64)
     if got.numel() != h:
         return None, (f"its rotary frequencies cover {2 * got.numel()} of head_dim {head_dim} "
@@ -154,8 +156,7 @@ def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float):
     r = int((got != 0).sum())
     for variant in ("prope", "reversed"):
         want = _expected_inv_freq(head_dim, r / h, theta, variant)
-        # transformers builds inv_freq in float32: relative error ~1e-7
-        if torch.equal(want != 0, got != 0) and torch.allclose(got, want, rtol=1e-5, atol=0):
+        if torch.equal(want != 0, got != 0) and torch.allclose(got, want, rtol=rtol, atol=0):
             return r / h, variant
     return None, ("its rotary frequencies are not theta^(-2k/d) with rope_theta="
                   f"{theta} (a scaled rope: linear, yarn, llama3, ...)")
