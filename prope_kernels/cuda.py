@@ -77,17 +77,29 @@ def _tables(spec, device):
     return t.pair_a, t.pair_b, t.pair_freq, t.identity
 
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def _no_window_softcap(window, softcap) -> None:
+    # The CUDA kernels implement neither (interface.FEATURES["cuda"] is empty, so the API raises
+    # before reaching here); this guards direct calls of the op.
+    if window[0] >= 0 or window[1] >= 0 or softcap:
+        raise ValueError(f"the CUDA backend implements neither window nor softcap, got "
+                         f"window={tuple(window)}, softcap={softcap}; use backend='triton'")
+
+
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
     _require()
+    _no_window_softcap(window, softcap)
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
         *_tables(spec, q.device), bool(causal), float(scale))
     return out, lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
+             window=(-1, -1), softcap=0.0):
     """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse."""
     _require()
+    _no_window_softcap(window, softcap)
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
         int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale))

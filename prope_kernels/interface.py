@@ -12,10 +12,14 @@ packed by a free view. ``lse`` is (q_heads, total) float32, natural log.
 
 A backend module provides::
 
-    attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale) -> (out, lse)
+    attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window, softcap)
+        -> (out, lse)
     attn_bwd(dout, q, k, v, out, lse, dlse_or_None, cu_seqlens, positions, max_seqlen, spec,
-             causal, scale) -> (dq, dk, dv)
+             causal, scale, window, softcap) -> (dq, dk, dv)
     rope(x, positions, spec, conjugate) -> rotated x (x: (total, heads, d))
+
+``window`` is a (left, right) pair of ints as normalized by :func:`_check_window` (-1 unbounded;
+right already capped at 0 when causal); ``softcap`` a float, 0.0 = off.
 """
 
 from __future__ import annotations
@@ -72,17 +76,32 @@ def supported_head_dim(backend: str, head_dim: int) -> bool:
     return head_dim % 2 == 0
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+# Attention features each kernel backend implements (the reference implements all of them).
+# "auto" skips a backend that lacks a feature the call uses; naming it explicitly raises.
+FEATURES = {"triton": frozenset({"window", "softcap"}), "cuda": frozenset()}
+
+
+def _features(window=(-1, -1), softcap=0.0, causal=False) -> frozenset:
+    """The optional features a call uses (window: normalized by _check_window)."""
+    used = set()
+    if window[0] >= 0 or (window[1] >= 0 and not causal):  # (-1, 0) with causal is plain causal
+        used.add("window")
+    if softcap:
+        used.add("softcap")
+    return frozenset(used)
+
+
+def _resolve_backend(backend: str, x: torch.Tensor, features: frozenset = frozenset()) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_gpu = x.device.type == "cuda"
     if backend == "auto":
         if on_gpu and x.dtype in _KERNEL_DTYPES:
-            if cuda_ext_available() and supported_head_dim("cuda", x.shape[-1]):
+            if cuda_ext_available() and _usable("cuda", x, features):
                 from . import cuda as cuda_backend
                 if cuda_backend.preferred_over_triton(x):
                     return "cuda"
-            if triton_available() and supported_head_dim("triton", x.shape[-1]):
+            if triton_available() and _usable("triton", x, features):
                 return "triton"
         return "reference"
     if backend == "triton":
@@ -109,7 +128,24 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
             what = ("an even head_dim <= 256, or 512" if backend == "triton"
                     else "head_dim 64, 128 or 256")
             raise ValueError(f"backend={backend!r} supports {what}; got head_dim={x.shape[-1]}")
+        _check_features(backend, features)
     return backend
+
+
+def _usable(backend: str, x: torch.Tensor, features: frozenset) -> bool:
+    """Whether "auto" may pick this kernel backend for x (head_dim) and the features used."""
+    return supported_head_dim(backend, x.shape[-1]) and features <= FEATURES[backend]
+
+
+def _check_features(backend: str, features: frozenset) -> None:
+    missing = sorted(features - FEATURES[backend])
+    if missing:
+        names = {"window": "window (sliding-window attention)",
+                 "softcap": "softcap (logit softcapping)"}
+        others = [b for b in FEATURES if b != backend and features <= FEATURES[b]]
+        raise ValueError(f"backend={backend!r} does not implement "
+                         + " or ".join(names[m] for m in missing) + "; use "
+                         + ", ".join(f"backend={b!r}" for b in others + ["reference", "auto"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,16 +159,18 @@ def _spec(d, p, theta, variant, layout) -> PRoPESpec:
 @torch.library.custom_op("prope_kernels::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  positions: torch.Tensor, max_seqlen: int, p: float, theta: float, variant: str,
-                 layout: str, causal: bool, softmax_scale: float, backend: str
+                 layout: str, causal: bool, softmax_scale: float, window_left: int,
+                 window_right: int, softcap: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
     return _backend_module(backend).attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec,
-                                             causal, softmax_scale)
+                                             causal, softmax_scale, (window_left, window_right),
+                                             softcap)
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, positions, max_seqlen, p, theta, variant, layout, causal,
-      softmax_scale, backend):
+      softmax_scale, window_left, window_right, softcap, backend):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -141,23 +179,26 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                  cu_seqlens: torch.Tensor, positions: torch.Tensor, max_seqlen: int, p: float,
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 window_left: int, window_right: int, softcap: float, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
     return _backend_module(backend).attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions,
-                                             max_seqlen, spec, causal, softmax_scale)
+                                             max_seqlen, spec, causal, softmax_scale,
+                                             (window_left, window_right), softcap)
 
 
 @_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, p, theta, variant, layout,
-      causal, softmax_scale, backend):
+      causal, softmax_scale, window_left, window_right, softcap, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, cu, pos, max_seqlen, p, theta, variant, layout, causal, scale, backend = inputs
+    q, k, v, cu, pos, max_seqlen, *args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu, pos)  # no rotated copies are kept
-    ctx.args = (max_seqlen, p, theta, variant, layout, causal, scale, backend)
+    ctx.args = (max_seqlen, *args)  # p, theta, variant, layout, causal, scale, window, softcap,
+    #                                 backend
 
 
 def _attn_backward(ctx, dout, dlse):
@@ -165,7 +206,7 @@ def _attn_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu, pos, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -269,6 +310,34 @@ def _check_positions(positions, shapes, device, name="positions"):
                          + f", got {tuple(positions.shape)}")
 
 
+def _check_window(window, causal: bool) -> tuple:
+    """window=(left, right): ints >= -1 (-1 = unbounded); returns the pair with the right side
+    capped at 0 when causal (flash-attn's convention)."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a (left, right) tuple of two ints (-1 = unbounded), "
+                        f"got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"window sides must be >= -1 (-1 = unbounded, 0 = only the query's own "
+                         f"position on that side), got window={tuple(window)}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return int(left), int(right)
+
+
+def _check_softcap(softcap) -> float:
+    """softcap: None or 0 (off), or a positive finite float."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not (softcap >= 0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a positive finite float (0 or None = off), got "
+                         f"{softcap}")
+    return float(softcap)
+
+
 def _check_bool(name, x):
     if not isinstance(x, bool):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
@@ -326,7 +395,8 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
                     theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                     causal: bool = True, softmax_scale: Optional[float] = None,
                     positions: Optional[torch.Tensor] = None, backend: str = "auto",
-                    return_lse: bool = False):
+                    return_lse: bool = False, window: tuple = (-1, -1),
+                    softcap: Optional[float] = None):
     """Attention with p-RoPE applied to q and k inside the kernel.
 
     Args:
@@ -343,6 +413,15 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
         positions: integer (seqlen,) or (batch, seqlen); default 0..seqlen-1.
         backend: "auto", "triton", "cuda" or "reference" (pure PyTorch, any device).
         return_lse: also return the log-sum-exp (batch, q_heads, seqlen), float32.
+        window: (left, right) sliding window, flash-attn's ``window_size`` convention: query i
+            sees key j iff ``i - left <= j <= i + right`` (i, j: indices in the sequence, not
+            ``positions``); -1 = unbounded on that side; with ``causal`` the right side is
+            capped at 0. (-1, -1) = full attention. Every query sees at least its own key.
+            A transformers ``sliding_window=W`` (Gemma 2/3: key j visible iff i - j < W) is
+            ``window=(W - 1, 0)`` with causal. The kernels skip key blocks outside the window.
+        softcap: Gemma 2's logit softcapping: the scaled scores s = q.k * softmax_scale become
+            ``softcap * tanh(s / softcap)`` before the mask and softmax (Gemma 2: 50.0);
+            None or 0 = off. The returned lse is over the capped scores.
 
     Returns:
         out (batch, seqlen, q_heads, head_dim) like q, and lse when ``return_lse``.
@@ -352,14 +431,16 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     _check_bool("causal", causal)
     _check_bool("return_lse", return_lse)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    window = _check_window(window, causal)
+    softcap = _check_softcap(softcap)
     b, s = q.shape[:2]
     if positions is not None:
         _check_positions(positions, [(s,), (b, s)], q.device)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, _features(window, softcap, causal))
     spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
 
     if backend == "reference":
-        out, lse = _reference_dense(q, k, v, spec, causal, scale, positions)
+        out, lse = _reference_dense(q, k, v, spec, causal, scale, positions, window, softcap)
         return (out, lse) if return_lse else out
 
     if positions is None:
@@ -369,7 +450,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
     qf, kf, vf = (x.reshape(b * s, x.shape[2], x.shape[3]) for x in (q, k, v))
     out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, float(p), float(theta), variant, layout,
-                            causal, scale, backend)
+                            causal, scale, *window, softcap, backend)
     out = out.view(b, s, q.shape[2], q.shape[3])
     if return_lse:
         return out, lse.view(q.shape[2], b, s).transpose(0, 1)
@@ -381,7 +462,8 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                            causal: bool = True, softmax_scale: Optional[float] = None,
                            positions: Optional[torch.Tensor] = None, backend: str = "auto",
-                           return_lse: bool = False):
+                           return_lse: bool = False, window: tuple = (-1, -1),
+                           softcap: Optional[float] = None):
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
     Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64, starts at 0, non-decreasing,
@@ -390,6 +472,8 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``cu_seqlens`` tensor); inside ``torch.compile`` the check would need a host sync and is
     skipped, so there they are the caller's contract, as in flash-attn's varlen API.
     positions: (total,) integers; default restarts at 0 in each sequence.
+    window, softcap: as in :func:`prope_attention`; the window is over indices inside each
+    sequence (it never crosses a sequence boundary).
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
     _check_qkv(q, k, v, packed=True)
@@ -397,15 +481,18 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_bool("causal", causal)
     _check_bool("return_lse", return_lse)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    window = _check_window(window, causal)
+    softcap = _check_softcap(softcap)
     total = q.shape[0]
     _check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
     if positions is not None:
         _check_positions(positions, [(total,)], q.device)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, _features(window, softcap, causal))
     spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
 
     if backend == "reference":
-        out, lse = _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions)
+        out, lse = _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions, window,
+                                     softcap)
         return (out, lse) if return_lse else out
 
     if positions is None:
@@ -413,7 +500,8 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         pos = positions.to(torch.int64)
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), float(p),
-                            float(theta), variant, layout, causal, scale, backend)
+                            float(theta), variant, layout, causal, scale, *window, softcap,
+                            backend)
     return (out, lse) if return_lse else out
 
 
@@ -462,15 +550,17 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reference_dense(q, k, v, spec, causal, scale, positions):
+def _reference_dense(q, k, v, spec, causal, scale, positions, window=(-1, -1), softcap=0.0):
     cd = _compute_dtype(q.dtype)
     out, lse = ref.prope_attention(q.to(cd), k.to(cd), v.to(cd), spec, causal, scale, positions,
-                                   return_lse=True)
+                                   return_lse=True, window=window, softcap=softcap)
     return out.to(q.dtype), lse.float()
 
 
-def _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions):
+def _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions, window=(-1, -1),
+                      softcap=0.0):
     cd = _compute_dtype(q.dtype)
     out, lse = ref.prope_attention_varlen(q.to(cd), k.to(cd), v.to(cd), cu_seqlens, spec, causal,
-                                          scale, positions, return_lse=True)
+                                          scale, positions, return_lse=True, window=window,
+                                          softcap=softcap)
     return out.to(q.dtype), lse.float()

@@ -60,16 +60,17 @@ def _packed_args(device, requires_grad):
 def test_opcheck_attn_fwd(device, requires_grad):
     q, k, v, cu, pos = _packed_args(device, requires_grad)
     torch.library.opcheck(_attn_fwd_op, (q, k, v, cu, pos, 28, 0.75, 10000.0, "prope", "half",
-                                         True, 32 ** -0.5, "triton"))
+                                         True, 32 ** -0.5, -1, -1, 0.0, "triton"))
 
 
 def test_opcheck_attn_bwd(device):
     q, k, v, cu, pos = _packed_args(device, False)
     out, lse = _attn_fwd_op(q, k, v, cu, pos, 28, 0.5, 10000.0, "partial", "interleaved", False,
-                            0.2, "triton")
+                            0.2, -1, -1, 0.0, "triton")
     dout = torch.randn_like(out)
     torch.library.opcheck(_attn_bwd_op, (dout, q, k, v, out, lse, None, cu, pos, 28, 0.5,
-                                         10000.0, "partial", "interleaved", False, 0.2, "triton"))
+                                         10000.0, "partial", "interleaved", False, 0.2, -1, -1,
+                                         0.0, "triton"))
 
 
 def test_opcheck_rope(device):

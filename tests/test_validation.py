@@ -125,3 +125,39 @@ def test_cu_seqlens_checked_again_after_in_place_change():
     cu[1] = 9  # now decreasing: the cached check must not hide it
     with pytest.raises(ValueError, match="non-decreasing"):
         prope_attention_varlen(q, k, v, cu, 5, backend="reference")
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(window=4), TypeError, "window must be a \\(left, right\\) tuple"),
+    (dict(window=(1, 2, 3)), TypeError, "window must be"),
+    (dict(window=(1.0, 2)), TypeError, "window must be"),
+    (dict(window=(True, 2)), TypeError, "window must be"),
+    (dict(window=(-2, 0)), ValueError, "window sides must be >= -1"),
+    (dict(window=(3, -5)), ValueError, "window sides must be >= -1"),
+    (dict(softcap="50"), TypeError, "softcap must be a float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive finite"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite"),
+])
+def test_bad_window_and_softcap(kw, exc, msg):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=msg):
+        prope_attention(q, k, v, backend="reference", **kw)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(exc, match=msg):
+        prope_attention_varlen(*_packed(), cu, 5, backend="reference", **kw)
+
+
+def test_cuda_backend_refuses_window_and_softcap():
+    # The CUDA kernels implement neither: naming backend='cuda' raises, 'auto' never picks it.
+    from prope_kernels import interface
+    q, k, v = _qkv(d=64)
+    assert "window" not in interface.FEATURES["cuda"]
+    assert "softcap" not in interface.FEATURES["cuda"]
+    with pytest.raises(ValueError, match="window"):
+        interface._check_features("cuda", interface._features((3, 0), 0.0))
+    with pytest.raises(ValueError, match="softcap"):
+        interface._check_features("cuda", interface._features((-1, -1), 50.0))
+    assert interface._usable("cuda", q, interface._features((-1, -1), 0.0))
+    assert not interface._usable("cuda", q, interface._features((4095, 0), 0.0))
+    assert not interface._usable("cuda", q, interface._features((-1, -1), 50.0))
