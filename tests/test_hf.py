@@ -196,7 +196,9 @@ def _truth_and_lowp(family, device, dtype, case):
     ("llama", torch.bfloat16, "plain"), ("llama", torch.float16, "padding"),
     ("gemma", torch.bfloat16, "packed"), ("gemma2", torch.bfloat16, "padding"),
     ("gemma3", torch.float16, "plain"), ("qwen2", torch.bfloat16, "packed"),
-    ("qwen3", torch.bfloat16, "padding"), ("gemma4", torch.bfloat16, "plain")])
+    ("qwen3", torch.bfloat16, "padding"), ("gemma4", torch.bfloat16, "plain"),
+    ("gemma2-sliding-softcap", torch.bfloat16, "padding"),
+    ("gemma3-sliding", torch.float16, "packed")])
 def test_parity_triton_lowp(family, dtype, case, device, monkeypatch):
     low, truth, lowp, (ids, labels, keep, kw) = _truth_and_lowp(family, device, dtype, case)
     patched = apply_prope_attention(copy.deepcopy(low), backend="triton", verbose=False)
@@ -214,12 +216,14 @@ def test_parity_triton_lowp(family, dtype, case, device, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", list(FEATURE_FAMILIES))
-def test_feature_layers_match(family, device):
+def test_feature_layers_match(family, device, monkeypatch):
     patched, base = pair(family, device=device)
-    ids, labels, keep, kw = make_inputs("padding", device, s=17)
+    ids, labels, keep, kw = make_inputs("padding", device, s=17)  # longer than the window
+    calls = OpCounter(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PRoPEFallbackWarning)
         got = run(patched, ids, labels, kw)
+    assert calls.n == fused_layers(patched) == expected_fused(patched)
     want = run(base, ids, labels, kw)
     torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-5, atol=1e-5)
     for n in want[1]:
@@ -230,6 +234,19 @@ def test_feature_layers_match(family, device):
             assert s.reason is not None
         else:
             assert s.reason is None, s
+
+
+def test_window_with_padding_holes_falls_back(device, monkeypatch):
+    """A window counts the padded slots inside a row; the varlen op would not: fall back."""
+    patched, base = pair("gemma3-sliding", device=device)
+    ids, labels, keep, kw = make_inputs("padding", device, s=17)
+    kw["attention_mask"][0, 8:10] = 0  # a hole inside row 0
+    keep = kw["attention_mask"].bool()
+    calls = OpCounter(monkeypatch)
+    with pytest.warns(PRoPEFallbackWarning, match="padding inside a row"):
+        got = patched(ids, **kw).logits
+    assert calls.n == 1  # the full-attention layer stays fused
+    torch.testing.assert_close(got[keep], base(ids, **kw).logits[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_fallback_4d_mask_warns_once_and_matches(device):

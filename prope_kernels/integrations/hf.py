@@ -206,6 +206,8 @@ def _layer_settings(attn, rotary, config, backend) -> LayerSettings:
     elif softcap is not None and not _HAS_SOFTCAP:
         reason = ("attention logit soft-capping needs the op's softcap= keyword, not in this "
                   "prope_kernels version")
+    elif backend == "cuda" and (window is not None or softcap is not None):
+        reason = "backend='cuda' has no sliding window / soft-capping (use 'auto' or 'triton')"
     return dataclasses.replace(s, reason=reason)
 
 
@@ -264,6 +266,7 @@ class Plan:
     max_seqlen: int = 0
     indices: Optional[torch.Tensor] = None
     rope_positions: Optional[torch.Tensor] = None  # (s,) or (b, s) as the model rotates (cache)
+    holes: bool = False  # padding inside a row: windows count the padded slots, varlen would not
 
 
 def _get(args, kwargs, name, index):
@@ -356,8 +359,10 @@ def _decide(base, state, args, kwargs) -> Plan:
         indices = keep.reshape(-1).nonzero().squeeze(1)
         lens = keep.sum(1)
         cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        runs = (keep[:, 1:] & ~keep[:, :-1]).sum(1) + keep[:, 0]
         return Plan(varlen=True, positions=full.reshape(-1).index_select(0, indices),
-                    cu_seqlens=cu, max_seqlen=int(lens.max()), indices=indices)
+                    cu_seqlens=cu, max_seqlen=int(lens.max()), indices=indices,
+                    holes=bool((runs > 1).any()))
 
     if pos is None:
         return Plan()
@@ -392,6 +397,8 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
             reason = plan.reason
         elif self.training and getattr(self, "attention_dropout", 0.0):
             reason = "attention dropout in training"
+        elif plan.holes and st.window is not None:
+            reason = "a sliding window with padding inside a row (not only at its ends)"
     if reason is not None:
         _warn_once((id(self._prope_state), reason),
                    f"prope_kernels: layer {st.layer_idx} ({type(self).__name__}) runs its "
