@@ -146,7 +146,7 @@ setup(
         'triton>=3.0; platform_system=="Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "accelerate"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["prope-train = prope_kernels.train:main"]},
