@@ -449,3 +449,48 @@ def test_trainer_same_losses(family, tmp_path, device, monkeypatch):
     assert len(losses[0]) == 4 and all(math.isfinite(x) for x in losses[0])
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_no_mask_built_when_all_layers_fused(device, monkeypatch):
+    """Padding and packing: transformers' (b, 1, s, s) mask is not built; same answer either way."""
+    from transformers.models.llama import modeling_llama
+    built = []
+    orig = modeling_llama.create_causal_mask
+
+    def spy(*a, **k):
+        m = orig(*a, **k)
+        built.append(None if m is None else tuple(m.shape))
+        return m
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", spy)
+    skip, keep_mask = pair("llama", device=device)[0], None
+    keep_mask = apply_prope_attention(copy.deepcopy(skip), backend="reference", skip_mask=False)
+    for case in ("padding", "packed"):
+        ids, labels, keep, kw = make_inputs(case, device)
+        built.clear()
+        a = skip(ids, **kw).logits
+        assert built == [(ids.shape[0], 1, 1, 1)]  # the placeholder, returned as is
+        built.clear()
+        b = keep_mask(ids, **kw).logits
+        assert built and built[0][-2:] == (ids.shape[1], ids.shape[1])
+        torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_hf_throughput_smoke(tmp_path):
+    """bench/hf_throughput.py end to end at the tiny size (CPU: a smoke check, not figures)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import hf_throughput
+    assert hf_throughput.main(["--smoke", "--families", "llama", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "hf_throughput.json").read_text())
+    assert res["meta"]["run_kind"] in ("cpu-smoke", "gpu-smoke")
+    rows = res["rows"]
+    assert [(r["inputs"], r["provider"].split()[0]) for r in rows] == [
+        ("dense", "unpatched"), ("dense", "patched"), ("packed", "unpatched"),
+        ("packed", "patched")]
+    for unpatched, patched in (rows[:2], rows[2:]):
+        assert patched["tokens_per_s_median"] > 0 and unpatched["tokens_per_s_median"] > 0
+        assert all(layer["fused"] for layer in patched["layers"])
+        tol = 1e-3 if res["meta"]["run_kind"] == "cpu-smoke" else 3e-2  # fp32 CPU, bf16 GPU
+        assert abs(patched["loss_before"] - unpatched["loss_before"]) < tol

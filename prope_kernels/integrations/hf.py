@@ -459,8 +459,9 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
 class _State:
     """Shared by the hook and the layers of one patched decoder stack."""
 
-    def __init__(self, backend, kv_shared):
+    def __init__(self, backend, kv_shared, skip_mask):
         self.backend = backend
+        self.skip_mask = skip_mask
         self.kv_shared = kv_shared
         self.hook = None
         self.layers = []
@@ -489,11 +490,27 @@ def _plan_hook(state, base, args, kwargs):
     plan = _make_plan(base, state, args, kwargs)
     kwargs = dict(kwargs)
     kwargs[PLAN_KWARG] = plan
+    if state.skip_mask and plan.reason is None and _all_layers_fused(state, base, plan):
+        # No layer reads the mask: hand transformers a prepared (4-D) placeholder, so that it
+        # neither builds a (b, 1, s, s) mask for padding or packing nor scans position_ids.
+        x = _get(args, kwargs, "input_ids", 0)
+        x = x if x is not None else kwargs["inputs_embeds"]
+        kwargs["attention_mask"] = torch.ones(x.shape[0], 1, 1, 1, dtype=torch.bool,
+                                              device=x.device)
     return args, kwargs
 
 
+def _all_layers_fused(state, base, plan):
+    for a in state.layers:
+        st = a._prope_settings
+        if st.reason is not None or (plan.holes and st.window is not None) \
+                or (base.training and getattr(a, "attention_dropout", 0.0)):
+            return False
+    return True
+
+
 def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: str = "auto",
-                          variant: str = "prope", verbose: bool = True):
+                          variant: str = "prope", verbose: bool = True, skip_mask: bool = True):
     """Make a transformers causal LM's attention layers call the fused p-RoPE op.
 
     Args:
@@ -507,12 +524,15 @@ def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: st
         backend: the op's backend: "auto", "triton", "cuda" or "reference".
         variant: "prope" (the fastest pairs rotate) or "reversed"; only used with ``p``.
         verbose: warn once per layer that falls back statically (unsupported feature).
+        skip_mask: when every layer of a forward runs fused, give transformers a placeholder
+            mask so that it does not build its (batch, 1, seqlen, seqlen) padding/packing mask.
 
     Returns:
         the model (or class). Per-layer settings: :func:`prope_layer_settings`.
     """
     if isinstance(model, type):
-        return _patch_class(model, p=p, backend=backend, variant=variant, verbose=verbose)
+        return _patch_class(model, p=p, backend=backend, variant=variant, verbose=verbose,
+                            skip_mask=skip_mask)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a model class, got "
                         f"{type(model).__name__}")
@@ -553,7 +573,8 @@ def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: st
                 unknown = set(p) - {getattr(a, "layer_type", None) for a in attns}
                 if unknown:
                     raise ValueError(f"p: unknown layer types {sorted(map(str, unknown))}")
-        state = _State(backend, any(getattr(a, "is_kv_shared_layer", False) for a in attns))
+        state = _State(backend, any(getattr(a, "is_kv_shared_layer", False) for a in attns),
+                       skip_mask)
         for a in attns:
             a._prope_settings = _layer_settings(a, rotary, config, backend)
             a._prope_state = state
