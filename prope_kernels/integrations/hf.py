@@ -29,7 +29,8 @@ already holds tokens (generation after the prompt), attention dropout in trainin
 requested, rope types other than "default"/"proportional" (linear, yarn, llama3, ...), non-causal
 layers, and sliding windows / logit soft-capping while the op has no ``window`` / ``softcap``.
 A cache that is empty (a prompt, or a training forward with ``use_cache``) is filled with the
-rotated keys as the original path would, and the attention itself stays fused.
+rotated keys as the original path would, and the attention itself stays fused (training with
+``use_cache=False``, as transformers recommends, skips that rotation).
 
 The rotation of each layer is read from the model's rotary module (``inv_freq`` per layer type) and
 checked against ``rope_theta``: a frequency vector that is not ``theta^(-2k/d)`` on the rotated pairs
@@ -310,6 +311,8 @@ def _decide(base, state, args, kwargs) -> Plan:
         return Plan("logits_to_keep with KV-shared layers (queries shorter than keys)")
     if kwargs.get("shared_kv_states") is not None:
         return Plan("shared_kv_states passed in (KV states of another forward)")
+    if state.kv_shared and kwargs.get("return_shared_kv_states"):
+        return Plan("return_shared_kv_states (the fused layers share unrotated keys)")
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(config, "use_cache", False)
