@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import backends
 from .models.gemma import ATTN_BACKENDS, PE_KINDS, PRESETS, Gemma, preset
 from .rotary import LAYOUTS, VARIANTS
 
@@ -69,7 +70,8 @@ HELP = {
     "theta": "RoPE base",
     "variant": "which pairs rotate: prope (fastest), reversed (slowest), partial (NeoX prefix)",
     "layout": "pair layout: half (Gemma/Llama rotate_half) or interleaved (GPT-J)",
-    "attn": "attention: auto, reference, sdpa (RoPE then SDPA, unfused), triton, cuda",
+    "attn": "attention: auto, a fused backend (" + ", ".join(backends.names()) + "), or "
+            "unfused (RoPE, then SDPA: the baseline)",
     "data": "a text file, a directory of .txt/.md/.jsonl files, or a .jsonl with 'text' "
             "(default: the bundled corpus)",
     "tokenizer": "a sentencepiece .model file (e.g. Gemma's tokenizer.model); default: train a "
