@@ -403,6 +403,16 @@ def test_compile_fullgraph_no_break(device):
     torch.testing.assert_close(out.logits, eager.logits)
     out.loss.backward()  # autograd through the op inside the compiled graph
     assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
+    # flash-attn style kwargs (DataCollatorWithFlattening): varlen, still one graph
+    seen.clear()
+    torch._dynamo.reset()
+    _, _, _, kw = make_inputs("packed", device)
+    cu = torch.tensor([0, 5, 8, 13], dtype=torch.int32, device=device)
+    packed = dict(position_ids=kw["position_ids"], cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(),
+                  max_length_q=5, max_length_k=5, use_cache=False)
+    got = torch.compile(patched, backend=backend, fullgraph=True)(ids[:1], **packed).logits
+    assert sum("prope_kernels.attn_fwd" in t for t in seen) == 2, seen
+    torch.testing.assert_close(got, patched(ids[:1], **packed).logits)
     # a padding mask needs a host sync to plan: graph breaks are allowed, none at the op
     torch._dynamo.reset()
     _, _, _, kw = make_inputs("padding", device)
