@@ -32,12 +32,12 @@ A cache that is empty (a prompt, or a training forward with ``use_cache``) is fi
 rotated keys as the original path would, and the attention itself stays fused (training with
 ``use_cache=False``, as transformers recommends, skips that rotation).
 
-The rotation of each layer is read from the model's rotary module (``inv_freq`` per layer type) and
-checked against ``rope_theta``: a frequency vector that is not ``theta^(-2k/d)`` on the rotated pairs
-and 0 elsewhere is not p-RoPE, and that layer falls back. Passing ``p`` converts the model: its
-``inv_freq`` buffers are rewritten (so the original path, generation included, computes the same
-p-RoPE) and its config records ``rope_type="proportional"`` with ``partial_rotary_factor=p``, so
-``save_pretrained`` / ``from_pretrained`` give the converted model back.
+The rotation of each layer is read from the model's rotary module (``inv_freq`` per layer type)
+and checked against ``rope_theta``: a frequency vector that is not ``theta^(-2k/d)`` on the
+rotated pairs and 0 elsewhere is not p-RoPE, and that layer falls back. Passing ``p`` converts
+the model: its ``inv_freq`` buffers are rewritten (so the original path, generation included,
+computes the same p-RoPE) and its config records ``rope_type="proportional"`` with
+``partial_rotary_factor=p``, so ``save_pretrained`` / ``from_pretrained`` give it back.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ import torch
 from ..interface import prope_attention, prope_attention_varlen, apply_prope
 from ..rotary import rotated_pairs
 
-__all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings", "unpatch_class",
-           "PLAN_KWARG", "SUPPORTED_ATTENTION_CLASSES"]
+__all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings",
+           "unpatch_class", "LayerSettings", "Plan", "PRoPEFallbackWarning", "PLAN_KWARG",
+           "SUPPORTED_ATTENTION_CLASSES"]
 
 PLAN_KWARG = "prope_plan"
 
