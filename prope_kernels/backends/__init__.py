@@ -20,8 +20,10 @@ new tensors (never views of the inputs), in the inputs' dtype (lse float32).
 Adding a backend = one module with those functions + one :func:`register` call below (a
 :class:`Backend` entry: module path, imported on first use, and its capabilities). The public
 API, the Gemma model's ``attn`` choices, the trainer's ``--attn`` and the benchmark's providers
-all read this registry. ``auto`` tries the names in :data:`AUTO_ORDER` and takes the first whose
-entry can run the input and whose ``auto`` predicate accepts it; else ``"reference"``.
+all read this registry. ``auto``: for attention, :mod:`prope_kernels.dispatch` (a measured table,
+else its documented default, among the backends that can run the call); for the rotation alone,
+the first name in :data:`AUTO_ORDER` whose entry can run the input and whose ``auto`` predicate
+accepts it, else ``"reference"``.
 """
 
 from __future__ import annotations
