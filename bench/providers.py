@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List
 
@@ -62,6 +63,11 @@ def _all_providers():
     out = [Provider(f"prope-{be}", "prope", be, "fused",
                     labels.get(be, f"prope_attention ({be})"))
            for be in backends.names() + ("auto",)]
+    # the two Triton kernel sets of the triton backend, each forced (PROPE_TRITON_KERNELS)
+    out += [Provider("prope-triton-hopper", "prope", "triton", "fused",
+                     "prope_attention (triton, Hopper TMA kernels)"),
+            Provider("prope-triton-portable", "prope", "triton", "fused",
+                     "prope_attention (triton, portable kernels)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -83,7 +89,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # Every provider list of the suite lives here (see bench/README.md); names not runnable on a
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
-    "prope-triton", "prope-sdpa", "prope-auto", "prope-cuda",
+    "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -227,8 +233,41 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
-        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw), notes)
-    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
+        call = lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw)  # noqa: E731
+    else:
+        call = lambda q, k, v: api.prope_attention(q, k, v, **kw)  # noqa: E731
+    if be != "triton":
+        return Impl(call, notes)
+    return _triton_kernel_set(prov, call, dev, notes, bool(case.has_window or case.softcap))
+
+
+def _triton_kernel_set(prov, call, dev, notes, features):
+    """prope-triton: the kernels the dispatch picks (the user's PROPE_TRITON_KERNELS, default
+    auto); prope-triton-hopper / -portable: that kernel set forced. The switch is read at each
+    forward and backward call, so every call re-sets it: the backward that follows a forward of
+    one provider sees that provider's setting."""
+    from prope_kernels.triton import hopper
+    user = os.environ.get(prope_env.TRITON_KERNELS)
+    want = {"prope-triton-hopper": "hopper", "prope-triton-portable": "portable"}.get(prov.name,
+                                                                                     user)
+    if want == "hopper":
+        if features:
+            raise Unavailable("the Hopper kernels have no sliding window or softcap yet (the "
+                              "triton backend runs such calls on its portable kernels)")
+        if dev.type != "cuda":
+            raise Unavailable("the Hopper kernels are timed on an sm_90 GPU only")
+        cap = torch.cuda.get_device_capability(dev)
+        if cap != (9, 0) or not hopper.triton_supports():
+            raise Unavailable(f"needs an sm_90 GPU and a Triton with tensor descriptors (have "
+                              f"sm_{cap[0]}{cap[1]}, Triton {__import__('triton').__version__})")
+
+    def fn(q, k, v):
+        if want is None:
+            os.environ.pop(prope_env.TRITON_KERNELS, None)
+        else:
+            os.environ[prope_env.TRITON_KERNELS] = want
+        return call(q, k, v)
+    return Impl(fn, list(notes) + [f"{prope_env.TRITON_KERNELS}={want or 'auto'}"])
 
 
 def _sdpa_backend(name):

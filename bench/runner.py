@@ -206,9 +206,15 @@ def _triton_configs(prov, mode) -> list:
     """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
     if prov.family != "prope" or prov.backend != "triton":
         return []
+    from prope_kernels.triton import hopper
     from prope_kernels.triton.configs import chosen_configs
-    chosen = chosen_configs()
-    names = {"fwd": ("fwd",), "bwd": ("dkdv", "dq")}.get(mode, ("fwd", "dkdv", "dq"))
+    chosen = {}
+    if prov.name != "prope-triton-hopper":
+        chosen.update(chosen_configs())
+    if prov.name != "prope-triton-portable":
+        chosen.update(hopper.chosen_configs())
+    names = {"fwd": ("fwd", "hfwd"), "bwd": ("dkdv", "dq", "hbwd", "hdkdv", "hdq")}.get(
+        mode, ("fwd", "dkdv", "dq", "hfwd", "hbwd", "hdkdv", "hdq"))
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]
 
 

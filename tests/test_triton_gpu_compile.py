@@ -7,6 +7,8 @@ H100 catches such errors on a machine with no GPU, and reports shared memory, re
     python tests/test_triton_gpu_compile.py           # the quick set: smem / regs / stack
     python tests/test_triton_gpu_compile.py --all     # every tuned config (ARCH=80 or 90)
     python tests/test_triton_gpu_compile.py --all --dims 512   # one head_dim bucket
+    python tests/test_triton_gpu_compile.py --hopper  # every config of the Hopper kernels, sm_90:
+                                                      # wgmma / TMA counts, regs, spills
 """
 
 import os
@@ -45,6 +47,7 @@ def _compile(fn, consts, dt, arch, warps, stages):
     x_dtype = consts.pop("_X_DTYPE", None)  # rope: input X of another dtype than the output Y
     if x_dtype:
         types["X"] = "*" + x_dtype
+    types.update(consts.pop("_TYPES", {}))  # e.g. fp32 accumulators of the Hopper backward
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
     # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
     # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
@@ -177,9 +180,83 @@ def _resource_usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+# --- the Hopper kernels (prope_kernels/triton/hopper.py): every config of every table ---------
+
+# Register spill bound a thread for the Hopper kernels' configs (the tables keep only rows under it)
+HOPPER_STACK_LIMIT = 256
+
+
+def _hopper_cases():
+    from prope_kernels.triton import hopper as H
+    for name, fn, extra in (
+            ("hfwd", H._hfwd_kernel, {}),
+            ("hbwd", H._hbwd_kernel, dict(SPLIT=2, ATOMIC=True, FUSED_DQ=True,
+                                          _TYPES=dict(DQ="*fp32", DK="*fp32", DV="*fp32"))),
+            ("hdkdv", H._hbwd_kernel, dict(SPLIT=2, ATOMIC=True, FUSED_DQ=False,
+                                           _TYPES=dict(DK="*fp32", DV="*fp32"))),
+            ("hdq", H._hdq_kernel, {})):
+        for d, rows in H.TABLES[name].items():
+            for bm, bn, w, st in rows:
+                consts = dict(GROUP=2, HEAD_DIM=d, CAUSAL=True, EMULATE=False, BLOCK_M=bm,
+                              BLOCK_N=bn, **extra)
+                if fn is H._hbwd_kernel:
+                    consts["KV_RELOAD"] = d >= 128   # as the launcher sets it
+                yield f"{name} d{d} {bm}x{bn} w{w} s{st}", fn, consts, w, st
+
+
+def check_hopper():
+    """Compile every Hopper config for sm_90; each must use wgmma and TMA (cp.async.bulk.tensor)
+    and spill at most HOPPER_STACK_LIMIT bytes a thread."""
+    for name, fn, consts, warps, stages in _hopper_cases():
+        k = _compile(fn, dict(consts), "bf16", 90, warps, stages)
+        ptx = k.asm["ptx"]
+        regs, stack = _resource_usage(k.asm["cubin"])
+        n_wgmma, n_tma = ptx.count("wgmma.mma_async"), ptx.count("cp.async.bulk.tensor")
+        print(f"hopper sm_90 {name}: wgmma {n_wgmma}, tma {n_tma}, regs {regs}, stack {stack} B, "
+              f"smem {k.metadata.shared // 1024} KiB", flush=True)
+        assert n_wgmma > 0, f"{name}: no wgmma in the sm_90 PTX (fell back to mma.sync)"
+        assert n_tma > 0, f"{name}: no cp.async.bulk.tensor (TMA) in the sm_90 PTX"
+        assert stack <= HOPPER_STACK_LIMIT, f"{name}: {stack} B of register spills a thread"
+        assert k.metadata.shared <= SMEM_LIMIT[90], f"{name}: {k.metadata.shared} B shared memory"
+        print(f"ok hopper {name}", flush=True)
+
+
+def test_hopper_kernels_compile_for_sm90():
+    from prope_kernels.triton import hopper as H
+    if not H.triton_supports():
+        pytest.skip(f"Triton {triton.__version__} has no device-side tensor descriptors")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check-hopper"], env=env,
+                       capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    n = sum(len(rows) for t in H.TABLES.values() for rows in t.values())
+    assert r.stdout.count("ok hopper ") == n, r.stdout[-3000:]
+
+
 if __name__ == "__main__":
     if "--check" in sys.argv:
         check()
+        sys.exit(0)
+    if "--check-hopper" in sys.argv:
+        check_hopper()
+        sys.exit(0)
+    if "--hopper" in sys.argv:
+        only = [a for a in sys.argv[1:] if not a.startswith("--")]
+        for name, fn, consts, warps, stages in _hopper_cases():
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            try:
+                k = _compile(fn, dict(consts), "bf16", 90, warps, stages)
+            except Exception as e:  # noqa: BLE001 - a table survey prints every row
+                print(f"{name}: FAILED {str(e).splitlines()[-1][:200]}", flush=True)
+                continue
+            regs, stack = _resource_usage(k.asm["cubin"])
+            ptx = k.asm["ptx"]
+            print(f"{name}: wgmma {ptx.count('wgmma.mma_async')}, tma "
+                  f"{ptx.count('cp.async.bulk.tensor')}, regs {regs}, stack {stack} B, smem "
+                  f"{k.metadata.shared // 1024} KiB", flush=True)
         sys.exit(0)
     arch = int(os.environ.get("ARCH", "90"))
     dims = None

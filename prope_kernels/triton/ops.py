@@ -11,6 +11,7 @@ import torch
 import triton
 
 from .. import env
+from . import hopper
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
     _bwd_preprocess_kernel
 from .configs import dkdv_max_block_n, kv_split, seq_bucket
@@ -79,6 +80,12 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
     meta.update(_mask_args(causal, window, softcap, scale, max_seqlen))
+    # sm_90: the Hopper kernels where they support the call (no window/softcap there yet)
+    if hopper.selected(q, k, v, window=window if meta["WINDOW"] else None,
+                       softcap=softcap if meta["SOFTCAP"] else None):
+        return hopper.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, meta["CAUSAL"],
+                               scale, seq_bucket=seq_bucket(max_seqlen), rotate=meta["ROTATE"],
+                               emulate=meta["EMULATE"])
     if meta["ROTATE"]:
         k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
     else:
@@ -123,6 +130,14 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
     )
+
+    if hopper.selected(q, k, v, backward=True, window=window if meta["WINDOW"] else None,
+                       softcap=softcap if meta["SOFTCAP"] else None):
+        kv_programs = triton.cdiv(max_seqlen, hopper.bwd_max_block_n(d)) * num_seqs * hkv
+        return hopper.attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen,
+                               spec, meta["CAUSAL"], scale, seq_bucket=seq_bucket(max_seqlen),
+                               rotate=meta["ROTATE"], emulate=meta["EMULATE"],
+                               split=kv_split(meta["GROUP"], kv_programs, q.device))
 
     if meta["ROTATE"]:
         # Short-lived rotated copies; dq is computed over q_rot in place (see attention.py).
