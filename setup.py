@@ -151,7 +151,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": BENCH,
-        "test": sorted(set(TRAIN + BENCH + ["pytest", "transformers"])),
+        "test": sorted(set(TRAIN + BENCH + ["pytest", "transformers", "accelerate"])),
     },
     entry_points={"console_scripts": ["prope-train = prope_kernels.train:main"]},
     ext_modules=ext_modules,

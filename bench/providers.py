@@ -187,22 +187,29 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     dev = q.device
     be = prov.backend
     notes = []
+    # sliding window / softcap: passed only when the case uses them
+    feat = {}
+    if case.has_window:
+        feat["window"] = tuple(case.window)
+    if case.softcap:
+        feat["softcap"] = case.softcap
     if be == "auto":
         dec = (api.explain(q, k_sample, v_sample, ctx["cu_seqlens"], case.seqlen, p=case.p,
-                           theta=case.theta, causal=case.causal) if case.varlen else
+                           theta=case.theta, causal=case.causal, **feat) if case.varlen else
                api.explain(q, k_sample, v_sample, p=case.p, theta=case.theta,
-                           causal=case.causal))
+                           causal=case.causal, **feat))
         notes = [f"auto -> {dec.backend} ({dec.source})"
                  + (f", PyTorch kernel {dec.kernel}" if dec.kernel else "")]
-        kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
-        if case.has_window or case.softcap:   # the case's features, as for the other backends
-            kw.update(window=tuple(case.window), softcap=case.softcap or None)
+        kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
         if case.varlen:
             cu, max_s = ctx["cu_seqlens"], case.seqlen
             return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw),
                         notes)
         return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
     entry = backends.get(be)
+    missing = sorted(set(feat) - set(entry.features))
+    if missing:
+        raise Unavailable(f"backend={be!r} does not implement {' or '.join(missing)}")
     if not entry.runs_on(dev):
         raise Unavailable("needs a CUDA GPU" + (" (or TRITON_INTERPRET=1 on the CPU)"
                                                 if entry.interpreter_cpu else ""))
@@ -223,13 +230,7 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
         if need > 16 * 2**30:
             raise Unavailable(f"the reference would materialise ~{need / 2**30:.0f} GiB of "
                               "scores at this shape")
-    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
-    if case.has_window or case.softcap:
-        needs = {"window"} if case.has_window else set()
-        needs |= {"softcap"} if case.softcap else set()
-        if not needs <= entry.features:
-            raise Unavailable(f"backend={be!r} does not implement {' or '.join(sorted(needs))}")
-        kw.update(window=tuple(case.window), softcap=case.softcap or None)
+    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
         call = lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw)  # noqa: E731

@@ -127,12 +127,16 @@ def check(archs=(80, 90), dts=("bf16", "fp16")):
 # candidate the autotuner tries) must not spill much on sm_90. Earlier tables spilled 0.7-4 KiB a
 # thread at head_dim 256; the exact figure moves a little between Triton versions.
 STACK_LIMIT = 512
+# head_dim 512 (one 64-row fp32 accumulator of 512 columns is 128 registers a thread at 8 warps):
+# the first rows spill 0.15-0.6 KiB (fwd 144-168 B, dkdv 160-296 B, dq 544-600 B with Triton
+# 3.6-3.9); the guard catches a return to the 0.9-3 KiB of earlier rows.
+STACK_LIMIT_D512 = 768
 
 
 def check_spills():
     from prope_kernels.triton import attention as A
     from prope_kernels.triton.configs import TABLES
-    for d in (128, 256):
+    for d in (128, 256, 512):
         rows = {k: TABLES[k][d][0] for k in TABLES}
         for name, fn, consts in (
                 ("fwd", A._attn_fwd_kernel, dict(Q_ON_LOAD=0)),
@@ -141,7 +145,7 @@ def check_spills():
             bm, bn, w, st = rows[name]
             k = _compile(fn, _attn_consts(d, bm, bn, **consts), "bf16", 90, w, st)
             regs, stack = _resource_usage(k.asm["cubin"])
-            assert stack <= STACK_LIMIT, \
+            assert stack <= (STACK_LIMIT_D512 if d == 512 else STACK_LIMIT), \
                 f"{name} d{d} {rows[name]}: {stack} B of register spills a thread on sm_90"
             print(f"ok spills sm_90 {name} d{d} {rows[name]}: regs {regs}, stack {stack} B",
                   flush=True)
@@ -159,8 +163,8 @@ def test_kernels_compile_for_gpu():
     # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, their window+softcap variants,
     # preprocess, rope, fp32->lowp rope)
     assert r.stdout.count("ok sm_") == 2 * 2 * 10, r.stdout[-3000:]
-    # the untuned defaults at head_dim 128 and 256: fwd, dkdv, dq
-    assert r.stdout.count("ok spills sm_90") == 2 * 3, r.stdout[-3000:]
+    # the untuned defaults at head_dim 128, 256 and 512: fwd, dkdv, dq
+    assert r.stdout.count("ok spills sm_90") == 3 * 3, r.stdout[-3000:]
 
 
 def _resource_usage(cubin: bytes) -> tuple:
