@@ -9,16 +9,21 @@ Key: GPU architecture (``sm_90``), head_dim, GQA group (q_heads // kv_heads), ca
 (sequences of unequal length), and the seqlen bucket: the longest sequence rounded up to a power
 of two (at least 128).
 
-Where the table has no entry for a key (including every key today on an architecture that has
-not been benchmarked), the documented default applies:
+Where the table has no entry for a key (including every key today: no GPU run has written the
+table yet), the documented default applies. It prefers what has been validated on a GPU:
 
-1. ``sdpa`` when PyTorch has a cuDNN or FlashAttention kernel for the input: the vendor's core
-   with our rotation around it. This is a default, not a measurement of this backend: what was
-   measured (README, H100 run of 2026-11-22) is cuDNN SDPA + a compiled user RoPE at 4.73 ms
-   fwd+bwd against 11.5 ms for the fused Triton op at the Gemma 2B shape; this backend is that
-   core with our rotation kernel around it, and it has not been timed yet.
-2. else ``triton`` (any even head_dim <= 256, and 512; fp16/bf16 on CUDA);
-3. else ``reference`` (pure PyTorch; also every CPU input).
+1. ``cuda`` where the CUDA extension declares itself preferred (never today);
+2. ``triton`` (any even head_dim <= 256, and 512; fp16/bf16 on CUDA): the fused kernels, whose
+   GPU test suite has passed on an H100 and an H200;
+3. else ``sdpa`` (PyTorch's attention kernel with our rotation around it), for inputs the Triton
+   kernels cannot take;
+4. else ``reference`` (pure PyTorch; also every CPU input).
+
+The ``sdpa`` backend is expected to be the faster one where PyTorch has a cuDNN or FlashAttention
+kernel (cuDNN + a compiled user RoPE measured 4.73 ms fwd+bwd against 11.5 ms for the fused Triton
+op at the Gemma 2B shape, H100, 2026-11-22), but it has not run on a GPU yet: it becomes auto's
+choice through a table entry, which only a GPU benchmark run writes, after its correctness check
+(``python -m bench --write-dispatch``), never by guess.
 
 ``prope_kernels.explain(q, k, v, ...)`` says which one runs and why.
 """
@@ -167,16 +172,14 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
                                 f"(commit {str(src.get('git_commit', '?'))[:12]})", "table",
                             k_, entry, ch.kernel if be == "sdpa" else None, notes)
         notes.append(f"the table names {be!r}, which cannot run here")
-    if "sdpa" in runnable and ch.kernel in ("cudnn", "flash"):
-        return Decision("sdpa", f"default (no table entry; not a measurement): PyTorch's "
-                                f"{ch.kernel} kernel with our rotation around it", "default", k_,
-                        None, ch.kernel, notes)
     if "cuda" in runnable and cuda_preferred:
         return Decision("cuda", "default: the CUDA extension is preferred here", "default",
                         k_, None, None, notes)
     if "triton" in runnable:
-        why = ("default (no table entry): PyTorch has no cuDNN/flash kernel for this input"
-               if ch.kernel not in ("cudnn", "flash") else "default (no table entry)")
+        why = "default (no table entry): the fused Triton kernels, validated on GPUs"
+        if ch.kernel in ("cudnn", "flash"):
+            notes.append(f"sdpa (PyTorch's {ch.kernel} kernel) could run this input; a GPU "
+                         "benchmark run (python -m bench --write-dispatch) decides between them")
         return Decision("triton", why, "default", k_, None, None, notes)
     if "sdpa" in runnable:
         return Decision("sdpa", f"default: the only kernel backend that runs this input "

@@ -11,10 +11,12 @@ whether it is set.
   PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
                        (GPU test runs; see prope_kernels/triton/configs.py)
   PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
-  PROPE_TRITON_KERNELS which Triton kernels backend="triton" runs: auto (default: the Hopper
-                       kernels of triton/hopper.py on sm_90 where they support the call, else
-                       the portable ones), portable (always attention.py's), hopper (the Hopper
-                       kernels, an error where they cannot run; also under the CPU interpreter)
+  PROPE_TRITON_KERNELS which Triton kernels backend="triton" runs: portable (default: always
+                       attention.py's, the kernels validated on GPUs), auto (the Hopper kernels
+                       of triton/hopper.py on sm_90 where they support the call, else the
+                       portable ones; the default once a GPU run has validated them), hopper
+                       (the Hopper kernels, an error where they cannot run; also under the CPU
+                       interpreter)
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -58,7 +60,7 @@ TRITON_KERNELS = "PROPE_TRITON_KERNELS"
 
 def triton_kernels() -> str:
     """"auto", "portable" or "hopper" (see the module docstring)."""
-    mode = _get(TRITON_KERNELS, "auto") or "auto"
+    mode = _get(TRITON_KERNELS, "portable") or "portable"
     if mode not in ("auto", "portable", "hopper"):
         raise ValueError(f"{TRITON_KERNELS} must be 'auto', 'portable' or 'hopper', got {mode!r}")
     return mode

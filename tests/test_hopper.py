@@ -143,7 +143,7 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv(hopper.KERNELS_ENV, "auto")
     assert not hopper.selected(q, k, v)          # auto never picks them for CPU tensors
     monkeypatch.delenv(hopper.KERNELS_ENV)
-    assert hopper.requested() == "auto"
+    assert hopper.requested() == "portable"    # until a GPU run has validated the Hopper kernels
     monkeypatch.setenv(hopper.KERNELS_ENV, "fast")
     with pytest.raises(ValueError, match="PROPE_TRITON_KERNELS must be"):
         hopper.selected(q, k, v)
