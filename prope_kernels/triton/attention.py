@@ -36,35 +36,9 @@ Optional features, compile-time switches (no cost when off):
 import triton
 import triton.language as tl
 
+from .common import LN2, LOG2E, dot, q_block
 from .configs import autotune_args
 from .rope import lowp, rope_cos_sin
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-# EMULATE (constexpr) is set only under the CPU interpreter with bfloat16 inputs, never on a GPU.
-# Triton 3.9's interpreter mishandles bf16 in tl.dot and casts fp32->bf16 by truncation; these two
-# helpers make it compute what the GPU computes (exact fp32 dots of bf16 values, round-to-nearest
-# casts), so the CPU tests hold the kernels to the GPU's accuracy.
-
-@triton.jit
-def _dot(a, b, acc, EMULATE: tl.constexpr):
-    if EMULATE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
-    """A program over query-row blocks -> (head, first token of its sequence (int64), sequence
-    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    pid_sh = tl.program_id(0)
-    seq = pid_sh // n_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
 
 
 @triton.jit
@@ -185,7 +159,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s, _ = _scores(_dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)  # log2
+        s, _ = _scores(dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)  # log2
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL or WINDOW:
@@ -200,7 +174,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
+        acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -217,7 +191,7 @@ def _attn_fwd_kernel(
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
 ):
-    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
+    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP
@@ -326,19 +300,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # pT (BLOCK_N, BLOCK_M): probabilities recomputed from the saved lse
-        sT, tT = _scores(_dot(k, qT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
+        sT, tT = _scores(dot(k, qT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
         pT = tl.math.exp2(sT - (lse * LOG2E)[None, :])
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL or WINDOW:
                 keep = keep & _visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
             pT = tl.where(keep, pT, 0.0)
-        dv = _dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
-        dpT = _dot(v, tl.trans(do), None, EMULATE)
+        dv = dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
+        dpT = dot(v, tl.trans(do), None, EMULATE)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)                 # d(capped score) / d(scaled score)
-        dk = _dot(lowp(dsT, qT.dtype, EMULATE), tl.trans(qT), dk, EMULATE)
+        dk = dot(lowp(dsT, qT.dtype, EMULATE), tl.trans(qT), dk, EMULATE)
     return dk, dv
 
 
@@ -438,18 +412,18 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         # p (BLOCK_M, BLOCK_N): probabilities recomputed from the saved lse
-        s, t = _scores(_dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
+        s, t = _scores(dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
         p = tl.math.exp2(s - (lse * LOG2E)[:, None])
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL or WINDOW:
                 keep = keep & _visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
             p = tl.where(keep, p, 0.0)
-        dp = _dot(do, vT, None, EMULATE)
+        dp = dot(do, vT, None, EMULATE)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _dot(lowp(ds, kT.dtype, EMULATE), tl.trans(kT), dq, EMULATE)
+        dq = dot(lowp(ds, kT.dtype, EMULATE), tl.trans(kT), dq, EMULATE)
     return dq
 
 
@@ -465,7 +439,7 @@ def _attn_bwd_dq_kernel(
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
+    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP

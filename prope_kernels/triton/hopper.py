@@ -30,32 +30,8 @@ import triton
 import triton.language as tl
 
 from .. import env
+from .common import LN2, LOG2E, dot, q_block
 from .rope import lowp
-
-# Own copies of the small helpers (the portable kernels' versions grow features these kernels do
-# not have, e.g. the sliding window's key range).
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _dot(a, b, acc, EMULATE: tl.constexpr):
-    # EMULATE (CPU interpreter with bf16 only): exact fp32 dots of the bf16 values, as on a GPU
-    if EMULATE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
-    """Program over query-row blocks -> (head, first token of its sequence (int64), sequence
-    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    pid_sh = tl.program_id(0)
-    seq = pid_sh // n_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
 
 
 @triton.jit
@@ -200,7 +176,7 @@ def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = k_desc.load([start_n, 0])                                    # (BLOCK_N, D) via TMA
         v = v_desc.load([start_n, 0])
-        s = _dot(q, k.T, None, EMULATE) * qk_scale                       # log2 domain
+        s = dot(q, k.T, None, EMULATE) * qk_scale                       # log2 domain
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             keep = (offs_n < L)[None, :]
@@ -212,7 +188,7 @@ def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
+        acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -230,7 +206,7 @@ def _hfwd_kernel(
 ):
     # Q: the rotated queries Q' (the output buffer, filled by the launcher's rotation) or q itself
     # when nothing rotates. Q may alias O: this program reads its Q' rows before writing O there.
-    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
+    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP
@@ -294,19 +270,19 @@ def _hbwd_inner(dk, dv, k, v, k_desc, v_desc, start_n, q_desc, do_desc, lse_base
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # pT (BLOCK_N, BLOCK_M): probabilities recomputed from the saved lse
-        pT = tl.math.exp2(_dot(k, q.T, None, EMULATE) * qk_scale - (lse * LOG2E)[None, :])
+        pT = tl.math.exp2(dot(k, q.T, None, EMULATE) * qk_scale - (lse * LOG2E)[None, :])
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
-        dv = _dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
-        dpT = _dot(v, do.T, None, EMULATE)
+        dv = dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
+        dpT = dot(v, do.T, None, EMULATE)
         dsT = lowp(pT * (dpT - delta[None, :]), q.dtype, EMULATE)       # (BLOCK_N, BLOCK_M)
-        dk = _dot(dsT, q, dk, EMULATE)
+        dk = dot(dsT, q, dk, EMULATE)
         if FUSED_DQ:
             # this key block's share of dQ' (BLOCK_M, D), added in fp32 (other blocks add theirs)
-            dq = _dot(dsT.T, k, None, EMULATE) * sm_scale
+            dq = dot(dsT.T, k, None, EMULATE) * sm_scale
             dq_ptrs = dq_base + offs_m.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None], sem="relaxed")
@@ -411,16 +387,16 @@ def _hdq_inner(dq, q, do, lse, delta, k_desc, v_desc, offs_m, L, lo, hi, qk_scal
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = k_desc.load([start_n, 0])                                    # (BLOCK_N, D) via TMA
         v = v_desc.load([start_n, 0])
-        p = tl.math.exp2(_dot(q, k.T, None, EMULATE) * qk_scale - (lse * LOG2E)[:, None])
+        p = tl.math.exp2(dot(q, k.T, None, EMULATE) * qk_scale - (lse * LOG2E)[:, None])
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             keep = (offs_n < L)[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
-        dp = _dot(do, v.T, None, EMULATE)
+        dp = dot(do, v.T, None, EMULATE)
         ds = lowp(p * (dp - delta[:, None]), k.dtype, EMULATE)
-        dq = _dot(ds, k, dq, EMULATE)
+        dq = dot(ds, k, dq, EMULATE)
     return dq
 
 
@@ -438,7 +414,7 @@ def _hdq_kernel(
 ):
     # The split backward's dQ' (where the fused one would spill): BLOCK_M rows of Q'/dO
     # stationary, K'/V streamed by TMA; dQ' written over this program's own Q' rows.
-    h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
+    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
     if start_m >= L:
         return
     hk = h // GROUP

@@ -1,0 +1,32 @@
+"""Small JIT helpers shared by the portable kernels (attention.py) and the Hopper ones (hopper.py).
+
+EMULATE (constexpr) is set only under the CPU interpreter with bfloat16 inputs, never on a GPU.
+Triton 3.9's interpreter mishandles bf16 in tl.dot and casts fp32->bf16 by truncation; ``dot``
+here and ``rope.lowp`` make it compute what the GPU computes (exact fp32 dots of bf16 values,
+round-to-nearest casts), so the CPU tests hold the kernels to the GPU's accuracy.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def dot(a, b, acc, EMULATE: tl.constexpr):
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def q_block(CU, n_heads, BLOCK_M: tl.constexpr):
+    """A program over query-row blocks -> (head, first token of its sequence (int64), sequence
+    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_sh = tl.program_id(0)
+    seq = pid_sh // n_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
