@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from prope_kernels import env as prope_env
+
 from . import cases as C
 from . import providers as P
 
@@ -272,10 +274,10 @@ def main(argv=None):
     if not gpu and not args.smoke:
         print("no CUDA GPU: running the CPU smoke mode (tiny shapes; not GPU figures)",
               file=sys.stderr)
-    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if not gpu and not prope_env.interpreting():
         print("hint: TRITON_INTERPRET=1 adds the Triton kernels (interpreter) to the smoke run",
               file=sys.stderr)
-    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
+    if gpu and prope_env.interpreting():
         print("warning: TRITON_INTERPRET=1 on a GPU machine: the Triton provider is skipped; "
               "unset it to time the kernels", file=sys.stderr)
     if gpu and os.environ.pop("PROPE_POISON", None) == "1":

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
+
+from prope_kernels import backends
+from prope_kernels import env as prope_env
 
 
 class Unavailable(Exception):
@@ -30,7 +32,7 @@ class Unavailable(Exception):
 class Provider:
     name: str     # stable id used on the command line, in JSON/CSV and by pytest-benchmark
     family: str   # "prope", "sdpa", "flex", "flash-attn", "fa3"
-    backend: str  # prope: triton/cuda/reference; sdpa: cudnn/flash/efficient/math
+    backend: str  # prope: a name of prope_kernels.backends; sdpa: cudnn/flash/efficient/math
     rope: str     # "fused" (ours), "none", "eager", "compiled"
     label: str    # what a person reads in the tables
 
@@ -53,10 +55,10 @@ _ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + Ro
 
 
 def _all_providers():
-    out = [Provider("prope-triton", "prope", "triton", "fused", "prope_attention (triton)"),
-           Provider("prope-cuda", "prope", "cuda", "fused", "prope_attention (cuda)"),
-           Provider("prope-reference", "prope", "reference", "fused",
-                    "prope_attention (reference, PyTorch)")]
+    # ours: one provider per registered backend
+    out = [Provider(f"prope-{be}", "prope", be, "fused",
+                    "prope_attention (reference, PyTorch)" if be == "reference"
+                    else f"prope_attention ({be})") for be in backends.names()]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -121,10 +123,6 @@ def select(patterns) -> List[str]:
 # building a provider for a case
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def build(prov: Provider, case, ctx, q, k, v) -> Impl:
     """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors
     (positions, cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs used to probe
@@ -157,20 +155,16 @@ def _rope_fn(kind, ctx):
 def _build_prope(prov, case, ctx, dev):
     from prope_kernels import interface as api
     be = prov.backend
-    if be == "triton":
-        if not api.triton_available():
-            raise Unavailable("triton is not installed")
-        if dev.type != "cuda" and not _interpreting():
-            raise Unavailable("needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
-        if dev.type == "cuda" and _interpreting():
-            raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
-                              "the compiled kernels")
-    elif be == "cuda":
-        if dev.type != "cuda":
-            raise Unavailable("needs a CUDA GPU")
-        if not api.cuda_ext_available():
-            raise Unavailable("the CUDA extension prope_kernels._C is not built")
-    elif be == "reference" and dev.type == "cuda":
+    entry = backends.get(be)
+    if not entry.runs_on(dev):
+        raise Unavailable("needs a CUDA GPU" + (" (or TRITON_INTERPRET=1 on the CPU)"
+                                                if entry.interpreter_cpu else ""))
+    if entry.unavailable() is not None:
+        raise Unavailable(f"backend={be!r} {entry.unavailable()}")
+    if entry.interpreter_cpu and dev.type == "cuda" and prope_env.interpreting():
+        raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
+                          "the compiled kernels")
+    if be == "reference" and dev.type == "cuda":
         need = 3 * 4 * case.q_heads * sum(n * n for n in (case.doc_lens or
                                                           [case.seqlen] * case.batch))
         if need > 16 * 2**30:

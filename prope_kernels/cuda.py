@@ -78,8 +78,8 @@ def _tables(spec, device):
 
 
 def _no_window_softcap(window, softcap) -> None:
-    # The CUDA kernels implement neither (interface.FEATURES["cuda"] is empty, so the API raises
-    # before reaching here); this guards direct calls of the op.
+    # The CUDA kernels implement neither (the registry's "cuda" entry lacks both features, so
+    # the API raises before reaching here); this guards direct calls of the op.
     if window[0] >= 0 or window[1] >= 0 or softcap:
         raise ValueError(f"the CUDA backend implements neither window nor softcap, got "
                          f"window={tuple(window)}, softcap={softcap}; use backend='triton'")

@@ -70,7 +70,7 @@ PARITY = {
 }
 
 
-@pytest.mark.parametrize("attn", ["reference", "sdpa"])
+@pytest.mark.parametrize("attn", ["reference", "unfused"])
 @pytest.mark.parametrize("family", list(PARITY))
 def test_transformers_parity(family, attn):
     # logits within 1e-4 in fp32 with the same random weights loaded into both; 40 tokens,
@@ -79,7 +79,7 @@ def test_transformers_parity(family, attn):
     kw = dict(PARITY[family])
     torch.manual_seed(0)
     c = preset(kw.pop("name"), attn=attn, **kw)
-    if attn == "sdpa" and (c.global_attn.softcap or (c.local_attn and c.local_attn.softcap)):
+    if attn == "unfused" and (c.global_attn.softcap or (c.local_attn and c.local_attn.softcap)):
         pytest.skip("the unfused SDPA baseline has no attention-logit softcap")
     model = Gemma(c).eval()
     hf = _hf_model(transformers, c)
@@ -112,12 +112,12 @@ def test_backends_agree(name, kw):
     tokens = torch.randint(0, 512, (2, 32))
     cu = torch.tensor([0, 7, 32, 40, 41, 64], dtype=torch.int32)
     outs = {}
-    for attn in ("reference", "sdpa"):
+    for attn in ("reference", "unfused"):
         torch.manual_seed(0)
         m = Gemma(preset(name, attn=attn, **kw)).eval()
         with torch.no_grad():
             outs[attn] = (m(tokens), m(tokens, cu, 25))
-    torch.testing.assert_close(outs["reference"], outs["sdpa"], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(outs["reference"], outs["unfused"], rtol=2e-4, atol=2e-4)
 
 
 def test_documents_are_isolated():
@@ -212,7 +212,7 @@ def test_config_overrides_and_errors():
     with pytest.raises(ValueError, match="unknown model field"):
         preset("gemma-tiny", pe="rope")
     with pytest.raises(ValueError, match="softcap"):
-        Gemma(preset("gemma2-tiny", attn="sdpa"))(torch.zeros(1, 4, dtype=torch.long))
+        Gemma(preset("gemma2-tiny", attn="unfused"))(torch.zeros(1, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 3.0])

@@ -25,13 +25,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 def _types(dt):
     p = "*" + dt
-    ints = ["total", "n_heads", "n_kv_heads", "seq_bucket", "N_ROT", "stride_dks"] + [
+    ints = ["total", "n_heads", "n_kv_heads", "seq_bucket", "N_ROT", "stride_dks", "wl", "wr"] + [
         f"stride_{a}{b}" for a in ("q", "k", "v", "o", "do", "dk", "dv", "dq", "x", "y")
         for b in "th"]
     t = {n: "i32" for n in ints}
     t.update(Q=p, K=p, V=p, O=p, DO=p, DK=p, DV=p, DQ=p, X=p, Y=p, DLSE="*fp32", LSE="*fp32",
              DELTA="*fp32", POS="*i64", CU="*i32", C_PART="*i32", C_SIGN="*fp32", C_FREQ="*fp64",
-             PAIR_A="*i32", PAIR_B="*i32", PAIR_F="*fp64", IDS="*i32", sm_scale="fp32")
+             PAIR_A="*i32", PAIR_B="*i32", PAIR_F="*fp64", IDS="*i32", sm_scale="fp32",
+             cap_in="fp32", cap_out="fp32")
     return t
 
 
@@ -58,7 +59,8 @@ def _compile(fn, consts, dt, arch, warps, stages):
 
 def _attn_consts(d, bm, bn, **kw):
     c = dict(GROUP=2, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=True, ROTATE=True,
-             EVEN_D=d == triton.next_power_of_2(d), EMULATE=False, BLOCK_M=bm, BLOCK_N=bn)
+             WINDOW=False, SOFTCAP=False, EVEN_D=d == triton.next_power_of_2(d), EMULATE=False,
+             BLOCK_M=bm, BLOCK_N=bn)
     c.update(kw)
     return c
 
@@ -81,6 +83,15 @@ def _cases(full):
         for bm, bn, w, s in dq:
             yield (f"dq d{d} {bm}x{bn} w{w} s{s}", A._attn_bwd_dq_kernel,
                    _attn_consts(d, bm, bn), w, s)
+        # the sliding window and softcap paths (constexpr), on each kernel's first row
+        feats = dict(WINDOW=True, SOFTCAP=True)
+        for name, fn, rows, extra in (("fwd", A._attn_fwd_kernel, A._FWD, dict(Q_ON_LOAD=0)),
+                                      ("dkdv", A._attn_bwd_dkdv_kernel, A._DKDV,
+                                       dict(SPLIT=2, ATOMIC=1)),
+                                      ("dq", A._attn_bwd_dq_kernel, A._DQ, {})):
+            bm, bn, w, s = rows[d][0]
+            yield (f"{name} window+softcap d{d} {bm}x{bn} w{w} s{s}", fn,
+                   _attn_consts(d, bm, bn, **feats, **extra), w, s)
     yield ("bwd_preprocess d128", A._bwd_preprocess_kernel,
            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, HAS_DLSE=True), 4, 1)
     yield ("rope d256 p0.75", R._rope_kernel,
@@ -139,8 +150,9 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check"], env=env,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, preprocess, rope, fp32->lowp rope)
-    assert r.stdout.count("ok sm_") == 2 * 2 * 7, r.stdout[-3000:]
+    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, their window+softcap variants,
+    # preprocess, rope, fp32->lowp rope)
+    assert r.stdout.count("ok sm_") == 2 * 2 * 10, r.stdout[-3000:]
     # the untuned defaults at head_dim 128 and 256: fwd, dkdv, dq
     assert r.stdout.count("ok spills sm_90") == 2 * 3, r.stdout[-3000:]
 

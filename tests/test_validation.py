@@ -148,16 +148,31 @@ def test_bad_window_and_softcap(kw, exc, msg):
         prope_attention_varlen(*_packed(), cu, 5, backend="reference", **kw)
 
 
-def test_cuda_backend_refuses_window_and_softcap():
-    # The CUDA kernels implement neither: naming backend='cuda' raises, 'auto' never picks it.
-    from prope_kernels import interface
+def test_backends_without_window_or_softcap(monkeypatch):
+    # A backend whose registry entry lacks "window"/"softcap" (CUDA today): naming it raises,
+    # "auto" passes over it to the next backend that has them.
+    import dataclasses
+
+    from prope_kernels import backends
+    for feature in ("window", "softcap"):
+        assert feature not in backends.get("cuda").features
+        assert feature in backends.get("triton").features
+        assert feature in backends.get("reference").features
     q, k, v = _qkv(d=64)
-    assert "window" not in interface.FEATURES["cuda"]
-    assert "softcap" not in interface.FEATURES["cuda"]
-    with pytest.raises(ValueError, match="window"):
-        interface._check_features("cuda", interface._features((3, 0), 0.0))
-    with pytest.raises(ValueError, match="softcap"):
-        interface._check_features("cuda", interface._features((-1, -1), 50.0))
-    assert interface._usable("cuda", q, interface._features((-1, -1), 0.0))
-    assert not interface._usable("cuda", q, interface._features((4095, 0), 0.0))
-    assert not interface._usable("cuda", q, interface._features((-1, -1), 50.0))
+    with pytest.raises(ValueError, match="backend='cuda' does not implement window"):
+        prope_attention(q, k, v, window=(15, 0), backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' does not implement softcap"):
+        prope_attention(q, k, v, softcap=50.0, backend="cuda")
+    # auto: a stand-in kernel backend that takes CPU tensors and lacks both features
+    fake = dataclasses.replace(backends.get("reference"), name="fake", auto=lambda x: True,
+                               features=frozenset({"varlen", "lse", "rope"}))
+    monkeypatch.setitem(backends.REGISTRY, "fake", fake)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ["fake"] + backends.AUTO_ORDER)
+    assert backends.choose_auto(q) == "fake"
+    assert backends.choose_auto(q, frozenset({"window"})) == "reference"
+    assert backends.choose_auto(q, frozenset({"softcap"})) == "reference"
+    # plain causal is not a window: (-1, 0) with causal=True needs nothing
+    from prope_kernels.validation import check_window_softcap
+    assert check_window_softcap((-1, -1), None, True) == ((-1, 0), 0.0, frozenset())
+    assert check_window_softcap((7, 3), 0, True) == ((7, 0), 0.0, frozenset({"window"}))
+    assert check_window_softcap((-1, 0), 50, False)[2] == frozenset({"window", "softcap"})

@@ -29,10 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import backends
 from .. import reference as ref
 from ..interface import apply_prope, prope_attention, prope_attention_varlen
+from ..rotary import PRoPESpec
 
-ATTN_BACKENDS = ("auto", "reference", "sdpa", "triton", "cuda")
+# "auto" and every registered backend of prope_kernels.backends, plus "unfused": the baseline
+# users run today (RoPE with the reference rotation, then torch's scaled_dot_product_attention)
+UNFUSED = "unfused"
+ATTN_BACKENDS = backends.choices() + (UNFUSED,)
 
 
 def _help(text: str, **kw):
@@ -113,8 +118,8 @@ class GemmaConfig:
     norm_unit_offset: bool = _help("RMSNorm scales by (1 + w), w from 0 (Gemma 1-3); else by "
                                    "w, w from 1 (Gemma 4)", default=True)
     final_softcap: float = _help("final-logit softcap (0 = off; Gemma 2: 30)", default=0.0)
-    attn: str = _help("attention: auto, reference, sdpa (RoPE then SDPA, unfused), triton, "
-                      "cuda", default="auto")
+    attn: str = _help("attention: auto, a fused backend (" + ", ".join(backends.names())
+                      + "), or unfused (RoPE, then SDPA: the baseline)", default="auto")
     activation_checkpointing: bool = _help("recompute each layer in backward to save memory",
                                            default=False)
 
@@ -157,6 +162,7 @@ class GemmaConfig:
             if spec is None:
                 continue
             spec.validate(where)
+            PRoPESpec(spec.head_dim, spec.p, spec.theta, self.variant, self.layout)  # validates
             if self.heads % spec.kv_heads:
                 raise ValueError(f"heads ({self.heads}) must be a multiple of {where}.kv_heads "
                                  f"({spec.kv_heads})")
@@ -333,14 +339,15 @@ class Attention(nn.Module):
             kw["window"] = (s.window - 1, 0)  # (left, right), flash-attn's convention
         if s.softcap:
             kw["softcap"] = s.softcap
-        if c.attn in ("triton", "cuda") and q.dtype == torch.float32:
+        if (c.attn in backends.REGISTRY and q.dtype not in backends.get(c.attn).dtypes
+                and torch.bfloat16 in backends.get(c.attn).dtypes):
             # the fused kernels take fp16/bf16: without autocast, attend in bf16 as autocast would
             out_dtype = q.dtype
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         else:
             out_dtype = None
-        if c.attn == "sdpa":
-            o = _sdpa_attention(q, k, v, cu_seqlens, kw)
+        if c.attn == UNFUSED:
+            o = _unfused_attention(q, k, v, cu_seqlens, kw)
         elif cu_seqlens is None:
             o = prope_attention(q, k, v, causal=True, backend=c.attn, **kw)
         else:
@@ -353,12 +360,12 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, c.heads * d))
 
 
-def _sdpa_attention(q, k, v, cu_seqlens, kw):
+def _unfused_attention(q, k, v, cu_seqlens, kw):
     """The unfused baseline users run today: rotate q and k, then SDPA (documents separated by a
     block-diagonal causal mask when rows are packed, a band for a sliding window)."""
     if kw.get("softcap"):
-        raise ValueError("attn='sdpa' cannot softcap attention logits (SDPA has no softcap); "
-                         "use attn='reference', 'triton' or 'auto'")
+        raise ValueError("attn='unfused' cannot softcap attention logits (SDPA has no "
+                         "softcap); use attn='auto' or a fused backend")
     b, t = q.shape[:2]
     if cu_seqlens is None:
         pos = torch.arange(t, device=q.device)

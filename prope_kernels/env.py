@@ -1,0 +1,50 @@
+"""Every environment switch the package reads, in one place.
+
+Read at call time (not import time), so that tests can change them with ``monkeypatch.setenv``.
+``TRITON_INTERPRET`` itself is read by Triton when it is first imported; the package only asks
+whether it is set.
+
+  TRITON_INTERPRET=1   Triton kernels run under the CPU interpreter (set by tests/conftest.py
+                       on machines without a GPU); the Triton backend then accepts CPU tensors
+  PROPE_POISON=1       fill kernel outputs and scratch buffers with NaN before the kernels run,
+                       so anything a kernel forgets to write shows up (set by the tests)
+  PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
+                       (GPU test runs; see prope_kernels/triton/configs.py)
+  PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
+  PROPE_CACHE          where the trainer caches corpora and tokenizers (default
+                       $XDG_CACHE_HOME/prope_kernels, i.e. ~/.cache/prope_kernels)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def interpreting() -> bool:
+    """Triton kernels run under the CPU interpreter."""
+    return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def poison() -> bool:
+    """Fill new outputs with NaN before the kernels write them."""
+    return _get("PROPE_POISON") == "1"
+
+
+def autotune() -> bool:
+    """Let the GPU autotuner try every row of a config table (False: the first row only)."""
+    return _get("PROPE_AUTOTUNE", "1") != "0"
+
+
+def kv_split() -> int:
+    """The forced GQA split of the backward's dK/dV programs; 0: chosen by the launcher."""
+    return int(_get("PROPE_KV_SPLIT", "0"))
+
+
+def cache_dir() -> str:
+    """Where the trainer caches built corpora and tokenizers."""
+    return _get("PROPE_CACHE") or os.path.join(
+        _get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prope_kernels")
