@@ -80,7 +80,8 @@ class TrainConfig:
     compile: bool = _help("torch.compile the model", False)
     fsdp: bool = _help("shard parameters, gradients and optimizer state over the ranks "
                        "(FSDP2, torch.distributed.fsdp.fully_shard) instead of DDP; "
-                       "checkpoints become sharded (torch.distributed.checkpoint)", False)
+                       "checkpoints become sharded (torch.distributed.checkpoint); needs "
+                       "torchrun (a single process without it trains unsharded)", False)
     device: str = _help("auto (cuda when present), cuda or cpu", "auto")
     progress: bool = _help("show a progress bar", True)
 
@@ -121,11 +122,18 @@ def _add(ap, name, ftype, default, help_text):
                         help=help_text)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (model flags: the preset's value)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="prope-train", description="Train Gemma with fused p-RoPE attention. With no "
         "arguments: gemma-small with 0.75-RoPE on the bundled corpus. Model flags left unset "
-        "keep the preset's value.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "keep the preset's value.", formatter_class=_Help)
     ap.add_argument("--preset", default="gemma-small", choices=list(PRESETS),
                     help="the model's shape and features (tiny/small presets take the "
                     "tokenizer's vocabulary)")
@@ -270,7 +278,8 @@ def _init_distributed(cfg: TrainConfig):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
+    # a process group for several ranks, or for FSDP on one rank started by torchrun
+    if (world > 1 or cfg.fsdp and "MASTER_ADDR" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -289,7 +298,7 @@ def _model_config(cfg: TrainConfig, tok) -> GemmaConfig:
 
 def _wrap(model, cfg: TrainConfig, device, world: int, local_rank: int):
     """DDP (a full replica a rank) or FSDP2 (fully_shard each block, then the root)."""
-    if world > 1 and cfg.fsdp:
+    if cfg.fsdp and dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -337,7 +346,7 @@ def setup(cfg: TrainConfig) -> Run:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(
             {"train": asdict(cfg), "model": model_cfg.to_dict(), "world_size": world,
-             "parallel": "fsdp" if cfg.fsdp and world > 1 else "ddp" if world > 1 else "none"},
+             "parallel": "fsdp" if _sharded(run) else "ddp" if world > 1 else "none"},
             indent=1))
         metrics_path = out / "metrics.jsonl"
         if not cfg.resume:
@@ -353,7 +362,7 @@ def setup(cfg: TrainConfig) -> Run:
 # checkpoint/dcp/ (collective), rank 0 the same JSON.
 
 def _sharded(run: Run) -> bool:
-    return run.cfg.fsdp and run.world > 1
+    return run.cfg.fsdp and dist.is_initialized()
 
 
 def save_checkpoint(run: Run):
