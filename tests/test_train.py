@@ -91,17 +91,18 @@ def test_two_process_gloo_runs_agree_with_one_process_and_resume_exactly(tmp_pat
     # the CPU (gloo) path on any machine: on a one-GPU machine two ranks could not each own a GPU
     single = train(_cfg(tmp_path / "one", steps=4, eval_every=4, device="cpu"))["metrics"]
     _agree(single, _two_processes(tmp_path / "ddp"), rel=1e-4)
-    # FSDP with 2 micro-batches a step (gradient sync on the last only): the same 8 rows a step
-    fsdp = _two_processes(tmp_path / "fsdp", "--fsdp", "--grad-accum", "2")
+    # FSDP with 2 micro-batches a step (gradient sync on the last only): the same 8 rows a step,
+    # and the same 16 validation rows (4 batches of 4)
+    accum = ("--grad-accum", "2", "--eval-batches", "4")
+    fsdp = _two_processes(tmp_path / "fsdp", "--fsdp", *accum)
     _agree(single, fsdp, rel=1e-4)
     conf = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert conf["world_size"] == 2 and conf["parallel"] == "fsdp"
     # FSDP checkpoints are sharded: a torch.distributed.checkpoint folder, one file a rank
     assert len(list((tmp_path / "fsdp" / "checkpoint" / "dcp").glob("*.distcp"))) == 2
     # sharded resume: 2 steps, then 2 more from the checkpoint, equal the 4 straight steps
-    _two_processes(tmp_path / "b", "--fsdp", "--grad-accum", "2", "--stop-at", "2")
-    _agree(fsdp, _two_processes(tmp_path / "b", "--fsdp", "--grad-accum", "2", "--resume"),
-           rel=1e-6)
+    _two_processes(tmp_path / "b", "--fsdp", *accum, "--stop-at", "2")
+    _agree(fsdp, _two_processes(tmp_path / "b", "--fsdp", *accum, "--resume"), rel=1e-6)
     # resuming a sharded checkpoint in one process is refused clearly
     with pytest.raises(Exception, match="sharded"):
         train(_cfg(tmp_path / "b", steps=4, resume=True, device="cpu"))
