@@ -12,6 +12,7 @@ from pathlib import Path
 from prope_kernels import env as prope_env
 
 from . import cases as C
+from . import feature_bars
 from . import providers as P
 
 HERE = Path(__file__).resolve().parent
@@ -23,8 +24,8 @@ sweeps:    {', '.join(C.SWEEPS)}
 providers: {', '.join(P.PROVIDERS)}
 modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
 
-The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, llama-gqa and
-mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
+The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, its sliding
+window and softcap variants, llama-gqa and mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
 gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
 Without a GPU the same pipeline runs at tiny shapes and is labelled a CPU smoke run (set
@@ -161,6 +162,8 @@ def plan(args, smoke: bool):
             return P.SMOKE_SWEEP_PROVIDERS
         if case.varlen:
             return P.VARLEN_PROVIDERS
+        if case.has_window or case.softcap:
+            return P.FEATURE_PROVIDERS
         return {"preset": P.PRESET_PROVIDERS, "p": P.P_SWEEP_PROVIDERS}.get(
             group, P.SWEEP_PROVIDERS)
 
@@ -185,7 +188,9 @@ def plan(args, smoke: bool):
         return (preset_jobs(list(C.SMOKE_PRESETS)) + sweep_jobs("seqlen") + sweep_jobs("p")
                 + sweep_jobs("varlen"))
     if standard:
-        return (preset_jobs(["gemma-2b", "llama-gqa", "mha-d64"]) + sweep_jobs("p")
+        # the feature presets right after gemma-2b: their bars are ratios to its times
+        return (preset_jobs(["gemma-2b"] + C.FEATURE_PRESETS + ["llama-gqa", "mha-d64"])
+                + sweep_jobs("p")
                 + sweep_jobs("seqlen") + preset_jobs(["gemma-7b", "gemma4-global",
                                                       "gemma-2b-varlen"]))
     jobs = preset_jobs(presets)
@@ -204,6 +209,8 @@ def _case_from_dict(d):
     fields = {f: d[f] for f in C.Case.__dataclass_fields__ if f in d}
     if fields.get("doc_lens") is not None:
         fields["doc_lens"] = tuple(fields["doc_lens"])
+    if "window" in fields:
+        fields["window"] = tuple(fields["window"])
     return C.Case(**fields)
 
 
@@ -259,6 +266,7 @@ def main(argv=None):
         out = Path(args.out) if args.out else src.parent
         files = report.write_all(out, data["meta"], data["settings"], data["results"],
                                  plots=not args.no_plots)
+        feature_bars.write(out, data["results"], files["md"])
         for p in [files["md"], files["json"], files["csv"], *files["png"]]:
             print(f"  {p}", file=sys.stderr)
         return 0
@@ -332,6 +340,10 @@ def main(argv=None):
                         dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
                         providers=sorted({p for j in jobs for p in j.providers}))
     files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
+    for bar in feature_bars.write(out, rows, files["md"]):
+        print(f"feature bar {'pass' if bar['passed'] else 'FAIL'}: {bar['provider']} "
+              f"{bar['bar']} ({bar['mode']}): {bar['ratio']:.3f}x (limit {bar['limit']:.2f}x)",
+              file=sys.stderr)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
 
     counts = {}

@@ -6,6 +6,7 @@ H100 catches such errors on a machine with no GPU, and reports shared memory, re
 
     python tests/test_triton_gpu_compile.py           # the quick set: smem / regs / stack
     python tests/test_triton_gpu_compile.py --all     # every tuned config (ARCH=80 or 90)
+    python tests/test_triton_gpu_compile.py --all --dims 512   # one head_dim bucket
 """
 
 import os
@@ -65,10 +66,10 @@ def _attn_consts(d, bm, bn, **kw):
     return c
 
 
-def _cases(full):
+def _cases(full, dims=None):
     from prope_kernels.triton import attention as A
     from prope_kernels.triton import rope as R
-    dims = (64, 128, 256, 512) if full else (128,)
+    dims = dims or ((64, 128, 256, 512) if full else (128,))
     for d in dims:
         fwd = A._FWD[d] if full else A._FWD[d][:1]
         dkdv = A._DKDV[d] if full else A._DKDV[d][:1]
@@ -175,7 +176,10 @@ if __name__ == "__main__":
         check()
         sys.exit(0)
     arch = int(os.environ.get("ARCH", "90"))
-    for name, fn, consts, warps, stages in _cases(full="--all" in sys.argv):
+    dims = None
+    if "--dims" in sys.argv:
+        dims = tuple(int(x) for x in sys.argv[sys.argv.index("--dims") + 1].split(","))
+    for name, fn, consts, warps, stages in _cases(full="--all" in sys.argv, dims=dims):
         k = _compile(fn, consts, "bf16", arch, warps, stages)
         regs, stack = _resource_usage(k.asm["cubin"])
         print(f"sm_{arch} {name}: smem {k.metadata.shared // 1024} KiB, regs {regs}, "

@@ -176,3 +176,18 @@ def test_backends_without_window_or_softcap(monkeypatch):
     assert check_window_softcap((-1, -1), None, True) == ((-1, 0), 0.0, frozenset())
     assert check_window_softcap((7, 3), 0, True) == ((7, 0), 0.0, frozenset({"window"}))
     assert check_window_softcap((-1, 0), 50, False)[2] == frozenset({"window", "softcap"})
+
+
+def test_head_dim_512_errors_where_a_backend_lacks_it(monkeypatch):
+    # Triton takes head_dim 512; CUDA does not, and says so (checked as if on a GPU)
+    import dataclasses
+
+    from prope_kernels import backends
+    q = torch.randn(1, 4, 2, 512, dtype=torch.float16)
+    assert backends.get("triton").head_dim_ok(512)
+    cuda_here = dataclasses.replace(backends.get("cuda"), devices=None,
+                                    unavailable=lambda: None)
+    monkeypatch.setitem(backends.REGISTRY, "cuda", cuda_here)
+    with pytest.raises(ValueError, match="backend='cuda' supports head_dim 64, 128 or 256; "
+                                         "got head_dim=512"):
+        backends.resolve("cuda", q)

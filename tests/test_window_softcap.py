@@ -160,7 +160,7 @@ import zlib  # noqa: E402
 
 from tolerance import check  # noqa: E402
 
-HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1), "gqa4": (8, 2)}
+HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1), "gqa4": (8, 2), "mqa2": (2, 1)}
 
 
 def _inputs(key, shapes, dtype, device, scale=1.0):
@@ -290,6 +290,12 @@ def test_blocks_outside_the_window_are_not_read(device):
                                                                  window=window),
                    (q, k, v), dout, select=slice(128, None))
     assert torch.isnan(got[0][:, :64]).all()    # the poison did reach the rows that see it
+
+
+def test_head_dim_512(device):
+    # Gemma-4-style global layer head_dim with both features (interpreter: a small shape)
+    run_dense(device, torch.bfloat16, 1, 37, "mqa2", 512, True, (20, 0), softcap=50.0,
+              in_scale=3.0, p=0.25)
 
 
 # --- GPU sizes (skipped without a GPU) -----------------------------------------------------------
