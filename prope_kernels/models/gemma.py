@@ -221,7 +221,7 @@ class GemmaConfig:
         attn = 0.0
         for i in range(self.layers):
             spec = self.layer_attn(i)
-            w = spec.window if self.is_local(i) else 0
+            w = spec.window
             keys = seqlen / 2 if not w or w >= seqlen else w * (1 - w / (2 * seqlen))
             attn += 12 * self.heads * spec.head_dim * keys
         return float(dense + attn)
