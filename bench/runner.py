@@ -85,7 +85,8 @@ def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, n
              mode=mode, status=status, reason=reason)
     cd = case.as_dict()
     for key in ("batch", "seqlen", "total_tokens", "num_docs", "q_heads", "kv_heads",
-                "head_dim", "attn_kind", "causal", "p", "theta", "dtype", "varlen"):
+                "head_dim", "attn_kind", "causal", "p", "theta", "dtype", "varlen", "window",
+                "softcap"):
         r[key] = cd[key]
     r["flops"] = case.flops(mode)
     t = timing or {}
@@ -205,7 +206,7 @@ def _triton_configs(prov, mode) -> list:
     """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
     if prov.family != "prope" or prov.backend != "triton":
         return []
-    from prope_kernels.triton.attention import chosen_configs
+    from prope_kernels.triton.configs import chosen_configs
     chosen = chosen_configs()
     names = {"fwd": ("fwd",), "bwd": ("dkdv", "dq")}.get(mode, ("fwd", "dkdv", "dq"))
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]

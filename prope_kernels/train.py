@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from . import env
 from .models.gemma import ALIASES, ATTN_BACKENDS, PRESETS, Gemma, GemmaConfig, LayerAttn, \
     preset
 from .rotary import LAYOUTS, VARIANTS
@@ -274,9 +275,7 @@ class Run:
 
 
 def _init_distributed(cfg: TrainConfig):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = env.distributed()
     device = _device(cfg, local_rank)
     # a process group for several ranks, or for FSDP on one rank started by torchrun
     if (world > 1 or cfg.fsdp and "MASTER_ADDR" in os.environ) and not dist.is_initialized():
@@ -602,7 +601,7 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     final = res["final"]
-    if int(os.environ.get("RANK", "0")) == 0 and "val_ppl" in final:
+    if env.distributed()[1] == 0 and "val_ppl" in final:
         print(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f} "
               f"after {final['step']} steps; run folder: {res['out']}")
     return 0

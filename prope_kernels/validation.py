@@ -46,12 +46,17 @@ def check_window_softcap(window, softcap, causal):
     if not (softcap >= 0 and softcap != float("inf")):
         raise ValueError(f"softcap must be a positive finite float (0 or None = off), got "
                          f"{softcap}")
+    return (left, right), float(softcap), features_needed((left, right), softcap, causal)
+
+
+def features_needed(window, softcap, causal) -> frozenset:
+    """The optional features a call uses, as backend registry entries name them."""
     needs = set()
-    if left >= 0 or (right >= 0 and not causal):  # (-1, 0) with causal is plain causal
+    if window[0] >= 0 or (window[1] >= 0 and not causal):  # (-1, 0) + causal is plain causal
         needs.add("window")
     if softcap:
         needs.add("softcap")
-    return (left, right), float(softcap), frozenset(needs)
+    return frozenset(needs)
 
 
 def check_rope_input(x, positions, p, theta, variant, layout, conjugate):

@@ -68,12 +68,13 @@ def _attn_consts(d, bm, bn, **kw):
 
 def _cases(full, dims=None):
     from prope_kernels.triton import attention as A
+    from prope_kernels.triton import configs as C
     from prope_kernels.triton import rope as R
     dims = dims or ((64, 128, 256, 512) if full else (128,))
     for d in dims:
-        fwd = A._FWD[d] if full else A._FWD[d][:1]
-        dkdv = A._DKDV[d] if full else A._DKDV[d][:1]
-        dq = A._DQ[d] if full else A._DQ[d][:1]
+        fwd = C.FWD[d] if full else C.FWD[d][:1]
+        dkdv = C.DKDV[d] if full else C.DKDV[d][:1]
+        dq = C.DQ[d] if full else C.DQ[d][:1]
         for bm, bn, w, s in fwd:
             for q_on_load in (1, 0):
                 yield (f"fwd d{d} {bm}x{bn} w{w} s{s} q_on_load={q_on_load}", A._attn_fwd_kernel,
@@ -86,10 +87,10 @@ def _cases(full, dims=None):
                    _attn_consts(d, bm, bn), w, s)
         # the sliding window and softcap paths (constexpr), on each kernel's first row
         feats = dict(WINDOW=True, SOFTCAP=True)
-        for name, fn, rows, extra in (("fwd", A._attn_fwd_kernel, A._FWD, dict(Q_ON_LOAD=0)),
-                                      ("dkdv", A._attn_bwd_dkdv_kernel, A._DKDV,
+        for name, fn, rows, extra in (("fwd", A._attn_fwd_kernel, C.FWD, dict(Q_ON_LOAD=0)),
+                                      ("dkdv", A._attn_bwd_dkdv_kernel, C.DKDV,
                                        dict(SPLIT=2, ATOMIC=1)),
-                                      ("dq", A._attn_bwd_dq_kernel, A._DQ, {})):
+                                      ("dq", A._attn_bwd_dq_kernel, C.DQ, {})):
             bm, bn, w, s = rows[d][0]
             yield (f"{name} window+softcap d{d} {bm}x{bn} w{w} s{s}", fn,
                    _attn_consts(d, bm, bn, **feats, **extra), w, s)
@@ -123,12 +124,17 @@ def check(archs=(80, 90), dts=("bf16", "fp16")):
 # candidate the autotuner tries) must not spill much on sm_90. Earlier tables spilled 0.7-4 KiB a
 # thread at head_dim 256; the exact figure moves a little between Triton versions.
 STACK_LIMIT = 512
+# head_dim 512 (one 64-row fp32 accumulator of 512 columns is 128 registers a thread at 8 warps):
+# the first rows spill 0.15-0.6 KiB (fwd 144-168 B, dkdv 160-296 B, dq 544-600 B with Triton
+# 3.6-3.9); the guard catches a return to the 0.9-3 KiB of earlier rows.
+STACK_LIMIT_D512 = 768
 
 
 def check_spills():
     from prope_kernels.triton import attention as A
-    for d in (128, 256):
-        rows = {k: A.TABLES[k][d][0] for k in A.TABLES}
+    from prope_kernels.triton.configs import TABLES
+    for d in (128, 256, 512):
+        rows = {k: TABLES[k][d][0] for k in TABLES}
         for name, fn, consts in (
                 ("fwd", A._attn_fwd_kernel, dict(Q_ON_LOAD=0)),
                 ("dkdv", A._attn_bwd_dkdv_kernel, dict(SPLIT=2, ATOMIC=1)),
@@ -136,7 +142,7 @@ def check_spills():
             bm, bn, w, st = rows[name]
             k = _compile(fn, _attn_consts(d, bm, bn, **consts), "bf16", 90, w, st)
             regs, stack = _resource_usage(k.asm["cubin"])
-            assert stack <= STACK_LIMIT, \
+            assert stack <= (STACK_LIMIT_D512 if d == 512 else STACK_LIMIT), \
                 f"{name} d{d} {rows[name]}: {stack} B of register spills a thread on sm_90"
             print(f"ok spills sm_90 {name} d{d} {rows[name]}: regs {regs}, stack {stack} B",
                   flush=True)
@@ -154,8 +160,8 @@ def test_kernels_compile_for_gpu():
     # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, their window+softcap variants,
     # preprocess, rope, fp32->lowp rope)
     assert r.stdout.count("ok sm_") == 2 * 2 * 10, r.stdout[-3000:]
-    # the untuned defaults at head_dim 128 and 256: fwd, dkdv, dq
-    assert r.stdout.count("ok spills sm_90") == 2 * 3, r.stdout[-3000:]
+    # the untuned defaults at head_dim 128, 256 and 512: fwd, dkdv, dq
+    assert r.stdout.count("ok spills sm_90") == 3 * 3, r.stdout[-3000:]
 
 
 def _resource_usage(cubin: bytes) -> tuple:

@@ -12,15 +12,18 @@ A backend is a module with three functions on the packed layout (q (total, q_hea
 
 ``spec`` is a :class:`prope_kernels.rotary.PRoPESpec`; inputs are already validated. ``window``
 is (left, right) ints, -1 = unbounded, the right side already capped at 0 when causal (query i
-sees key j iff i - left <= j <= i + right); ``softcap`` a float, 0.0 = off. A backend that lacks
-"window" or "softcap" in its ``features`` is never given them (the API raises, ``auto`` skips it). Outputs are
+sees key j iff i - left <= j <= i + right); ``softcap`` a float, 0.0 = off. A backend without
+"window" or "softcap" in its ``features`` is never given them (naming it raises, ``auto``
+passes it over). Outputs are
 new tensors (never views of the inputs), in the inputs' dtype (lse float32).
 
 Adding a backend = one module with those functions + one :func:`register` call below (a
 :class:`Backend` entry: module path, imported on first use, and its capabilities). The public
 API, the Gemma model's ``attn`` choices, the trainer's ``--attn`` and the benchmark's providers
-all read this registry. ``auto`` tries the names in :data:`AUTO_ORDER` and takes the first whose
-entry can run the input and whose ``auto`` predicate accepts it; else ``"reference"``.
+all read this registry. ``auto``: for attention, :mod:`prope_kernels.dispatch` (a measured table,
+else its documented default, among the backends that can run the call); for the rotation alone,
+the first name in :data:`AUTO_ORDER` whose entry can run the input and whose ``auto`` predicate
+accepts it, else ``"reference"``.
 """
 
 from __future__ import annotations
@@ -49,12 +52,15 @@ class Backend:
     head_dim_ok: Callable[[int], bool] = lambda d: d % 2 == 0
     devices: Optional[tuple] = ("cuda",)            # device types; None: any device
     interpreter_cpu: bool = False    # also CPU tensors when TRITON_INTERPRET=1
-    # "window" (sliding window) and "softcap" (logit softcapping): optional attention features
+    # optional attention features: "window" (sliding window), "softcap" (logit softcapping)
     features: frozenset = frozenset({"varlen", "lse", "rope"})
     # None when usable, else the reason (completes "backend='x' ..."); called lazily
     unavailable: Callable[[], Optional[str]] = lambda: None
     # when ``auto`` should take it for an input it can run (None: never picked by auto)
     auto: Optional[Callable[[torch.Tensor], bool]] = None
+    # attention inputs a backend may still refuse (a vendor kernel's limits): called with
+    # (q, k, num_seqs, max_seqlen, causal), raises a ValueError naming why
+    check_attention: Optional[Callable] = None
     device_hint: str = "use backend='reference' on the CPU"
     _module: list = field(default_factory=list, repr=False, compare=False)
 
@@ -77,12 +83,13 @@ class Backend:
                 and self.unavailable() is None)
 
     def check(self, x: torch.Tensor, needs: frozenset = frozenset()) -> None:
-        """Raise a ValueError/TypeError naming the backend when it cannot run ``x``."""
-        missing = sorted(needs - self.features)
+        """Raise a ValueError/TypeError naming the backend when it cannot run ``x`` or lacks a
+        feature of ``needs``."""
+        missing = sorted(set(needs) - set(self.features))
         if missing:
             names = {"window": "window (sliding-window attention)",
                      "softcap": "softcap (logit softcapping)"}
-            others = [b.name for b in REGISTRY.values() if needs <= b.features]
+            others = [b.name for b in REGISTRY.values() if set(needs) <= b.features]
             raise ValueError(f"backend={self.name!r} does not implement "
                              + " or ".join(names.get(m, m) for m in missing) + "; use "
                              + ", ".join(f"backend={b!r}" for b in others + ["auto"]))
@@ -99,6 +106,14 @@ class Backend:
         if not self.head_dim_ok(x.shape[-1]):
             raise ValueError(f"backend={self.name!r} supports {self.head_dims}; got "
                              f"head_dim={x.shape[-1]}")
+
+
+def refuse_features(name: str, window, softcap, causal) -> None:
+    """For backends without "window"/"softcap": the API never passes them (registry features);
+    this guards a direct call of the op with them. ((-1, 0) with causal is plain causal.)"""
+    if window[0] >= 0 or (window[1] >= 0 and not causal) or softcap:
+        raise ValueError(f"backend={name!r} implements neither window nor softcap, got "
+                         f"window={tuple(window)}, softcap={softcap}; use backend='triton'")
 
 
 REGISTRY: dict = {}
@@ -130,9 +145,13 @@ def get(name: str) -> Backend:
     return REGISTRY[name]
 
 
-def choose_auto(x: torch.Tensor, needs: frozenset = frozenset()) -> str:
-    """The backend ``auto`` picks for q-like ``x`` and a call that uses the features ``needs``
-    (e.g. {"window", "softcap"})."""
+def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
+    """The backend ``auto`` picks for q-like ``x`` and a call that uses the features ``needs``.
+    attn: (k, num_seqs, max_seqlen, causal) of an attention call: then the dispatch table /
+    default of :mod:`prope_kernels.dispatch` decides (``prope_kernels.explain`` says why)."""
+    if attn is not None:
+        from ..dispatch import decide
+        return decide(x, *attn, needs=needs).backend
     for name in AUTO_ORDER:
         be = REGISTRY[name]
         if be.auto is not None and be.can_run(x, needs) and be.auto(x):
@@ -140,14 +159,24 @@ def choose_auto(x: torch.Tensor, needs: frozenset = frozenset()) -> str:
     return "reference"
 
 
-def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset()) -> str:
+def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
     """A backend name for ``x``: ``auto`` resolved, an explicit choice checked (ValueError or
-    TypeError naming what it cannot run, including a feature of ``needs`` it lacks)."""
+    TypeError naming what it cannot run). needs: the features the call uses. attn: (k,
+    num_seqs, max_seqlen, causal) of an attention call (x is q), None for the rotation alone."""
     if not isinstance(backend, str) or backend not in choices():
         raise ValueError(f"backend must be one of {choices()}, got {backend!r}")
     if backend == "auto":
-        return choose_auto(x, needs)
-    REGISTRY[backend].check(x, needs)
+        if attn is not None and torch.compiler.is_compiling():
+            # Inside torch.compile the attention op gets "auto" and decides when it runs, on
+            # the real tensors (prope_kernels.interface): torch's kernel-eligibility checks that
+            # the decision calls are not traceable.
+            return "auto"
+        return choose_auto(x, needs, attn)
+    be = REGISTRY[backend]
+    be.check(x, needs)
+    if (attn is not None and be.check_attention is not None
+            and not torch.compiler.is_compiling()):
+        be.check_attention(x, *attn)
     return backend
 
 
@@ -190,12 +219,29 @@ register(Backend(
 
 # Not picked by auto until its kernels have been validated and timed on a GPU against Triton
 # (prope_kernels.cuda.preferred_over_triton). Its backward sums dQ with float atomics: under
-# torch.use_deterministic_algorithms(True) it raises. No sliding window, no softcap.
+# torch.use_deterministic_algorithms(True) it raises.
 register(Backend(
     name="cuda", module="prope_kernels.cuda",
     description="CUDA C++ kernels (csrc/, CUTLASS/CuTe), built into prope_kernels._C",
     head_dims="head_dim 64, 128 or 256", head_dim_ok=lambda d: d in (64, 128, 256),
     unavailable=_cuda_unavailable, auto=_cuda_preferred,
+))
+
+def _sdpa_check(q, k, num_seqs, max_seqlen, causal):
+    from .. import sdpa
+    sdpa.check(q, k, num_seqs, max_seqlen, causal)
+
+
+# PyTorch's fused attention (cuDNN, else flash, else memory-efficient; CPU: the CPU flash op)
+# with our rotation around it. Which inputs it takes is torch's own eligibility check on the
+# shape (prope_kernels.sdpa.choose); auto picks it through prope_kernels.dispatch.
+register(Backend(
+    name="sdpa", module="prope_kernels.sdpa",
+    description="PyTorch's cuDNN / FlashAttention-2 / memory-efficient attention (ATen ops) with "
+                "the p-RoPE rotation kernel around it",
+    dtypes=ALL_DTYPES, devices=None,
+    head_dims="what torch's cuDNN/flash/memory-efficient kernels take (float16/bfloat16 on CUDA)",
+    check_attention=_sdpa_check,
 ))
 
 register(Backend(
