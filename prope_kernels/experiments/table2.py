@@ -85,10 +85,12 @@ class Table2Config:
 
 
 PRESETS = {
-    # 2 CPU cores: ~1.2M parameters (embedding 2048 x 128 included), 200 steps of 16 x 128
-    # tokens (410k tokens, about one pass over the bundled corpus) per run, 7 x 3 runs
-    "cpu": Table2Config(shape=dict(hidden=128, layers=4, heads=4, kv_heads=1, head_dim=32,
-                                   mlp=512), attn="unfused"),
+    # 2 shared CPU cores: ~0.2M parameters, 150 steps of 16 x 64 tokens (154k tokens, a
+    # quarter of the bundled corpus) per run, 7 x 3 runs (about 25-35 min on a busy machine)
+    "cpu": Table2Config(shape=dict(hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16,
+                                   mlp=256), vocab_size=1024, seq_len=64, batch_size=16,
+                        steps=150, warmup=15, eval_every=25, seeds=(0, 1, 2), attn="unfused",
+                        max_val_tokens=16384),
     # one GPU: ~31M parameters, 2000 steps of 32 x 512 tokens (33M tokens) per run, 7 x 3 runs;
     # the bundled corpus is ~0.5M tokens, so pass --data a larger corpus for a real comparison
     "gpu": Table2Config(shape=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64,
