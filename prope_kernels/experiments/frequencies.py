@@ -235,9 +235,8 @@ def _probs(q, k, spec: PRoPESpec, att: dict):
 
     t = q.shape[1]
     pos = torch.arange(t, device=q.device)
-    kw = dict(p=spec.p, theta=spec.theta, variant=spec.variant, layout=spec.layout)
-    qr = apply_prope(q.float(), pos, backend="reference", **kw)[0].transpose(0, 1)  # (h, t, d)
-    kr = apply_prope(k.float(), pos, backend="reference", **kw)[0].transpose(0, 1)
+    qr = apply_prope(q.float(), pos, spec)[0].transpose(0, 1)  # (h, t, d)
+    kr = apply_prope(k.float(), pos, spec)[0].transpose(0, 1)
     kr = kr.repeat_interleave(qr.shape[0] // kr.shape[0], 0)
     s = qr @ kr.transpose(1, 2) * att.get("scale", spec.head_dim ** -0.5)
     if att.get("softcap"):
