@@ -91,12 +91,14 @@ PRESETS = {
                                    mlp=256), vocab_size=1024, seq_len=64, batch_size=16,
                         steps=150, warmup=15, eval_every=25, seeds=(0, 1, 2), attn="unfused",
                         max_val_tokens=16384),
-    # one GPU: ~31M parameters, 2000 steps of 32 x 512 tokens (33M tokens) per run, 7 x 3 runs;
-    # the bundled corpus is ~0.5M tokens, so pass --data a larger corpus for a real comparison
-    "gpu": Table2Config(shape=dict(hidden=512, layers=8, heads=8, kv_heads=1, head_dim=64,
-                                   mlp=2048), vocab_size=8192, seq_len=512, batch_size=32,
-                        steps=2000, lr=1e-3, warmup=200, eval_every=100, eval_batches=16,
-                        val_fraction=0.1, max_long_docs=128),
+    # one GPU: ~113M parameters, 3000 steps of 32 x 1024 tokens (98M tokens) per run, 7 x 3
+    # runs: 1.5e18 training FLOPs, about 1.4 h on one H100 at an assumed 30% MFU (an estimate
+    # from FLOPs, not measured; `--estimate` prints it). Meant for --data a corpus of 100M+
+    # tokens: the bundled one is ~0.5M tokens (the run warns when the budget is many passes)
+    "gpu": Table2Config(shape=dict(hidden=768, layers=12, heads=12, kv_heads=1, head_dim=64,
+                                   mlp=3072), vocab_size=16384, seq_len=1024, batch_size=32,
+                        steps=3000, lr=1e-3, warmup=300, eval_every=250, eval_batches=16,
+                        val_fraction=0.05, max_long_docs=128, max_val_tokens=1 << 20),
     # the tests: seconds on a CPU
     "tiny": Table2Config(shape=dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
                                     mlp=64), vocab_size=384, seq_len=32, batch_size=4, steps=4,
@@ -265,7 +267,8 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         f"# Table 2 in miniature ({m['preset']})", "",
         f"Model: Gemma, {m['params']:,} parameters ({m['shape']}), trained {cfg.steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens ({cfg.steps * cfg.batch_size * cfg.seq_len:,} "
-        f"tokens) per run on {m['data']}; {n} seeds ({', '.join(map(str, cfg.seeds))}) per "
+        f"tokens, {m['passes']:.2f} passes over the training split) per run on {m['data']}; "
+        f"{n} seeds ({', '.join(map(str, cfg.seeds))}) per "
         f"encoding; device {m['device']}. Wall time of the whole experiment: "
         f"{m['wall_s'] / 60:.1f} min.", "",
         "\n".join(lines), "",
@@ -376,6 +379,15 @@ def estimate_gpu_time(cfg: Table2Config, model_cfg, mfu: float = 0.3) -> dict:
             "h100_hours": flops / (H100_BF16_PEAK * mfu) / 3600}
 
 
+def passes(cfg: Table2Config, seed: int) -> float:
+    """How many times each run reads its training split (the token budget over the split)."""
+    from ..data import pack, tokenize
+
+    tok, train_docs, _ = common.run_data(dict(cfg.train_kw(seed, ""), tokenizer=""))
+    rows = len(pack(tokenize(train_docs, tok), cfg.seq_len))
+    return cfg.steps * cfg.batch_size / max(rows, 1)
+
+
 def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
         log=print) -> dict:
     from ..train import train
@@ -417,6 +429,10 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
                     f"{k} {v['window_loss']:.3f}" for k, v in long.items())
                 + f"; train {train_s:.0f} s, eval {r['eval_s']:.0f} s")
     stats = analyze(results, cfg)
+    n_pass = passes(cfg, cfg.seeds[0])
+    if n_pass > 4:
+        log(f"[table2] warning: each run read its training split {n_pass:.0f} times; the "
+            "comparison measures memorization more than modelling: pass --data a larger corpus")
     full_cfg = common.model_config(dict(cfg.shape, vocab_size=cfg.vocab_size),
                                    ENCODINGS["0.75-rope"])
     meta = {
@@ -432,6 +448,7 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
         "long_docs": int(np.mean([results[e][str(s)]["long_docs"]
                                   for e in cfg.encodings for s in cfg.seeds])),
         "h100_estimate": estimate_gpu_time(cfg, full_cfg),
+        "passes": n_pass,
     }
     meta["reading"] = reading(stats, cfg)
     doc = {"config": asdict(cfg), "meta": meta, "paper_wiki": PAPER_WIKI, "stats": stats,
