@@ -62,6 +62,15 @@ def test_table2_end_to_end(table2_run):
             assert r["long_docs"] > 0
             for f in ("1x", "2x", "4x"):
                 assert math.isfinite(r["long"][f]["window_loss"])
+            for f in ("2x", "4x"):
+                assert math.isfinite(r["long"][f]["delta"])
+                assert r["long"][f]["delta"] == pytest.approx(
+                    r["long"][f]["beyond_full"] - r["long"][f]["beyond_short"])
+            # within the training length both readings are the same computation
+            t = cfg.seq_len
+            full, short = (np.array(r["long_per_position"][k]) for k in ("full", "short"))
+            assert len(full) == 4 * t - 1 and np.all(short > 0)
+            np.testing.assert_allclose(full[:t - 1], short[:t - 1], rtol=1e-5)
             assert len(r["curve"]) >= 1 and all(math.isfinite(v) for _, v in r["curve"])
         s = doc["stats"][enc]
         assert s["val_loss"]["n"] == len(cfg.seeds) and math.isfinite(s["val_loss"]["std"])

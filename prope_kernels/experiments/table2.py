@@ -138,30 +138,53 @@ def _autocast(device):
     return contextlib.nullcontext()
 
 
+def _nll(model, tokens, device):
+    """Per-position next-token loss (rows, length - 1) of token rows (rows, length)."""
+    with _autocast(device):
+        logits = model(tokens)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none").double().cpu()
+
+
 @torch.no_grad()
-def _long_docs(model, val_docs, tok, length, device, max_docs):
-    """Per-position mean loss (length - 1,) over held-out documents of at least ``length``
-    tokens, each cut to its first ``length`` tokens (one document per row: positions 0 ..
-    length-1 of real text), and the number of documents."""
+def _long_docs(model, val_docs, tok, length, t, device, max_docs):
+    """The long-context probe on held-out documents of at least ``length`` tokens, each cut to
+    its first ``length`` tokens. Returns per-position mean losses (length - 1,) over the
+    documents, read two ways, and the number of documents:
+
+    * full: the whole document in one causal window (positions 0 .. length-1; the model was
+      trained on positions < t);
+    * short: the same predictions with at most ``t`` tokens of context at positions < t
+      (windows of t tokens at stride t/2; each prediction is taken from the window where it has
+      the most context), i.e. what the model does within its training length.
+
+    full - short at positions >= t: negative when the model gains from context beyond its
+    training length, positive when positions it never saw break it."""
     from ..data import tokenize
 
     ids = [x[:length] for x in tokenize(val_docs, tok) if len(x) >= length][:max_docs]
     if not ids:
-        return None, 0
-    sums = torch.zeros(length - 1, dtype=torch.float64)
+        return None, None, 0
+    full = torch.zeros(length - 1, dtype=torch.float64)
+    short = torch.zeros(length - 1, dtype=torch.float64)
+    half = max(1, t // 2)
+    starts = list(range(0, length - t + 1, half))
     for i in range(0, len(ids), 4):
         tokens = torch.tensor(ids[i:i + 4], dtype=torch.long, device=device)
-        with _autocast(device):
-            logits = model(tokens)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        sums += nll.sum(0).double().cpu()
-    return (sums / len(ids)).numpy(), len(ids)
+        full += _nll(model, tokens, device).sum(0)
+        win = torch.cat([tokens[:, s:s + t] for s in starts])            # (windows*rows, t)
+        nll = _nll(model, win, device).view(len(starts), tokens.shape[0], t - 1).sum(1)
+        covered = 0  # predictions 0 .. covered-1 already taken from an earlier window
+        for w, s in enumerate(starts):
+            lo = covered - s  # from here on each kept prediction has context >= t/2
+            short[s + lo:s + t - 1] += nll[w, lo:]
+            covered = s + t - 1
+    return (full / len(ids)).numpy(), (short / len(ids)).numpy(), len(ids)
 
 
 def evaluate_run(run_dir, cfg: Table2Config, device) -> dict:
-    """Validation loss at the training length over the whole held-out split, and the
-    long-context probe at 1x, 2x, 4x (``long_factors``) the training length."""
+    """Validation loss at the training length (the held-out split, up to max_val_tokens) and
+    the long-context probe at 2x, 4x (``long_factors``) the training length."""
     attn = common.unfused_attn() if cfg.attn == "unfused" else None
     model, _, train = common.load_run(run_dir, device, attn=attn)
     tok, _, val_docs = common.run_data(train)
@@ -169,19 +192,20 @@ def evaluate_run(run_dir, cfg: Table2Config, device) -> dict:
     loss, n_tokens = _val_loss(model, val_docs, tok, t, device, cfg.max_val_tokens)
     res = {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": n_tokens}
     longest = t * max(cfg.long_factors)
-    per_pos, n_docs = _long_docs(model, val_docs, tok, longest, device, cfg.max_long_docs)
+    full, short, n_docs = _long_docs(model, val_docs, tok, longest, t, device,
+                                     cfg.max_long_docs)
     res["long_docs"] = n_docs
-    if per_pos is not None:
-        # window loss: mean over the first L tokens' predictions (L = 1x, 2x, 4x the training
-        # length); band loss: only the predictions at positions [previous L, L)
-        res["long"] = {}
-        prev = 0
-        for f in (1,) + tuple(cfg.long_factors):
+    if full is not None:
+        # per factor f: predictions at positions [t-1, f*t-1) (targets t .. f*t-1), i.e. the
+        # tokens beyond the training length in a window of f*t; full and short context
+        res["long"] = {"1x": {"window_loss": float(full[:t - 1].mean())}}
+        for f in cfg.long_factors:
             n = f * t - 1
-            res["long"][f"{f}x"] = {"window_loss": float(per_pos[:n].mean()),
-                                    "band_loss": float(per_pos[prev:n].mean())}
-            prev = n
-        res["long_per_position"] = per_pos.tolist()
+            res["long"][f"{f}x"] = {"window_loss": float(full[:n].mean()),
+                                    "beyond_full": float(full[t - 1:n].mean()),
+                                    "beyond_short": float(short[t - 1:n].mean()),
+                                    "delta": float(full[t - 1:n].mean() - short[t - 1:n].mean())}
+        res["long_per_position"] = {"full": full.tolist(), "short": short.tolist()}
     return res
 
 
@@ -211,6 +235,14 @@ def _fmt(s: dict, key="mean", digits=3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def _signed(s: dict, digits=3) -> str:
+    if not s.get("n"):
+        return "n/a"
+    if s["n"] == 1:
+        return f"{s['mean']:+.{digits}f}"
+    return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f}"
+
+
 def analyze(results: dict, cfg: Table2Config) -> dict:
     """Per encoding: summaries over seeds, the paired difference to the baseline per seed with
     its 95% interval, the ranks."""
@@ -227,10 +259,9 @@ def analyze(results: dict, cfg: Table2Config) -> dict:
             row["resolved"] = bool(st["n"] > 1 and abs(st["mean"]) > st["ci95"])
         for f in (1,) + tuple(cfg.long_factors):
             key = f"{f}x"
-            vals = [runs[str(s)].get("long", {}).get(key, {}).get("window_loss") for s in seeds]
-            row[f"long_{key}"] = summarize(vals)
-            vals = [runs[str(s)].get("long", {}).get(key, {}).get("band_loss") for s in seeds]
-            row[f"band_{key}"] = summarize(vals)
+            for name in ("window_loss", "beyond_full", "beyond_short", "delta"):
+                vals = [runs[str(s)].get("long", {}).get(key, {}).get(name) for s in seeds]
+                row[f"{name}_{key}"] = summarize(vals)
         out[enc] = row
     order = sorted(cfg.encodings, key=lambda e: out[e]["val_loss"]["mean"])
     paper_order = sorted((e for e in cfg.encodings), key=lambda e: PAPER_WIKI[e])
@@ -245,8 +276,10 @@ def analyze(results: dict, cfg: Table2Config) -> dict:
 def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
     t = cfg.seq_len
     fs = (1,) + tuple(cfg.long_factors)
-    head = ["encoding", "val loss", "val ppl", f"Δ loss vs RoPE 1e4 (95% CI)"] + \
-        [f"long docs, loss @{f}x ({f * t})" for f in fs] + ["rank", "paper (Wiki)", "paper rank"]
+    head = ["encoding", "val loss", "val ppl", "Δ loss vs RoPE 1e4 (95% CI)",
+            f"long docs: loss @{t}"] + \
+        [f"@{f * t}: beyond-{t} loss, full − ≤{t} context" for f in cfg.long_factors] + \
+        ["rank", "paper (Wiki)", "paper rank"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for enc in cfg.encodings:
         s = stats[enc]
@@ -258,7 +291,9 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         else:
             delta = "baseline"
         row = [LABELS[enc], _fmt(s["val_loss"]), _fmt(s["val_ppl"], digits=1), delta]
-        row += [_fmt(s[f"long_{f}x"]) for f in fs]
+        row += [_fmt(s["window_loss_1x"])]
+        row += [f"{_fmt(s[f'beyond_full_{f}x'])}, {_signed(s[f'delta_{f}x'])}"
+                for f in cfg.long_factors]
         row += [str(s["rank"]), f"{PAPER_WIKI[enc]:.4f}", str(s["paper_rank"])]
         lines.append("| " + " | ".join(row) + " |")
     n = len(cfg.seeds)
@@ -267,7 +302,7 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         f"# Table 2 in miniature ({m['preset']})", "",
         f"Model: Gemma, {m['params']:,} parameters ({m['shape']}), trained {cfg.steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens ({cfg.steps * cfg.batch_size * cfg.seq_len:,} "
-        f"tokens, {m['passes']:.2f} passes over the training split) per run on {m['data']}; "
+        f"tokens, {m['passes']:.3g} passes over the training split) per run on {m['data']}; "
         f"{n} seeds ({', '.join(map(str, cfg.seeds))}) per "
         f"encoding; device {m['device']}. Wall time of the whole experiment: "
         f"{m['wall_s'] / 60:.1f} min.", "",
@@ -279,11 +314,16 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         f"seed: same initial weights, data order, split, tokenizer); mean and the half-width of "
         f"its 95% t interval over seeds. Only a difference marked **resolved** (interval "
         f"excludes 0) counts as a difference; the others are within seed noise.",
-        f"* **long docs**: held-out documents of at least {t * max(fs)} tokens (about "
-        f"{m['long_docs']} a seed), each cut to its first L tokens and read in one causal "
-        f"window; mean loss over the window for L = {', '.join(f'{f}x' for f in fs)} the "
-        f"training length. The model never saw positions >= {t} in training, so the 2x/4x "
-        f"columns probe length extrapolation.",
+        f"* **long docs** (the long-context probe): held-out documents of at least "
+        f"{t * max(fs)} tokens (about {m['long_docs']} a seed), each cut to its first "
+        f"{t * max(fs)} tokens. **loss @{t}**: mean loss of the first {t} tokens' predictions. "
+        f"**@L** (L = {', '.join(f'{f}x' for f in cfg.long_factors)} the training length "
+        f"{t}): the document read in one causal window of L tokens; first number: mean loss "
+        f"of the predictions beyond the training length (targets {t} .. L-1, positions the "
+        f"model never saw in training); second: that loss minus the loss of the same "
+        f"predictions made with at most {t} tokens of context (windows of {t} at stride "
+        f"{t // 2}), mean ± std over seeds. Negative: the model gains from context beyond its "
+        f"training length; positive: unseen positions hurt it.",
         "* **paper (Wiki)**: Gemma 2B trained from scratch, Table 2 of Barbero et al. (ICLR "
         "2025), as printed; a different scale, data and budget, so compare orderings only. "
         "**rank** orders our mean val loss (1 = best), **paper rank** the paper's column.",
@@ -311,17 +351,17 @@ def plot(path: Path, results: dict, stats: dict, cfg: Table2Config):
         a.plot(steps, mean, "o-", ms=3, color=colors(i), label=LABELS[enc])
         if len(vals) > 1:
             a.fill_between(steps, vals.min(0), vals.max(0), color=colors(i), alpha=0.15)
-        fs = (1,) + tuple(cfg.long_factors)
         xs, ys, es = [], [], []
-        for f in fs:
-            st = stats[enc][f"long_{f}x"]
+        for f in cfg.long_factors:
+            st = stats[enc][f"delta_{f}x"]
             if st.get("n"):
                 xs.append(f * cfg.seq_len)
                 ys.append(st["mean"])
                 es.append(st["std"] if st["n"] > 1 else 0.0)
         if xs:
-            b.errorbar(xs, ys, yerr=es, fmt="o-", ms=4, capsize=3, color=colors(i),
-                       label=LABELS[enc])
+            off = 1 + 0.03 * (i - len(cfg.encodings) / 2)  # spread the points apart
+            b.errorbar([x * off for x in xs], ys, yerr=es, fmt="o-", ms=4, capsize=3,
+                       color=colors(i), label=LABELS[enc])
     a.set_xlabel("step")
     a.set_ylabel("validation loss (trainer's periodic evaluation)")
     a.set_title(f"validation curves: mean over {len(cfg.seeds)} seeds, band = min..max")
@@ -329,10 +369,12 @@ def plot(path: Path, results: dict, stats: dict, cfg: Table2Config):
     lo = min(stats[e]["val_loss"]["min"] for e in cfg.encodings)
     a.set_ylim(lo - 0.2, lo + 2.5)
     b.set_xscale("log", base=2)
-    b.set_xlabel("evaluation window (tokens); training length = " + str(cfg.seq_len))
-    b.set_ylabel("loss over the window (long held-out documents)")
-    b.axvline(cfg.seq_len, color="gray", ls=":")
-    b.set_title("long-context probe: mean ± std over seeds")
+    b.set_xticks([f * cfg.seq_len for f in cfg.long_factors],
+                 [str(f * cfg.seq_len) for f in cfg.long_factors])
+    b.set_xlabel(f"evaluation window L (tokens); training length {cfg.seq_len}")
+    b.set_ylabel(f"loss beyond {cfg.seq_len}: full context − ≤{cfg.seq_len} context")
+    b.axhline(0, color="gray", ls=":")
+    b.set_title("long-context probe: mean ± std over seeds (< 0: gains from long context)")
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -359,12 +401,14 @@ def reading(stats: dict, cfg: Table2Config) -> str:
             lines.append("Not resolved (within seed noise of RoPE θ=1e4): "
                          + ", ".join(LABELS[e] for e in unres) + ".")
     far = max(cfg.long_factors)
-    grow = {e: stats[e][f"long_{far}x"]["mean"] - stats[e]["long_1x"]["mean"]
-            for e in cfg.encodings if stats[e]["long_1x"].get("n")}
+    grow = {e: stats[e][f"delta_{far}x"] for e in cfg.encodings
+            if stats[e][f"delta_{far}x"].get("n")}
     if grow:
-        lines.append(f"Long context, window loss at {far}x minus at 1x (lower = extrapolates "
-                     "better): " + ", ".join(f"{LABELS[e]} {v:+.3f}" for e, v in
-                                             sorted(grow.items(), key=lambda kv: kv[1])) + ".")
+        lines.append(f"Long context at {far}x the training length, loss beyond it with full "
+                     f"context minus with at most {cfg.seq_len} tokens of context (lower = uses "
+                     "long context better), mean ± std: " + ", ".join(
+                         f"{LABELS[e]} {_signed(v)}" for e, v in
+                         sorted(grow.items(), key=lambda kv: kv[1]["mean"])) + ".")
     return "\n".join(lines)
 
 
@@ -441,7 +485,7 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
         f", vocab {model_cfg.vocab_size}",
         "data": cfg.data or "the bundled corpus", "device": str(device) + (
             f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-            f" ({torch.get_num_threads()} threads)"),
+            f" (torch threads: {torch.get_num_threads()})"),
         "wall_s": time.time() - t0,
         "val_tokens": int(np.mean([results[e][str(s)]["val_tokens"]
                                    for e in cfg.encodings for s in cfg.seeds])),
