@@ -308,8 +308,8 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         f"{m['wall_s'] / 60:.1f} min.", "",
         "\n".join(lines), "",
         f"* **val loss / val ppl**: mean ± sample std over the {n} seeds of the token loss on "
-        f"every packed row of the held-out documents (about {m['val_tokens']:,} tokens a seed, "
-        f"length {t}, document boundaries kept as in training).",
+        f"packed rows of the held-out documents ({m['val_tokens']:,} target tokens a seed on "
+        f"average, rows of {t}, document boundaries kept as in training).",
         f"* **Δ loss vs RoPE 1e4**: per seed, this encoding's val loss minus RoPE θ=1e4's (same "
         f"seed: same initial weights, data order, split, tokenizer); mean and the half-width of "
         f"its 95% t interval over seeds. Only a difference marked **resolved** (interval "
