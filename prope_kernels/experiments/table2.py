@@ -304,8 +304,10 @@ def write_table(path: Path, stats: dict, cfg: Table2Config, meta: dict):
         f"{cfg.batch_size} x {cfg.seq_len} tokens ({cfg.steps * cfg.batch_size * cfg.seq_len:,} "
         f"tokens, {m['passes']:.3g} passes over the training split) per run on {m['data']}; "
         f"{n} seeds ({', '.join(map(str, cfg.seeds))}) per "
-        f"encoding; device {m['device']}. Wall time of the whole experiment: "
-        f"{m['wall_s'] / 60:.1f} min.", "",
+        f"encoding; device {m['device']}. Training: {m['train_span_s'] / 60:.1f} min of wall "
+        f"time from the first run's start to the last run's end (sum over runs "
+        f"{m['train_sum_s'] / 60:.1f} min); this invocation (evaluation, and training of runs "
+        f"not already trained) took {m['wall_s'] / 60:.1f} min.", "",
         "\n".join(lines), "",
         f"* **val loss / val ppl**: mean ± sample std over the {n} seeds of the token loss on "
         f"packed rows of the held-out documents ({m['val_tokens']:,} target tokens a seed on "
@@ -459,11 +461,19 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
             metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n")
                        if x]
             train_s = time.time() - ts
+            # a reused run's training time from its files: config.json is written when its
+            # training starts (after the data is ready), checkpoint/state.json when it ends
+            t_start = (run_dir / "config.json").stat().st_mtime
+            t_end = state.stat().st_mtime
+            if done:
+                train_s = t_end - t_start
+            te = time.time()
             r = evaluate_run(run_dir, cfg, device)
+            r["trained"] = {"start": t_start, "end": t_end, "reused": bool(done)}
             r["curve"] = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
             r["final_train_loss"] = metrics[-1]["loss"]
             r["train_s"] = train_s
-            r["eval_s"] = time.time() - ts - train_s
+            r["eval_s"] = time.time() - te
             results[enc][str(seed)] = r
             run_cfg = json.loads((run_dir / "config.json").read_text())
             (out / "configs" / f"{enc}_seed{seed}.json").write_text(json.dumps(run_cfg, indent=1))
@@ -487,6 +497,11 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
             f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
             f" (torch threads: {torch.get_num_threads()})"),
         "wall_s": time.time() - t0,
+        "train_sum_s": sum(results[e][str(s)]["train_s"] for e in cfg.encodings
+                           for s in cfg.seeds),
+        "train_span_s": max(results[e][str(s)]["trained"]["end"] for e in cfg.encodings
+                            for s in cfg.seeds) -
+        min(results[e][str(s)]["trained"]["start"] for e in cfg.encodings for s in cfg.seeds),
         "val_tokens": int(np.mean([results[e][str(s)]["val_tokens"]
                                    for e in cfg.encodings for s in cfg.seeds])),
         "long_docs": int(np.mean([results[e][str(s)]["long_docs"]
