@@ -400,7 +400,7 @@ def plot_heads(path: Path, res: dict, pos: list, title: str):
         if "[" in t.get_text():
             t.set_color("red")
     _xlabels(ax, res)
-    ax.set_title(f"{title}: per head, |q chunk| x |k chunk| per pair (row-normalized); red: "
+    ax.set_title(f"{title}: per head, |q chunk| x |k chunk| per pair (row-normalized)\nred: "
                  "positional heads (d = diagonal, p = previous-token score)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
