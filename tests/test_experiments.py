@@ -260,7 +260,10 @@ def test_frequencies_cli_known_answer_from_a_run_folder(table2_run, tmp_path, mo
         assert np.nonzero(z[name][0] > 0)[0].tolist() == keep
 
 
-def test_frequencies_transformers_llama_known_answer(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_frequencies_transformers_known_answer(tmp_path, family):
+    """A transformers checkpoint saved locally and read offline; Gemma 3 has qk-norm applied
+    to (batch, heads, seqlen, head_dim) and a local and a global RoPE base."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     vocab = {w: i for i, w in enumerate(["[UNK]", "<s>"] + [f"w{i}" for i in range(62)])}
@@ -268,11 +271,14 @@ def test_frequencies_transformers_llama_known_answer(tmp_path):
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]",
                                                   bos_token="<s>")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=16, rope_theta=10000.0)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **shape, sliding_window=8, query_pre_attn_scalar=16))
     keep = {0: [0, 4], 1: [7]}
     spec = PRoPESpec(16, 1.0, 10000.0, "prope", "half")
     for i, layer in enumerate(model.model.layers):

@@ -96,7 +96,7 @@ class _Capture:
     """Forward hooks that keep each layer's q, k, v (batch, t, heads, head_dim) before rotation."""
 
     def __init__(self, layers, head_dims):
-        self.store, self.handles = {}, []
+        self.store, self.handles, self.seqlen = {}, [], 0
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             for name, mods in (("q", ("q_norm", "q_proj")), ("k", ("k_norm", "k_proj")),
@@ -109,8 +109,12 @@ class _Capture:
 
     def _hook(self, i, name, hd):
         def fn(_mod, _inp, out):
-            b, t = out.shape[0], out.shape[1]
-            self.store[(i, name)] = out.detach().reshape(b, t, -1, hd)
+            # a projection gives (b, t, heads*hd); a per-head norm (b, t, heads, hd), or
+            # (b, heads, t, hd) where the model transposes first (transformers' Gemma 3)
+            t = self.seqlen
+            if out.dim() == 4 and out.shape[1] != t and out.shape[2] == t:
+                out = out.transpose(1, 2)
+            self.store[(i, name)] = out.detach().reshape(out.shape[0], t, -1, hd)
         return fn
 
     def close(self):
@@ -127,6 +131,7 @@ class OurModel:
         self.specs = [common.layer_rotation(self.cfg, i) for i in range(self.cfg.layers)]
         self.attn = [common.layer_attention(self.cfg, i) for i in range(self.cfg.layers)]
         self.heads = self.cfg.heads
+        self.kv_heads = self.attn[0]["kv_heads"]
         self.name = str(path)
 
     @classmethod
@@ -138,6 +143,7 @@ class OurModel:
         self.specs = [common.layer_rotation(self.cfg, i) for i in range(self.cfg.layers)]
         self.attn = [common.layer_attention(self.cfg, i) for i in range(self.cfg.layers)]
         self.heads = self.cfg.heads
+        self.kv_heads = self.attn[0]["kv_heads"]
         self.name = name
         return self
 
@@ -178,6 +184,7 @@ class HFModel:
         c = getattr(c, "text_config", c)
         self.layers = list(_decoder_layers(self.model))
         self.heads = c.num_attention_heads
+        self.kv_heads = getattr(c, "num_key_value_heads", None) or self.heads
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         p = float(getattr(c, "partial_rotary_factor", 1.0) or 1.0)
         self.specs = [PRoPESpec(hd, p, _hf_theta(c, i), "partial" if p < 1 else "prope", "half")
@@ -263,9 +270,12 @@ def analyze(m, token_ids: list, device="cpu") -> dict:
     ntok, ntext = 0, 0
     try:
         for ids in token_ids:
+            if len(ids) in (m.heads, m.kv_heads):
+                ids = ids[:-1]  # (b, heads, t, hd) and (b, t, heads, hd) would look alike
             if len(ids) < 2:
                 continue
             cap.store.clear()
+            cap.seqlen = len(ids)
             x = torch.tensor([ids], dtype=torch.long, device=device)
             atts = m.forward(x)
             ntok += len(ids)
