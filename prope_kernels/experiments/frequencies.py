@@ -436,16 +436,16 @@ def write_outputs(out: Path, res: dict, pos: list, title: str, meta: dict):
     plot_heads(out / "heads.png", res, pos, title)
     lines = [f"# Frequency usage: {title}", "",
              f"{res['texts']} texts, {res['tokens']} tokens. Per layer, the pairs with the largest "
-             "mean query / key chunk norm (k = 0 is the fastest frequency; * = not rotated by "
-             "this model):", "",
+             "mean query / key chunk norm (k = 0 is the fastest frequency; * = a q/k pair this "
+             "model does not rotate; values are never rotated):", "",
              "| layer | top q pairs | top k pairs | top v pairs (control) |", "|---|---|---|---|"]
     for i in range(res["q"].shape[0]):
         cells = []
         for n in ("q", "k", "v"):
             row = np.nan_to_num(res[n][i], nan=-1)
             top = np.argsort(-row)[:4]
-            cells.append(", ".join(f"{j}{'' if res['rotated'][i, j] else '*'} ({row[j]:.2f})"
-                                   for j in top))
+            cells.append(", ".join(f"{j}{'' if res['rotated'][i, j] or n == 'v' else '*'} "
+                                   f"({row[j]:.2f})" for j in top))
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", f"Positional heads (diagonal or previous-token score >= "
               f"{meta['threshold']}): {len(pos)}", ""]
