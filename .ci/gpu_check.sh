@@ -9,6 +9,9 @@
 #   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90) and run its GPU tests
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
+#   bash .ci/gpu_check.sh sdpa      # the sdpa backend's tests, then every preset timed for our
+#                                   # backends -> $OUT/dispatch.json (the package's table plus the
+#                                   # new entries: copy it to prope_kernels/ and commit it)
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
 #
 # quick, against one deadline (QUICK_DEADLINE_S, default 470 s from the start): the CUDA extension
@@ -35,8 +38,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 STAGE="${1:-quick}"
 case "$STAGE" in
-  quick|tests|configs|cuda|bench|breakdown|all) ;;
-  *) echo "unknown stage $STAGE (quick, tests, configs, cuda, bench, breakdown, all)" >&2; exit 2 ;;
+  quick|tests|configs|cuda|bench|breakdown|sdpa|all) ;;
+  *) echo "unknown stage $STAGE (quick, tests, configs, cuda, bench, breakdown, sdpa, all)" >&2
+     exit 2 ;;
 esac
 START=$(date +%s)
 OUT="${OUT:-$PWD/gpu_out}"
@@ -226,6 +230,11 @@ stage() {
           && '$PY' -m bench.breakdown --preset llama-gqa" ;;
     breakdown)
       run breakdown "$PY" -m bench.breakdown --preset "${PRESET:-gemma-2b}" ;;
+    sdpa)
+      run sdpa_tests "$PY" -m pytest -q -rs tests/test_sdpa_backend.py tests/test_compile.py
+      cp prope_kernels/dispatch.json "$OUT/dispatch.json"
+      run sdpa_dispatch "$PY" -m bench --write-dispatch "$OUT/dispatch.json" --no-progress \
+          --out "$OUT/dispatch_run" ;;
     all)
       stage tests; stage configs; stage bench ;;
   esac

@@ -19,10 +19,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-# the peers quick times: cuDNN and FlashAttention-2 (SDPA's flash backend), each without RoPE
-# (the floor) and with the user's p-RoPE compiled (what a user runs today)
-PEERS = ["sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash-norope",
-         "sdpa-flash+rope-compiled"]
 PRESET = "gemma-2b"
 MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
 
@@ -30,9 +26,9 @@ MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
 def quick_providers() -> list:
     """Every backend of ours the benchmark knows (the pure-PyTorch reference aside: a definition,
     not a kernel), then the peers."""
-    from bench.providers import PROVIDERS
+    from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
     ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"]
-    return ours + [n for n in PEERS if n in PROVIDERS]
+    return ours + [n for n in QUICK_PEER_PROVIDERS if n in PROVIDERS]
 
 
 # --- tests ---------------------------------------------------------------------------------------

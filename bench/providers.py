@@ -32,7 +32,8 @@ class Unavailable(Exception):
 class Provider:
     name: str     # stable id used on the command line, in JSON/CSV and by pytest-benchmark
     family: str   # "prope", "sdpa", "flex", "flash-attn", "fa3"
-    backend: str  # prope: a name of prope_kernels.backends; sdpa: cudnn/flash/efficient/math
+    backend: str  # prope: a name of prope_kernels.backends or "auto"; sdpa: cudnn/flash/
+                  # efficient/math
     rope: str     # "fused" (ours), "none", "eager", "compiled"
     label: str    # what a person reads in the tables
 
@@ -55,10 +56,12 @@ _ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + Ro
 
 
 def _all_providers():
-    # ours: one provider per registered backend
+    # ours: one provider per registered backend, and auto
+    labels = {"reference": "prope_attention (reference, PyTorch)",
+              "sdpa": "prope_attention (sdpa: PyTorch kernel + our rotation)"}
     out = [Provider(f"prope-{be}", "prope", be, "fused",
-                    "prope_attention (reference, PyTorch)" if be == "reference"
-                    else f"prope_attention ({be})") for be in backends.names()]
+                    labels.get(be, f"prope_attention ({be})"))
+           for be in backends.names() + ("auto",)]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -74,10 +77,13 @@ def _all_providers():
 
 PROVIDERS = _all_providers()
 FLOOR = "sdpa-cudnn-norope"
+# our backends that backend="auto" chooses between (the dispatch table is written from them)
+OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 
-# default selections (see bench/README.md); names not runnable here turn into "missing" rows
+# Every provider list of the suite lives here (see bench/README.md); names not runnable on a
+# machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
-    "prope-triton", "prope-cuda",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-cuda",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -86,24 +92,42 @@ PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tai
     "sdpa-efficient-norope", "sdpa-efficient+rope-compiled", "sdpa-efficient+rope-eager",
 ]
 SWEEP_PROVIDERS = [
-    "prope-triton", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
+    "prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
     "sdpa-flash+rope-compiled", "flash-attn+rope-compiled", "fa3+rope-compiled",
 ]
-P_SWEEP_PROVIDERS = ["prope-triton", "prope-cuda", "sdpa-cudnn-norope",
+P_SWEEP_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope",
                      "sdpa-cudnn+rope-compiled"]
 VARLEN_PROVIDERS = [
-    "prope-triton", "prope-cuda", "flex-norope", "flex+rope-compiled",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-cuda", "flex-norope", "flex+rope-compiled",
     "flash-attn-norope", "flash-attn+rope-compiled", "fa3+rope-compiled",
     "sdpa-efficient+rope-compiled", "sdpa-cudnn+rope-compiled",
 ]
+# sliding window / softcap presets: the providers that can express them (SDPA cannot: no softcap,
+# and a window only as an explicit (s x s) mask, which takes it off its fused kernels)
+FEATURE_PROVIDERS = [
+    "prope-triton", "prope-cuda", "flash-attn+rope-compiled", "fa3+rope-compiled",
+    "flex+rope-compiled", "flash-attn-norope", "fa3-norope", "flex-norope",
+    "sdpa-cudnn+rope-compiled",
+]
 SMOKE_PROVIDERS = [
-    "prope-triton", "prope-reference", "prope-cuda",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-reference", "prope-cuda",
     "sdpa-math-norope", "sdpa-math+rope-eager", "sdpa-flash+rope-eager",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-efficient+rope-eager",
     "flex+rope-compiled", "flash-attn+rope-eager",
 ]
-SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-reference", "sdpa-math-norope",
+SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math-norope",
                          "sdpa-math+rope-eager"]
+SMOKE_VARLEN_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math+rope-eager"]
+SMOKE_P_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math-norope"]
+# the peers `.ci/gpu_check.sh quick` times (bench/gpu_summary.py): cuDNN and FlashAttention-2
+# (SDPA's flash backend), each without RoPE (the floor) and with the user's p-RoPE compiled
+QUICK_PEER_PROVIDERS = ["sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash-norope",
+                        "sdpa-flash+rope-compiled"]
+# pytest-benchmark (bench/conftest.py, bench/test_bench_kernels.py)
+PYTEST_BENCH_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope",
+                          "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
+                          "flash-attn+rope-compiled"]
+PYTEST_SMOKE_PROVIDERS = ["prope-reference", "prope-triton", "prope-sdpa", "sdpa-math+rope-eager"]
 
 
 def select(patterns) -> List[str]:
@@ -132,7 +156,7 @@ def build(prov: Provider, case, ctx, q, k, v) -> Impl:
         raise Unavailable("torch.compile providers are not run on the CPU (compile time; smoke "
                           "mode)")
     if prov.family == "prope":
-        return _build_prope(prov, case, ctx, dev)
+        return _build_prope(prov, case, ctx, q, k, v)
     rope = _rope_fn(prov.rope, ctx)
     if prov.family == "sdpa":
         return _build_sdpa(prov, case, ctx, rope, q, k, v)
@@ -152,10 +176,34 @@ def _rope_fn(kind, ctx):
     return lambda q, k: f(q, k, cos, sin)
 
 
-def _build_prope(prov, case, ctx, dev):
+def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     from prope_kernels import interface as api
+    dev = q.device
     be = prov.backend
+    notes = []
+    # sliding window / softcap: passed only when the case uses them
+    feat = {}
+    if case.has_window:
+        feat["window"] = tuple(case.window)
+    if case.softcap:
+        feat["softcap"] = case.softcap
+    if be == "auto":
+        dec = (api.explain(q, k_sample, v_sample, ctx["cu_seqlens"], case.seqlen, p=case.p,
+                           theta=case.theta, causal=case.causal, **feat) if case.varlen else
+               api.explain(q, k_sample, v_sample, p=case.p, theta=case.theta,
+                           causal=case.causal, **feat))
+        notes = [f"auto -> {dec.backend} ({dec.source})"
+                 + (f", PyTorch kernel {dec.kernel}" if dec.kernel else "")]
+        kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
+        if case.varlen:
+            cu, max_s = ctx["cu_seqlens"], case.seqlen
+            return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw),
+                        notes)
+        return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
     entry = backends.get(be)
+    missing = sorted(set(feat) - set(entry.features))
+    if missing:
+        raise Unavailable(f"backend={be!r} does not implement {' or '.join(missing)}")
     if not entry.runs_on(dev):
         raise Unavailable("needs a CUDA GPU" + (" (or TRITON_INTERPRET=1 on the CPU)"
                                                 if entry.interpreter_cpu else ""))
@@ -164,17 +212,23 @@ def _build_prope(prov, case, ctx, dev):
     if entry.interpreter_cpu and dev.type == "cuda" and prope_env.interpreting():
         raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
                           "the compiled kernels")
+    if be == "sdpa":
+        from prope_kernels import sdpa
+        ch = sdpa.choose(q, k_sample, len(ctx["cu_list"]) - 1, case.seqlen, case.causal)
+        if ch.kernel is None:
+            raise Unavailable(f"no PyTorch attention kernel for this shape: {ch.why}")
+        notes = [f"PyTorch kernel: {ch.kernel}"] + list(ch.notes)
     if be == "reference" and dev.type == "cuda":
         need = 3 * 4 * case.q_heads * sum(n * n for n in (case.doc_lens or
                                                           [case.seqlen] * case.batch))
         if need > 16 * 2**30:
             raise Unavailable(f"the reference would materialise ~{need / 2**30:.0f} GiB of "
                               "scores at this shape")
-    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
+    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
-        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw))
-    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw))
+        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw), notes)
+    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
 
 
 def _sdpa_backend(name):
@@ -205,6 +259,11 @@ def _probe(fn, q, k, v):
 
 
 def _build_sdpa(prov, case, ctx, rope, q, k, v):
+    if case.softcap:
+        raise Unavailable("SDPA has no logit softcap")
+    if case.has_window:
+        raise Unavailable("SDPA takes a sliding window only as an explicit (s x s) mask, which "
+                          "falls off its fused kernels; not timed")
     sdpa_kernel, backend = _sdpa_backend(prov.backend)
     dev = q.device
     if prov.backend in ("cudnn", "efficient") and dev.type != "cuda":
@@ -277,7 +336,22 @@ def _build_flex(prov, case, ctx, rope, dev):
     scale = case.head_dim ** -0.5
     group = case.q_heads // case.kv_heads
     n = case.total_tokens if case.varlen else case.seqlen
-    if case.varlen:
+    if case.has_window and case.varlen:
+        raise Unavailable("window with varlen: not wired for FlexAttention here")
+    if case.has_window:
+        left, right = case.window
+        if case.causal:
+            right = 0 if right < 0 else min(right, 0)
+
+        def mask_mod(b, h, qi, ki):
+            keep = ki >= 0
+            if left >= 0:
+                keep = keep & (qi - ki <= left)
+            if right >= 0:
+                keep = keep & (ki - qi <= right)
+            return keep
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+    elif case.varlen:
         doc, pos = ctx["doc_ids"], ctx["positions"]
         if case.causal:
             def mask_mod(b, h, qi, ki):
@@ -293,6 +367,13 @@ def _build_flex(prov, case, ctx, rope, dev):
     else:
         block_mask = None
     kw, notes = {}, []
+    if case.softcap:
+        cap = float(case.softcap)
+
+        def score_mod(score, b, h, qi, ki):  # score: q.k * scale, as Gemma 2 caps it
+            return torch.tanh(score / cap) * cap
+        kw["score_mod"] = score_mod
+        notes.append("softcap: score_mod")
     expand = False
     if group > 1:
         if "enable_gqa" in inspect.signature(flex_attention).parameters:
@@ -335,6 +416,11 @@ def _build_flash_attn(prov, case, ctx, rope, dev):
         raise Unavailable("needs a CUDA GPU")
     scale = case.head_dim ** -0.5
     notes = [f"{prov.family} {getattr(fa, '__version__', '')}".strip()]
+    feat = {}  # only when used: older flash-attn versions lack the keywords
+    if case.has_window:
+        feat["window_size"] = tuple(case.window)
+    if case.softcap:
+        feat["softcap"] = float(case.softcap)
 
     def first(o):
         return o[0] if isinstance(o, tuple) else o  # some versions return (out, lse)
@@ -344,10 +430,12 @@ def _build_flash_attn(prov, case, ctx, rope, dev):
 
         def attn(q, k, v):
             return first(fa.flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s,
-                                                   softmax_scale=scale, causal=case.causal))
+                                                   softmax_scale=scale, causal=case.causal,
+                                                   **feat))
     else:
         def attn(q, k, v):
-            return first(fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal))
+            return first(fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal,
+                                            **feat))
 
     def fn(q, k, v):
         if rope is not None:

@@ -85,7 +85,8 @@ def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, n
              mode=mode, status=status, reason=reason)
     cd = case.as_dict()
     for key in ("batch", "seqlen", "total_tokens", "num_docs", "q_heads", "kv_heads",
-                "head_dim", "attn_kind", "causal", "p", "theta", "dtype", "varlen"):
+                "head_dim", "attn_kind", "causal", "p", "theta", "dtype", "varlen", "window",
+                "softcap"):
         r[key] = cd[key]
     r["flops"] = case.flops(mode)
     t = timing or {}

@@ -11,6 +11,10 @@ whether it is set.
   PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
                        (GPU test runs; see prope_kernels/triton/configs.py)
   PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
+  PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
+                       considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
+  PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
+                       prope_kernels/dispatch.json (tests, experiments)
   WORLD_SIZE, RANK, LOCAL_RANK   set by torchrun: the trainer's data-parallel processes
   PROPE_CACHE          where the trainer caches corpora and tokenizers (default
                        $XDG_CACHE_HOME/prope_kernels, i.e. ~/.cache/prope_kernels)
@@ -49,6 +53,16 @@ def cache_dir() -> str:
     """Where the trainer caches built corpora and tokenizers."""
     return _get("PROPE_CACHE") or os.path.join(
         _get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prope_kernels")
+
+
+def sdpa_kernel() -> str:
+    """The PyTorch kernel forced on the sdpa backend; "" when it chooses."""
+    return _get("PROPE_SDPA_KERNEL").strip()
+
+
+def dispatch_table() -> str:
+    """Path of the auto dispatch table; "" for the package's own."""
+    return _get("PROPE_DISPATCH_TABLE")
 
 
 def distributed() -> tuple:

@@ -1,11 +1,23 @@
-"""Train Gemma with fused p-RoPE attention.
+"""Train Gemma (1, 2, 3, Gemma-4-style) with fused p-RoPE attention.
 
-    prope-train                                   # small Gemma, 0.75-RoPE, bundled corpus
-    prope-train --preset gemma-2b --pe prope --p 0.75 --attn triton --data my.jsonl
-    torchrun --nproc-per-node 8 -m prope_kernels.train --preset gemma-2b ...
+    prope-train                                   # gemma-small, 0.75-RoPE, bundled corpus
+    prope-train --preset gemma-2b --p 0.75 --attn triton --data my.jsonl
+    torchrun --nproc-per-node 8 -m prope_kernels.train --preset gemma3-1b ...          # DDP
+    torchrun --nproc-per-node 8 -m prope_kernels.train --preset gemma4-style --fsdp ...  # FSDP2
 
-A run folder (``--out``) gets config.json, metrics.jsonl, loss.png and checkpoint/ (safetensors +
-JSON: model, optimizer, step, data position, RNG); ``--resume`` continues it on the same curve.
+From Python (what experiments build on)::
+
+    from prope_kernels.models import preset
+    from prope_kernels.train import TrainConfig, train
+    res = train(TrainConfig(model=preset("gemma-small", p=0.25), steps=300, out="runs/p025"))
+
+A run folder (``out``) gets config.json, metrics.jsonl, loss.png and checkpoint/ (safetensors +
+JSON: model, optimizer, step, data position, RNG; with FSDP a torch.distributed.checkpoint folder
+of shards instead); ``resume`` continues it on the same curve.
+
+The pieces: :func:`setup` (device, process group, data, model, optimizer, resume) returns a
+:class:`Run`; :func:`train_step` does one optimizer step; :func:`evaluate` the validation loss;
+:func:`save_checkpoint` / :func:`load_checkpoint`; :func:`train` loops over them and logs.
 """
 
 from __future__ import annotations
@@ -17,125 +29,150 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from . import backends, env
-from .models.gemma import ATTN_BACKENDS, PE_KINDS, PRESETS, Gemma, preset
+from . import env
+from .models.gemma import ALIASES, ATTN_BACKENDS, PRESETS, Gemma, GemmaConfig, LayerAttn, \
+    preset
 from .rotary import LAYOUTS, VARIANTS
+
+
+def _help(text: str, default=MISSING, default_factory=MISSING):
+    """A field whose help text the CLI shows (``metadata["help"]``)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": text})
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "gemma-small"
-    pe: str = "prope"
-    p: float = 0.75
-    theta: float = 10000.0
-    variant: str = "prope"
-    layout: str = "half"
-    attn: str = "auto"
-    data: str = ""              # empty: the bundled corpus
-    tokenizer: str = ""         # a sentencepiece .model; empty: train one on the data (cached)
-    vocab_size: int = 4096      # for a trained tokenizer
-    seq_len: int = 256
-    batch_size: int = 8         # rows per optimizer step (global, over all ranks)
-    grad_accum: int = 1
-    steps: int = 150
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 15
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    val_fraction: float = 0.05
-    save_every: int = 0         # 0: only at the end
-    stop_at: int = 0            # stop after this step with a checkpoint (0: run to --steps)
-    out: str = "runs/prope-train"
-    resume: bool = False
-    seed: int = 0
-    compile: bool = False
-    activation_checkpointing: bool = False
-    device: str = "auto"
-    progress: bool = True
+    """Everything a run needs; ``model`` is the model's own config (see models.gemma)."""
 
-
-HELP = {
-    "preset": f"model shape: {', '.join(PRESETS)} (small presets take the tokenizer's vocab)",
-    "pe": "position encoding: nope, rope (p=1) or prope (fraction --p)",
-    "p": "fraction of RoPE frequency pairs that rotate (prope), in [0, 1]",
-    "theta": "RoPE base",
-    "variant": "which pairs rotate: prope (fastest), reversed (slowest), partial (NeoX prefix)",
-    "layout": "pair layout: half (Gemma/Llama rotate_half) or interleaved (GPT-J)",
-    "attn": "attention: auto, a fused backend (" + ", ".join(backends.names()) + "), or "
-            "unfused (RoPE, then SDPA: the baseline)",
-    "data": "a text file, a directory of .txt/.md/.jsonl files, or a .jsonl with 'text' "
-            "(default: the bundled corpus)",
-    "tokenizer": "a sentencepiece .model file (e.g. Gemma's tokenizer.model); default: train a "
-                 "BPE tokenizer on the data (cached)",
-    "vocab_size": "vocabulary of the trained tokenizer",
-    "seq_len": "tokens per row; documents are packed with boundaries",
-    "batch_size": "rows per optimizer step, over all ranks",
-    "grad_accum": "micro-batches per step (each batch_size / grad_accum rows)",
-    "steps": "optimizer steps",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
-    "warmup": "linear warmup steps",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "clip": "gradient-norm clipping (0: off)",
-    "eval_every": "validation every N steps (and at the end)",
-    "eval_batches": "validation batches per evaluation",
-    "val_fraction": "fraction of documents held out for validation",
-    "save_every": "checkpoint every N steps (0: only at the end)",
-    "stop_at": "stop after this step, with a checkpoint, to continue later with --resume "
-               "(0: run to --steps)",
-    "out": "run folder",
-    "resume": "continue from the checkpoint in --out",
-    "seed": "random seed (model init and data order)",
-    "compile": "torch.compile the model",
-    "activation_checkpointing": "recompute each layer in backward to save memory",
-    "device": "auto (cuda when present), cuda or cpu",
-    "progress": "show a progress bar",
-}
+    model: GemmaConfig = _help("the model (CLI: --preset and the model flags)",
+                               default_factory=lambda: preset("gemma-small"))
+    data: str = _help("a text file, a directory of .txt/.md/.jsonl files, or a .jsonl with "
+                      "'text' (empty: the bundled corpus)", "")
+    tokenizer: str = _help("a sentencepiece .model file (e.g. Gemma's tokenizer.model); empty: "
+                           "train a BPE tokenizer on the data (cached)", "")
+    vocab_size: int = _help("vocabulary of the trained tokenizer; the model's vocabulary "
+                            "becomes the tokenizer's, except that a published-size one "
+                            "(>= 256000) is kept with a tokenizer trained here", 4096)
+    seq_len: int = _help("tokens per row; documents are packed with boundaries", 256)
+    batch_size: int = _help("rows per optimizer step, over all ranks", 8)
+    grad_accum: int = _help("micro-batches per step (each batch_size / grad_accum rows)", 1)
+    steps: int = _help("optimizer steps", 150)
+    lr: float = _help("peak learning rate (AdamW)", 3e-3)
+    min_lr_ratio: float = _help("final learning rate as a fraction of --lr (cosine decay)", 0.1)
+    warmup: int = _help("linear warmup steps", 15)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", 0.1)
+    clip: float = _help("gradient-norm clipping (0: off)", 1.0)
+    eval_every: int = _help("validation every N steps (and at the end)", 50)
+    eval_batches: int = _help("validation batches per evaluation", 8)
+    val_fraction: float = _help("fraction of documents held out for validation", 0.05)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", 0)
+    stop_at: int = _help("stop after this step, with a checkpoint, to continue later with "
+                         "--resume (0: run to --steps)", 0)
+    out: str = _help("run folder", "runs/prope-train")
+    resume: bool = _help("continue from the checkpoint in --out", False)
+    seed: int = _help("random seed (model init and data order)", 0)
+    compile: bool = _help("torch.compile the model", False)
+    fsdp: bool = _help("shard parameters, gradients and optimizer state over the ranks "
+                       "(FSDP2, torch.distributed.fsdp.fully_shard) instead of DDP; "
+                       "checkpoints become sharded (torch.distributed.checkpoint); needs "
+                       "torchrun (a single process without it trains unsharded)", False)
+    device: str = _help("auto (cuda when present), cuda or cpu", "auto")
+    progress: bool = _help("show a progress bar", True)
 
 
 class UsageError(Exception):
     """A problem with the command line or the data, reported without a traceback."""
 
 
-def parse_args(argv=None) -> TrainConfig:
+# --- command line --------------------------------------------------------------------------------
+
+# model flags: CLI name -> GemmaConfig.updated() key; unset flags keep the preset's value
+MODEL_FLAGS = ("p", "theta", "local_p", "local_theta", "window", "softcap", "local_softcap",
+               "variant", "layout", "attn", "activation_checkpointing")
+CHOICES = {"variant": VARIANTS, "layout": LAYOUTS, "attn": ATTN_BACKENDS,
+           "device": ("auto", "cuda", "cpu")}
+
+
+def _model_field(name: str):
+    """The dataclass field behind a model flag (for its type and help text)."""
+    path = ALIASES.get(name, name)
+    owner, key = (LayerAttn, path.split(".")[1]) if "." in path else (GemmaConfig, path)
+    f = next(f for f in fields(owner) if f.name == key)
+    where = {"global_attn": "global layers (every layer of Gemma 1)",
+             "local_attn": "local (sliding-window) layers"}.get(path.split(".")[0]) \
+        if "." in path else None
+    return f, (f"{f.metadata['help']}; of the {where}" if where else f.metadata["help"])
+
+
+def _add(ap, name, ftype, default, help_text):
+    flag = "--" + name.replace("_", "-")
+    if ftype in ("bool", bool):
+        ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                        help=help_text)
+    else:
+        typ = {"int": int, "float": float, "str": str}[ftype if isinstance(ftype, str)
+                                                       else ftype.__name__]
+        ap.add_argument(flag, type=typ, default=default, choices=CHOICES.get(name),
+                        help=help_text)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (model flags: the preset's value)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="prope-train", description="Train Gemma with fused p-RoPE attention. With no "
-        "arguments: a small Gemma with 0.75-RoPE on the bundled corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"preset": list(PRESETS), "pe": PE_KINDS, "variant": VARIANTS,
-               "layout": LAYOUTS, "attn": ATTN_BACKENDS, "device": ("auto", "cuda", "cpu")}
+        "arguments: gemma-small with 0.75-RoPE on the bundled corpus. Model flags left unset "
+        "keep the preset's value.", formatter_class=_Help)
+    ap.add_argument("--preset", default="gemma-small", choices=list(PRESETS),
+                    help="the model's shape and features (tiny/small presets take the "
+                    "tokenizer's vocabulary)")
+    m = ap.add_argument_group("model (override the preset)")
+    for name in MODEL_FLAGS:
+        f, text = _model_field(name)
+        _add(m, name, f.type, None, text + " (default: the preset's)")
+    t = ap.add_argument_group("training")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                            help=HELP[f.name])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str)
-                                                          else f.type.__name__]
-            ap.add_argument(flag, type=typ, default=f.default, choices=choices.get(f.name),
-                            help=HELP[f.name])
-    cfg = TrainConfig(**vars(ap.parse_args(argv)))
+        if f.name != "model":
+            _add(t, f.name, f.type, f.default, f.metadata["help"])
+    return ap
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = build_parser()
+    args = vars(ap.parse_args(argv))
+    name = args.pop("preset")
+    overrides = {k: args.pop(k) for k in MODEL_FLAGS}
+    for k in ("p", "local_p"):
+        if overrides[k] is not None and not 0 <= overrides[k] <= 1:
+            ap.error(f"--{k.replace('_', '-')} must be in [0, 1] (0 = NoPE, 1 = RoPE), got "
+                     f"{overrides[k]}")
+    try:
+        model = preset(name, **overrides)
+    except ValueError as e:
+        ap.error(f"--preset {name}: {e}")
+    cfg = TrainConfig(model=model, **args)
     if cfg.batch_size % cfg.grad_accum:
         ap.error(f"--batch-size ({cfg.batch_size}) must be a multiple of --grad-accum "
                  f"({cfg.grad_accum})")
-    for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_batches"):
-        if getattr(cfg, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= cfg.p <= 1:
-        ap.error(f"--p must be in [0, 1], got {cfg.p}")
+    for n in ("steps", "seq_len", "batch_size", "grad_accum", "eval_batches"):
+        if getattr(cfg, n) <= 0:
+            ap.error(f"--{n.replace('_', '-')} must be positive")
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to --lr, then cosine decay to --lr * --min-lr-ratio."""
@@ -164,18 +201,21 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _memory_check(model_cfg, cfg: TrainConfig, device):
-    """Refuse a preset whose weights + grads + AdamW state alone cannot fit the device."""
+def _memory_check(model_cfg: GemmaConfig, cfg: TrainConfig, device, world: int):
+    """Refuse a model whose weights + grads + AdamW state alone cannot fit the device."""
     need = model_cfg.num_params() * 16  # fp32 weights, grads, two Adam moments
+    if cfg.fsdp:
+        need //= world  # sharded over the ranks
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:  # DDP keeps a full replica on every device
+    if need > have:
         raise UsageError(
-            f"preset {cfg.preset!r} needs about {need / 2**30:.0f} GiB for weights, gradients "
-            f"and optimizer state, but the {device.type} has {have / 2**30:.0f} GiB; choose a "
-            "smaller --preset or a larger device")
+            f"the model needs about {need / 2**30:.0f} GiB {'a rank ' if cfg.fsdp else ''}for "
+            f"weights, gradients and optimizer state, but the {device.type} has "
+            f"{have / 2**30:.0f} GiB; choose a smaller --preset, --fsdp over more ranks, or a "
+            "larger device")
 
 
 def _data(cfg: TrainConfig, rank: int, world: int):
@@ -205,49 +245,199 @@ def _data(cfg: TrainConfig, rank: int, world: int):
     if len(val) == 0:
         raise UsageError("the validation split is shorter than one row: use more data, a larger "
                          "--val-fraction or a smaller --seq-len")
-    return tok, Batches(train, cfg.batch_size // cfg.grad_accum, cfg.seed, rank, world), val
+    try:
+        batches = Batches(train, cfg.batch_size // cfg.grad_accum, cfg.seed, rank, world)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return tok, batches, val
 
 
-# --- checkpoints: safetensors for tensors, JSON for the rest ---------------------------------------
+# --- setup ---------------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, model, opt, step: int, data_position: int, cfg: TrainConfig):
+@dataclass
+class Run:
+    """The state of a run: what :func:`setup` builds and :func:`train_step` advances."""
+
+    cfg: TrainConfig
+    model_cfg: GemmaConfig          # cfg.model with the tokenizer's vocabulary
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module          # parameters live here (sharded under FSDP)
+    fwd_model: torch.nn.Module      # what forward goes through (DDP / compile wrappers)
+    opt: torch.optim.Optimizer
+    batches: Any
+    val: Any
+    autocast: Callable
+    out: Path
+    step: int = 0
+    metrics: list = field(default_factory=list)
+
+
+def _init_distributed(cfg: TrainConfig):
+    world, rank, local_rank = env.distributed()
+    device = _device(cfg, local_rank)
+    # a process group for several ranks, or for FSDP on one rank started by torchrun
+    if (world > 1 or cfg.fsdp and "MASTER_ADDR" in os.environ) and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, rank, world, local_rank
+
+
+def _model_config(cfg: TrainConfig, tok) -> GemmaConfig:
+    n = tok.get_piece_size()
+    if cfg.tokenizer or cfg.model.vocab_size < 256000:
+        return cfg.model.updated(vocab_size=n)
+    if n > cfg.model.vocab_size:
+        raise UsageError(f"the tokenizer has {n} pieces, more than the model's vocabulary "
+                         f"({cfg.model.vocab_size})")
+    return cfg.model.updated()  # a published vocabulary kept: the published shape
+
+
+def _wrap(model, cfg: TrainConfig, device, world: int, local_rank: int):
+    """DDP (a full replica a rank) or FSDP2 (fully_shard each block, then the root)."""
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return model
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, data, model (sharded or replicated), optimizer, resume, run folder."""
+    device, rank, world, local_rank = _init_distributed(cfg)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of "
+                         f"world size x --grad-accum ({world} x {cfg.grad_accum})")
+    _memory_check(cfg.model, cfg, device, world)  # early: before the data and tokenizer
+    torch.manual_seed(cfg.seed)
+    tok, batches, val = _data(cfg, rank, world)
+    model_cfg = _model_config(cfg, tok)
+    _memory_check(model_cfg, cfg, device, world)
+    model = Gemma(model_cfg).to(device)  # same seed on every rank: same initial weights
+    fwd_model = _wrap(model, cfg, device, world, local_rank)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
+    if cfg.compile:
+        fwd_model = torch.compile(fwd_model)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else \
+        contextlib.nullcontext
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, model_cfg, device, rank, world, model, fwd_model, opt, batches, val,
+              autocast, out)
+    if cfg.resume:
+        load_checkpoint(run)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(
+            {"train": asdict(cfg), "model": model_cfg.to_dict(), "world_size": world,
+             "parallel": "fsdp" if _sharded(run) else "ddp" if world > 1 else "none"},
+            indent=1))
+        metrics_path = out / "metrics.jsonl"
+        if not cfg.resume:
+            metrics_path.write_text("")
+        run.metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()
+                       if line]
+    return run
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+# DDP / one process: safetensors for tensors (rank 0), JSON for the rest.
+# FSDP: torch.distributed.checkpoint writes each rank's shards of model and optimizer into
+# checkpoint/dcp/ (collective), rank 0 the same JSON.
+
+def _sharded(run: Run) -> bool:
+    return run.cfg.fsdp and dist.is_initialized()
+
+
+def save_checkpoint(run: Run):
+    path = run.out / "checkpoint"
+    meta = {"step": run.step, "data_position": run.batches.position,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             for g in run.opt.state_dict()["param_groups"]],
+            "config": asdict(run.cfg), "sharded": _sharded(run)}
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if _sharded(run):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(run.model, run.opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+        if run.rank == 0:
+            save_file(rng, str(path / "rng.safetensors"))
+            (path / "state.json").write_text(json.dumps(meta, indent=1))
+        dist.barrier()
+        return
+    if run.rank != 0:
+        return
+    state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
-    osd = opt.state_dict()
+    osd = run.opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous()
                for i, s in osd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update(rng)
     save_file(tensors, str(path / "optim.safetensors"))
-    meta = {"step": step, "data_position": data_position, "param_groups": osd["param_groups"],
-            "config": asdict(cfg)}
+    meta["param_groups"] = osd["param_groups"]
     (path / "state.json").write_text(json.dumps(meta, indent=1))
 
 
-def load_checkpoint(path: Path, model, opt, device):
+def load_checkpoint(run: Run):
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    path = run.out / "checkpoint"
+    if not (path / "state.json").exists():
+        raise UsageError(f"--resume: no checkpoint in {path}")
     meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optim.safetensors"))
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith("rng."):
-            continue
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = v if name == "step" else v.to(device)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if meta.get("sharded", False) != _sharded(run):
+        was = "sharded (--fsdp over several ranks)" if meta.get("sharded") else "not sharded"
+        raise UsageError(f"--resume: the checkpoint in {path} is {was}; resume it the same way")
+    if _sharded(run):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(run.model, run.opt)  # initializes the optimizer state
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(run.model, run.opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        tensors = load_file(str(path / "rng.safetensors"))
+    else:
+        run.model.load_state_dict(load_file(str(path / "model.safetensors"),
+                                            device=str(run.device)))
+        tensors = load_file(str(path / "optim.safetensors"))
+        state = {}
+        for key, v in tensors.items():
+            if key.startswith("rng."):
+                continue
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v if name == "step" else v.to(run.device)
+        run.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["step"], meta["data_position"]
+    run.step, run.batches.position = meta["step"], meta["data_position"]
 
 
-# --- the loop ---------------------------------------------------------------------------------------
+# --- step and evaluation -------------------------------------------------------------------------
 
 def _loss_terms(model, batch):
     """Sum of token losses and the number of target tokens of one micro-batch."""
@@ -256,16 +446,59 @@ def _loss_terms(model, batch):
     return model(tokens, cu, max_len, targets=targets) * count, count
 
 
+def _grad_sync(run: Run, sync: bool):
+    """Gradient reduction only on the last micro-batch (DDP no_sync / FSDP2 switch)."""
+    if run.world == 1:
+        return contextlib.nullcontext()
+    if _sharded(run):
+        run.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else run.fwd_model.no_sync()
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns the step's record."""
+    cfg, device = run.cfg, run.device
+    lr = lr_at(run.step, cfg)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    micro = [run.batches.next(device) for _ in range(cfg.grad_accum)]
+    count = sum((b[1] != -100).sum() for b in micro).float()
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        with _grad_sync(run, i == len(micro) - 1):
+            with run.autocast():
+                s, _ = _loss_terms(run.fwd_model, b)
+            # DDP and FSDP average gradients over ranks: scale to the global token mean
+            (s.float() * run.world / count).backward()
+        loss_sum += s.detach().float()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip) if cfg.clip > 0 \
+        else torch.zeros(())
+    if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
+        gnorm = gnorm.full_tensor()
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"step": run.step, "loss": (loss_sum / count).item(), "lr": lr,
+            "grad_norm": float(gnorm)}
+
+
 @torch.no_grad()
-def evaluate(model, val, cfg, device, autocast):
+def evaluate(run: Run) -> float:
+    """Mean token loss over the first eval_batches validation batches (all ranks agree)."""
     from .data import make_batch
 
+    cfg, model, val, device = run.cfg, run.fwd_model, run.val, run.device
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     per = cfg.batch_size // cfg.grad_accum
     for i in range(min(cfg.eval_batches, max(1, len(val) // per))):
         rows = list(range(i * per, min((i + 1) * per, len(val))))
-        with autocast():
+        with run.autocast():
             s, c = _loss_terms(model, make_batch(val, rows, device))
         total += s.float()
         count += c
@@ -275,6 +508,8 @@ def evaluate(model, val, cfg, device, autocast):
     model.train()
     return (total / count).item()
 
+
+# --- the loop ------------------------------------------------------------------------------------
 
 def _plot(metrics, out: Path):
     try:
@@ -299,123 +534,47 @@ def _plot(metrics, out: Path):
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> dict:
-    world, rank, local_rank = env.distributed()
-    device = _device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of "
-                         f"world size x --grad-accum ({world} x {cfg.grad_accum})")
-    torch.manual_seed(cfg.seed)
-    tok, batches, val = _data(cfg, rank, world)
-
-    overrides = dict(pe=cfg.pe, p=cfg.p, theta=cfg.theta, variant=cfg.variant,
-                     layout=cfg.layout, attn=cfg.attn,
-                     activation_checkpointing=cfg.activation_checkpointing)
-    if cfg.preset in ("gemma-small", "gemma-tiny") or cfg.tokenizer or cfg.preset not in (
-            "gemma-2b", "gemma-7b"):
-        overrides["vocab_size"] = tok.get_piece_size()
+def _progress(run: Run):
+    if run.rank != 0 or not run.cfg.progress:
+        return None
     try:
-        model_cfg = preset(cfg.preset, **overrides)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    _memory_check(model_cfg, cfg, device)
-    model = Gemma(model_cfg).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.95), fused=device.type == "cuda")
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=run.cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    step = 0
-    if cfg.resume:
-        if not (out / "checkpoint" / "state.json").exists():
-            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoint'}")
-        step, batches.position = load_checkpoint(out / "checkpoint", model, opt, device)
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(
-            {"train": asdict(cfg), "model": model_cfg.to_dict(), "world_size": world}, indent=1))
 
-    fwd_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if cfg.compile:
-        fwd_model = torch.compile(fwd_model)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else \
-        contextlib.nullcontext
-
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0 and not cfg.resume:
-        metrics_path.write_text("")
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] \
-        if rank == 0 else []
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns {"final": last record, "out": folder, "metrics"}."""
+    run = setup(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    peak = peak_flops(device)
-    flops_step = model_cfg.flops_per_token(cfg.seq_len) * tokens_per_step
-
-    bar = None
-    if rank == 0 and cfg.progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-        except ImportError:
-            pass
+    peak = peak_flops(run.device)
+    flops_token = run.model_cfg.flops_per_token(cfg.seq_len)
+    metrics_path = run.out / "metrics.jsonl"
+    bar = _progress(run)
     result = {}
     t_last = time.perf_counter()
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    while step < last:
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro = [batches.next(device) for _ in range(cfg.grad_accum)]
-        count = sum((b[1] != -100).sum() for b in micro).float()
-        if dist.is_initialized():
-            dist.all_reduce(count)
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(micro):
-            sync = (world == 1 or i == len(micro) - 1)
-            ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()
-            with ctx, autocast():
-                s, _ = _loss_terms(fwd_model, b)
-            # DDP averages gradients over ranks: scale so the result is the global token mean
-            with ctx:
-                (s.float() * world / count).backward()
-            loss_sum += s.detach().float()
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        loss = (loss_sum / count).item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 \
-            else torch.zeros(())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-
+    while run.step < last:
+        rec = train_step(run)
         now = time.perf_counter()
-        tok_s = tokens_per_step / (now - t_last)
+        rec["tok_s"] = tokens_per_step / (now - t_last)
         t_last = now
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "tok_s": tok_s}
         if peak:
-            rec["mfu"] = flops_step * tok_s / tokens_per_step / peak
+            rec["mfu"] = flops_token * rec["tok_s"] / peak
+        step = run.step
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec["val_loss"] = evaluate(fwd_model, val, cfg, device, autocast)
+            rec["val_loss"] = evaluate(run)
             rec["val_ppl"] = math.exp(rec["val_loss"])
             t_last = time.perf_counter()  # evaluation time is not training throughput
         if cfg.save_every and step % cfg.save_every == 0 or step == last:
-            if rank == 0:
-                save_checkpoint(out / "checkpoint", model, opt, step, batches.position, cfg)
-        if rank == 0:
-            metrics.append(rec)
+            save_checkpoint(run)
+        if run.rank == 0:
+            run.metrics.append(rec)
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             if bar is not None:
-                post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+                post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tok_s']:,.0f}"}
                 post["mfu"] = f"{rec['mfu']:.1%}" if "mfu" in rec else "n/a"
                 if "val_ppl" in rec:
                     post["val_ppl"] = f"{rec['val_ppl']:.2f}"
@@ -424,11 +583,11 @@ def train(cfg: TrainConfig) -> dict:
         result = rec
     if bar is not None:
         bar.close()
-    if rank == 0:
-        _plot(metrics, out)
+    if run.rank == 0:
+        _plot(run.metrics, run.out)
     if dist.is_initialized():
         dist.barrier()
-    return {"final": result, "out": str(out), "metrics": metrics}
+    return {"final": result, "out": str(run.out), "metrics": run.metrics}
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ error above the tolerance rule (or NaN, outputs being poisoned).
 import pytest
 import torch
 
-from test_attention import run_dense
+from harness import run_dense
 
 
 def _cases():

@@ -23,7 +23,9 @@ FWD = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     256: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
-    512: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
+    # d512 (Triton 3.6, sm_90, bf16, Q pre-rotated): 64x16 with 2 stages spills 144 B a thread,
+    # 64x32 with 1 stage (the earlier first row) 896 B, 64x16 with 4 warps 1.6 KiB
+    512: [(64, 16, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1)],
 }
 # dkdv: BLOCK_N rows of k/v stationary (two fp32 (BLOCK_N, d) accumulators), BLOCK_M q rows
 # streamed; dq: BLOCK_M rows of q stationary (one accumulator), BLOCK_N keys streamed. Separate
@@ -34,7 +36,7 @@ DKDV = {
     64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
     128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (64, 128, 8, 2)],
     256: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (16, 32, 4, 2), (32, 32, 4, 2)],
-    512: [(16, 32, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
+    512: [(16, 32, 8, 2), (16, 16, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
 }
 DQ = {
     64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)],
@@ -46,7 +48,7 @@ TABLES = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}
 # the one config of each kernel under the CPU interpreter
 INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # retune per (shape class, power-of-two sequence bucket); dkdv also per GQA split mode
-AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
+AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "WINDOW", "SOFTCAP", "seq_bucket"]
 _KEYS = {"fwd": AUTOTUNE_KEY, "dkdv": AUTOTUNE_KEY + ["SPLIT", "ATOMIC"], "dq": AUTOTUNE_KEY}
 
 

@@ -1,0 +1,506 @@
+"""prope_kernels.integrations.hf: transformers models patched to the fused op.
+
+Each family is a tiny random model (2-3 layers, head_dim 16); the patched model is compared with
+an unpatched copy holding the same weights: logits and the gradients of every parameter, with
+and without padding, with packed position_ids; the fused op is counted so a silent fallback
+cannot pass. Fallbacks warn once and give the original answer.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from prope_kernels.integrations import hf  # noqa: E402
+from prope_kernels.integrations.hf import (PRoPEFallbackWarning, apply_prope_attention,  # noqa
+                                           prope_layer_settings, remove_prope_attention)
+from tolerance import check  # noqa: E402
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+              attention_dropout=0.0, pad_token_id=0,
+              initializer_range=0.2)  # large enough that attention is far from uniform
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2)),
+    # Gemma 2 without its sliding window / soft-capping (those are in FEATURE_FAMILIES)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=2, layer_types=["full_attention"] * 2,
+                    attn_logit_softcapping=None, final_logit_softcapping=30.0,
+                    query_pre_attn_scalar=24)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=2, layer_types=["full_attention"] * 2,
+                    query_pre_attn_scalar=24)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2)),
+    # Gemma 4: proportional 0.25-RoPE (theta 1e6) on full layers with head_dim 32, k_eq_v,
+    # and a KV-shared last layer; plain RoPE on the sliding layer
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+               dict(num_hidden_layers=3, global_head_dim=32, attention_k_eq_v=True,
+                    num_global_key_value_heads=1, num_kv_shared_layers=1,
+                    layer_types=["full_attention", "sliding_attention", "full_attention"],
+                    sliding_window=8, hidden_size_per_layer_input=8,
+                    vocab_size_per_layer_input=VOCAB)),
+}
+# sliding-window and soft-capped layers: fused when the op has window=/softcap=, else they fall
+# back (with a warning); either way the answer must be the original one
+FEATURE_FAMILIES = {
+    "gemma2-sliding-softcap": ("Gemma2Config", "Gemma2ForCausalLM",
+                               dict(num_hidden_layers=2, sliding_window=5,
+                                    attn_logit_softcapping=20.0, query_pre_attn_scalar=16)),
+    "gemma3-sliding": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                       dict(num_hidden_layers=2, sliding_window=5,
+                            layer_types=["sliding_attention", "full_attention"])),
+}
+ALL = {**FAMILIES, **FEATURE_FAMILIES}
+
+
+def build(family, dtype=torch.float32, device="cpu", seed=0, attn=None, **over):
+    cfg_name, cls_name, extra = ALL[family]
+    kw = {**COMMON, **extra, **over}
+    if family.startswith("gemma4"):
+        kw.pop("head_dim")
+        kw["head_dim"] = 16
+    cfg = getattr(transformers, cfg_name)(**kw)
+    if attn is not None:  # default: sdpa where the family has it (Gemma 2: eager)
+        cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(cfg)
+    with torch.no_grad():  # random norm weights, so (1 + w) and q/k/v norms are exercised
+        for n, prm in model.named_parameters():
+            if prm.dim() == 1:
+                prm.normal_(0, 0.2)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def pair(family, backend="reference", dtype=torch.float32, device="cpu", **kw):
+    """(patched, unpatched) with the same weights."""
+    base = build(family, dtype, device, **kw)
+    patched = apply_prope_attention(copy.deepcopy(base), backend=backend, verbose=False)
+    return patched, base
+
+
+class OpCounter:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in ("prope_attention", "prope_attention_varlen"):
+            fn = getattr(hf, name)
+
+            def counted(*a, _fn=fn, **k):
+                self.n += 1
+                return _fn(*a, **k)
+            monkeypatch.setattr(hf, name, counted)
+
+
+def fused_layers(model):
+    return sum(s.reason is None for s in prope_layer_settings(model))
+
+
+def expected_fused(model):
+    """Layers that must be fused: all but sliding/soft-capped ones while the op lacks them."""
+    return sum((s.window is None or hf._HAS_WINDOW) and (s.softcap is None or hf._HAS_SOFTCAP)
+               for s in prope_layer_settings(model))
+
+
+def make_inputs(case, device, b=2, s=13, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, s), generator=gen)
+    kw, keep = {}, torch.ones(b, s, dtype=torch.bool)
+    if case == "padding":  # left padding in row 0, right padding in row 1
+        keep[0, :4] = False
+        keep[1, 9:] = False
+        kw["attention_mask"] = keep.long()
+    elif case == "packed":  # one row, three documents, positions restart
+        ids = ids[:1]
+        keep = keep[:1]
+        kw["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])
+        kw["use_cache"] = False
+    # no loss on padding, nor on a token predicted from a padded position (a left-padded row's
+    # first token): outputs at padded positions are meaningless in both models
+    predicted_from_pad = torch.zeros_like(keep)
+    predicted_from_pad[:, 1:] = ~keep[:, :-1]
+    labels = ids.masked_fill(~keep | predicted_from_pad, -100)
+    kw = {k: v.to(device) for k, v in kw.items() if isinstance(v, torch.Tensor)} | \
+        {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+    return ids.to(device), labels.to(device), keep.to(device), kw
+
+
+def run(model, ids, labels, kw, grads=True):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, **kw)
+    if not grads:
+        return out.logits.detach(), {}
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                 if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# parity: reference backend, fp32
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["plain", "padding", "packed"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parity_reference_fp32(family, case, device, monkeypatch):
+    patched, base = pair(family, device=device)
+    assert fused_layers(patched) == expected_fused(patched) > 0, prope_layer_settings(patched)
+    ids, labels, keep, kw = make_inputs(case, device)
+    calls = OpCounter(monkeypatch)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", PRoPEFallbackWarning)
+        got_logits, got_grads = run(patched, ids, labels, kw)
+    for r in rec:  # only the static fallbacks of layers with a window the op lacks
+        assert not issubclass(r.category, PRoPEFallbackWarning) or "sliding" in str(r.message)
+    assert calls.n == fused_layers(patched)  # every other layer ran the fused op
+    want_logits, want_grads = run(base, ids, labels, kw)
+    torch.testing.assert_close(got_logits[keep], want_logits[keep], rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_gemma4_per_layer_settings():
+    patched, _ = pair("gemma4")
+    s = prope_layer_settings(patched)
+    assert [x.layer_type for x in s] == ["full_attention", "sliding_attention", "full_attention"]
+    full, sliding = s[0], s[1]
+    # proportional rope, partial_rotary_factor 0.25 of head_dim 32: 4 of 16 pairs rotate
+    assert (full.p, full.theta, full.head_dim, full.variant) == (0.25, 1e6, 32, "prope")
+    assert (sliding.p, sliding.theta, sliding.head_dim) == (1.0, 1e4, 16)
+    assert full.softmax_scale == 1.0
+    assert sliding.window == (7, 0)  # query i sees keys i-7..i (transformers' sliding_window=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# parity: Triton kernels (interpreter on the CPU), fp16/bf16, tolerance from the model's own error
+# ----------------------------------------------------------------------------------------------
+
+def _truth_and_lowp(family, device, dtype, case):
+    # truth: the unpatched model in fp32 on the CPU (its error, ~1e-6, is far below the
+    # fp16/bf16 errors compared here; fp64 is not used: Gemma 2's eager mask turns NaN in fp64)
+    base = build(family, torch.float32, "cpu")
+    low = build(family, dtype, device)
+    ids, labels, keep, kw = make_inputs(case, device)
+    cpu_kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    truth = run(base, ids.cpu(), labels.cpu(), cpu_kw)
+    lowp = run(low, ids, labels, kw)
+    return low, truth, lowp, (ids, labels, keep, kw)
+
+
+@pytest.mark.parametrize("family,dtype,case", [
+    ("llama", torch.bfloat16, "plain"), ("llama", torch.float16, "padding"),
+    ("gemma", torch.bfloat16, "packed"), ("gemma2", torch.bfloat16, "padding"),
+    ("gemma3", torch.float16, "plain"), ("qwen2", torch.bfloat16, "packed"),
+    ("qwen3", torch.bfloat16, "padding"), ("gemma4", torch.bfloat16, "plain"),
+    ("gemma2-sliding-softcap", torch.bfloat16, "padding"),
+    ("gemma3-sliding", torch.float16, "packed")])
+def test_parity_triton_lowp(family, dtype, case, device, monkeypatch):
+    low, truth, lowp, (ids, labels, keep, kw) = _truth_and_lowp(family, device, dtype, case)
+    patched = apply_prope_attention(copy.deepcopy(low), backend="triton", verbose=False)
+    calls = OpCounter(monkeypatch)
+    got = run(patched, ids, labels, kw)
+    assert calls.n == fused_layers(patched) > 0
+    k = keep.cpu()
+    check("logits", got[0].cpu()[k], truth[0][k], lowp[0].cpu()[k])
+    for n in truth[1]:
+        check(f"grad {n}", got[1][n].cpu(), truth[1][n], lowp[1][n].cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# features (sliding window, soft-capping) and fallbacks
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FEATURE_FAMILIES))
+def test_feature_layers_match(family, device, monkeypatch):
+    patched, base = pair(family, device=device)
+    ids, labels, keep, kw = make_inputs("padding", device, s=17)  # longer than the window
+    calls = OpCounter(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PRoPEFallbackWarning)
+        got = run(patched, ids, labels, kw)
+    assert calls.n == fused_layers(patched) == expected_fused(patched)
+    want = run(base, ids, labels, kw)
+    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-5, atol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-5, msg=n)
+    for s in prope_layer_settings(patched):
+        if s.window is not None and not hf._HAS_WINDOW or \
+                s.softcap is not None and not hf._HAS_SOFTCAP:
+            assert s.reason is not None
+        else:
+            assert s.reason is None, s
+
+
+def test_window_with_padding_holes_falls_back(device, monkeypatch):
+    """A window counts the padded slots inside a row; the varlen op would not: fall back."""
+    patched, base = pair("gemma3-sliding", device=device)
+    ids, labels, keep, kw = make_inputs("padding", device, s=17)
+    kw["attention_mask"][0, 8:10] = 0  # a hole inside row 0
+    keep = kw["attention_mask"].bool()
+    calls = OpCounter(monkeypatch)
+    with pytest.warns(PRoPEFallbackWarning, match="padding inside a row"):
+        got = patched(ids, **kw).logits
+    assert calls.n == 1  # the full-attention layer stays fused
+    torch.testing.assert_close(got[keep], base(ids, **kw).logits[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_4d_mask_warns_once_and_matches(device):
+    patched, base = pair("llama", device=device)
+    ids, labels, keep, _ = make_inputs("plain", device)
+    s = ids.shape[1]
+    mask = torch.tril(torch.ones(s, s, dtype=torch.bool, device=device))
+    mask[5:, 2] = False  # not expressible as padding or packing
+    mask = mask[None, None].expand(ids.shape[0], 1, s, s)
+    with pytest.warns(PRoPEFallbackWarning, match="4-D") as rec:
+        got = patched(ids, attention_mask=mask).logits
+        patched(ids, attention_mask=mask)
+    assert sum(issubclass(r.category, PRoPEFallbackWarning) for r in rec) == 1
+    want = base(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma4"])
+def test_generate_with_cache_matches(family, device):
+    """The prompt runs fused and fills the cache with rotated keys; later tokens fall back."""
+    patched, base = pair(family, device=device)
+    ids = make_inputs("plain", device, b=2, s=9)[0]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with pytest.warns(PRoPEFallbackWarning, match="KV cache"):
+        got = patched.generate(ids, **kw)
+    want = base.generate(ids, **kw)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        lp = patched(ids, use_cache=True).cache
+        lb = base(ids, use_cache=True).cache
+    for layer in range(len(lb.layers)):
+        if lb.layers[layer].keys is not None and lp.layers[layer].keys is not None:
+            torch.testing.assert_close(lp.layers[layer].keys, lb.layers[layer].keys,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_in_training_falls_back(device):
+    patched, base = pair("llama", device=device, attention_dropout=0.5)
+    patched.train()
+    ids, labels, _, _ = make_inputs("plain", device)
+    with pytest.warns(PRoPEFallbackWarning, match="dropout"):
+        patched(ids, labels=labels)
+    patched.eval()
+    torch.testing.assert_close(patched(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_rope_falls_back(device):
+    patched, base = pair("llama", device=device,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                          "rope_theta": 10000.0})
+    assert all("linear" in s.reason for s in prope_layer_settings(patched))
+    ids = make_inputs("plain", device)[0]
+    with pytest.warns(PRoPEFallbackWarning, match="linear"):
+        got = patched(ids).logits
+    torch.testing.assert_close(got, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash-attn style kwargs, conversion, class patching, undo
+# ----------------------------------------------------------------------------------------------
+
+def test_cu_seq_lens_kwargs(device, monkeypatch):
+    patched, base = pair("qwen3", device=device)
+    ids, labels, keep, kw = make_inputs("packed", device)
+    cu = torch.tensor([0, 5, 8, 13], dtype=torch.int32, device=device)
+    calls = OpCounter(monkeypatch)
+    got = patched(ids, position_ids=kw["position_ids"], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                  max_length_q=5, max_length_k=5, use_cache=False).logits
+    assert calls.n == 2
+    want = base(ids, **kw).logits  # packed position_ids: transformers' block-diagonal mask
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_rope_to_prope_roundtrip(tmp_path, device, monkeypatch):
+    model = build("llama", device=device)
+    apply_prope_attention(model, p=0.25, backend="reference")
+    assert [s.p for s in prope_layer_settings(model)] == [0.25, 0.25]  # 2 of 8 pairs rotate
+    assert model.config.rope_parameters["rope_type"] == "proportional"
+    ids, labels, keep, kw = make_inputs("padding", device)
+    calls = OpCounter(monkeypatch)
+    fused = model(ids, **kw).logits
+    assert calls.n == 2
+    # the original path of the converted model computes the same p-RoPE
+    remove_prope_attention(model)
+    torch.testing.assert_close(model(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
+    # and so does a model reloaded from its saved config, unpatched
+    model.save_pretrained(tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path).to(device).eval()
+    torch.testing.assert_close(again(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
+    # p-RoPE differs from the RoPE the model had
+    rope = build("llama", device=device)(ids, **kw).logits[keep]
+    assert (rope - fused[keep]).abs().max() > 1e-2
+
+
+def test_convert_per_layer_type_gemma4(device):
+    model = build("gemma4", device=device)
+    apply_prope_attention(model, p={"sliding_attention": 0.5}, backend="reference")
+    s = prope_layer_settings(model)
+    assert [x.p for x in s] == [0.25, 0.5, 0.25]
+
+
+def test_patch_class(tmp_path, device, monkeypatch):
+    build("qwen2").save_pretrained(tmp_path)
+    cls = transformers.Qwen2ForCausalLM
+    apply_prope_attention(cls, backend="reference")
+    try:
+        model = cls.from_pretrained(tmp_path).to(device).eval()
+    finally:
+        hf.unpatch_class(cls)
+    plain = cls.from_pretrained(tmp_path).to(device).eval()
+    assert not prope_layer_settings(plain)
+    ids = make_inputs("plain", device)[0]
+    calls = OpCounter(monkeypatch)
+    got = model(ids).logits
+    assert calls.n == 2
+    torch.testing.assert_close(got, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    model = build("llama")
+    with pytest.raises(ValueError, match="p must be"):
+        apply_prope_attention(model, p=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        apply_prope_attention(model, backend="flash")
+    with pytest.raises(ValueError, match="variant"):
+        apply_prope_attention(model, variant="partial")
+    with pytest.raises(TypeError, match="model"):
+        apply_prope_attention("llama")
+    with pytest.raises(ValueError, match="no attention layer"):
+        apply_prope_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown layer types"):
+        apply_prope_attention(build("gemma4"), p={"global": 0.5})
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile and transformers.Trainer
+# ----------------------------------------------------------------------------------------------
+
+def test_compile_fullgraph_no_break(device):
+    dtype = torch.bfloat16
+    patched, base = pair("llama", backend="triton", dtype=dtype, device=device)
+    ids, labels, _, _ = make_inputs("plain", device)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend=backend, fullgraph=True)
+    out = compiled(ids, labels=labels, use_cache=False)
+    assert sum("prope_kernels.attn_fwd" in t for t in seen) == 2, seen
+    eager = patched(ids, labels=labels, use_cache=False)
+    torch.testing.assert_close(out.logits, eager.logits)
+    out.loss.backward()  # autograd through the op inside the compiled graph
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
+    # flash-attn style kwargs (DataCollatorWithFlattening): varlen, still one graph
+    seen.clear()
+    torch._dynamo.reset()
+    _, _, _, kw = make_inputs("packed", device)
+    cu = torch.tensor([0, 5, 8, 13], dtype=torch.int32, device=device)
+    packed = dict(position_ids=kw["position_ids"], cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(),
+                  max_length_q=5, max_length_k=5, use_cache=False)
+    got = torch.compile(patched, backend=backend, fullgraph=True)(ids[:1], **packed).logits
+    assert sum("prope_kernels.attn_fwd" in t for t in seen) == 2, seen
+    torch.testing.assert_close(got, patched(ids[:1], **packed).logits)
+    # a padding mask needs a host sync to plan: graph breaks are allowed, none at the op
+    torch._dynamo.reset()
+    _, _, _, kw = make_inputs("padding", device)
+    expl = torch._dynamo.explain(patched)(ids, **kw)
+    assert not any("prope" in str(r.reason) for r in expl.break_reasons), expl.break_reasons
+    torch._dynamo.reset()
+
+
+def _corpus_rows(n_rows, seqlen):
+    """Byte-level rows of the bundled corpus, packed with document boundaries kept."""
+    from prope_kernels.data import builtin_corpus, pack
+    docs = builtin_corpus(max_chars=20_000)[:40]
+    ids = [[1] + [2 + (c % (VOCAB - 2)) for c in d.encode()][:3 * seqlen] for d in docs]
+    data = pack(ids, seqlen)
+    rows = []
+    for r in range(n_rows):
+        toks = torch.from_numpy(data.tokens[r].astype("int64"))
+        pos = torch.cat([torch.arange(n) for n in data.seg_lens[r]])
+        labels = toks.clone()
+        labels[pos == 0] = -100  # no target across a document boundary
+        rows.append(dict(input_ids=toks, labels=labels, position_ids=pos))
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_trainer_same_losses(family, tmp_path, device, monkeypatch):
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it (in the "test" extra)
+    rows = _corpus_rows(8, 48)
+    assert any((r["position_ids"] == 0).sum() > 1 for r in rows)  # packed rows present
+    losses = []
+    for patch in (False, True):
+        model = build(family, device=device, use_cache=False)
+        if patch:
+            apply_prope_attention(model, backend="reference")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), max_steps=4, per_device_train_batch_size=2,
+            learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0,
+            use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        calls = OpCounter(monkeypatch)
+        trainer.train()
+        assert calls.n == (4 * 2 if patch else 0)  # 4 steps x 2 layers, varlen (packed rows)
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 4 and all(math.isfinite(x) for x in losses[0])
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_no_mask_built_when_all_layers_fused(device, monkeypatch):
+    """Padding and packing: transformers' (b, 1, s, s) mask is not built; same answer either way."""
+    from transformers.models.llama import modeling_llama
+    built = []
+    orig = modeling_llama.create_causal_mask
+
+    def spy(*a, **k):
+        m = orig(*a, **k)
+        built.append(None if m is None else tuple(m.shape))
+        return m
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", spy)
+    skip, keep_mask = pair("llama", device=device)[0], None
+    keep_mask = apply_prope_attention(copy.deepcopy(skip), backend="reference", skip_mask=False)
+    for case in ("padding", "packed"):
+        ids, labels, keep, kw = make_inputs(case, device)
+        built.clear()
+        a = skip(ids, **kw).logits
+        assert built == [(ids.shape[0], 1, 1, 1)]  # the placeholder, returned as is
+        built.clear()
+        b = keep_mask(ids, **kw).logits
+        assert built and built[0][-2:] == (ids.shape[1], ids.shape[1])
+        torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_hf_throughput_smoke(tmp_path):
+    """bench/hf_throughput.py end to end at the tiny size (CPU: a smoke check, not figures)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import hf_throughput
+    assert hf_throughput.main(["--smoke", "--families", "llama", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "hf_throughput.json").read_text())
+    assert res["meta"]["run_kind"] in ("cpu-smoke", "gpu-smoke")
+    rows = res["rows"]
+    assert [(r["inputs"], r["provider"].split()[0]) for r in rows] == [
+        ("dense", "unpatched"), ("dense", "patched"), ("packed", "unpatched"),
+        ("packed", "patched")]
+    for unpatched, patched in (rows[:2], rows[2:]):
+        assert patched["tokens_per_s_median"] > 0 and unpatched["tokens_per_s_median"] > 0
+        assert all(layer["fused"] for layer in patched["layers"])
+        tol = 1e-3 if res["meta"]["run_kind"] == "cpu-smoke" else 3e-2  # fp32 CPU, bf16 GPU
+        assert abs(patched["loss_before"] - unpatched["loss_before"]) < tol
