@@ -38,7 +38,7 @@ def unfused_attn() -> str:
     same math as the fused op, and on a CPU much faster than the reference backend's loop over
     packed documents)."""
     from ..models import gemma
-    return "sdpa" if "sdpa" in gemma.ATTN_BACKENDS else "unfused"
+    return "unfused" if "unfused" in gemma.ATTN_BACKENDS else "sdpa"
 
 
 def train_config(model_cfg, **train_kw):
