@@ -154,7 +154,7 @@ setup(
         "test": sorted(set(TRAIN + BENCH + ["pytest", "transformers", "accelerate"])),
     },
     entry_points={"console_scripts": ["prope-train = prope_kernels.train:main",
-                                      "prope-experiment = prope_kernels.experiments.__main__:main"]},
+                                      "prope-experiment = prope_kernels.experiments:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

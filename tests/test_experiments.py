@@ -114,7 +114,8 @@ def test_summary_statistics():
 
 def test_gpu_preset_estimate():
     cfg = table2.PRESETS["gpu"]
-    m = common.model_config(dict(cfg.shape, vocab_size=cfg.vocab_size), table2.ENCODINGS["rope-1e4"])
+    m = common.model_config(dict(cfg.shape, vocab_size=cfg.vocab_size),
+                            table2.ENCODINGS["rope-1e4"])
     est = table2.estimate_gpu_time(cfg, m)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len * len(cfg.seeds) * len(cfg.encodings)
     assert est["train_flops"] > 6 * m.num_params() * tokens
