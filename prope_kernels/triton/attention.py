@@ -36,7 +36,7 @@ Optional features, compile-time switches (no cost when off):
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dot, q_block
+from .common import LN2, LOG2E, dot, kv_block, q_block
 from .configs import autotune_args
 from .rope import lowp, rope_cos_sin
 
@@ -336,14 +336,7 @@ def _attn_bwd_dkdv_kernel(
     #   ATOMIC=1: atomic adds into one zeroed fp32 buffer (the default: 1x the fp32 size of k);
     #   ATOMIC=0: fp32 partial sums DK/DV[split] (split stride stride_dks; dv shares the strides)
     #             that the launcher adds up in a fixed order (torch's deterministic mode).
-    pid_n = tl.program_id(1)
-    pid_sh = tl.program_id(0)
-    split = pid_sh % SPLIT
-    seq = pid_sh // (n_kv_heads * SPLIT)
-    hk = (pid_sh // SPLIT) % n_kv_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    start_n = pid_n * BLOCK_N
+    split, hk, seq_start, L, start_n = kv_block(CU, n_kv_heads, SPLIT, BLOCK_N)
     if start_n >= L:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)

@@ -30,3 +30,17 @@ def q_block(CU, n_heads, BLOCK_M: tl.constexpr):
     seq_start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - tl.load(CU + seq)
     return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
+
+
+@triton.jit
+def kv_block(CU, n_kv_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A backward program over key blocks -> (its part of the GQA split, kv head, first token of
+    its sequence (int64), sequence length, first key of the block). Axis 0 = (sequence, kv head,
+    split part), axis 1 = key block."""
+    pid_sh = tl.program_id(0)
+    split = pid_sh % SPLIT
+    seq = pid_sh // (n_kv_heads * SPLIT)
+    hk = (pid_sh // SPLIT) % n_kv_heads
+    seq_start = tl.load(CU + seq).to(tl.int64)
+    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+    return split, hk, seq_start, L, tl.program_id(1) * BLOCK_N

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import env
-from .common import LN2, LOG2E, dot, q_block
+from .common import LN2, LOG2E, dot, kv_block, q_block
 from .rope import lowp
 
 
@@ -310,14 +310,7 @@ def _hbwd_kernel(
     # (GQA/MQA reduced in registers). SPLIT > 1 (too few kv programs to fill the GPU): the SPLIT
     # programs of a key block add their dK'/dV into fp32 DK/DV with atomics (ATOMIC=1 always here:
     # the deterministic mode takes the portable path). DQ: fp32 (total, q_heads, d), zeroed.
-    pid_n = tl.program_id(1)
-    pid_sh = tl.program_id(0)
-    split = pid_sh % SPLIT
-    seq = pid_sh // (n_kv_heads * SPLIT)
-    hk = (pid_sh // SPLIT) % n_kv_heads
-    seq_start = tl.load(CU + seq).to(tl.int64)
-    L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    start_n = pid_n * BLOCK_N
+    split, hk, seq_start, L, start_n = kv_block(CU, n_kv_heads, SPLIT, BLOCK_N)
     if start_n >= L:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
