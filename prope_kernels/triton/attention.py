@@ -36,7 +36,7 @@ Optional features, compile-time switches (no cost when off):
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dot, kv_block, q_block
+from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block
 from .configs import autotune_args
 from .rope import lowp, rope_cos_sin
 
@@ -170,11 +170,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         if WINDOW and MASKED:
             # a row may see no key of this block (nor of earlier ones): keep exp2 off -inf - -inf
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
+        acc, l_i = softmax_block(acc, l_i, m_i, m_use, s, v, EMULATE)
         m_i = m_new
     return acc, l_i, m_i
 

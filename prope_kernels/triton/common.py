@@ -9,6 +9,8 @@ round-to-nearest casts), so the CPU tests hold the kernels to the GPU's accuracy
 import triton
 import triton.language as tl
 
+from .rope import lowp
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -44,3 +46,16 @@ def kv_block(CU, n_kv_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     seq_start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - tl.load(CU + seq)
     return split, hk, seq_start, L, tl.program_id(1) * BLOCK_N
+
+
+@triton.jit
+def softmax_block(acc, l_i, m_i, m_use, s, v, EMULATE: tl.constexpr):
+    """One key block of the forward's online softmax: s (BLOCK_M, BLOCK_N) scores in the log2
+    domain, m_use the rows' new running max (or a finite stand-in for rows that have seen no key
+    yet). Returns acc (BLOCK_M, d) and the row sums l_i, both rescaled to m_use."""
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
+    return acc, l_i

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import env
-from .common import LN2, LOG2E, dot, kv_block, q_block
+from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block
 from .rope import lowp
 
 
@@ -184,11 +184,7 @@ def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
+        acc, l_i = softmax_block(acc, l_i, m_i, m_new, s, v, EMULATE)
         m_i = m_new
     return acc, l_i, m_i
 
