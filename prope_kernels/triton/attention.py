@@ -425,7 +425,8 @@ def _attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
+    EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
