@@ -110,8 +110,10 @@ def _cuda_extension():
         return skip("nvcc was not found (set CUDA_HOME)")
 
     csrc = ROOT / "csrc"
-    sources = [str((csrc / "binding.cpp").relative_to(ROOT)), str((csrc / "kernels" / "rope.cu").relative_to(ROOT))]
-    sources += sorted(str(p.relative_to(ROOT)) for p in (csrc / "kernels").glob("attn_*.cu"))
+    sources = [str((csrc / "binding.cpp").relative_to(ROOT))]
+    sources += [str((csrc / "kernels" / f).relative_to(ROOT)) for f in ("api.cu", "rope.cu")]
+    sources += sorted(str(p.relative_to(ROOT)) for p in (csrc / "kernels").glob("attn_*.cu")
+                      if not p.name.startswith("attn_sm90_"))
     std = ["-std=c++20"]  # torch >= 2.10 headers need C++20
     ext = CUDAExtension(
         name="prope_kernels._C",
