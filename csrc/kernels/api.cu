@@ -107,7 +107,12 @@ int attn_fwd_smem_bytes(const AttnProblem& pb) {
 
 int attn_bwd_smem_bytes(const AttnProblem& pb) {
   int bytes = -1;
+  const Family fam = resolve_family(pb);
   dispatch(pb.dtype, pb.head_dim, [&](auto B, auto D) {
+#ifdef PROPE_HAS_SM90
+    if (fam == Family::Sm90) { bytes = attn_bwd_sm90_smem_bytes<decltype(B)::value, decltype(D)::value>(); return cudaSuccess; }
+#endif
+    (void)fam;
     bytes = attn_bwd_smem_bytes<decltype(B)::value, decltype(D)::value>();
     return cudaSuccess;
   });
@@ -237,7 +242,12 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   p.kv_heads = pb.kv_heads;
   p.scale = pb.scale;
   p.causal = pb.causal;
+  const Family fam = resolve_family(pb);
   PROPE_TRY(dispatch(pb.dtype, d, [&](auto B, auto D) {
+#ifdef PROPE_HAS_SM90
+    if (fam == Family::Sm90) return run_attn_bwd_sm90<decltype(B)::value, decltype(D)::value>(p, st);
+#endif
+    (void)fam;
     return run_attn_bwd<decltype(B)::value, decltype(D)::value>(p, st);
   }));
   // dq = inverse-rotate(scale * dq_accum) in the output dtype (with no rotation: the conversion
