@@ -5,7 +5,9 @@
 #
 #   bash .ci/gpu_check.sh tests     # GPU test suite, Triton backend (no autotuning: first configs)
 #   bash .ci/gpu_check.sh configs   # every tuned Triton config once (tests/test_triton_configs.py)
-#   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90) and run its GPU tests
+#   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90a) and run its GPU tests (the SM80
+#                                   # kernels, and the SM90 forward forced with PROPE_CUDA_SM90=1),
+#                                   # then GPU time per kernel, SM80 vs SM90 forward, at gemma-2b
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
@@ -59,9 +61,12 @@ stage() {
       run configs "$PY" -m pytest -q -rs "${XDIST[@]}" tests/test_triton_configs.py ;;
     cuda)
       export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-      run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0}" \
+      run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0a}" \
           MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
-      run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py ;;
+      run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py
+      run cuda_breakdown bash -c "'$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
+          && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
+          && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset llama-gqa --backend cuda" ;;
     bench)
       # the standard report (6 files), then the GPU time per kernel at the gemma-2b shape, both
       # in bench.log (a lent machine returns at most 8 files)

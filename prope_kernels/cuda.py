@@ -11,6 +11,8 @@ tables come from :meth:`PRoPESpec.tables` (pair_a, pair_b, pair_freq, identity).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _LOADED = None
@@ -34,10 +36,11 @@ def _register_fakes() -> None:
     """Shape-only implementations so torch.compile / FakeTensor can trace the raw ops."""
     lib = "prope_cuda::"
 
-    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
-    def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+    def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
+            family=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def rope_(x, pos, pa, pb, pf, ident, conjugate):
@@ -67,6 +70,24 @@ def preferred_over_triton(x: torch.Tensor) -> bool:
     return False
 
 
+# Kernel family passed to the ops: 0 auto (today the SM80 kernels everywhere), 2 the SM90 kernels.
+FAMILY_AUTO, FAMILY_SM80, FAMILY_SM90 = 0, 1, 2
+
+
+def sm90_requested() -> bool:
+    """PROPE_CUDA_SM90=1 opts in to the SM90 (wgmma + TMA) forward and backward on sm_90 GPUs.
+
+    Off by default: those kernels have not yet run on a GPU, so they must not replace the
+    validated SM80 kernels silently. With it set, a build without the sm_90a target or a device
+    other than sm_90 raises instead of falling back. Read at each call (tests flip it); it moves
+    to the package's one environment module when that lands."""
+    return os.environ.get("PROPE_CUDA_SM90", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _family() -> int:
+    return FAMILY_SM90 if sm90_requested() else FAMILY_AUTO
+
+
 def _require() -> None:
     if not _load():
         raise RuntimeError(f"the CUDA backend (prope_kernels._C) is not available: {_LOAD_ERROR}")
@@ -81,7 +102,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     _require()
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale))
+        *_tables(spec, q.device), bool(causal), float(scale), _family())
     return out, lse
 
 
@@ -90,7 +111,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     _require()
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
-        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale))
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), _family())
     return dq, dk, dv
 
 
