@@ -3,7 +3,7 @@
 // sequences), checked against a float64 CPU reference of p-RoPE + softmax attention below.
 //   build: cmake -B build -S . && cmake --build build -j
 //   run:   ./build/test_prope_attn          (SM80 kernels)
-//          ./build/test_prope_attn --sm90   (SM90 forward; needs an sm_90a build and an sm_90 GPU)
+//          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
 // Head dims tested: those compiled in (PROPE_HAS_HD64/128/256, set by CMakeLists.txt).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("device sm_%d, kernels: %s\n", g_sm,
-              g_family == prope::Family::Sm90 ? "SM90 forward" : "SM80");
+              g_family == prope::Family::Sm90 ? "SM90" : "SM80");
   std::mt19937 gen(1234);
   std::vector<int> dims;
 #ifdef PROPE_HAS_HD64
