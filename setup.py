@@ -1,6 +1,7 @@
 """Build script for prope_kernels.
 
-``pip install .`` installs the pure-Python package (reference + Triton backends). When a
+``pip install .`` installs the pure-Python package (reference + Triton backends; needs only torch
+and triton; extras: ``[train]`` for prope-train, ``[bench]``, ``[test]``). When a
 CUDA-enabled torch and nvcc are importable in the build environment, it also builds the CUDA
 backend ``prope_kernels._C`` from ``csrc/`` with ninja (pip's isolated build env has no torch, so
 use ``pip install --no-build-isolation .`` for the CUDA build).
@@ -43,7 +44,7 @@ def _cuda_home():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if not home and Path("/usr/local/cuda/bin/nvcc").exists():
         home = "/usr/local/cuda"
-        os.environ["CUDA_HOME"] = home  # torch's guess is wrong on some machines (BUILD.md)
+        os.environ["CUDA_HOME"] = home  # torch's own guess misses /usr/local/cuda on some machines
     return home
 
 
@@ -144,24 +145,27 @@ def _cuda_extension():
 
 ext_modules, cmdclass = _cuda_extension()
 
+# prope-train (prope_kernels.train, .data): packing, tokenizer, checkpoints, progress, loss plot
+TRAIN = ["numpy", "safetensors", "sentencepiece", "tqdm", "matplotlib"]
+# python -m bench: pytest-benchmark runs bench/test_bench_kernels.py; plots; progress
+BENCH = ["pytest", "pytest-benchmark", "matplotlib", "tqdm"]
+
 setup(
     name="prope_kernels",
     version=_version(),
     description="p-RoPE fused into FlashAttention-style attention kernels (Triton and CUDA)",
     packages=find_packages(include=["prope_kernels", "prope_kernels.*"]),
+    package_data={"prope_kernels": ["dispatch.json"]},  # backend="auto" table
     python_requires=">=3.10",
+    # the kernels alone: torch and triton; the trainer, the benchmark and the tests are extras
     install_requires=[
         "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "sentencepiece",
-        "tqdm",
-        "matplotlib",
         'triton>=3.0; platform_system=="Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "train": TRAIN,
+        "bench": BENCH,
+        "test": sorted(set(TRAIN + BENCH + ["pytest", "transformers"])),
     },
     entry_points={"console_scripts": ["prope-train = prope_kernels.train:main"]},
     ext_modules=ext_modules,

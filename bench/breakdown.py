@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import torch
 
+from prope_kernels import backends
+
 from .cases import PRESETS
 from .runner import make_ctx, make_inputs
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.breakdown",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gemma-2b", choices=sorted(PRESETS))
-    ap.add_argument("--backend", default="triton", choices=["triton", "cuda", "reference"])
+    ap.add_argument("--backend", default="triton", choices=backends.names())
     ap.add_argument("--p", type=float, default=None, help="override the preset's p")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU / interpreter check)")

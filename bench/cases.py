@@ -105,7 +105,7 @@ def varlen_case(name, group, total, q_heads, kv_heads, head_dim, *, seed=0, min_
 
 
 # ----------------------------------------------------------------------------------------------
-# presets: the shapes of ../shared/PERF.md
+# presets: published model shapes (Gemma, Llama-style GQA, MHA at head_dim 64)
 # ----------------------------------------------------------------------------------------------
 
 PRESETS = {

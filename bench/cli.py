@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from prope_kernels import env as prope_env
+
 from . import cases as C
 from . import providers as P
 
 HERE = Path(__file__).resolve().parent
+DISPATCH_TABLE = HERE.parent / "prope_kernels" / "dispatch.json"
 STANDARD_BUDGET_MIN = 7.0
 
 EPILOG = f"""\
@@ -21,7 +24,7 @@ sweeps:    {', '.join(C.SWEEPS)}
 providers: {', '.join(P.PROVIDERS)}
 modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
 
-The standard report (no --preset/--sweep) on a GPU runs the PERF.md presets gemma-2b, llama-gqa and
+The standard report (no --preset/--sweep) on a GPU runs the presets gemma-2b, llama-gqa and
 mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
 gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
@@ -35,6 +38,8 @@ examples:
   python -m bench --sweep seqlen --providers 'prope-*,sdpa-cudnn*' --seqlens 1024,4096,16384
   python -m bench --sweep p --preset gemma-2b       # presets and sweeps can be combined
   TRITON_INTERPRET=1 python -m bench --smoke --out /tmp/bench-smoke
+  python -m bench --write-dispatch                  # GPU: every preset, our backends -> the
+                                                    # backend="auto" table (commit it)
 """
 
 
@@ -51,7 +56,7 @@ def parser():
         epilog=EPILOG)
     g = ap.add_argument_group("what to run")
     g.add_argument("--preset", action="append", default=[], metavar="NAME[,NAME]",
-                   help="named shape(s) from PERF.md, or 'all'")
+                   help="named shape(s) (see --list), or 'all'")
     g.add_argument("--sweep", action="append", default=[], metavar="NAME[,NAME]",
                    help="seqlen, head_dim, causal, heads, p, varlen, or 'all'")
     g.add_argument("--providers", metavar="PATTERNS",
@@ -81,6 +86,11 @@ def parser():
                    help="output folder (default bench/results/<date>_<gpu>/; smoke runs: "
                         "bench/results/tmp_<date>_..., git-ignored)")
     g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--write-dispatch", nargs="?", const=str(DISPATCH_TABLE), metavar="PATH",
+                   help="write backend='auto' dispatch entries (per case, the fastest of our "
+                        "backends in fwd+bwd) into PATH (default: the package's table "
+                        "prope_kernels/dispatch.json; a GPU run only). Alone it runs every "
+                        "preset with our backends, fwd+bwd")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
     g.add_argument("--list", action="store_true", help="list presets, sweeps, providers; exit")
@@ -153,9 +163,9 @@ def plan(args, smoke: bool):
             if group == "preset":
                 return P.SMOKE_PROVIDERS
             if group == "varlen" or case.varlen:
-                return ["prope-triton", "prope-reference", "sdpa-math+rope-eager"]
+                return P.SMOKE_VARLEN_PROVIDERS
             if group == "p":
-                return ["prope-triton", "prope-reference", "sdpa-math-norope"]
+                return P.SMOKE_P_PROVIDERS
             return P.SMOKE_SWEEP_PROVIDERS
         if case.varlen:
             return P.VARLEN_PROVIDERS
@@ -179,6 +189,11 @@ def plan(args, smoke: bool):
         return [Job(preset_case(n), provs("preset", preset_case(n)), mode_for("preset"))
                 for n in names]
 
+    if standard and getattr(args, "write_dispatch", None):
+        # the dispatch run: every preset, our backends (and auto, to see it), fwd+bwd
+        names = list(C.SMOKE_PRESETS) if smoke else C.PRESET_ORDER
+        return [Job(preset_case(n), user_provs or P.OUR_BACKENDS + ["prope-auto"],
+                    modes or ("fwd_bwd",)) for n in names]
     if standard and smoke:
         return (preset_jobs(list(C.SMOKE_PRESETS)) + sweep_jobs("seqlen") + sweep_jobs("p")
                 + sweep_jobs("varlen"))
@@ -251,11 +266,11 @@ def main(argv=None):
         return 0
 
     if args.render:
-        from . import report
+        from . import output
         src = Path(args.render)
         data = json.loads(src.read_text())
         out = Path(args.out) if args.out else src.parent
-        files = report.write_all(out, data["meta"], data["settings"], data["results"],
+        files = output.write_all(out, data["meta"], data["settings"], data["results"],
                                  plots=not args.no_plots)
         for p in [files["md"], files["json"], files["csv"], *files["png"]]:
             print(f"  {p}", file=sys.stderr)
@@ -263,7 +278,7 @@ def main(argv=None):
 
     import torch
 
-    from . import env, report
+    from . import env, output
     from .runner import Settings, run_jobs, total_pairs
 
     t0 = time.monotonic()
@@ -272,10 +287,10 @@ def main(argv=None):
     if not gpu and not args.smoke:
         print("no CUDA GPU: running the CPU smoke mode (tiny shapes; not GPU figures)",
               file=sys.stderr)
-    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if not gpu and not prope_env.interpreting():
         print("hint: TRITON_INTERPRET=1 adds the Triton kernels (interpreter) to the smoke run",
               file=sys.stderr)
-    if gpu and os.environ.get("TRITON_INTERPRET") == "1":
+    if gpu and prope_env.interpreting():
         print("warning: TRITON_INTERPRET=1 on a GPU machine: the Triton provider is skipped; "
               "unset it to time the kernels", file=sys.stderr)
     if gpu and os.environ.pop("PROPE_POISON", None) == "1":
@@ -297,6 +312,10 @@ def main(argv=None):
             print(f"{'':22s} {', '.join(j.providers)}")
         print(f"{len(jobs)} cases, {total_pairs(jobs)} provider runs")
         return 0
+    if (args.write_dispatch and Path(args.write_dispatch).resolve() == DISPATCH_TABLE.resolve()
+            and env.run_kind(smoke) != "gpu"):
+        raise SystemExit("--write-dispatch: the package's table takes only GPU runs (not smoke "
+                         "runs); give a PATH to write a smoke run's entries elsewhere")
     standard = not args.preset and not args.sweep
     budget = args.budget_min
     if budget is None:
@@ -329,7 +348,7 @@ def main(argv=None):
                         budget_s=st.budget_s, smoke=smoke, standard=standard,
                         dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
                         providers=sorted({p for j in jobs for p in j.providers}))
-    files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
+    files = output.write_all(out, meta, settings, rows, plots=not args.no_plots)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
 
     counts = {}
@@ -341,6 +360,16 @@ def main(argv=None):
         print(f"  {files[kind]}", file=sys.stderr)
     for p in files["png"]:
         print(f"  {p}", file=sys.stderr)
+    if args.write_dispatch:
+        from prope_kernels import dispatch
+        entries = dispatch.entries_from_rows(rows, meta)
+        dispatch.write(args.write_dispatch, entries)
+        print(f"dispatch: {len(entries)} entries -> {args.write_dispatch}", file=sys.stderr)
+        for e in entries:
+            print(f"  {e['arch']} d{e['head_dim']} group {e['group']} "
+                  f"{'causal' if e['causal'] else 'non-causal'}{' varlen' if e['varlen'] else ''}"
+                  f" seqlen<={e['seqlen']}: {e['backend']} {e['source']['fwd_bwd_ms']}",
+                  file=sys.stderr)
     bad = [r for r in rows if r["kind"] == "ours" and r["status"] == "wrong"]
     for r in bad:
         print(f"WRONG: {r['provider']} on {r['case']}: {r['reason']}", file=sys.stderr)

@@ -21,9 +21,8 @@ def pytest_addoption(parser):
     g = parser.getgroup("prope bench")
     g.addoption("--bench-presets", default="gemma-2b,llama-gqa,mha-d64",
                 help="presets to time (comma-separated; see python -m bench --list)")
-    g.addoption("--bench-providers",
-                default="prope-triton,prope-cuda,sdpa-cudnn-norope,sdpa-cudnn+rope-compiled,"
-                        "sdpa-flash+rope-compiled,flash-attn+rope-compiled",
+    from bench.providers import PYTEST_BENCH_PROVIDERS
+    g.addoption("--bench-providers", default=",".join(PYTEST_BENCH_PROVIDERS),
                 help="providers to time (names or shell patterns)")
     g.addoption("--bench-modes", default="fwd,fwd_bwd", help="fwd, bwd, fwd_bwd")
 

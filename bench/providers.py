@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
+
+from prope_kernels import backends
+from prope_kernels import env as prope_env
 
 
 class Unavailable(Exception):
@@ -30,7 +32,8 @@ class Unavailable(Exception):
 class Provider:
     name: str     # stable id used on the command line, in JSON/CSV and by pytest-benchmark
     family: str   # "prope", "sdpa", "flex", "flash-attn", "fa3"
-    backend: str  # prope: triton/cuda/reference; sdpa: cudnn/flash/efficient/math
+    backend: str  # prope: a name of prope_kernels.backends or "auto"; sdpa: cudnn/flash/
+                  # efficient/math
     rope: str     # "fused" (ours), "none", "eager", "compiled"
     label: str    # what a person reads in the tables
 
@@ -53,10 +56,12 @@ _ROPE_LABEL = {"none": ", no RoPE", "eager": " + RoPE eager", "compiled": " + Ro
 
 
 def _all_providers():
-    out = [Provider("prope-triton", "prope", "triton", "fused", "prope_attention (triton)"),
-           Provider("prope-cuda", "prope", "cuda", "fused", "prope_attention (cuda)"),
-           Provider("prope-reference", "prope", "reference", "fused",
-                    "prope_attention (reference, PyTorch)")]
+    # ours: one provider per registered backend, and auto
+    labels = {"reference": "prope_attention (reference, PyTorch)",
+              "sdpa": "prope_attention (sdpa: PyTorch kernel + our rotation)"}
+    out = [Provider(f"prope-{be}", "prope", be, "fused",
+                    labels.get(be, f"prope_attention ({be})"))
+           for be in backends.names() + ("auto",)]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -72,10 +77,13 @@ def _all_providers():
 
 PROVIDERS = _all_providers()
 FLOOR = "sdpa-cudnn-norope"
+# our backends that backend="auto" chooses between (the dispatch table is written from them)
+OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 
-# default selections (see bench/README.md); names not runnable here turn into "missing" rows
+# Every provider list of the suite lives here (see bench/README.md); names not runnable on a
+# machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
-    "prope-triton", "prope-cuda",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-cuda",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -84,24 +92,35 @@ PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tai
     "sdpa-efficient-norope", "sdpa-efficient+rope-compiled", "sdpa-efficient+rope-eager",
 ]
 SWEEP_PROVIDERS = [
-    "prope-triton", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
+    "prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled",
     "sdpa-flash+rope-compiled", "flash-attn+rope-compiled", "fa3+rope-compiled",
 ]
-P_SWEEP_PROVIDERS = ["prope-triton", "prope-cuda", "sdpa-cudnn-norope",
+P_SWEEP_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope",
                      "sdpa-cudnn+rope-compiled"]
 VARLEN_PROVIDERS = [
-    "prope-triton", "prope-cuda", "flex-norope", "flex+rope-compiled",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-cuda", "flex-norope", "flex+rope-compiled",
     "flash-attn-norope", "flash-attn+rope-compiled", "fa3+rope-compiled",
     "sdpa-efficient+rope-compiled", "sdpa-cudnn+rope-compiled",
 ]
 SMOKE_PROVIDERS = [
-    "prope-triton", "prope-reference", "prope-cuda",
+    "prope-triton", "prope-sdpa", "prope-auto", "prope-reference", "prope-cuda",
     "sdpa-math-norope", "sdpa-math+rope-eager", "sdpa-flash+rope-eager",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-efficient+rope-eager",
     "flex+rope-compiled", "flash-attn+rope-eager",
 ]
-SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-reference", "sdpa-math-norope",
+SMOKE_SWEEP_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math-norope",
                          "sdpa-math+rope-eager"]
+SMOKE_VARLEN_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math+rope-eager"]
+SMOKE_P_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-reference", "sdpa-math-norope"]
+# the peers `.ci/gpu_check.sh quick` times (bench/gpu_summary.py): cuDNN and FlashAttention-2
+# (SDPA's flash backend), each without RoPE (the floor) and with the user's p-RoPE compiled
+QUICK_PEER_PROVIDERS = ["sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash-norope",
+                        "sdpa-flash+rope-compiled"]
+# pytest-benchmark (bench/conftest.py, bench/test_bench_kernels.py)
+PYTEST_BENCH_PROVIDERS = ["prope-triton", "prope-sdpa", "prope-cuda", "sdpa-cudnn-norope",
+                          "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
+                          "flash-attn+rope-compiled"]
+PYTEST_SMOKE_PROVIDERS = ["prope-reference", "prope-triton", "prope-sdpa", "sdpa-math+rope-eager"]
 
 
 def select(patterns) -> List[str]:
@@ -121,10 +140,6 @@ def select(patterns) -> List[str]:
 # building a provider for a case
 # ----------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def build(prov: Provider, case, ctx, q, k, v) -> Impl:
     """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors
     (positions, cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs used to probe
@@ -134,7 +149,7 @@ def build(prov: Provider, case, ctx, q, k, v) -> Impl:
         raise Unavailable("torch.compile providers are not run on the CPU (compile time; smoke "
                           "mode)")
     if prov.family == "prope":
-        return _build_prope(prov, case, ctx, dev)
+        return _build_prope(prov, case, ctx, q, k, v)
     rope = _rope_fn(prov.rope, ctx)
     if prov.family == "sdpa":
         return _build_sdpa(prov, case, ctx, rope, q, k, v)
@@ -154,23 +169,40 @@ def _rope_fn(kind, ctx):
     return lambda q, k: f(q, k, cos, sin)
 
 
-def _build_prope(prov, case, ctx, dev):
+def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     from prope_kernels import interface as api
+    dev = q.device
     be = prov.backend
-    if be == "triton":
-        if not api.triton_available():
-            raise Unavailable("triton is not installed")
-        if dev.type != "cuda" and not _interpreting():
-            raise Unavailable("needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
-        if dev.type == "cuda" and _interpreting():
-            raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
-                              "the compiled kernels")
-    elif be == "cuda":
-        if dev.type != "cuda":
-            raise Unavailable("needs a CUDA GPU")
-        if not api.cuda_ext_available():
-            raise Unavailable("the CUDA extension prope_kernels._C is not built")
-    elif be == "reference" and dev.type == "cuda":
+    notes = []
+    if be == "auto":
+        dec = (api.explain(q, k_sample, v_sample, ctx["cu_seqlens"], case.seqlen, p=case.p,
+                           theta=case.theta, causal=case.causal) if case.varlen else
+               api.explain(q, k_sample, v_sample, p=case.p, theta=case.theta,
+                           causal=case.causal))
+        notes = [f"auto -> {dec.backend} ({dec.source})"
+                 + (f", PyTorch kernel {dec.kernel}" if dec.kernel else "")]
+        kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
+        if case.varlen:
+            cu, max_s = ctx["cu_seqlens"], case.seqlen
+            return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw),
+                        notes)
+        return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
+    entry = backends.get(be)
+    if not entry.runs_on(dev):
+        raise Unavailable("needs a CUDA GPU" + (" (or TRITON_INTERPRET=1 on the CPU)"
+                                                if entry.interpreter_cpu else ""))
+    if entry.unavailable() is not None:
+        raise Unavailable(f"backend={be!r} {entry.unavailable()}")
+    if entry.interpreter_cpu and dev.type == "cuda" and prope_env.interpreting():
+        raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
+                          "the compiled kernels")
+    if be == "sdpa":
+        from prope_kernels import sdpa
+        ch = sdpa.choose(q, k_sample, len(ctx["cu_list"]) - 1, case.seqlen, case.causal)
+        if ch.kernel is None:
+            raise Unavailable(f"no PyTorch attention kernel for this shape: {ch.why}")
+        notes = [f"PyTorch kernel: {ch.kernel}"] + list(ch.notes)
+    if be == "reference" and dev.type == "cuda":
         need = 3 * 4 * case.q_heads * sum(n * n for n in (case.doc_lens or
                                                           [case.seqlen] * case.batch))
         if need > 16 * 2**30:
@@ -179,8 +211,8 @@ def _build_prope(prov, case, ctx, dev):
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
-        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw))
-    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw))
+        return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw), notes)
+    return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
 
 
 def _sdpa_backend(name):

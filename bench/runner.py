@@ -205,7 +205,7 @@ def _triton_configs(prov, mode) -> list:
     """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
     if prov.family != "prope" or prov.backend != "triton":
         return []
-    from prope_kernels.triton.attention import chosen_configs
+    from prope_kernels.triton.configs import chosen_configs
     chosen = chosen_configs()
     names = {"fwd": ("fwd",), "bwd": ("dkdv", "dq")}.get(mode, ("fwd", "dkdv", "dq"))
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]

@@ -25,7 +25,8 @@ pytest.importorskip("pytest_benchmark")
 
 from bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
 from bench.check import spot_check  # noqa: E402
-from bench.providers import PROVIDERS, Unavailable, _short, build  # noqa: E402
+from bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS, Unavailable,  # noqa: E402
+                             _short, build)
 from bench.runner import make_ctx, make_inputs  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -121,7 +122,7 @@ def test_gpu(benchmark, gpu_preset, gpu_provider, mode):
 
 
 @pytest.mark.skipif(GPU, reason="a GPU is present: test_gpu times the kernels")
-@pytest.mark.parametrize("provider", ["prope-reference", "prope-triton", "sdpa-math+rope-eager"])
+@pytest.mark.parametrize("provider", PYTEST_SMOKE_PROVIDERS)
 def test_cpu_smoke(benchmark, provider):
     """CPU smoke variant: tiny shape, a few rounds; proves the harness works, measures nothing."""
     _bench(benchmark, SMOKE_PRESETS["smoke-mqa"], provider, "fwd_bwd", torch.device("cpu"),

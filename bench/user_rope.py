@@ -5,7 +5,8 @@ identity pairs are handled as Gemma does (their frequency is 0: cos 1, sin 0), s
 applied to the whole head. Matches ``prope_kernels`` with variant="prope", layout="half".
 
 The cos/sin tables are built once per shape outside the timed region, as a model builds them once
-per step and shares them across layers. Angles are formed in float64 (see PERF.md).
+per step and shares them across layers. Angles are formed in float64 (an fp32 angle is off by up
+to 0.03 rad at position 1e6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CUDA C++ backend (csrc/): thin Python side of the compiled extension ``prope_kernels._C``.
 
-Provides the backend contract of :mod:`prope_kernels.interface` (attn_fwd, attn_bwd, rope) by
+Provides the backend contract of :mod:`prope_kernels.backends` (attn_fwd, attn_bwd, rope) by
 calling ``torch.ops.prope_cuda.*`` (registered when ``_C`` is imported). Imports cleanly without
 the extension: :func:`available` is then False.
 
@@ -11,9 +11,9 @@ tables come from :meth:`PRoPESpec.tables` (pair_a, pair_b, pair_freq, identity).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import env
 
 _LOADED = None
 _LOAD_ERROR = None
@@ -79,9 +79,8 @@ def sm90_requested() -> bool:
 
     Off by default: those kernels have not yet run on a GPU, so they must not replace the
     validated SM80 kernels silently. With it set, a build without the sm_90a target or a device
-    other than sm_90 raises instead of falling back. Read at each call (tests flip it); it moves
-    to the package's one environment module when that lands."""
-    return os.environ.get("PROPE_CUDA_SM90", "0").strip().lower() in ("1", "true", "yes", "on")
+    other than sm_90 raises instead of falling back. Read at each call (tests flip it)."""
+    return env.cuda_sm90()
 
 
 def _family() -> int:

@@ -1,123 +1,51 @@
 """Public API: fused p-RoPE attention, varlen, and the rotation alone.
 
-Path from kernel to user (one per backend)::
+One path from kernel to user, whatever the backend::
 
-    kernel (prope_kernels/triton/*.py, csrc/)         -> backend module: attn_fwd / attn_bwd / rope
+    backend module (prope_kernels/backends/): attn_fwd / attn_bwd / rope on the packed layout
     torch.library custom ops  prope_kernels::attn_fwd / attn_bwd / rope   (+ fake impls, autograd)
     prope_attention / prope_attention_varlen / apply_prope   (validation, layout, dispatch)
 
 Every backend sees the packed layout: q (total, q_heads, d), k/v (total, kv_heads, d), int32
 ``cu_seqlens`` (num_seqs + 1,) and int64 ``positions`` (total,). A dense (batch, seqlen, ...) call is
-packed by a free view. ``lse`` is (q_heads, total) float32, natural log.
-
-A backend module provides::
-
-    attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale) -> (out, lse)
-    attn_bwd(dout, q, k, v, out, lse, dlse_or_None, cu_seqlens, positions, max_seqlen, spec,
-             causal, scale) -> (dq, dk, dv)
-    rope(x, positions, spec, conjugate) -> rotated x (x: (total, heads, d))
+packed by a free view. ``lse`` is (q_heads, total) float32, natural log. The backends, their
+capabilities and the ``auto`` policy live in :mod:`prope_kernels.backends`; the checks in
+:mod:`prope_kernels.validation`.
 """
 
 from __future__ import annotations
 
-import os
-import weakref
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
+from . import backends
 from . import reference as ref
-from .rotary import PRoPESpec, validate_rotary_args
-
-BACKENDS = ("auto", "triton", "cuda", "reference")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------------------------
-# backend selection
-# ----------------------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def cuda_ext_available() -> bool:
-    from . import cuda as cuda_backend
-    return cuda_backend.available()
-
-
-def _backend_module(name: str):
-    if name == "triton":
-        from .triton import ops as m
-    elif name == "cuda":
-        from . import cuda as m
-    else:  # pragma: no cover - guarded by _resolve_backend
-        raise ValueError(f"unknown kernel backend {name!r}")
-    return m
-
-
-def supported_head_dim(backend: str, head_dim: int) -> bool:
-    if backend == "triton":
-        return head_dim % 2 == 0 and (head_dim <= 256 or head_dim == 512)
-    if backend == "cuda":
-        return head_dim in (64, 128, 256)
-    return head_dim % 2 == 0
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_gpu = x.device.type == "cuda"
-    if backend == "auto":
-        if on_gpu and x.dtype in _KERNEL_DTYPES:
-            if cuda_ext_available() and supported_head_dim("cuda", x.shape[-1]):
-                from . import cuda as cuda_backend
-                if cuda_backend.preferred_over_triton(x):
-                    return "cuda"
-            if triton_available() and supported_head_dim("triton", x.shape[-1]):
-                return "triton"
-        return "reference"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package; pip install triton, "
-                             "or use backend='reference'")
-        if not on_gpu and not _interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {x.device} "
-                             "(set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly, or "
-                             "use backend='reference')")
-    if backend == "cuda":
-        if not on_gpu:
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {x.device}; "
-                             "use backend='reference' on the CPU")
-        if not cuda_ext_available():
-            raise ValueError("backend='cuda' needs the compiled extension prope_kernels._C, which "
-                             "is not built; reinstall with a CUDA toolkit "
-                             "(PROPE_FORCE_CUDA_BUILD=1 pip install .) or use backend='triton'")
-    if backend in ("triton", "cuda"):
-        if x.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"backend={backend!r} supports float16 and bfloat16 q/k/v, got "
-                            f"{x.dtype}; cast the inputs or use backend='reference'")
-        if not supported_head_dim(backend, x.shape[-1]):
-            what = ("an even head_dim <= 256, or 512" if backend == "triton"
-                    else "head_dim 64, 128 or 256")
-            raise ValueError(f"backend={backend!r} supports {what}; got head_dim={x.shape[-1]}")
-    return backend
-
+from .rotary import PRoPESpec
+from .validation import (check_attention, check_cu_seqlens, check_positions,
+                         check_rope_input)
 
 # ----------------------------------------------------------------------------------------------
 # custom ops (torch.compile sees them as opaque nodes with fake impls; autograd via fwd/bwd ops)
 # ----------------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=256)
 def _spec(d, p, theta, variant, layout) -> PRoPESpec:
-    return PRoPESpec(d, float(p), float(theta), variant, layout)
+    # the public functions validated these; the ops rebuild the spec once per distinct value
+    return PRoPESpec(d, p, theta, variant, layout)
+
+
+def _backend_module(name: str):
+    return backends.get(name).load()
+
+
+def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal):
+    # "auto" reaches the op only from torch.compile (see backends.resolve); a feature a call
+    # needs (backends.resolve's ``needs``) must be passed to choose_auto here too.
+    if name == "auto":
+        name = backends.choose_auto(q, attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
+    return _backend_module(name)
 
 
 @torch.library.custom_op("prope_kernels::attn_fwd", mutates_args=())
@@ -126,8 +54,8 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
                  layout: str, causal: bool, softmax_scale: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    return _backend_module(backend).attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec,
-                                             causal, softmax_scale)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
+    return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale)
 
 
 @_attn_fwd_op.register_fake
@@ -143,8 +71,9 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    return _backend_module(backend).attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions,
-                                             max_seqlen, spec, causal, softmax_scale)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
+    return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
+                      causal, softmax_scale)
 
 
 @_attn_bwd_op.register_fake
@@ -199,126 +128,6 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
-
-def _check_tensor(name, x, ndim, what):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims {what}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-def _check_qkv(q, k, v, packed: bool):
-    what = "(total_tokens, heads, head_dim)" if packed else "(batch, seqlen, heads, head_dim)"
-    nd = 3 if packed else 4
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, nd, what)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, "
-                         f"v={v.device}")
-    lead = q.shape[:-2]
-    if k.shape[:-2] != lead or v.shape[:-2] != lead:
-        dims = "total_tokens" if packed else "(batch, seqlen)"
-        raise ValueError(f"q, k, v must agree in {dims}: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[-1]}")
-    if d % 2:
-        raise ValueError(f"head_dim must be even for RoPE pairs, got head_dim={d}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q_heads ({hq}) must be a multiple of kv_heads ({hkv}) "
-                         "(MHA, GQA or MQA)")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), got "
-                             f"strides {x.stride()}")
-
-
-def _check_scale(softmax_scale, d):
-    if softmax_scale is None:
-        return d ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got "
-                        f"{type(softmax_scale).__name__}")
-    if not (softmax_scale > 0 and softmax_scale != float("inf")):
-        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
-    return float(softmax_scale)
-
-
-def _check_positions(positions, shapes, device, name="positions"):
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor or None, got "
-                        f"{type(positions).__name__}")
-    if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.is_complex():
-        raise TypeError(f"{name} must be an integer tensor, got {positions.dtype}")
-    if positions.device != device:
-        raise ValueError(f"{name} must be on the same device as q ({device}), got "
-                         f"{positions.device}")
-    if tuple(positions.shape) not in [tuple(s) for s in shapes]:
-        raise ValueError(f"{name} must have shape " + " or ".join(str(tuple(s)) for s in shapes)
-                         + f", got {tuple(positions.shape)}")
-
-
-def _check_bool(name, x):
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
-
-
-def _check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32/int64 torch.Tensor, got "
-                        f"{type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens must be on the same device as q ({device}), got "
-                         f"{cu_seqlens.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return  # value checks need a host sync; the eager path has made them
-    key = id(cu_seqlens)
-    seen = _CU_CHECKED.get(key)
-    if (seen is not None and seen[0]() is cu_seqlens
-            and seen[1:] == (cu_seqlens._version, total, max_seqlen)):
-        return  # same tensor, unmodified, already checked (e.g. by the previous layer)
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
-    lens = cu[1:] - cu[:-1]
-    if (lens < 0).any():
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}...")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens[-1] ({cu[-1].item()}) must equal the number of tokens in "
-                         f"q ({total})")
-    if lens.max().item() > max_seqlen:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
-                         f"cu_seqlens ({lens.max().item()})")
-    if len(_CU_CHECKED) > 64:
-        _CU_CHECKED.clear()
-    _CU_CHECKED[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
-
-
-# cu_seqlens tensors whose values were checked: id -> (weakref, version, total, max_seqlen).
-# The value checks cost a device->host copy; a model calls the op once per layer with the same
-# cu_seqlens, so only the first call pays it.
-_CU_CHECKED: dict = {}
-
-
-# ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
@@ -341,26 +150,23 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
         causal: causal mask (query i attends to keys j <= i).
         softmax_scale: defaults to head_dim ** -0.5.
         positions: integer (seqlen,) or (batch, seqlen); default 0..seqlen-1.
-        backend: "auto", "triton", "cuda" or "reference" (pure PyTorch, any device).
+        backend: "auto" (a measured dispatch table, else a documented default: see
+            :mod:`prope_kernels.dispatch` and :func:`explain`) or a name of
+            :mod:`prope_kernels.backends`: "triton", "cuda", "sdpa" (PyTorch's cuDNN / flash /
+            memory-efficient kernel with our rotation around it), "reference" (pure PyTorch,
+            any device).
         return_lse: also return the log-sum-exp (batch, q_heads, seqlen), float32.
 
     Returns:
         out (batch, seqlen, q_heads, head_dim) like q, and lse when ``return_lse``.
     """
-    _check_qkv(q, k, v, packed=False)
-    validate_rotary_args(q.shape[-1], p, theta, variant, layout)
-    _check_bool("causal", causal)
-    _check_bool("return_lse", return_lse)
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    spec, scale = check_attention(q, k, v, packed=False, p=p, theta=theta, variant=variant,
+                                  layout=layout, causal=causal, softmax_scale=softmax_scale,
+                                  return_lse=return_lse)
     b, s = q.shape[:2]
     if positions is not None:
-        _check_positions(positions, [(s,), (b, s)], q.device)
-    backend = _resolve_backend(backend, q)
-    spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
-
-    if backend == "reference":
-        out, lse = _reference_dense(q, k, v, spec, causal, scale, positions)
-        return (out, lse) if return_lse else out
+        check_positions(positions, [(s,), (b, s)], q.device)
+    backend = backends.resolve(backend, q, attn=(k, b, s, causal))
 
     if positions is None:
         pos = torch.arange(s, device=q.device, dtype=torch.int64).repeat(b)
@@ -368,7 +174,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
         pos = positions.to(torch.int64).expand(b, s).reshape(b * s)
     cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
     qf, kf, vf = (x.reshape(b * s, x.shape[2], x.shape[3]) for x in (q, k, v))
-    out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, float(p), float(theta), variant, layout,
+    out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, spec.p, spec.theta, variant, layout,
                             causal, scale, backend)
     out = out.view(b, s, q.shape[2], q.shape[3])
     if return_lse:
@@ -392,29 +198,63 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     positions: (total,) integers; default restarts at 0 in each sequence.
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
-    _check_qkv(q, k, v, packed=True)
-    validate_rotary_args(q.shape[-1], p, theta, variant, layout)
-    _check_bool("causal", causal)
-    _check_bool("return_lse", return_lse)
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    spec, scale = check_attention(q, k, v, packed=True, p=p, theta=theta, variant=variant,
+                                  layout=layout, causal=causal, softmax_scale=softmax_scale,
+                                  return_lse=return_lse)
     total = q.shape[0]
-    _check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
+    check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
     if positions is not None:
-        _check_positions(positions, [(total,)], q.device)
-    backend = _resolve_backend(backend, q)
-    spec = PRoPESpec(q.shape[-1], float(p), float(theta), variant, layout)
-
-    if backend == "reference":
-        out, lse = _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions)
-        return (out, lse) if return_lse else out
+        check_positions(positions, [(total,)], q.device)
+    num_seqs = cu_seqlens.numel() - 1
+    backend = backends.resolve(backend, q, attn=(k, num_seqs, int(max_seqlen), causal))
 
     if positions is None:
         pos = ref.varlen_positions(cu_seqlens, total)
     else:
         pos = positions.to(torch.int64)
-    out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), float(p),
-                            float(theta), variant, layout, causal, scale, backend)
+    out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
+                            spec.theta, variant, layout, causal, scale, backend)
     return (out, lse) if return_lse else out
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None, *,
+            p: float = 0.75, theta: float = 10000.0, variant: str = "prope",
+            layout: str = "half", causal: bool = True, softmax_scale: Optional[float] = None,
+            positions: Optional[torch.Tensor] = None, backend: str = "auto",
+            return_lse: bool = False):
+    """Which backend :func:`prope_attention` (or, with ``cu_seqlens`` and ``max_seqlen``,
+    :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
+    entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
+    expansions, what cannot run. Validates like the op (same errors) and runs nothing.
+    Returns a :class:`prope_kernels.dispatch.Decision`; ``print()`` it for the explanation.
+    """
+    from .dispatch import Decision, decide
+    packed = cu_seqlens is not None
+    check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,
+                    causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
+    if packed:
+        if max_seqlen is None:
+            raise TypeError("explain: max_seqlen is required with cu_seqlens")
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+        if positions is not None:
+            check_positions(positions, [(q.shape[0],)], q.device)
+        attn = (k, cu_seqlens.numel() - 1, int(max_seqlen), causal)
+    else:
+        b, s = q.shape[:2]
+        if positions is not None:
+            check_positions(positions, [(s,), (b, s)], q.device)
+        attn = (k, b, s, causal)
+    if backend == "auto":
+        return decide(q, *attn)
+    chosen = backends.resolve(backend, q, attn=attn)  # raises what the op would raise
+    dec = Decision(chosen, f"requested by backend={backend!r}", "requested")
+    if chosen == "sdpa":
+        from . import sdpa
+        ch = sdpa.choose(q, *attn)
+        dec.kernel, dec.notes = ch.kernel, list(ch.notes)
+        dec.reason += f"; {ch.why}"
+    return dec
 
 
 def apply_prope(x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, p: float = 0.75,
@@ -427,50 +267,14 @@ def apply_prope(x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, p:
     conjugate: rotate by -angle (the inverse rotation).
     Only the rotated dims are multiplied; identity dims are copied.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (3, 4):
-        raise ValueError("x must be (batch, seqlen, heads, head_dim) or (total, heads, head_dim), "
-                         f"got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    validate_rotary_args(x.shape[-1], p, theta, variant, layout)
-    _check_bool("conjugate", conjugate)
+    spec = check_rope_input(x, positions, p, theta, variant, layout, conjugate)
     lead = x.shape[:-2]
-    if positions is not None:
-        shapes = [lead, lead[-1:]] if x.dim() == 4 else [lead]
-        _check_positions(positions, shapes, x.device)
-    else:
+    if positions is None:
         positions = torch.arange(lead[-1], device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    backend = _resolve_backend(backend, x)
-    spec = PRoPESpec(x.shape[-1], float(p), float(theta), variant, layout)
-    if backend == "reference":
-        return ref.apply_prope(x, positions, spec, conjugate)
+    backend = backends.resolve(backend, x)
     pos = positions.to(torch.int64).expand(lead).reshape(-1)
     xf = x.reshape(-1, x.shape[-2], x.shape[-1])
-    y = _rope_op(xf, pos, float(p), float(theta), variant, layout, conjugate, backend)
+    y = _rope_op(xf, pos, spec.p, spec.theta, variant, layout, conjugate, backend)
     return y.view(x.shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# reference backend: fp32 (or fp64) math, output cast back to the input dtype
-# ----------------------------------------------------------------------------------------------
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _reference_dense(q, k, v, spec, causal, scale, positions):
-    cd = _compute_dtype(q.dtype)
-    out, lse = ref.prope_attention(q.to(cd), k.to(cd), v.to(cd), spec, causal, scale, positions,
-                                   return_lse=True)
-    return out.to(q.dtype), lse.float()
-
-
-def _reference_varlen(q, k, v, cu_seqlens, spec, causal, scale, positions):
-    cd = _compute_dtype(q.dtype)
-    out, lse = ref.prope_attention_varlen(q.to(cd), k.to(cd), v.to(cd), cu_seqlens, spec, causal,
-                                          scale, positions, return_lse=True)
-    return out.to(q.dtype), lse.float()

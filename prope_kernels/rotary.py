@@ -52,6 +52,8 @@ class PRoPESpec:
 
     def __post_init__(self):
         validate_rotary_args(self.head_dim, self.p, self.theta, self.variant, self.layout)
+        object.__setattr__(self, "p", float(self.p))          # 1 -> 1.0: one hash per spec
+        object.__setattr__(self, "theta", float(self.theta))
 
     @property
     def num_rotated(self) -> int:

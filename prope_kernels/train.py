@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import backends, env
 from .models.gemma import ATTN_BACKENDS, PE_KINDS, PRESETS, Gemma, preset
 from .rotary import LAYOUTS, VARIANTS
 
@@ -69,7 +70,8 @@ HELP = {
     "theta": "RoPE base",
     "variant": "which pairs rotate: prope (fastest), reversed (slowest), partial (NeoX prefix)",
     "layout": "pair layout: half (Gemma/Llama rotate_half) or interleaved (GPT-J)",
-    "attn": "attention: auto, reference, sdpa (RoPE then SDPA, unfused), triton, cuda",
+    "attn": "attention: auto, a fused backend (" + ", ".join(backends.names()) + "), or "
+            "unfused (RoPE, then SDPA: the baseline)",
     "data": "a text file, a directory of .txt/.md/.jsonl files, or a .jsonl with 'text' "
             "(default: the bundled corpus)",
     "tokenizer": "a sentencepiece .model file (e.g. Gemma's tokenizer.model); default: train a "
@@ -298,9 +300,7 @@ def _plot(metrics, out: Path):
 
 
 def train(cfg: TrainConfig) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = env.distributed()
     device = _device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     final = res["final"]
-    if int(os.environ.get("RANK", "0")) == 0 and "val_ppl" in final:
+    if env.distributed()[1] == 0 and "val_ppl" in final:
         print(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f} "
               f"after {final['step']} steps; run folder: {res['out']}")
     return 0

@@ -32,4 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def device():
+    """The machine's device: "cuda" on a GPU machine, else "cpu" (Triton kernels interpreted).
+    Tests that mean "whatever the machine has" take it and pass on both; a test about CPU tensors
+    builds them on the CPU explicitly; GPU-only tests carry @pytest.mark.gpu."""
     return DEVICE

@@ -5,51 +5,14 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (see conftest.py) at small o
 """
 
 import itertools
-import zlib
 
 import pytest
 import torch
 
+from harness import HEADS, check_against_reference, grads, rand, run_dense, run_varlen
 from prope_kernels import prope_attention, prope_attention_varlen
 from prope_kernels import reference as ref
 from prope_kernels.rotary import PRoPESpec
-from tolerance import check
-
-HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1)}
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
-def _rand(shape, dtype, device, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-
-
-def _grads(fn, inputs, dout):
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    out = fn(*inputs)
-    return (out, *torch.autograd.grad(out, inputs, dout))
-
-
-def run_dense(device, dtype, b, s, hq, hkv, d, p=0.75, variant="prope", layout="half",
-              causal=True, theta=10000.0, positions=None, backend="triton", scale=None):
-    gen = torch.Generator().manual_seed(_seed(b, s, hq, hkv, d, p, variant, layout, causal, dtype))
-    q = _rand((b, s, hq, d), dtype, device, gen)
-    k = _rand((b, s, hkv, d), dtype, device, gen)
-    v = _rand((b, s, hkv, d), dtype, device, gen)
-    dout = _rand((b, s, hq, d), dtype, device, gen)
-    spec = PRoPESpec(d, p, theta, variant, layout)
-
-    got = _grads(lambda q, k, v: prope_attention(
-        q, k, v, p=p, theta=theta, variant=variant, layout=layout, causal=causal,
-        positions=positions, backend=backend, softmax_scale=scale), (q, k, v), dout)
-    truth = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
-                   [x.double() for x in (q, k, v)], dout.double())
-    lowp = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
-                  (q, k, v), dout)
-    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
 
 
 # --- the CI matrix (interpreter-sized); each case is a fresh random draw --------------------------
@@ -81,7 +44,7 @@ def test_head_dims(device, d):
 def q_prerotated():
     """Run the forward in its Q_ON_LOAD=0 mode (Q rotated into the output buffer by the config
     pre-hook). On a GPU the autotuner picks the mode; under the interpreter the test chooses."""
-    from prope_kernels.triton.attention import set_interpreter_q_on_load
+    from prope_kernels.triton.configs import set_interpreter_q_on_load
     if torch.cuda.is_available():
         pytest.skip("the autotuner picks the Q rotation mode on a GPU")
     set_interpreter_q_on_load(False)
@@ -120,11 +83,11 @@ def test_gqa_gradient_split_deterministic(device, monkeypatch, deterministic, sp
     monkeypatch.setenv("PROPE_KV_SPLIT", str(split))
     run_dense(device, torch.bfloat16, 2, 37, 8, 2, 32, p=0.75, causal=True)
     gen = torch.Generator().manual_seed(split)
-    q = _rand((1, 37, 8, 32), torch.bfloat16, device, gen)
-    k, v = (_rand((1, 37, 2, 32), torch.bfloat16, device, gen) for _ in range(2))
-    dout = _rand((1, 37, 8, 32), torch.bfloat16, device, gen)
+    q = rand((1, 37, 8, 32), torch.bfloat16, device, gen)
+    k, v = (rand((1, 37, 2, 32), torch.bfloat16, device, gen) for _ in range(2))
+    dout = rand((1, 37, 8, 32), torch.bfloat16, device, gen)
     fn = lambda q, k, v: prope_attention(q, k, v, backend="triton")  # noqa: E731
-    first, again = _grads(fn, (q, k, v), dout), _grads(fn, (q, k, v), dout)
+    first, again = grads(fn, (q, k, v), [dout]), grads(fn, (q, k, v), [dout])
     for a, b in zip(first, again):
         assert torch.equal(a, b)
 
@@ -145,57 +108,10 @@ def test_long_context_positions(device):
 
 
 def test_return_lse_and_its_gradient(device):
-    b, s, hq, hkv, d = 2, 29, 4, 2, 32
-    gen = torch.Generator().manual_seed(11)
-    q, k, v = (_rand((b, s, h, d), torch.float16, device, gen) for h in (hq, hkv, hkv))
-    dout = _rand((b, s, hq, d), torch.float16, device, gen)
-    dlse = _rand((b, hq, s), torch.float32, device, gen)
-    spec = PRoPESpec(d, 0.75)
-
-    def fused(q, k, v):
-        o, lse = prope_attention(q, k, v, backend="triton", return_lse=True)
-        return o, lse
-
-    def reference(q, k, v):
-        return ref.prope_attention(q, k, v, spec, True, None, None, return_lse=True)
-
-    results = []
-    for fn, xs in ((fused, (q, k, v)), (reference, [x.double() for x in (q, k, v)]),
-                   (reference, (q, k, v))):
-        xs = [x.detach().clone().requires_grad_() for x in xs]
-        o, lse = fn(*xs)
-        loss = (o * dout.to(o.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
-        results.append((o, lse, *torch.autograd.grad(loss, xs)))
-    got, truth, lowp = results
-    for name, g, t, lp in zip(("out", "lse", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
+    run_dense(device, torch.float16, 2, 29, 4, 2, 32, lse=True)
 
 
 # --- varlen --------------------------------------------------------------------------------------
-
-def run_varlen(device, dtype, lens, hq, hkv, d, p=0.75, variant="prope", layout="half",
-               causal=True, explicit_positions=False):
-    gen = torch.Generator().manual_seed(_seed(tuple(lens), hq, hkv, d, p, causal))
-    total = sum(lens)
-    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
-    q = _rand((total, hq, d), dtype, device, gen)
-    k = _rand((total, hkv, d), dtype, device, gen)
-    v = _rand((total, hkv, d), dtype, device, gen)
-    dout = _rand((total, hq, d), dtype, device, gen)
-    positions = (torch.randint(0, 5000, (total,), generator=gen).to(device)
-                 if explicit_positions else None)
-    spec = PRoPESpec(d, p, 10000.0, variant, layout)
-    ms = max(lens)
-
-    got = _grads(lambda q, k, v: prope_attention_varlen(
-        q, k, v, cu, ms, p=p, variant=variant, layout=layout, causal=causal,
-        positions=positions, backend="triton"), (q, k, v), dout)
-    fn = lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal, None, positions)  # noqa: E731,E501
-    truth = _grads(fn, [x.double() for x in (q, k, v)], dout.double())
-    lowp = _grads(fn, (q, k, v), dout)
-    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
-
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lens", [[1, 17, 40, 3], [70, 0, 33], [130]])
@@ -212,7 +128,7 @@ def test_varlen_matches_dense_rows(device):
     # A dense batch is the varlen op with equal lengths: same numbers, bit for bit.
     gen = torch.Generator().manual_seed(3)
     b, s, h, d = 3, 19, 2, 32
-    q, k, v = (_rand((b, s, h, d), torch.float16, device, gen) for _ in range(3))
+    q, k, v = (rand((b, s, h, d), torch.float16, device, gen) for _ in range(3))
     dense = prope_attention(q, k, v, backend="triton")
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
     packed = prope_attention_varlen(*(x.reshape(b * s, h, d) for x in (q, k, v)), cu, s,
@@ -224,7 +140,7 @@ def test_varlen_matches_dense_rows(device):
 
 def test_reference_backend_matches_definition(device):
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (_rand((2, 23, 4, 32), torch.float32, device, gen) for _ in range(3))
+    q, k, v = (rand((2, 23, 4, 32), torch.float32, device, gen) for _ in range(3))
     spec = PRoPESpec(32, 0.75)
     got = prope_attention(q, k, v, backend="reference")
     want = ref.prope_attention(q.double(), k.double(), v.double(), spec).float()
@@ -233,7 +149,7 @@ def test_reference_backend_matches_definition(device):
 
 def test_p_zero_is_nope_and_p_one_is_rope(device):
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (_rand((1, 16, 2, 32), torch.float64, device, gen) for _ in range(3))
+    q, k, v = (rand((1, 16, 2, 32), torch.float64, device, gen) for _ in range(3))
     nope = ref.attention(q, k, v)
     torch.testing.assert_close(prope_attention(q, k, v, p=0.0, backend="reference"), nope)
     # p=1: every pair rotates with the standard RoPE frequencies theta^(-2k/d)
@@ -280,3 +196,34 @@ def test_gpu_varlen_and_long_positions():
 @pytest.mark.gpu
 def test_gpu_head_dim_512():
     run_dense("cuda", torch.bfloat16, 1, 1024, 4, 1, 512, p=0.25, theta=1e6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_64bit_offsets(backend):
+    # One sequence of s * heads * d > 2^31 elements in every tensor (q, k, v, out, dout and the
+    # gradients: MHA, 4.3 GB each in bf16): rows >= 4096 start past 2^31 elements, so any int32
+    # offset in the rotation, forward, backward or preprocessing kernels wraps. Checked on the
+    # first and last heads (the last rows of the last head are the largest offsets).
+    from prope_kernels import backends
+    if not backends.get(backend).can_run(torch.empty(0, 128, device="cuda",
+                                                     dtype=torch.bfloat16)):
+        pytest.skip(f"backend={backend!r} {backends.get(backend).unavailable()}")
+    if torch.cuda.mem_get_info()[0] < 56 * 2**30:
+        pytest.skip("needs about 50 GiB of free GPU memory")
+    s, h, d = 4096 + 37, 4096, 128
+    assert s * h * d > 2**31 and 4096 * h * d == 2**31
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    q, k, v, dout = (torch.randn((1, s, h, d), device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    heads = [0, h - 1]
+    small = [x[:, :, heads].clone() for x in (q, k, v, dout)]
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = prope_attention(q, k, v, p=0.75, backend=backend)
+    got = [out[:, :, heads].clone()]
+    got += [g[:, :, heads].clone() for g in torch.autograd.grad(out, (q, k, v), dout)]
+    del q, k, v, dout, out
+    spec = PRoPESpec(d, 0.75)
+    check_against_reference(("out", "dq", "dk", "dv"), got,
+                            lambda q, k, v: ref.prope_attention(q, k, v, spec), small[:3],
+                            small[3:])

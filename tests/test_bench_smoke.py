@@ -82,9 +82,15 @@ def test_json_rows(smoke_run):
     assert rows and all(ROW_FIELDS <= set(r) for r in rows)
     ok = [r for r in rows if r["status"] == "ok"]
     # our op under the interpreter and the reference, and an eager-RoPE peer, really ran
-    for prov in ("prope-triton", "prope-reference", "sdpa-math+rope-eager",
-                 "sdpa-math-norope"):
+    for prov in ("prope-triton", "prope-sdpa", "prope-auto", "prope-reference",
+                 "sdpa-math+rope-eager", "sdpa-math-norope"):
         assert any(r["provider"] == prov for r in ok), prov
+    # the sdpa backend records its PyTorch kernel; auto records what it chose (CPU: reference)
+    for r in ok:
+        if r["provider"] == "prope-sdpa":
+            assert "PyTorch kernel: cpu_flash" in r["notes"], r["notes"]
+        if r["provider"] == "prope-auto":
+            assert "auto -> reference (default)" in r["notes"], r["notes"]
     assert {r["mode"] for r in ok} == {"fwd", "bwd", "fwd_bwd"}
     assert {r["group"] for r in ok} >= {"preset", "seqlen", "p", "varlen"}
     assert {r["p"] for r in ok if r["group"] == "p"} == {0.0, 0.25, 0.75, 1.0}
@@ -132,6 +138,44 @@ def test_markdown_report(smoke_run):
         assert all(f"({name})" in md for name in PNGS)
 
 
+def _bench_env():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("PROPE_POISON", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in
+                                                       [os.environ.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_write_dispatch(tmp_path):
+    # `--write-dispatch PATH` alone: every (smoke) preset with our backends, fwd+bwd, and per case
+    # the fastest into PATH (CPU figures here: arch "cpu", never read on a GPU)
+    table = tmp_path / "dispatch.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--write-dispatch", str(table),
+                           "--no-progress", "--no-plots", "--out", str(tmp_path / "run")],
+                          cwd=REPO, env=_bench_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(table.read_text())
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert {r["provider"] for r in rows} == {"prope-triton", "prope-cuda", "prope-sdpa",
+                                             "prope-auto"}
+    assert {r["mode"] for r in rows} == {"fwd_bwd"}
+    from bench.cases import SMOKE_PRESETS
+    assert len(data["entries"]) == len(SMOKE_PRESETS)
+    for e in data["entries"]:
+        ran = {r["backend"]: r["ms_median"] for r in rows
+               if r["case"] == e["source"]["case"] and r["status"] == "ok"
+               and r["backend"] in ("triton", "sdpa", "cuda")}
+        assert set(e["source"]["fwd_bwd_ms"]) == set(ran) == {"triton", "sdpa"}
+        assert e["backend"] == min(ran, key=ran.get) and e["arch"] == "cpu"
+        assert e["source"]["run_kind"] == "cpu-smoke"
+    # the package's own table takes only GPU runs
+    proc = subprocess.run([sys.executable, "-m", "bench", "--write-dispatch", "--no-progress",
+                           "--out", str(tmp_path / "refused")], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "only GPU runs" in proc.stderr
+
+
 def test_spot_check_rejects_a_wrong_provider():
     """The guard: a provider that rotates the wrong fraction of pairs is caught before timing."""
     sys.path.insert(0, str(REPO))
@@ -174,3 +218,31 @@ def test_breakdown_smoke(tmp_path):
     assert res["gpu"] is False and set(res["modes"]) == {"fwd", "fwd+bwd"}
     ops = {row["kernel"] for row in res["modes"]["fwd+bwd"]}
     assert "prope_kernels::attn_bwd" in ops, sorted(ops)[:20]
+
+
+def test_bars_of_issue_10():
+    # the bars from synthetic rows of one run: the sdpa backend vs the peers, auto vs our best
+    sys.path.insert(0, str(REPO))
+    from bench.bars import bars
+    from bench.markdown import markdown
+
+    def row(case, prov, ms, mib=100.0, kind="ours"):
+        return dict(case=case, group="preset", provider=prov, mode="fwd_bwd", status="ok",
+                    kind=kind, ms_median=ms, peak_mib=mib, tflops=1.0)
+    rows = [row("llama-gqa", "prope-sdpa", 4.5, 300), row("llama-gqa", "prope-triton", 9.0),
+            row("llama-gqa", "prope-auto", 4.55),
+            row("llama-gqa", "sdpa-cudnn+rope-compiled", 4.4, 996, "peer"),
+            row("llama-gqa", "sdpa-flash+rope-compiled", 7.0, 996, "peer"),
+            row("llama-gqa", "sdpa-cudnn-norope", 4.1, 400, "no-rope")]
+    got = {(b["provider"], b["bar"][:20]): b["passed"] for b in bars(rows) if b["issue"] == 10}
+    assert got == {("prope-sdpa", "fwd+bwd within 1.05x"): True,
+                   ("prope-sdpa", "fwd+bwd faster than "): True,
+                   ("prope-sdpa", "peak memory no highe"): True,
+                   ("prope-sdpa", "fwd+bwd within 1.03x"): False,   # 4.5 > 1.03 * 4.1
+                   ("prope-auto", "auto's fwd+bwd withi"): True}    # 4.55 <= 1.02 * 4.5
+    meta = dict(run_kind="gpu", gpu="G", sm_count=1, capability="9.0", gpu_memory_gib=80,
+                torch="t", date_utc="2026-11-26T00:00:00Z")
+    md = markdown(meta, {}, [dict(r, batch=1, seqlen=1, q_heads=1, kv_heads=1, head_dim=1,
+                                  causal=True, p=0.75, dtype="bf16", varlen=False, reason="",
+                                  notes="", ms_p20=1, ms_p80=1) for r in rows])
+    assert "| 10 | llama-gqa | prope-auto | must |" in md

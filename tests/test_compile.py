@@ -17,11 +17,17 @@ def _inputs(device, b=2, s=24, hq=4, hkv=2, d=32, dtype=torch.float16, seed=0):
             for h in (hq, hkv, hkv)]
 
 
-def test_compile_fullgraph_forward_backward(device):
+BACKENDS = ["triton", "sdpa"]
+
+
+# "auto" inside torch.compile: the op is traced with "auto" and decides when it runs (torch's
+# kernel-eligibility checks are not traceable); same numbers as eager
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+def test_compile_fullgraph_forward_backward(device, backend):
     q, k, v = _inputs(device)
 
     def layer(q, k, v):
-        o = prope_attention(q, k, v, p=0.75, backend="triton")
+        o = prope_attention(q, k, v, p=0.75, backend=backend)
         return (o.float() ** 2).sum()
 
     compiled = torch.compile(layer, fullgraph=True, backend=COMPILE_BACKEND)
@@ -35,13 +41,15 @@ def test_compile_fullgraph_forward_backward(device):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_compile_fullgraph_varlen_and_rope(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_varlen_and_rope(device, backend):
     q, k, v = (x.reshape(48, x.shape[2], 32) for x in _inputs(device))
     cu = torch.tensor([0, 11, 48], dtype=torch.int32, device=device)
 
     def fn(q, k, v):
-        o = prope_attention_varlen(q, k, v, cu, 37, p=0.25, backend="triton")
-        return o + apply_prope(q, p=0.25, backend="triton")
+        o, lse = prope_attention_varlen(q, k, v, cu, 37, p=0.25, backend=backend,
+                                        return_lse=True)
+        return o + apply_prope(q, p=0.25, backend=backend) + lse.t()[..., None]
 
     eager = fn(q, k, v)
     compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)(q, k, v)
@@ -56,22 +64,27 @@ def _packed_args(device, requires_grad):
     return q, k, v, cu, pos
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_attn_fwd(device, requires_grad):
+def test_opcheck_attn_fwd(device, requires_grad, backend):
     q, k, v, cu, pos = _packed_args(device, requires_grad)
     torch.library.opcheck(_attn_fwd_op, (q, k, v, cu, pos, 28, 0.75, 10000.0, "prope", "half",
-                                         True, 32 ** -0.5, "triton"))
+                                         True, 32 ** -0.5, backend))
 
 
-def test_opcheck_attn_bwd(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_opcheck_attn_bwd(device, backend, with_dlse):
     q, k, v, cu, pos = _packed_args(device, False)
     out, lse = _attn_fwd_op(q, k, v, cu, pos, 28, 0.5, 10000.0, "partial", "interleaved", False,
-                            0.2, "triton")
+                            0.2, backend)
     dout = torch.randn_like(out)
-    torch.library.opcheck(_attn_bwd_op, (dout, q, k, v, out, lse, None, cu, pos, 28, 0.5,
-                                         10000.0, "partial", "interleaved", False, 0.2, "triton"))
+    dlse = torch.randn_like(lse) if with_dlse else None
+    torch.library.opcheck(_attn_bwd_op, (dout, q, k, v, out, lse, dlse, cu, pos, 28, 0.5,
+                                         10000.0, "partial", "interleaved", False, 0.2, backend))
 
 
-def test_opcheck_rope(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_rope(device, backend):
     q, _, _, _, pos = _packed_args(device, True)
-    torch.library.opcheck(_rope_op, (q, pos, 0.75, 10000.0, "reversed", "half", False, "triton"))
+    torch.library.opcheck(_rope_op, (q, pos, 0.75, 10000.0, "reversed", "half", False, backend))

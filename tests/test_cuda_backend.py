@@ -2,23 +2,19 @@
 
 On a GPU with the extension built: the tolerance rule of tolerance.py (kernel error <= 2x the error
 of the same math done by PyTorch in the kernel dtype, plus the rounding floor) for the forward and
-dq, dk, dv over the shape matrix. Without a GPU: the package imports, ``available()`` is False and
-backend='cuda' refuses CPU tensors with a ValueError. The capability checks run at test time.
+dq, dk, dv over the shape matrix (the shared harness, harness.py). Without a GPU: backend='cuda'
+refuses CPU tensors with a ValueError. The capability checks run at test time.
 """
-
-import zlib
 
 import pytest
 import torch
 
-import prope_kernels
-from prope_kernels import apply_prope, prope_attention, prope_attention_varlen
+from harness import HEADS, rand, run_dense, run_varlen, seed
+from prope_kernels import apply_prope, prope_attention
 from prope_kernels import cuda as cuda_backend
 from prope_kernels import reference as ref
 from prope_kernels.rotary import PRoPESpec
 from tolerance import check
-
-HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1)}
 
 
 def _need_cuda_ext():
@@ -30,58 +26,12 @@ def _need_cuda_ext():
         pytest.skip("needs compute capability >= 8.0")
 
 
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
-def _rand(shape, dtype, gen, scale=1.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to("cuda", dtype)
-
-
-def _grads(fn, inputs, dout):
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    out = fn(*inputs)
-    return (out, *torch.autograd.grad(out, inputs, dout))
-
-
-def _run_dense(dtype, b, s, hq, hkv, d, p=0.75, variant="prope", layout="half", causal=True,
-               theta=10000.0, positions=None, scale=None, parity=False):
-    gen = torch.Generator().manual_seed(_seed("cuda", b, s, hq, hkv, d, p, variant, layout, causal,
-                                              dtype))
-    q, dout = (_rand((b, s, hq, d), dtype, gen) for _ in range(2))
-    k, v = (_rand((b, s, hkv, d), dtype, gen) for _ in range(2))
-    spec = PRoPESpec(d, p, theta, variant, layout)
-
-    def kern(backend):
-        return lambda q, k, v: prope_attention(q, k, v, p=p, theta=theta, variant=variant,
-                                               layout=layout, causal=causal, positions=positions,
-                                               softmax_scale=scale, backend=backend)
-
-    got = _grads(kern("cuda"), (q, k, v), dout)
-    truth = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
-                   [x.double() for x in (q, k, v)], dout.double())
-    lowp = _grads(lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, scale, positions),
-                  (q, k, v), dout)
-    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
-    if parity:
-        tri = _grads(kern("triton"), (q, k, v), dout)
-        for name, g, t, tr, lp in zip(("out", "dq", "dk", "dv"), got, truth, tri, lowp):
-            check(name + " (triton)", tr, t, lp)  # both backends meet the rule on the same draw
-            # and agree with each other: each is within 2x of PyTorch's error, so 4x between them
-            check(name + " (cuda vs triton)", g, tr.double(), lp.double() - t + tr.double(),
-                  factor=4.0)
+def _run_dense(dtype, b, s, hq, hkv, d, parity=False, **kw):
+    run_dense("cuda", dtype, b, s, hq, hkv, d, backend="cuda", also="triton" if parity else None,
+              **kw)
 
 
 # --- without a GPU ------------------------------------------------------------------------------
-
-def test_imports_without_extension():
-    assert hasattr(prope_kernels, "prope_attention")
-    assert isinstance(cuda_backend.available(), bool)
-    if not torch.cuda.is_available():
-        assert cuda_backend.available() is False
-    assert cuda_backend.preferred_over_triton(torch.zeros(1)) is False
-
 
 def test_cuda_backend_rejects_cpu_tensors():
     q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
@@ -121,21 +71,8 @@ def test_rotation_variants(p, variant, layout):
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_uneven(dtype, causal):
     _need_cuda_ext()
-    lens = [1, 97, 0, 300, 64, 1025, 5]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    total, hq, hkv, d = int(cu[-1]), 6, 2, 128
-    gen = torch.Generator().manual_seed(_seed("varlen", dtype, causal))
-    q, dout = (_rand((total, hq, d), dtype, gen) for _ in range(2))
-    k, v = (_rand((total, hkv, d), dtype, gen) for _ in range(2))
-    spec = PRoPESpec(d, 0.75, 10000.0, "prope", "half")
-    got = _grads(lambda q, k, v: prope_attention_varlen(q, k, v, cu, max(lens), causal=causal,
-                                                        backend="cuda"), (q, k, v), dout)
-    truth = _grads(lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal),
-                   [x.double() for x in (q, k, v)], dout.double())
-    lowp = _grads(lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal),
-                  (q, k, v), dout)
-    for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
+    run_varlen("cuda", dtype, [1, 97, 0, 300, 64, 1025, 5], 6, 2, 128, causal=causal,
+               backend="cuda")
 
 
 @pytest.mark.gpu
@@ -149,26 +86,7 @@ def test_long_positions_and_scale():
 @pytest.mark.gpu
 def test_lse_and_its_gradient():
     _need_cuda_ext()
-    gen = torch.Generator().manual_seed(_seed("lse"))
-    b, s, hq, hkv, d = 2, 130, 4, 2, 64
-    q, dout = (_rand((b, s, hq, d), torch.bfloat16, gen) for _ in range(2))
-    k, v = (_rand((b, s, hkv, d), torch.bfloat16, gen) for _ in range(2))
-    dlse = torch.randn(b, hq, s, generator=gen).cuda()
-    spec = PRoPESpec(d, 0.75)
-
-    def run(fn, inputs):
-        inputs = [x.detach().clone().requires_grad_() for x in inputs]
-        out, lse = fn(*inputs)
-        loss = (out * dout.to(out.dtype)).sum() + (lse * dlse.to(lse.dtype)).sum()
-        grads = torch.autograd.grad(loss, inputs)
-        return (out, lse, *grads)
-
-    got = run(lambda q, k, v: prope_attention(q, k, v, backend="cuda", return_lse=True), (q, k, v))
-    truth = run(lambda q, k, v: ref.prope_attention(q, k, v, spec, return_lse=True),
-                [x.double() for x in (q, k, v)])
-    lowp = run(lambda q, k, v: ref.prope_attention(q, k, v, spec, return_lse=True), (q, k, v))
-    for name, g, t, lp in zip(("out", "lse", "dq", "dk", "dv"), got, truth, lowp):
-        check(name, g, t, lp)
+    _run_dense(torch.bfloat16, 2, 130, 4, 2, 64, lse=True)
 
 
 @pytest.mark.gpu
@@ -177,8 +95,8 @@ def test_lse_and_its_gradient():
                                             ("partial", "half")])
 def test_rope_op(variant, layout, conjugate):
     _need_cuda_ext()
-    gen = torch.Generator().manual_seed(_seed("rope", variant, layout, conjugate))
-    x = _rand((3, 257, 5, 128), torch.bfloat16, gen)
+    gen = torch.Generator().manual_seed(seed("rope", variant, layout, conjugate))
+    x = rand((3, 257, 5, 128), torch.bfloat16, "cuda", gen)
     spec = PRoPESpec(128, 0.75, 10000.0, variant, layout)
     pos = torch.arange(257, device="cuda") * 131
     got = apply_prope(x, pos, variant=variant, layout=layout, conjugate=conjugate, backend="cuda")
@@ -197,13 +115,14 @@ def test_parity_with_triton(d, heads):
     _run_dense(torch.bfloat16, 2, 1025, hq, hkv, d, p=0.25, parity=True)
 
 
+@pytest.mark.gpu
 def test_misaligned_contiguous_inputs():
     # A contiguous view whose base is not 16-byte aligned (storage offset 1 element): the binding
     # copies it to an aligned tensor (the kernels' cp.async moves 16 bytes) instead of faulting.
     _need_cuda_ext()
     b, s, h, d = 2, 77, 4, 64
     gen = torch.Generator().manual_seed(17)
-    bufs = [_rand((1 + b * s * h * d,), torch.float16, gen) for _ in range(3)]
+    bufs = [rand((1 + b * s * h * d,), torch.float16, "cuda", gen) for _ in range(3)]
     q, k, v = (x[1:].view(b, s, h, d) for x in bufs)
     assert q.is_contiguous() and q.data_ptr() % 16 != 0
     got = prope_attention(q, k, v, backend="cuda")
@@ -211,12 +130,14 @@ def test_misaligned_contiguous_inputs():
     assert torch.equal(got, want)
 
 
+@pytest.mark.gpu
 def test_deterministic_mode_refuses_atomic_backward():
     # dQ is summed with float atomics: torch's deterministic mode must refuse it, not let it
     # through silently (the Triton backend is the deterministic choice there).
     _need_cuda_ext()
     gen = torch.Generator().manual_seed(23)
-    q, k, v = (_rand((1, 33, 2, 64), torch.bfloat16, gen).requires_grad_() for _ in range(3))
+    q, k, v = (rand((1, 33, 2, 64), torch.bfloat16, "cuda", gen).requires_grad_()
+               for _ in range(3))
     out = prope_attention(q, k, v, backend="cuda")
     torch.use_deterministic_algorithms(True)
     try:
@@ -284,6 +205,18 @@ def test_sm90_rotation_variants(sm90, p, variant, layout):
 @pytest.mark.parametrize("causal", [True, False])
 def test_sm90_varlen_uneven(sm90, dtype, causal):
     test_varlen_uneven(dtype, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sm90_varlen_explicit_positions(sm90, d):
+    run_varlen("cuda", torch.bfloat16, [130, 1, 0, 257, 64], 8, 2, d, p=0.5, causal=True,
+               explicit_positions=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_sm90_deterministic_mode_refuses_atomic_backward(sm90):
+    test_deterministic_mode_refuses_atomic_backward()
 
 
 @pytest.mark.gpu

@@ -1,5 +1,7 @@
 """The rotation alone (apply_prope, Triton rope kernel) against the float64 reference."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def _case(device, dtype, shape, seed):
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.75, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_apply_prope_matches_reference(device, dtype, p, layout, variant):
-    x, g = _case(device, dtype, (3, 37, 5, 48), hash((p, layout, variant)) % 2**31)
+    x, g = _case(device, dtype, (3, 37, 5, 48), zlib.crc32(repr((p, layout, variant)).encode()))
     pos = torch.arange(37, device=device) * 997  # large positions
     spec = PRoPESpec(48, p, 1e4, variant, layout)
     kw = dict(p=p, variant=variant, layout=layout)

@@ -2,13 +2,13 @@
 Kept small (gemma-tiny, short rows) so the whole file runs in about a minute on 2 CPU cores."""
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from prope_kernels.train import TrainConfig, main, parse_args, train
 
@@ -61,13 +61,15 @@ def _free_port():
 
 
 def test_two_process_gloo_run_agrees_with_one_process(tmp_path):
-    single = train(_cfg(tmp_path / "one", steps=4, eval_every=4))["metrics"]
+    # the CPU (gloo) path on any machine: on a one-GPU machine two ranks could not each own a GPU
+    single = train(_cfg(tmp_path / "one", steps=4, eval_every=4, device="cpu"))["metrics"]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE="2", OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "prope_kernels.train", "--preset", "gemma-tiny",
             "--vocab-size", "512", "--seq-len", "64", "--batch-size", "8", "--steps", "4",
             "--eval-every", "4", "--eval-batches", "2", "--lr", "3e-3", "--warmup", "2",
-            "--attn", "reference", "--no-progress", "--out", str(tmp_path / "two")]
+            "--attn", "reference", "--device", "cpu", "--no-progress", "--out",
+            str(tmp_path / "two")]
     procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
@@ -113,14 +115,26 @@ def test_defaults_are_the_main_job():
                                                                 "auto", "")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the Triton kernels need a GPU or the interpreter")
-def test_triton_attention_trains_like_reference(tmp_path):
-    # a few steps with the fused Triton kernels (interpreter on a CPU) follow the reference
-    kw = dict(steps=3, eval_every=3, seq_len=32, batch_size=4)
-    ref = train(_cfg(tmp_path / "ref", attn="reference", **kw))["metrics"]
-    if torch.cuda.is_available():
-        kw["device"] = "cpu"  # same device as the reference run for a like-for-like comparison
-    fused = train(_cfg(tmp_path / "tri", attn="triton", **kw))["metrics"]
-    for a, b in zip(ref, fused):
-        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3), (a, b)
+def test_triton_attention_trains_like_reference(tmp_path, device):
+    # a few steps with the fused Triton kernels follow the reference attention, on the machine's
+    # device: the CPU (interpreter; fp32 model, the fused run attends in bf16) or the GPU (both
+    # runs under bf16 autocast)
+    kw = dict(steps=3, eval_every=3, seq_len=32, batch_size=4, device=device)
+
+    def losses(attn):
+        m = train(_cfg(tmp_path / attn, attn=attn, **kw))["metrics"]
+        return [r["loss"] for r in m] + [m[-1]["val_loss"]]
+
+    ref, fused = losses("reference"), losses("triton")
+    assert len(fused) == len(ref) == kw["steps"] + 1 and all(map(math.isfinite, fused))
+    err = max(abs(a - b) for a, b in zip(ref, fused))
+    if device == "cpu":
+        # attending in bf16 instead of fp32 costs the loss well under 0.2%
+        bound = 2e-3 * max(map(abs, ref))
+    else:
+        # the reference attends in bf16 there too: the fused run must follow it as closely as the
+        # unfused bf16 baseline (RoPE, then SDPA) does, within 2x, plus a floor of 0.02% of the
+        # loss (a tenth of the CPU bound; on the CPU the fused run's error is about 3e-6 of it)
+        base = losses("sdpa")
+        bound = 2 * max(abs(a - b) for a, b in zip(ref, base)) + 2e-4 * max(map(abs, ref))
+    assert err <= bound, (err, bound, ref, fused)

@@ -65,12 +65,13 @@ def _attn_consts(d, bm, bn, **kw):
 
 def _cases(full):
     from prope_kernels.triton import attention as A
+    from prope_kernels.triton import configs as C
     from prope_kernels.triton import rope as R
     dims = (64, 128, 256, 512) if full else (128,)
     for d in dims:
-        fwd = A._FWD[d] if full else A._FWD[d][:1]
-        dkdv = A._DKDV[d] if full else A._DKDV[d][:1]
-        dq = A._DQ[d] if full else A._DQ[d][:1]
+        fwd = C.FWD[d] if full else C.FWD[d][:1]
+        dkdv = C.DKDV[d] if full else C.DKDV[d][:1]
+        dq = C.DQ[d] if full else C.DQ[d][:1]
         for bm, bn, w, s in fwd:
             for q_on_load in (1, 0):
                 yield (f"fwd d{d} {bm}x{bn} w{w} s{s} q_on_load={q_on_load}", A._attn_fwd_kernel,
@@ -115,8 +116,9 @@ STACK_LIMIT = 512
 
 def check_spills():
     from prope_kernels.triton import attention as A
+    from prope_kernels.triton.configs import TABLES
     for d in (128, 256):
-        rows = {k: A.TABLES[k][d][0] for k in A.TABLES}
+        rows = {k: TABLES[k][d][0] for k in TABLES}
         for name, fn, consts in (
                 ("fwd", A._attn_fwd_kernel, dict(Q_ON_LOAD=0)),
                 ("dkdv", A._attn_bwd_dkdv_kernel, dict(SPLIT=2, ATOMIC=1)),

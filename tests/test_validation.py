@@ -1,4 +1,9 @@
-"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs."""
+"""Bad input raises a clear ValueError/TypeError naming the argument, before any kernel runs.
+
+The checks run on the machine's device (the ``device`` fixture: CUDA on a GPU machine, the CPU with
+the Triton interpreter otherwise), so a backend's dtype/head_dim checks are reached on both; the
+tests about a GPU backend given CPU tensors build CPU tensors on purpose.
+"""
 
 import pytest
 import torch
@@ -6,9 +11,9 @@ import torch
 from prope_kernels import apply_prope, prope_attention, prope_attention_varlen
 
 
-def _qkv(b=2, s=8, hq=4, hkv=2, d=32, dtype=torch.float16, device="cpu"):
-    return (torch.randn(b, s, hq, d).to(dtype).to(device), torch.randn(b, s, hkv, d).to(dtype),
-            torch.randn(b, s, hkv, d).to(dtype))
+def _qkv(device, b=2, s=8, hq=4, hkv=2, d=32, dtype=torch.float16):
+    return (torch.randn(b, s, hq, d).to(device, dtype), torch.randn(b, s, hkv, d).to(device, dtype),
+            torch.randn(b, s, hkv, d).to(device, dtype))
 
 
 BAD_DENSE = [
@@ -26,10 +31,10 @@ BAD_DENSE = [
     (lambda q, k, v: prope_attention(q, k, v, backend="cudnn"), ValueError, "backend"),
     (lambda q, k, v: prope_attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale"),
     (lambda q, k, v: prope_attention(q, k, v, causal=1), TypeError, "causal must be a bool"),
-    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(8.0)), TypeError,
-     "positions must be an integer"),
-    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(7)), ValueError,
-     "positions must have shape"),
+    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(8.0, device=q.device)),
+     TypeError, "positions must be an integer"),
+    (lambda q, k, v: prope_attention(q, k, v, positions=torch.arange(7, device=q.device)),
+     ValueError, "positions must have shape"),
     (lambda q, k, v: prope_attention(q.float(), k.float(), v.float(), backend="triton"),
      TypeError, "float16 and bfloat16"),
     (lambda q, k, v: prope_attention(q[..., :31], k[..., :31], v[..., :31]), ValueError,
@@ -40,19 +45,20 @@ BAD_DENSE = [
 
 
 @pytest.mark.parametrize("call,exc,msg", BAD_DENSE)
-def test_bad_dense_input(call, exc, msg):
+def test_bad_dense_input(device, call, exc, msg):
     with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
-        call(*_qkv())
+        call(*_qkv(device))
 
 
-def test_unsupported_head_dim_for_triton():
-    q = torch.randn(1, 4, 2, 384, dtype=torch.float16)
+def test_unsupported_head_dim_for_triton(device):
+    q = torch.randn(1, 4, 2, 384, dtype=torch.float16, device=device)
     with pytest.raises(ValueError, match="head_dim"):
         prope_attention(q, q, q, backend="triton")
 
 
 def test_gpu_backend_on_cpu(monkeypatch):
-    q, k, v = _qkv()
+    # CPU tensors on any machine; without the interpreter the Triton backend refuses them
+    q, k, v = _qkv("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         prope_attention(q, k, v, backend="triton")
@@ -60,25 +66,23 @@ def test_gpu_backend_on_cpu(monkeypatch):
         prope_attention(q, k, v, backend="cuda")
 
 
+@pytest.mark.gpu  # needs a second device to place one tensor on
 def test_devices_must_match():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to place one tensor elsewhere")
-    q, k, v = _qkv()
+    q, k, v = _qkv("cpu")
     with pytest.raises(ValueError, match="one device"):
         prope_attention(q.cuda(), k, v)
 
 
-def test_positions_device_is_checked():
-    q, k, v = _qkv()
+def test_positions_device_is_checked(device):
+    q, k, v = _qkv(device)
     pos = torch.arange(8, device="meta")
     with pytest.raises(ValueError, match="positions must be on the same device"):
         prope_attention(q, k, v, positions=pos)
 
 
-def _packed(lens=(3, 5), hq=2, hkv=1, d=16):
+def _packed(device, lens=(3, 5), hq=2, hkv=1, d=16):
     t = sum(lens)
-    return (torch.randn(t, hq, d).half(), torch.randn(t, hkv, d).half(),
-            torch.randn(t, hkv, d).half())
+    return tuple(torch.randn(t, h, d).to(device, torch.float16) for h in (hq, hkv, hkv))
 
 
 @pytest.mark.parametrize("cu,ms,exc,msg", [
@@ -91,36 +95,38 @@ def _packed(lens=(3, 5), hq=2, hkv=1, d=16):
     ([0, 3, 8], 5, TypeError, "cu_seqlens must be"),
     (torch.tensor([0, 3, 8]), 5.0, TypeError, "max_seqlen"),
 ])
-def test_bad_cu_seqlens(cu, ms, exc, msg):
-    q, k, v = _packed()
+def test_bad_cu_seqlens(device, cu, ms, exc, msg):
+    q, k, v = _packed(device)
+    if isinstance(cu, torch.Tensor):
+        cu = cu.to(device)
     with pytest.raises(exc, match=msg):
         prope_attention_varlen(q, k, v, cu, ms)
 
 
-def test_varlen_rank_and_positions():
-    q, k, v = _packed()
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+def test_varlen_rank_and_positions(device):
+    q, k, v = _packed(device)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="q must have 3 dims"):
         prope_attention_varlen(q[None], k, v, cu, 5)
     with pytest.raises(ValueError, match="positions must have shape"):
-        prope_attention_varlen(q, k, v, cu, 5, positions=torch.arange(7))
+        prope_attention_varlen(q, k, v, cu, 5, positions=torch.arange(7, device=device))
 
 
-def test_apply_prope_errors():
-    x = torch.randn(2, 8, 3, 32)
+def test_apply_prope_errors(device):
+    x = torch.randn(2, 8, 3, 32, device=device)
     with pytest.raises(ValueError, match="x must be"):
         apply_prope(x[0, 0])
     with pytest.raises(ValueError, match="positions must have shape"):
-        apply_prope(x, torch.arange(9))
+        apply_prope(x, torch.arange(9, device=device))
     with pytest.raises(ValueError, match="head_dim must be a positive even"):
         apply_prope(x[..., :31])
     with pytest.raises(TypeError, match="conjugate must be a bool"):
         apply_prope(x, conjugate="yes")
 
 
-def test_cu_seqlens_checked_again_after_in_place_change():
-    q, k, v = _packed()
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+def test_cu_seqlens_checked_again_after_in_place_change(device):
+    q, k, v = _packed(device)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     prope_attention_varlen(q, k, v, cu, 5, backend="reference")
     cu[1] = 9  # now decreasing: the cached check must not hide it
     with pytest.raises(ValueError, match="non-decreasing"):

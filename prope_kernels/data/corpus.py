@@ -7,9 +7,10 @@ import ast
 import functools
 import hashlib
 import json
-import os
 import sysconfig
 from pathlib import Path
+
+from .. import env
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
@@ -91,7 +92,6 @@ def fingerprint(docs: list[str]) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PROPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prope_kernels")
+    root = env.cache_dir()
     Path(root).mkdir(parents=True, exist_ok=True)
     return Path(root)

@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import backends
 from .. import reference as ref
 from ..interface import apply_prope, prope_attention, prope_attention_varlen
+from ..rotary import PRoPESpec
 
-ATTN_BACKENDS = ("auto", "reference", "sdpa", "triton", "cuda")
+# "auto" and every registered backend of prope_kernels.backends, plus "unfused": the baseline
+# users run today (RoPE with the reference rotation, then torch's scaled_dot_product_attention)
+UNFUSED = "unfused"
+ATTN_BACKENDS = backends.choices() + (UNFUSED,)
 PE_KINDS = ("nope", "rope", "prope")
 
 
@@ -40,7 +45,7 @@ class GemmaConfig:
     theta: float = 10000.0
     variant: str = "prope"
     layout: str = "half"
-    # attention: "auto" | "reference" | "sdpa" (RoPE then SDPA, unfused) | "triton" | "cuda"
+    # attention: "auto", a backend name of prope_kernels.backends, or "unfused" (RoPE, then SDPA)
     attn: str = "auto"
     activation_checkpointing: bool = False
 
@@ -56,8 +61,7 @@ class GemmaConfig:
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads "
                              f"({self.kv_heads})")
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        PRoPESpec(self.head_dim, self.p, self.theta, self.variant, self.layout)  # validates
         return self
 
     def num_params(self) -> int:
@@ -126,14 +130,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, c.kv_heads, c.head_dim)
         v = self.v_proj(x).view(b, t, c.kv_heads, c.head_dim)
         rope = dict(p=c.rope_fraction, theta=c.theta, variant=c.variant, layout=c.layout)
-        if c.attn in ("triton", "cuda") and q.dtype == torch.float32:
+        if (c.attn in backends.REGISTRY and q.dtype not in backends.get(c.attn).dtypes
+                and torch.bfloat16 in backends.get(c.attn).dtypes):
             # the fused kernels take fp16/bf16: without autocast, attend in bf16 as autocast would
             out_dtype = q.dtype
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         else:
             out_dtype = None
-        if c.attn == "sdpa":
-            o = _sdpa_attention(q, k, v, cu_seqlens, rope)
+        if c.attn == UNFUSED:
+            o = _unfused_attention(q, k, v, cu_seqlens, rope)
         elif cu_seqlens is None:
             o = prope_attention(q, k, v, causal=True, backend=c.attn, **rope)
         else:
@@ -146,7 +151,7 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, c.heads * c.head_dim))
 
 
-def _sdpa_attention(q, k, v, cu_seqlens, rope):
+def _unfused_attention(q, k, v, cu_seqlens, rope):
     """The unfused baseline users run today: rotate q and k, then SDPA (documents separated by a
     block-diagonal causal mask when rows are packed)."""
     b, t = q.shape[:2]

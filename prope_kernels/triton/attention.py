@@ -23,127 +23,14 @@ Where the rotation happens (each element is rotated about once per pass):
 Nothing rotated outlives the op call: forward saves only q, k, v, out and lse.
 """
 
-import contextlib
-import os
-
 import triton
 import triton.language as tl
 
-from .rope import lowp, rope_cos_sin, rope_launch_raw
+from .configs import autotune_args
+from .rope import lowp, rope_cos_sin
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-# ------------------------------------------------------------------------------------------------
-# configs: tuned candidates on a GPU; one small config under the CPU interpreter (TRITON_INTERPRET)
-# ------------------------------------------------------------------------------------------------
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def _rotate_q_into_out(nargs):
-    # pre-hook of the Q_ON_LOAD=0 forward configs: O <- p-RoPE(Q); the kernel then reads Q' from O
-    if nargs["N_ROT"] > 0:
-        rope_launch_raw(nargs["Q"], nargs["O"], nargs["POS"], nargs["PAIR_A"], nargs["PAIR_B"],
-                        nargs["PAIR_F"], nargs["IDS"], nargs["N_ROT"], False)
-
-
-def _fwd_cfg(bm, bn, warps, stages, q_on_load):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "Q_ON_LOAD": q_on_load}, num_warps=warps,
-                         num_stages=stages, pre_hook=None if q_on_load else _rotate_q_into_out)
-
-
-# (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
-# Chosen from an ahead-of-time sm_90 compile (Triton 3.6, aligned args: see
-# tests/test_triton_gpu_compile.py --all): candidates that spill no or few registers, with wgmma.
-_FWD = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-    256: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
-    512: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
-}
-# dkdv: BLOCK_N rows of k/v stationary (two fp32 (BLOCK_N, d) accumulators), BLOCK_M q rows
-# streamed; dq: BLOCK_M rows of q stationary (one accumulator), BLOCK_N keys streamed. Separate
-# tables: the stationary tile of each wants to be large, the streamed one small. At d=256 the
-# dkdv accumulators alone take 128 registers a thread at BLOCK_N=64 with 8 warps: the streamed
-# q block is kept at 16-32 rows and cp.async pipelining (stages >= 2) keeps loads out of registers.
-_DKDV = {
-    64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (64, 128, 8, 2)],
-    256: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (16, 32, 4, 2), (32, 32, 4, 2)],
-    512: [(16, 32, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
-}
-_DQ = {
-    64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-    256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (128, 16, 8, 2), (64, 16, 8, 2)],
-    512: [(64, 16, 8, 2), (32, 16, 4, 1), (16, 16, 4, 1)],
-}
-
-
-def _bucket(d):
-    return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 512
-
-
-def dkdv_max_block_n(head_dim: int) -> int:
-    """The largest stationary key block the dkdv autotuner may pick (sizes the GQA split)."""
-    return 32 if _interpret() else max(row[1] for row in _DKDV[_bucket(head_dim)])
-
-
-def _rows(table):
-    return list(dict.fromkeys(row for rows in table.values() for row in rows))
-
-
-def _configs(table, interp_cfg):
-    if _interpret():
-        return [_cfg(*interp_cfg)]
-    return [_cfg(*row) for row in _rows(table)]
-
-
-def _fwd_configs(interp_cfg):
-    if _interpret():
-        # one config; tests switch Q_ON_LOAD through set_interpreter_q_on_load()
-        return [_fwd_cfg(*interp_cfg, 1)]
-    return [_fwd_cfg(*row, q) for row in _rows(_FWD) for q in (1, 0)]
-
-
-# Which configs the GPU autotuner tries (the interpreter has one config per kernel):
-#   all rows of the head_dim bucket's table (default);
-#   PROPE_AUTOTUNE=0: the first row only, no tuning (fast GPU test runs);
-#   force_config(kernel, row): exactly that row (tests that run every tuned config).
-_FORCED = {}
-
-
-def _prune(table, name):
-    def prune(configs, named_args, **kwargs):
-        if len(configs) == 1:
-            return configs
-        args = {**named_args, **kwargs}
-        table_rows = table[_bucket(args["HEAD_DIM"])]
-        forced = _FORCED.get(name)
-        untuned = os.environ.get("PROPE_AUTOTUNE", "1") == "0"
-        rows = [forced[:4]] if forced is not None else table_rows[:1] if untuned else table_rows
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in rows
-                and (c.kwargs.get("Q_ON_LOAD", 1) or args.get("N_ROT", 0) > 0)]
-        if forced is not None:
-            kept = [c for c in kept if len(forced) == 4 or c.kwargs["Q_ON_LOAD"] == forced[4]]
-            if len(kept) != 1:
-                raise ValueError(f"force_config({name!r}, {forced}): not a config of head_dim "
-                                 f"{args['HEAD_DIM']} (its rows: {table_rows})")
-        elif untuned:
-            kept = kept[-1:]  # forward: Q_ON_LOAD=0 when rotating (fewer registers), else 1
-        return kept or configs
-    return prune
-
-
-_AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
 
 
 # EMULATE (constexpr) is set only under the CPU interpreter with bfloat16 inputs, never on a GPU.
@@ -156,13 +43,6 @@ def _dot(a, b, acc, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
-
-
-def set_interpreter_q_on_load(on_load: bool) -> None:
-    """Tests only (CPU interpreter, single config): choose the forward's Q rotation mode."""
-    cfg = _attn_fwd_kernel.configs[0]
-    cfg.kwargs["Q_ON_LOAD"] = int(on_load)
-    cfg.pre_hook = None if on_load else _rotate_q_into_out
 
 
 @triton.jit
@@ -231,8 +111,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_fwd_configs((32, 16, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune(_FWD, "fwd")})
+@triton.autotune(**autotune_args("fwd"))
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
@@ -355,9 +234,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV, (16, 32, 4, 1)),
-                 key=_AUTOTUNE_KEY + ["SPLIT", "ATOMIC"],
-                 prune_configs_by={"early_config_prune": _prune(_DKDV, "dkdv")},
+@triton.autotune(**autotune_args("dkdv"),
                  reset_to_zero=["DK", "DV"])  # ATOMIC accumulates: zero before every trial
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -468,8 +345,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ, (32, 16, 4, 1)), key=_AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune(_DQ, "dq")},
+@triton.autotune(**autotune_args("dq"),
                  restore_value=["DQ"])  # DQ may alias Q (in-place dQ' over Q'): restore per trial
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -512,31 +388,5 @@ def _attn_bwd_dq_kernel(
              lowp(dq, DQ.dtype.element_ty, EMULATE), mask=mask)
 
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ}
-
-
-@contextlib.contextmanager
-def force_config(kernel: str, row: tuple):
-    """Tests on a GPU: run ``kernel`` ("fwd", "dkdv" or "dq") with exactly the config ``row`` =
-    (BLOCK_M, BLOCK_N, warps, stages) of its table (fwd: plus Q_ON_LOAD), no tuning."""
-    _FORCED[kernel] = tuple(row)
-    _KERNELS[kernel].cache.clear()
-    try:
-        yield
-    finally:
-        del _FORCED[kernel]
-        _KERNELS[kernel].cache.clear()
-
-
-def chosen_configs() -> dict:
-    """The config each kernel ran with last (autotuned or not): {"fwd": "128x64 w8 s2 q0", ...}.
-    The benchmark records it next to each Triton timing, to show which table rows win."""
-    out = {}
-    for name, kern in _KERNELS.items():
-        c = getattr(kern, "best_config", None)
-        if c is not None:
-            kw = c.kwargs
-            q = f" q{kw['Q_ON_LOAD']}" if "Q_ON_LOAD" in kw else ""
-            out[name] = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}{q}"
-    return out
+# the kernels the config policy (configs.py) forces and reports on, by table name
+KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}

@@ -1,4 +1,5 @@
-"""Triton backend: launchers behind the custom ops of :mod:`prope_kernels.interface`.
+"""Triton backend: launchers behind the custom ops of :mod:`prope_kernels.interface` (the
+contract is in :mod:`prope_kernels.backends`); the tuning policy they use is in configs.py.
 
 Packed layout in and out: q (total, q_heads, d), k/v (total, kv_heads, d), int32 cu_seqlens,
 int64 positions (total,), lse (q_heads, total) float32.
@@ -6,13 +7,13 @@ int64 positions (total,), lse (q_heads, total) float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from .. import env
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
-    _bwd_preprocess_kernel, dkdv_max_block_n
+    _bwd_preprocess_kernel
+from .configs import dkdv_max_block_n, kv_split, seq_bucket
 from .rope import rope_launch
 
 
@@ -20,42 +21,15 @@ def _new(x, *shape, dtype=None):
     """Output/scratch allocation. PROPE_POISON=1 (set by the tests) fills it with NaN so that
     anything a kernel forgets to write shows up as NaN instead of stale memory."""
     shape = shape or x.shape
-    if os.environ.get("PROPE_POISON") == "1":
+    if env.poison():
         return torch.full(shape, float("nan"), device=x.device, dtype=dtype or x.dtype)
     return torch.empty(shape, device=x.device, dtype=dtype or x.dtype)
-
-
-def _seq_bucket(max_seqlen: int) -> int:
-    # autotuning key: retune per power-of-two bucket, not per distinct varlen max
-    return triton.next_power_of_2(max(int(max_seqlen), 16))
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter: small, so that the CPU tests exercise SPLIT > 1 too
-
-
-def _kv_split(group: int, kv_programs: int, device) -> int:
-    """Split a kv head's query-head group over programs when there are too few kv programs to
-    fill the GPU (MQA/GQA with few kv heads): the smallest divisor of the group giving about
-    four programs per SM. kv_programs: (sequence, kv head, key block) programs at the largest
-    tuned key block. PROPE_KV_SPLIT overrides it (tests)."""
-    forced = int(os.environ.get("PROPE_KV_SPLIT", "0"))
-    if forced:
-        assert group % forced == 0, f"PROPE_KV_SPLIT={forced} must divide the group {group}"
-        return forced
-    want = 4 * _num_sms(device)
-    for split in range(1, group + 1):
-        if group % split == 0 and kv_programs * split >= want:
-            return split
-    return group
 
 
 def _common(q, k, spec):
     total, hq, d = q.shape
     block_d = max(triton.next_power_of_2(d), 16)
-    emulate = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16
+    emulate = env.interpreting() and q.dtype == torch.bfloat16
     return dict(GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d,
                 ROTATE=spec.num_rotated > 0, EMULATE=emulate)
 
@@ -86,7 +60,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
         q, k_rot, v, out, lse, positions, cu_seqlens,
         tables.col_partner, tables.col_sign, tables.col_freq,
         tables.pair_a, tables.pair_b, tables.pair_freq, tables.identity, spec.num_rotated,
-        scale, total, hq, _seq_bucket(max_seqlen),
+        scale, total, hq, seq_bucket(max_seqlen),
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         CAUSAL=causal, **meta,
@@ -125,9 +99,9 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     else:
         q_rot, k_rot = q, k
         dq = _new(q)
-    bucket = _seq_bucket(max_seqlen)
+    bucket = seq_bucket(max_seqlen)
     kv_programs = triton.cdiv(max_seqlen, dkdv_max_block_n(d)) * num_seqs * hkv
-    split = _kv_split(meta["GROUP"], kv_programs, q.device)
+    split = kv_split(meta["GROUP"], kv_programs, q.device)
     # split > 1: the split programs of a key block reduce into fp32 dk/dv. By default with atomic
     # adds into one zeroed buffer; under torch.use_deterministic_algorithms(True) as partial sums
     # added in a fixed order (split x the fp32 size of k and v: more memory, bitwise repeatable).

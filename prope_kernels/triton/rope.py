@@ -9,11 +9,11 @@ handled as two separate tile groups whose sizes are compile-time constants:
 So the identity part of p-RoPE costs no sin/cos and no multiply; p=0 launches nothing.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import env
 
 TWO_PI = tl.constexpr(6.283185307179586)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
@@ -120,7 +120,7 @@ def rope_launch_raw(x, y, positions, pair_a, pair_b, pair_freq, identity, num_ro
         R=num_rotated, R_PAD=max(triton.next_power_of_2(num_rotated), 1),
         N_ID=n_id, ID_PAD=max(triton.next_power_of_2(n_id), 1),
         CONJUGATE=conjugate, COPY_IDENTITY=not in_place, BLOCK_T=block_t,
-        EMULATE=os.environ.get("TRITON_INTERPRET") == "1" and y.dtype == torch.bfloat16,
+        EMULATE=env.interpreting() and y.dtype == torch.bfloat16,
         num_warps=4,
     )
     return y

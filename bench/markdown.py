@@ -1,116 +1,24 @@
-"""Outputs of a run: results.json, results.csv, report.md and PNG plots in one folder."""
+"""report.md: environment, speed bars, a table per preset and per sweep, what did not run."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from collections import OrderedDict
-from pathlib import Path
 
+from .bars import BAR_CASE, NOISE, bars
 from .cases import MODE_LABELS
 from .providers import FLOOR, PROVIDERS
+from .rows import index, ordered
 
 SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
                 "It checks that the suite works end to end; its numbers are not GPU figures and "
                 "say nothing about speed.")
 GPU_SMOKE_BANNER = ("GPU SMOKE RUN: tiny shapes; launch overhead dominates. Not the standard "
                     "report: run `python -m bench` without --smoke for figures.")
-META_CSV = ("run_kind", "gpu", "driver", "torch", "torch_cuda", "cudnn", "triton", "date_utc",
-            "git_commit")
 
 
 def banner(meta):
     return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])
 
-
-def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool = True):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"png": []}
-    if plots:
-        try:
-            files["png"] = write_plots(out_dir, meta, rows)
-            meta.pop("plots", None)  # a re-render with matplotlib clears an earlier "skipped"
-        except ImportError:
-            meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
-    rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
-             for k, x in r.items()} for r in rows]  # strict JSON: no NaN
-    files["json"] = out_dir / "results.json"
-    files["json"].write_text(json.dumps(
-        {"schema": 1, "meta": meta, "settings": settings, "bars": bars(rows), "results": rows},
-        indent=1,
-        default=_jsonable))
-    files["csv"] = out_dir / "results.csv"
-    write_csv(files["csv"], meta, rows)
-    files["md"] = out_dir / "report.md"
-    files["md"].write_text(markdown(meta, settings, rows, files["png"]))
-    return files
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
-
-
-def write_csv(path, meta, rows):
-    if not rows:
-        path.write_text("")
-        return
-    fields = list(rows[0].keys()) + [k for k in META_CSV if k not in rows[0]]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **{k: meta.get(k) for k in META_CSV}})
-
-
-# ----------------------------------------------------------------------------------------------
-# the speed bars of issue 2 (Gemma 2B shape), computed from the rows of this run
-# ----------------------------------------------------------------------------------------------
-
-BAR_CASE = "gemma-2b"
-NOISE = 0.01  # "no higher" comparisons of medians allow 1% of timing noise
-
-
-def bars(rows):
-    """Pass/fail of each bar for each of our backends that ran; [] if the rows are missing."""
-    idx = _index(rows)
-
-    def get(case, prov, mode, key="ms_median"):
-        r = idx.get((case, prov, mode))
-        return r[key] if r and r["status"] == "ok" else None
-
-    out = []
-    ours = _ordered(r["provider"] for r in rows if r["kind"] == "ours")
-    for p in ours:
-        fb = get(BAR_CASE, p, "fwd_bwd")
-        checks = [
-            ("must", "fwd+bwd faster than FlashAttention-2 (SDPA flash) + RoPE compiled",
-             fb, get(BAR_CASE, "sdpa-flash+rope-compiled", "fwd_bwd"), "ms", "lt"),
-            ("must", "peak memory (fwd+bwd) no higher than cuDNN SDPA without RoPE",
-             get(BAR_CASE, p, "fwd_bwd", "peak_mib"),
-             get(BAR_CASE, FLOOR, "fwd_bwd", "peak_mib"), "MiB", "le"),
-            ("goal", "fwd+bwd at or below cuDNN SDPA without RoPE", fb,
-             get(BAR_CASE, FLOOR, "fwd_bwd"), "ms", "le"),
-            ("goal", "forward above 500 TFLOP/s", get(BAR_CASE, p, "fwd", "tflops"), 500.0,
-             "TFLOP/s", "gt"),
-        ]
-        for mode in ("fwd_bwd", "fwd"):
-            checks.append(("must", f"{MODE_LABELS[mode]} time at p=0.25 no higher than at p=1",
-                           get("p-0.25", p, mode), get("p-1", p, mode), "ms", "le"))
-        for level, what, val, ref, unit, op in checks:
-            if val is None or ref is None:
-                continue
-            ok = {"lt": val < ref, "gt": val > ref, "le": val <= ref * (1 + NOISE)}[op]
-            out.append(dict(provider=p, level=level, bar=what, value=val, target=ref,
-                            unit=unit, ratio=val / ref if ref else None, passed=bool(ok)))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# markdown
-# ----------------------------------------------------------------------------------------------
 
 def _fmt_ms(ms):
     if ms is None:
@@ -126,17 +34,6 @@ def _cell(r):
     tf = r["tflops"]
     tf_s = f"{tf:.0f}" if tf is not None and tf >= 10 else (f"{tf:.2g}" if tf else "-")
     return f"{_fmt_ms(r['ms_median'])} ({tf_s})"
-
-
-def _index(rows):
-    idx = {}
-    for r in rows:
-        idx[(r["case"], r["provider"], r["mode"])] = r
-    return idx
-
-
-def _ordered(seq):
-    return list(OrderedDict.fromkeys(seq))
 
 
 def _env_table(meta, settings):
@@ -176,7 +73,7 @@ def _env_table(meta, settings):
 
 
 def markdown(meta, settings, rows, pngs=()):
-    idx = _index(rows)
+    idx = index(rows)
     title = meta.get("gpu") or "CPU"
     out = [f"# prope_kernels benchmark: {title}, {meta['date_utc'][:10]}", ""]
     b = banner(meta)
@@ -190,19 +87,21 @@ def markdown(meta, settings, rows, pngs=()):
 
     bs = bars(rows)
     if bs:
-        out += [f"## Speed bars of issue 2 ({BAR_CASE} shape, this run)", "",
-                "| backend | level | bar | measured | target | ratio | |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["## Speed bars (from this run's rows)", "",
+                f"Issue 2: the fused op at the {BAR_CASE} shape. Issue 10: the sdpa backend and "
+                "auto at every preset.", "",
+                "| issue | case | backend | level | bar | measured | target | ratio | |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for b in bs:
-            out.append(f"| {b['provider']} | {b['level']} | {b['bar']} | {b['value']:.4g} "
-                       f"{b['unit']} | {b['target']:.4g} {b['unit']} | "
-                       f"{b['ratio']:.2f} | {'PASS' if b['passed'] else 'FAIL'} |")
+            out.append(f"| {b['issue']} | {b['case']} | {b['provider']} | {b['level']} | "
+                       f"{b['bar']} | {b['value']:.4g} {b['unit']} | {b['target']:.4g} "
+                       f"{b['unit']} | {b['ratio']:.2f} | {'PASS' if b['passed'] else 'FAIL'} |")
         out += ["", f"(\"no higher\" allows {NOISE:.0%} timing noise between medians)", ""]
 
-    groups = _ordered(r["group"] for r in rows)
+    groups = ordered(r["group"] for r in rows)
     if "preset" in groups:
         out += ["## Presets (the shapes of PERF.md)", ""]
-        for case in _ordered(r["case"] for r in rows if r["group"] == "preset"):
+        for case in ordered(r["case"] for r in rows if r["group"] == "preset"):
             out += _case_table(case, rows, idx) + [""]
     if "p" in groups:
         out += ["## The cost of the identity: time vs p", "",
@@ -268,8 +167,8 @@ def _shape_note(r, group):
 
 def _case_table(case, rows, idx):
     rs = [r for r in rows if r["case"] == case]
-    modes = _ordered(r["mode"] for r in rs)
-    provs = _ordered(r["provider"] for r in rs)
+    modes = ordered(r["mode"] for r in rs)
+    provs = ordered(r["provider"] for r in rs)
     from .cases import PRESETS, SMOKE_PRESETS
     c = PRESETS.get(case) or SMOKE_PRESETS.get(case)
     desc = c.describe() if c else ""
@@ -300,9 +199,9 @@ def _case_table(case, rows, idx):
 
 def _sweep_table(group, rows, idx, key):
     rs = [r for r in rows if r["group"] == group]
-    cases = _ordered(r["case"] for r in rs)
-    modes = _ordered(r["mode"] for r in rs)
-    provs = [p for p in _ordered(r["provider"] for r in rs)
+    cases = ordered(r["case"] for r in rs)
+    modes = ordered(r["mode"] for r in rs)
+    provs = [p for p in ordered(r["provider"] for r in rs)
              if any(r["provider"] == p and r["status"] != "missing" for r in rs)]
     first = {r["case"]: r for r in rs}
     lines = []
@@ -343,121 +242,3 @@ def _not_run(rows):
         cs = ", ".join(cases[:4]) + (f" (+{len(cases) - 4})" if len(cases) > 4 else "")
         out.append(f"| {p} | {st} | {cs} | {reason.replace('|', '/')} |")
     return out + [""]
-
-
-# ----------------------------------------------------------------------------------------------
-# plots
-# ----------------------------------------------------------------------------------------------
-
-def _style(prov):
-    p = PROVIDERS.get(prov)
-    if p is None:
-        return {}
-    if p.kind == "ours":
-        return dict(lw=2.6, marker="o")
-    if p.kind == "no-rope":
-        return dict(lw=1.4, ls="--", marker="s")
-    return dict(lw=1.4, ls="-" if p.rope == "compiled" else ":", marker=".")
-
-
-def _fig_title(fig, meta, what):
-    gpu = meta.get("gpu") or "CPU"
-    fig.suptitle(f"{what}: {gpu}, torch {meta['torch']}, triton {meta.get('triton')}, "
-                 f"{meta['date_utc'][:10]}", fontsize=10)
-    b = banner(meta)
-    if b:
-        fig.text(0.5, 0.5, "CPU SMOKE RUN\nnot GPU figures" if meta["run_kind"] == "cpu-smoke"
-                 else "GPU SMOKE RUN", ha="center", va="center", fontsize=28, color="red",
-                 alpha=0.25, rotation=20, transform=fig.transFigure)
-
-
-def write_plots(out_dir: Path, meta, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pngs = []
-    ok = [r for r in rows if r["status"] == "ok"]
-
-    def by_mode(group):
-        rs = [r for r in ok if r["group"] == group]
-        return rs, _ordered(r["mode"] for r in rs)
-
-    rs, modes = by_mode("seqlen")
-    if rs:
-        fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
-        for ax, m in zip(axes[0], modes):
-            for p in _ordered(r["provider"] for r in rs):
-                pts = sorted((r["seqlen"], r["tflops"]) for r in rs
-                             if r["provider"] == p and r["mode"] == m)
-                if pts:
-                    ax.plot(*zip(*pts), label=PROVIDERS[p].label, **_style(p))
-            ax.set_xscale("log", base=2)
-            xs = sorted({r["seqlen"] for r in rs})
-            ax.set_xticks(xs)
-            ax.set_xticklabels([f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x)
-                                for x in xs])
-            ax.minorticks_off()
-            ax.set_xlabel("seqlen")
-            ax.set_ylabel("TFLOP/s")
-            ax.set_title(MODE_LABELS[m])
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        _fig_title(fig, meta, "TFLOP/s vs seqlen")
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
-        pngs.append(out_dir / "tflops_vs_seqlen.png")
-        fig.savefig(pngs[-1], dpi=110)
-        plt.close(fig)
-
-    rs, modes = by_mode("p")
-    if rs:
-        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-        for ax, m in zip(axes[0], modes):
-            for p in _ordered(r["provider"] for r in rs):
-                pts = sorted((r["p"], r["ms_median"]) for r in rs
-                             if r["provider"] == p and r["mode"] == m)
-                if pts:
-                    ax.plot(*zip(*pts), label=PROVIDERS[p].label, **_style(p))
-            ax.set_xlabel("p (fraction of rotated pairs)")
-            ax.set_ylabel("ms (median)")
-            ax.set_ylim(bottom=0)
-            ax.set_title(MODE_LABELS[m])
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        _fig_title(fig, meta, "time vs p")
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
-        pngs.append(out_dir / "time_vs_p.png")
-        fig.savefig(pngs[-1], dpi=110)
-        plt.close(fig)
-
-    rs = [r for r in ok if r["group"] == "preset" and r["mode"] == "fwd_bwd"]
-    if not rs:
-        rs = [r for r in ok if r["group"] == "preset"]
-    if rs:
-        mode = rs[0]["mode"]
-        rs = [r for r in rs if r["mode"] == mode]
-        cases = _ordered(r["case"] for r in rs)
-        provs = _ordered(r["provider"] for r in rs)
-        fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cases) + 3), 5))
-        w = 0.8 / max(1, len(provs))
-        for i, p in enumerate(provs):
-            xs, ys = [], []
-            for j, c in enumerate(cases):
-                r = next((r for r in rs if r["case"] == c and r["provider"] == p), None)
-                if r:
-                    xs.append(j + i * w)
-                    ys.append(r["tflops"])
-            st = PROVIDERS[p]
-            ax.bar(xs, ys, w, label=st.label, edgecolor="black" if st.kind == "ours" else None,
-                   hatch="//" if st.kind == "no-rope" else None)
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cases))])
-        ax.set_xticklabels(cases, fontsize=8)
-        ax.set_ylabel(f"TFLOP/s ({MODE_LABELS[mode]})")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        _fig_title(fig, meta, f"presets, {MODE_LABELS[mode]}")
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
-        pngs.append(out_dir / "presets_tflops.png")
-        fig.savefig(pngs[-1], dpi=110)
-        plt.close(fig)
-    return pngs

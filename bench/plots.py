@@ -1,0 +1,127 @@
+"""PNG plots of a run: TFLOP/s vs seqlen, time vs p, TFLOP/s per preset (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cases import MODE_LABELS
+from .markdown import banner
+from .providers import PROVIDERS
+from .rows import ordered
+
+
+def _style(prov):
+    p = PROVIDERS.get(prov)
+    if p is None:
+        return {}
+    if p.kind == "ours":
+        return dict(lw=2.6, marker="o")
+    if p.kind == "no-rope":
+        return dict(lw=1.4, ls="--", marker="s")
+    return dict(lw=1.4, ls="-" if p.rope == "compiled" else ":", marker=".")
+
+
+def _label(prov):
+    return PROVIDERS[prov].label if prov in PROVIDERS else prov
+
+
+def _plot(out_dir: Path, meta, name, what, panels, draw, panel_size=(6.5, 4.8)):
+    """The one plot helper: a row of panels (one per item of ``panels``), ``draw(ax, item)``
+    fills each; titled with the machine and versions, a watermark on smoke runs, saved as
+    ``name``. Returns the PNG's path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, h = panel_size
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), h), squeeze=False)
+    for ax, item in zip(axes[0], panels):
+        draw(ax, item)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6 if len(panels) == 1 else 7,
+                      ncol=2 if len(panels) == 1 else 1)
+    gpu = meta.get("gpu") or "CPU"
+    fig.suptitle(f"{what}: {gpu}, torch {meta['torch']}, triton {meta.get('triton')}, "
+                 f"{meta['date_utc'][:10]}", fontsize=10)
+    if banner(meta):
+        fig.text(0.5, 0.5, "CPU SMOKE RUN\nnot GPU figures" if meta["run_kind"] == "cpu-smoke"
+                 else "GPU SMOKE RUN", ha="center", va="center", fontsize=28, color="red",
+                 alpha=0.25, rotation=20, transform=fig.transFigure)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path = out_dir / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _lines(rs, x_key, y_key):
+    """draw(ax, mode): one line per provider of rs, y against x."""
+    def draw(ax, mode):
+        for p in ordered(r["provider"] for r in rs):
+            pts = sorted((r[x_key], r[y_key]) for r in rs
+                         if r["provider"] == p and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), label=_label(p), **_style(p))
+        ax.set_title(MODE_LABELS[mode])
+    return draw
+
+
+def write_plots(out_dir: Path, meta, rows):
+    pngs = []
+    ok = [r for r in rows if r["status"] == "ok"]
+
+    rs = [r for r in ok if r["group"] == "seqlen"]
+    if rs:
+        lines = _lines(rs, "seqlen", "tflops")
+        xs = sorted({r["seqlen"] for r in rs})
+
+        def draw(ax, mode):
+            lines(ax, mode)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x)
+                                for x in xs])
+            ax.minorticks_off()
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+        pngs.append(_plot(out_dir, meta, "tflops_vs_seqlen.png", "TFLOP/s vs seqlen",
+                          ordered(r["mode"] for r in rs), draw))
+
+    rs = [r for r in ok if r["group"] == "p"]
+    if rs:
+        lines = _lines(rs, "p", "ms_median")
+
+        def draw(ax, mode):
+            lines(ax, mode)
+            ax.set_xlabel("p (fraction of rotated pairs)")
+            ax.set_ylabel("ms (median)")
+            ax.set_ylim(bottom=0)
+        pngs.append(_plot(out_dir, meta, "time_vs_p.png", "time vs p",
+                          ordered(r["mode"] for r in rs), draw, (6, 4.5)))
+
+    rs = [r for r in ok if r["group"] == "preset" and r["mode"] == "fwd_bwd"]
+    if not rs:
+        rs = [r for r in ok if r["group"] == "preset"]
+    if rs:
+        mode = rs[0]["mode"]
+        rs = [r for r in rs if r["mode"] == mode]
+        cases = ordered(r["case"] for r in rs)
+        provs = ordered(r["provider"] for r in rs)
+
+        def draw(ax, mode):
+            w = 0.8 / max(1, len(provs))
+            for i, p in enumerate(provs):
+                pts = [(j + i * w, r["tflops"]) for j, c in enumerate(cases)
+                       for r in rs if r["case"] == c and r["provider"] == p]
+                st = PROVIDERS.get(p)
+                ours = st is not None and st.kind == "ours"
+                ax.bar([x for x, _ in pts], [y for _, y in pts], w, label=_label(p),
+                       edgecolor="black" if ours else None,
+                       hatch="//" if st is not None and st.kind == "no-rope" else None)
+            ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cases))])
+            ax.set_xticklabels(cases, fontsize=8)
+            ax.set_ylabel(f"TFLOP/s ({MODE_LABELS[mode]})")
+        pngs.append(_plot(out_dir, meta, "presets_tflops.png",
+                          f"presets, {MODE_LABELS[mode]}", [mode], draw,
+                          (max(7, 1.6 * len(cases) + 3), 5)))
+    return pngs

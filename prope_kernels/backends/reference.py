@@ -1,0 +1,98 @@
+"""Reference backend: the pure-PyTorch definition (:mod:`prope_kernels.reference`) behind the same
+op contract as the kernels (see :mod:`prope_kernels.backends`). Any device and float dtype.
+
+Attention is computed in float32 (float64 for float64 inputs) and returned in the inputs' dtype.
+Forward: rotate q and k, attend; consecutive sequences of one length are attended as one batch
+(a dense call is a single batch). Backward: the softmax recomputed from the rotated q, k, the
+attention gradient written out, then dQ', dK' rotated back by the opposite angle (the gradient of
+a rotation is its inverse), as the kernels do. The rotation alone multiplies in x's dtype, as user
+code does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _runs(cu_seqlens):
+    """(first token, number of sequences n, length L) for each run of consecutive non-empty
+    sequences of one length: tokens [first, first + n*L) are an (n, L) batch."""
+    cu = cu_seqlens.tolist()
+    lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    i = 0
+    while i < len(lens):
+        j = i
+        while j < len(lens) and lens[j] == lens[i]:
+            j += 1
+        if lens[i] > 0:
+            yield cu[i], j - i, lens[i]
+        i = j
+
+
+def _scores(q, k, causal, scale):
+    """q (n, L, hkv, group, d), k (n, L, hkv, d) -> scaled scores (n, hkv, group, L, L)."""
+    s = torch.einsum("bmhgd,bnhd->bhgmn", q, k) * scale
+    if causal:
+        L = s.shape[-1]
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=s.device).triu(1),
+                          float("-inf"))
+    return s
+
+
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    cd = _compute_dtype(q.dtype)
+    qr = ref.apply_prope(q.to(cd), positions, spec)
+    kr = ref.apply_prope(k.to(cd), positions, spec)
+    out = q.new_zeros(q.shape)
+    lse = q.new_zeros((hq, total), dtype=torch.float32)
+    for t0, n, L in _runs(cu_seqlens):
+        rows = slice(t0, t0 + n * L)
+        o, l = ref.attention(qr[rows].view(n, L, hq, d), kr[rows].view(n, L, hkv, d),
+                             v[rows].to(cd).view(n, L, hkv, d), causal, scale, return_lse=True)
+        out[rows] = o.reshape(n * L, hq, d).to(q.dtype)
+        lse[:, rows] = l.transpose(0, 1).reshape(hq, n * L).float()
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
+             scale):
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    cd = _compute_dtype(q.dtype)
+    qr = ref.apply_prope(q.to(cd), positions, spec)
+    kr = ref.apply_prope(k.to(cd), positions, spec)
+    dqr = torch.zeros(q.shape, dtype=cd, device=q.device)
+    dkr = torch.zeros(k.shape, dtype=cd, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    for t0, n, L in _runs(cu_seqlens):
+        rows = slice(t0, t0 + n * L)
+        qg = qr[rows].view(n, L, hkv, group, d)      # q head h reads kv head h // group
+        kg, vg = kr[rows].view(n, L, hkv, d), v[rows].to(cd).view(n, L, hkv, d)
+        do = dout[rows].to(cd).view(n, L, hkv, group, d)
+        prob = torch.softmax(_scores(qg, kg, causal, scale), dim=-1)     # (n, hkv, group, L, L)
+        dprob = torch.einsum("bmhgd,bnhd->bhgmn", do, vg)
+        # row term: rowsum(dO * O) = rowsum(P * dP); an lse gradient enters as -dlse
+        row = (prob * dprob).sum(-1, keepdim=True)
+        if dlse is not None:
+            dl = dlse[:, rows].to(cd).reshape(hkv, group, n, L).permute(2, 0, 1, 3)
+            row = row - dl[..., None]
+        ds = prob * (dprob - row) * scale
+        dqr[rows] = torch.einsum("bhgmn,bnhd->bmhgd", ds, kg).reshape(n * L, hq, d)
+        dkr[rows] = torch.einsum("bhgmn,bmhgd->bnhd", ds, qg).reshape(n * L, hkv, d)
+        dv[rows] = torch.einsum("bhgmn,bmhgd->bnhd", prob, do).reshape(n * L, hkv, d)
+    dq = ref.apply_prope(dqr, positions, spec, conjugate=True)
+    dk = ref.apply_prope(dkr, positions, spec, conjugate=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def rope(x, positions, spec, conjugate):
+    return ref.apply_prope(x, positions, spec, conjugate)

@@ -1,0 +1,78 @@
+"""Every environment switch the package reads, in one place.
+
+Read at call time (not import time), so that tests can change them with ``monkeypatch.setenv``.
+``TRITON_INTERPRET`` itself is read by Triton when it is first imported; the package only asks
+whether it is set.
+
+  TRITON_INTERPRET=1   Triton kernels run under the CPU interpreter (set by tests/conftest.py
+                       on machines without a GPU); the Triton backend then accepts CPU tensors
+  PROPE_POISON=1       fill kernel outputs and scratch buffers with NaN before the kernels run,
+                       so anything a kernel forgets to write shows up (set by the tests)
+  PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
+                       (GPU test runs; see prope_kernels/triton/configs.py)
+  PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
+  PROPE_CUDA_SM90=1    the CUDA backend runs its SM90 kernels (wgmma, TMA; sm_90 GPUs, built with
+                       the 9.0a target) instead of the SM80 ones: opt-in until a GPU has
+                       validated them (csrc/README.md)
+  PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
+                       considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
+  PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
+                       prope_kernels/dispatch.json (tests, experiments)
+  WORLD_SIZE, RANK, LOCAL_RANK   set by torchrun: the trainer's data-parallel processes
+  PROPE_CACHE          where the trainer caches corpora and tokenizers (default
+                       $XDG_CACHE_HOME/prope_kernels, i.e. ~/.cache/prope_kernels)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def interpreting() -> bool:
+    """Triton kernels run under the CPU interpreter."""
+    return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def poison() -> bool:
+    """Fill new outputs with NaN before the kernels write them."""
+    return _get("PROPE_POISON") == "1"
+
+
+def autotune() -> bool:
+    """Let the GPU autotuner try every row of a config table (False: the first row only)."""
+    return _get("PROPE_AUTOTUNE", "1") != "0"
+
+
+def kv_split() -> int:
+    """The forced GQA split of the backward's dK/dV programs; 0: chosen by the launcher."""
+    return int(_get("PROPE_KV_SPLIT", "0"))
+
+
+def cuda_sm90() -> bool:
+    """The CUDA backend uses its SM90 forward and backward kernels (opt-in)."""
+    return _get("PROPE_CUDA_SM90", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> str:
+    """Where the trainer caches built corpora and tokenizers."""
+    return _get("PROPE_CACHE") or os.path.join(
+        _get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prope_kernels")
+
+
+def sdpa_kernel() -> str:
+    """The PyTorch kernel forced on the sdpa backend; "" when it chooses."""
+    return _get("PROPE_SDPA_KERNEL").strip()
+
+
+def dispatch_table() -> str:
+    """Path of the auto dispatch table; "" for the package's own."""
+    return _get("PROPE_DISPATCH_TABLE")
+
+
+def distributed() -> tuple:
+    """(world size, rank, local rank) of a torchrun process; (1, 0, 0) otherwise."""
+    return int(_get("WORLD_SIZE", "1")), int(_get("RANK", "0")), int(_get("LOCAL_RANK", "0"))

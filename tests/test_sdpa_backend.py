@@ -1,0 +1,325 @@
+"""The vendor-core backend (backend="sdpa"): PyTorch's fused attention with our rotation around it,
+and the ``auto`` dispatch (table, default, explain()).
+
+On the CPU the backend runs PyTorch's CPU flash attention ATen op, so these tests check its
+plumbing (rotation, layouts, lse, varlen, gradients, the lse gradient) against the float64
+reference with the tolerance rule. The GPU kernels' calls (cuDNN, flash, memory-efficient) are
+checked for shapes and layouts on the meta device here, and for numbers by the ``gpu`` cases.
+"""
+
+import json
+import types
+
+import pytest
+import torch
+
+from prope_kernels import (dispatch, env, explain, prope_attention, prope_attention_varlen,
+                           sdpa)
+from prope_kernels.rotary import PRoPESpec
+from harness import HEADS, run_dense, run_varlen
+
+# --- numbers against the reference (CPU: cpu_flash; GPU: the kernel choose() picks) -------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("s", [1, 17, 97])
+def test_shapes(device, s, heads, causal):
+    hq, hkv = HEADS[heads]
+    dtype = torch.bfloat16 if (s + len(heads)) % 2 else torch.float16
+    run_dense(device, dtype, 3, s, hq, hkv, 32, causal=causal, backend="sdpa")
+
+
+@pytest.mark.parametrize("variant,layout,p", [("prope", "half", 0.0), ("prope", "half", 0.25),
+                                              ("reversed", "interleaved", 0.75),
+                                              ("partial", "half", 1.0)])
+def test_rotation_variants(device, variant, layout, p):
+    run_dense(device, torch.bfloat16, 2, 41, 4, 2, 64, p=p, variant=variant, layout=layout,
+              causal=p != 0.25, backend="sdpa")
+
+
+@pytest.mark.parametrize("d", [16, 48, 80])
+def test_head_dims(device, d):
+    run_dense(device, torch.float16, 2, 33, 2, 1, d, p=0.5, layout="interleaved",
+              backend="sdpa")
+
+
+def test_softmax_scale_theta_and_long_positions(device):
+    run_dense(device, torch.bfloat16, 1, 50, 2, 2, 64, p=0.25, theta=1e6, scale=0.3,
+              backend="sdpa")
+    gen = torch.Generator().manual_seed(7)
+    pos = torch.randint(990_000, 1_000_000, (2, 24), generator=gen).to(device)
+    run_dense(device, torch.float16, 2, 24, 2, 1, 64, p=1.0, theta=1e6, positions=pos,
+              backend="sdpa")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_return_lse_and_its_gradient(device, causal):
+    # the lse gradient is added outside the ATen backward (one extra fwd and bwd): exact math
+    run_dense(device, torch.float16, 2, 29, 4, 2, 32, causal=causal, backend="sdpa", lse=True)
+    run_dense(device, torch.bfloat16, 1, 18, 3, 1, 16, causal=causal, backend="sdpa", lse=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens", [[1, 17, 40, 3], [70, 0, 33], [130]])
+def test_varlen(device, lens, causal):
+    run_varlen(device, torch.bfloat16, lens, 4, 2, 32, causal=causal, backend="sdpa")
+
+
+def test_varlen_explicit_positions_and_mqa(device):
+    run_varlen(device, torch.float16, [9, 31, 20], 4, 1, 64, p=0.25, variant="partial",
+               layout="interleaved", explicit_positions=True, backend="sdpa")
+
+
+def test_varlen_return_lse(device):
+    gen = torch.Generator().manual_seed(4)
+    cu = torch.tensor([0, 5, 5, 18], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(18, h, 32, generator=gen).to(device, torch.float16)
+               for h in (4, 2, 2))
+    out, lse = prope_attention_varlen(q, k, v, cu, 13, backend="sdpa", return_lse=True)
+    want, want_lse = prope_attention_varlen(q.float(), k.float(), v.float(), cu, 13,
+                                            backend="reference", return_lse=True)
+    assert lse.shape == (4, 18) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("p,layout", [(0.75, "half"), (0.25, "interleaved")])
+def test_with_the_triton_rotation(device, monkeypatch, p, layout):
+    # the GPU path's rotation: the Triton kernel into new buffers, dq'/dk' rotated back in place
+    # (on the CPU under the interpreter)
+    if device == "cpu" and not env.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    monkeypatch.setattr(sdpa, "_TRITON_ON_CPU", True)
+    run_dense(device, torch.bfloat16, 2, 21, 4, 2, 32, p=p, layout=layout, backend="sdpa",
+              lse=True)
+
+
+def test_p_zero_rotates_nothing_and_rope_op(device):
+    # p=0: the kernel's inputs are q and k themselves; the rope contract returns a new tensor
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 2, 16, generator=gen).to(device, torch.float16)
+    pos = torch.arange(10, device=device)
+    spec0 = PRoPESpec(16, 0.0)
+    assert sdpa._rotate(x, pos, spec0, False) is x
+    y = sdpa.rope(x, pos, spec0, False)
+    assert y is not x and torch.equal(y, x)
+    spec = PRoPESpec(16, 0.5)
+    back = sdpa.rope(sdpa.rope(x, pos, spec, False), pos, spec, True)
+    torch.testing.assert_close(back, x, atol=2e-3, rtol=0)
+
+
+# --- the GPU kernels' calls, on the meta device (shapes, layouts, lse conversions) ---------------
+
+@pytest.mark.parametrize("kernel,dense,hq,hkv", [("cudnn", True, 4, 2), ("cudnn", True, 3, 1),
+                                                 ("flash", True, 4, 2), ("flash", False, 6, 2),
+                                                 ("efficient", True, 4, 2),
+                                                 ("efficient", True, 4, 4)])
+def test_gpu_kernel_calls_on_meta(kernel, dense, hq, hkv):
+    b, s, d = 3, 40, 64
+    total = b * s
+    q = torch.empty(total, hq, d, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(total, hkv, d, device="meta", dtype=torch.bfloat16)
+    cu = torch.arange(0, (b + 1) * s, s, device="meta", dtype=torch.int32)
+    ch = sdpa.Choice(kernel, dense, kernel == "efficient" and hq != hkv, "test")
+    out, lse = sdpa._fwd(ch, q, k, k, cu, s, True, 0.125)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+    assert lse.shape == (hq, total) and lse.is_contiguous() and lse.dtype == torch.float32
+    if kernel == "efficient":
+        return  # torch's meta function of _efficient_attention_backward lacks its `out` argument
+    grads = sdpa._bwd(ch, torch.empty_like(out), q, k, k, out, lse, cu, s, True, 0.125)
+    for g, x in zip(grads, (q, k, k)):
+        assert g.shape == x.shape and g.is_contiguous() and g.dtype == x.dtype
+
+
+@pytest.mark.parametrize("forced", [None, "cudnn", "flash", "efficient"])
+def test_gpu_kernel_choice_runs_torch_checks(forced):
+    # the GPU choice calls torch's own eligibility checks (SDPAParams, can_use_*); on CPU tensors
+    # each refuses, and the answer says which kernel refused (varlen: cudnn/efficient not wired)
+    q = torch.empty(2 * 24, 4, 64, dtype=torch.bfloat16)
+    k = torch.empty(2 * 24, 2, 64, dtype=torch.bfloat16)
+    for num_seqs, dense in ((2, True), (3, False)):
+        ch = sdpa._choose_gpu(q, k, num_seqs, 24, True, dense, forced)
+        assert ch.kernel is None and ch.dense == dense
+        for kern in ([forced] if forced else sdpa.GPU_KERNELS):
+            assert f"{kern}:" in ch.why, ch.why
+
+
+def test_forced_kernel_must_be_known(monkeypatch):
+    monkeypatch.setenv("PROPE_SDPA_KERNEL", "math")
+    with pytest.raises(ValueError, match="PROPE_SDPA_KERNEL"):
+        sdpa._forced()
+
+
+def test_no_kernel_is_a_clear_error(monkeypatch, device):
+    no = sdpa.Choice(None, True, False, "flash: head_dim 512 is above 256")
+    monkeypatch.setattr(sdpa, "choose", lambda *a, **k: no)
+    q, k, v = (torch.randn(1, 8, 2, 32, dtype=torch.float16, device=device) for _ in range(3))
+    with pytest.raises(ValueError, match="backend='sdpa' has no PyTorch attention kernel.*512"):
+        prope_attention(q, k, v, backend="sdpa")
+    with pytest.raises(ValueError, match="backend='sdpa'"):
+        explain(q, k, v, backend="sdpa")
+
+
+# --- auto: the policy, the table, explain() ------------------------------------------------------
+
+def _choice(kernel, dense=True):
+    return sdpa.Choice(kernel, dense, False, "test")
+
+
+KEY = dispatch.key("sm_90", 256, 8, True, False, 8192)
+
+
+@pytest.mark.parametrize("runnable,kernel,entry,want,source", [
+    # no table entry: the documented default
+    ({"sdpa": 1, "triton": 1}, "cudnn", None, "sdpa", "default"),
+    ({"sdpa": 1, "triton": 1}, "flash", None, "sdpa", "default"),
+    ({"sdpa": 1, "triton": 1}, "efficient", None, "triton", "default"),  # e.g. head_dim 512
+    ({"triton": 1}, None, None, "triton", "default"),                   # sdpa unsupported
+    ({"sdpa": 1}, "efficient", None, "sdpa", "default"),
+    ({}, None, None, "reference", "default"),
+    # a measured entry wins when its backend can run, else the default applies
+    ({"sdpa": 1, "triton": 1}, "cudnn", {"backend": "triton"}, "triton", "table"),
+    ({"triton": 1}, None, {"backend": "sdpa"}, "triton", "default"),
+])
+def test_auto_policy(runnable, kernel, entry, want, source):
+    dec = dispatch.pick(runnable, _choice(kernel), KEY, entry)
+    assert (dec.backend, dec.source) == (want, source), str(dec)
+    if source == "default":
+        assert "default" in dec.reason
+    if entry and source == "default":
+        assert any("cannot run here" in n for n in dec.notes)
+    assert f"backend: {want}" in str(dec)
+
+
+def test_seqlen_bucket_and_key():
+    assert [dispatch.seqlen_bucket(n) for n in (1, 128, 129, 4096, 5000)] == [128, 128, 256,
+                                                                                4096, 8192]
+    assert dispatch.key("sm_90", 128, 4, False, True, 3000) == dict(
+        arch="sm_90", head_dim=128, group=4, causal=False, varlen=True, seqlen=4096)
+
+
+def _row(case, backend, ms, **kw):
+    r = dict(case=case, kind="ours", family="prope", status="ok", mode="fwd_bwd",
+             backend=backend, ms_median=ms, head_dim=256, q_heads=8, kv_heads=1, causal=True,
+             varlen=False, seqlen=8192)
+    r.update(kw)
+    return r
+
+
+def test_table_written_from_rows_and_read_back(tmp_path, monkeypatch):
+    meta = dict(capability="9.0", gpu="NVIDIA H100", run_kind="gpu", date_utc="2026-11-26",
+                git_commit="abc")
+    rows = [_row("gemma-2b", "triton", 8.7), _row("gemma-2b", "sdpa", 4.9),
+            _row("gemma-2b", "auto", 4.8),                        # auto is not a backend to pick
+            _row("gemma-2b", "sdpa", 1.0, mode="fwd"),            # only fwd+bwd decides
+            _row("llama-gqa", "triton", 9.0, head_dim=128, q_heads=32, kv_heads=8,
+                 seqlen=4096),                                    # one backend: no entry
+            _row("mha-d64", "sdpa", 2.0, status="failed", head_dim=64, q_heads=32,
+                 kv_heads=32, seqlen=4096)]
+    entries = dispatch.entries_from_rows(rows, meta)
+    assert len(entries) == 1
+    e = entries[0]
+    assert e["backend"] == "sdpa" and e["source"]["fwd_bwd_ms"] == {"triton": 8.7, "sdpa": 4.9}
+    assert dispatch._key_tuple(e) == dispatch._key_tuple(KEY)
+    path = tmp_path / "dispatch.json"
+    dispatch.write(path, entries)
+    dispatch.write(path, [dict(entries[0], backend="triton")])   # same key: replaced
+    data = json.loads(path.read_text())
+    assert len(data["entries"]) == 1 and data["entries"][0]["backend"] == "triton"
+    monkeypatch.setenv("PROPE_DISPATCH_TABLE", str(path))
+    assert dispatch.lookup(KEY)["backend"] == "triton"
+    assert dispatch.lookup(dict(KEY, arch="sm_80")) is None
+
+
+def test_committed_table_holds_only_measured_entries():
+    # the package's table: every entry comes from a GPU benchmark run that compared backends
+    data = json.loads(dispatch.TABLE.read_text())
+    assert data["schema"] == dispatch.SCHEMA
+    for e in data["entries"]:
+        src = e["source"]
+        assert src["run_kind"] == "gpu" and src["gpu"] and len(src["fwd_bwd_ms"]) >= 2, e
+        assert e["backend"] == min(src["fwd_bwd_ms"], key=src["fwd_bwd_ms"].get), e
+
+
+def test_explain_on_cpu(device):
+    q, k, v = (torch.randn(2, 16, h, 32, dtype=torch.float16, device=device) for h in (4, 2, 2))
+    dec = explain(q, k, v, p=0.5)
+    if device == "cpu":
+        assert dec.backend == "reference" and "CUDA" in dec.reason
+        assert prope_attention(q, k, v, p=0.5).shape == q.shape  # and auto does run it
+    dec = explain(q, k, v, backend="sdpa")
+    assert dec.backend == "sdpa" and dec.source == "requested" and dec.kernel
+    cu = torch.tensor([0, 7, 32], dtype=torch.int32, device=device)
+    dec = explain(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, 25, backend="sdpa")
+    assert dec.kernel
+    with pytest.raises(ValueError, match="p must be in"):
+        explain(q, k, v, p=2.0)
+    with pytest.raises(TypeError, match="max_seqlen"):
+        explain(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu)
+
+
+# --- GPU (skipped without one) ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_each_kernel(monkeypatch, kernel, heads, d):
+    monkeypatch.setenv("PROPE_SDPA_KERNEL", kernel)
+    hq, hkv = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}[heads]
+    q = torch.empty(2 * 1025, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(2 * 1025, hkv, d, device="cuda", dtype=torch.bfloat16)
+    ch = sdpa.choose(q, k, 2, 1025, True)
+    if ch.kernel is None:
+        pytest.skip(f"torch refuses {kernel} here: {ch.why}")
+    for causal in (True, False):
+        run_dense("cuda", torch.bfloat16, 2, 1025, hq, hkv, d, causal=causal, backend="sdpa")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_gpu_lse(monkeypatch, kernel):
+    monkeypatch.setenv("PROPE_SDPA_KERNEL", kernel)
+    run_dense("cuda", torch.bfloat16, 2, 1000, 8, 2, 128, backend="sdpa", lse=True)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_flash_and_head_dim_512():
+    run_varlen("cuda", torch.bfloat16, [1, 3000, 0, 517, 2048, 7], 16, 4, 128, backend="sdpa")
+    run_dense("cuda", torch.bfloat16, 1, 1024, 4, 1, 512, p=0.25, theta=1e6, backend="sdpa")
+
+
+@pytest.mark.gpu
+def test_gpu_explain_default():
+    q, k, v = (torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16)
+               for h in (8, 2, 2))
+    dec = explain(q, k, v)
+    print(dec)
+    if dec.source == "default":
+        assert dec.backend == "sdpa" and dec.kernel in ("cudnn", "flash"), str(dec)
+    q5, k5, v5 = (torch.randn(1, 256, h, 512, device="cuda", dtype=torch.bfloat16)
+                  for h in (4, 1, 1))
+    assert explain(q5, k5, v5).backend == "triton"
+
+
+def test_auto_respects_needed_features(monkeypatch):
+    # a feature the sdpa backend lacks (e.g. a sliding window) takes it out of auto's choice
+    from prope_kernels import backends
+    seen = {}
+
+    def fake_pick(runnable, ch, k_, entry, cuda_preferred=False, notes=None):
+        seen.update(runnable=dict(runnable), ch=ch)
+        return dispatch.Decision("x", "", "default")
+    monkeypatch.setattr(dispatch, "pick", fake_pick)
+    monkeypatch.setattr(dispatch, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(sdpa, "choose", lambda *a: _choice("flash"))
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16,
+                              shape=(64, 4, 128))
+    k = types.SimpleNamespace(shape=(64, 2, 128))
+    feats = {n: be.features for n, be in backends.REGISTRY.items()}
+    dispatch.decide(q, k, 1, 64, True)
+    assert "sdpa" in seen["runnable"] and seen["ch"].kernel == "flash"
+    missing = next(iter({"window", "softcap"} - set(feats["sdpa"])))
+    dispatch.decide(q, k, 1, 64, True, needs=frozenset({missing}))
+    assert "sdpa" not in seen["runnable"] and missing in seen["ch"].why
