@@ -9,8 +9,11 @@ use ``pip install --no-build-isolation .`` for the CUDA build).
 Environment switches:
   PROPE_FORCE_CUDA_BUILD=1   build the extension or fail with the reason (no silent fallback)
   PROPE_SKIP_CUDA_BUILD=1    never build it
-  PROPE_CUDA_ARCHS="8.0;9.0" compute capabilities (each checked against ``nvcc --list-gpu-arch``;
-                             "+PTX" suffix also embeds PTX, e.g. "9.0+PTX")
+  PROPE_CUDA_ARCHS="8.0;9.0a" compute capabilities (each checked against ``nvcc --list-gpu-arch``;
+                             "+PTX" suffix also embeds PTX, e.g. "9.0+PTX"). "9.0a" (the
+                             arch-specific Hopper target that wgmma/TMA/setmaxnreg need) also
+                             builds the SM90 forward kernels (csrc/kernels/attn_sm90_*.cu); the
+                             SM80 kernels are built for every listed target
   MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
   CUDA_HOME                  CUDA root (default /usr/local/cuda when it has nvcc)
 CUTLASS/CuTe headers come from the ``nvidia-cutlass`` package (``pip install nvidia-cutlass``);
@@ -58,8 +61,11 @@ def _cutlass_include() -> str:
     return str(inc)
 
 
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
 def _arch_flags(nvcc: str) -> list:
-    archs = os.environ.get("PROPE_CUDA_ARCHS", "8.0;9.0")
+    archs = os.environ.get("PROPE_CUDA_ARCHS", DEFAULT_ARCHS)
     listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
                             check=True).stdout.split()
     flags = []
@@ -76,6 +82,9 @@ def _arch_flags(nvcc: str) -> list:
             raise RuntimeError(f"PROPE_CUDA_ARCHS: {item} is not supported by {nvcc} "
                                f"(nvcc --list-gpu-arch: {' '.join(listed)})")
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if m.group(3) and cc != "90a":
+            raise RuntimeError(f"PROPE_CUDA_ARCHS: {item}: the only arch-specific target the "
+                               "kernels use is 9.0a")
         if m.group(4):
             flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
     if not flags:
@@ -111,19 +120,24 @@ def _cuda_extension():
         return skip("nvcc was not found (set CUDA_HOME)")
 
     csrc = ROOT / "csrc"
-    sources = [str((csrc / "binding.cpp").relative_to(ROOT)), str((csrc / "kernels" / "rope.cu").relative_to(ROOT))]
-    sources += sorted(str(p.relative_to(ROOT)) for p in (csrc / "kernels").glob("attn_*.cu"))
+    sources = [str((csrc / "binding.cpp").relative_to(ROOT))]
+    sources += [str((csrc / "kernels" / f).relative_to(ROOT)) for f in ("api.cu", "rope.cu")]
+    arch_flags = _arch_flags(nvcc)
+    sm90 = any("sm_90a" in f for f in arch_flags)
+    sources += sorted(str(p.relative_to(ROOT)) for p in (csrc / "kernels").glob("attn_*.cu")
+                      if sm90 or not p.name.startswith("attn_sm90_"))
+    defines = ["-DPROPE_HAS_SM90"] if sm90 else []
     std = ["-std=c++20"]  # torch >= 2.10 headers need C++20
     ext = CUDAExtension(
         name="prope_kernels._C",
         sources=sources,
         include_dirs=[str(csrc), _cutlass_include()],
         extra_compile_args={
-            "cxx": ["-O3"] + std,
+            "cxx": ["-O3"] + std + defines,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                     "-U__CUDA_NO_HALF2_OPERATORS__"] + std + _arch_flags(nvcc),
+                     "-U__CUDA_NO_HALF2_OPERATORS__"] + std + defines + arch_flags,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

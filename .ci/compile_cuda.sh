@@ -2,14 +2,17 @@
 # CI step: compile every CUDA source of the CUDA backend on a machine WITHOUT a GPU, and fail if
 # any does not compile: the torch extension prope_kernels._C (csrc/binding.cpp, csrc/kernels/*.cu,
 # through setup.py + ninja) and the CMake targets (kernel library + csrc/tests/test_prope_attn,
-# csrc/tests/test_layouts, which it also runs: a host-only check of the forward's register layouts).
+# csrc/tests/test_layouts, which it also runs: a host-only check of the forward's register layouts),
+# then guards the SM90 kernels' SASS (.ci/check_sm90_sass.py: wgmma, TMA, setmaxnreg present, no
+# local memory), so that a change which silently falls back to a slower path fails here.
 #
 # Usage: .ci/compile_cuda.sh            (from anywhere; exit status 0 = everything compiled)
 # Environment (all optional):
 #   PROPE_CI_CUDA_VENV   venv with torch==2.14.1 (CUDA build) + nvidia-cutlass + ninja; created if
 #                        missing, reused if present (default ~/.cache/prope_kernels/venv-cu)
-#   PROPE_CUDA_ARCHS     archs for the extension build (default "8.0;9.0", as setup.py)
-#   PROPE_CI_CMAKE_ARCHS CMAKE_CUDA_ARCHITECTURES for the CMake build (default "80")
+#   PROPE_CUDA_ARCHS     archs for the extension build (default "8.0;9.0a", as setup.py; must
+#                        contain 9.0a: the SASS guard inspects the SM90 objects)
+#   PROPE_CI_CMAKE_ARCHS CMAKE_CUDA_ARCHITECTURES for the CMake build (default "80;90a")
 #   PROPE_CI_CMAKE_HEAD_DIMS  head dims compiled by CMake (default "64": the extension build has
 #                        already compiled every kernel file; this checks CMake + the C++ test)
 #   MAX_JOBS             parallel compile jobs (default 2)
@@ -21,8 +24,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PROPE_CI_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/prope_kernels/venv-cu}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export MAX_JOBS="${MAX_JOBS:-2}"
-export PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-8.0;9.0}"
-CMAKE_ARCHS="${PROPE_CI_CMAKE_ARCHS:-80}"
+export PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-8.0;9.0a}"
+CMAKE_ARCHS="${PROPE_CI_CMAKE_ARCHS:-80;90a}"
 CMAKE_HEAD_DIMS="${PROPE_CI_CMAKE_HEAD_DIMS:-64}"
 TORCH_PIN="torch==2.14.1"
 CUTLASS_PIN="nvidia-cutlass==4.2.0.0"
@@ -66,7 +69,18 @@ for op in ("attn_fwd", "attn_bwd", "rope"):
 print("registered:", ", ".join(f"prope_cuda::{o}" for o in ("attn_fwd", "attn_bwd", "rope")))
 PYEOF
 
-# 3. CMake: kernel library + standalone C++ test (compile and link only; running needs a GPU)
+# 3. the SM90 kernels' SASS: HGMMA, UTMALDG, USETMAXREG in every kernel, no STL/LDL
+step "SASS guard of the SM90 objects"
+CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
+[[ -x "$CUOBJDUMP" ]] || CUOBJDUMP="$("$PY" -c "import triton, pathlib; \
+print(pathlib.Path(triton.__file__).parent / 'backends/nvidia/bin/cuobjdump')")"
+[[ -x "$CUOBJDUMP" ]] || { echo "compile_cuda: no cuobjdump (CUDA_HOME or Triton's wheel)" >&2; exit 1; }
+mapfile -t SM90_OBJS < <(find "$BUILD/temp" -name 'attn_sm90_*.o' | sort)
+[[ ${#SM90_OBJS[@]} -eq 6 ]] || { echo "compile_cuda: expected 6 SM90 objects, found ${#SM90_OBJS[@]}" \
+  "(PROPE_CUDA_ARCHS must contain 9.0a)" >&2; exit 1; }
+"$PY" "$ROOT/.ci/check_sm90_sass.py" "$CUOBJDUMP" "${SM90_OBJS[@]}"
+
+# 4. CMake: kernel library + standalone C++ test (compile and link only; running needs a GPU)
 step "CMake build (archs $CMAKE_ARCHS, head dims $CMAKE_HEAD_DIMS)"
 cmake -S "$ROOT" -B "$BUILD/cmake" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="$CMAKE_ARCHS" \

@@ -6,7 +6,9 @@
 #   bash .ci/gpu_check.sh quick     # < 8 min, <= 8 files under $OUT (see below)
 #   bash .ci/gpu_check.sh tests     # GPU test suite, Triton backend (no autotuning: first configs)
 #   bash .ci/gpu_check.sh configs   # every tuned Triton config once (tests/test_triton_configs.py)
-#   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90) and run its GPU tests
+#   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90a) and run its GPU tests (the SM80
+#                                   # kernels, and the SM90 kernels forced with PROPE_CUDA_SM90=1),
+#                                   # then GPU time per kernel, SM80 vs SM90 kernels, at gemma-2b
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh sdpa      # the sdpa backend's tests, then every preset timed for our
@@ -15,7 +17,7 @@
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
 #
 # quick, against one deadline (QUICK_DEADLINE_S, default 470 s from the start): the CUDA extension
-# builds for sm_90 in the background from the first second (MAX_JOBS=12) while the GPU tests run
+# builds for sm_90a in the background from the first second (MAX_JOBS=12) while the GPU tests run
 # (-v, pytest-xdist when present: each result is logged as it happens, so the names of failing
 # tests survive a timeout); then the CUDA backend's tests; then the benchmark at the gemma-2b
 # preset, our backends against cuDNN and FlashAttention-2 (each without RoPE and + compiled
@@ -62,7 +64,7 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 # quick builds into a folder of its own and copies the library into the package once the tests
 # that run alongside are done (none of them sees a half-written prope_kernels/_C)
 BUILD_LIB=/tmp/prope_build_lib
-BUILD_CMD=(env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0}"
+BUILD_CMD=(env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0a}"
            MAX_JOBS="${MAX_JOBS:-12}" "$PY" setup.py -q build_ext --build-lib "$BUILD_LIB")
 # the GPU suite: everything but the files of other stages and the CPU-only compile/smoke checks
 TEST_ARGS=(tests/ --ignore=tests/test_triton_configs.py --ignore=tests/test_cuda_backend.py
@@ -218,9 +220,12 @@ stage() {
     configs)
       run configs "$PY" -m pytest -q -rs "${XDIST[@]}" tests/test_triton_configs.py ;;
     cuda)
-      run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0}" \
+      run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0a}" \
           MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
-      run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py ;;
+      run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py
+      run cuda_breakdown bash -c "'$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
+          && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
+          && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset llama-gqa --backend cuda" ;;
     bench)
       # the standard report (6 files), then the GPU time per kernel at the gemma-2b shape, both
       # in bench.log (a lent machine returns at most 8 files)

@@ -1,5 +1,6 @@
 // Torch binding of the CUDA kernels: ops torch.ops.prope_cuda.{rope, attn_fwd, attn_bwd}.
-// Validation with clear messages lives here; the kernels (prope_attn/*.h) know nothing of torch.
+// Thin: validation with clear messages, allocation (outputs and one workspace), then one call
+// into the torch-free API (prope_attn/api.h), which owns the launch sequences and dispatch.
 // The Python module prope_kernels._C only exists to load this library (registration is static).
 #include <Python.h>
 
@@ -8,7 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "prope_attn/params.h"
+#include "prope_attn/api.h"
 
 namespace {
 
@@ -112,20 +113,6 @@ at::Tensor check_positions(const char* op, const at::Tensor& pos, int64_t total,
   return pos.to(at::kLong).contiguous();
 }
 
-template <typename F>
-cudaError_t dispatch(const char* op, bool bf16, int64_t d, F&& f) {
-  if (bf16) {
-    if (d == 64) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 64>{});
-    if (d == 128) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 128>{});
-    if (d == 256) return f(std::integral_constant<bool, true>{}, std::integral_constant<int, 256>{});
-  } else {
-    if (d == 64) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 64>{});
-    if (d == 128) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 128>{});
-    if (d == 256) return f(std::integral_constant<bool, false>{}, std::integral_constant<int, 256>{});
-  }
-  TORCH_CHECK(false, op, ": head_dim must be 64, 128 or 256, got ", d, kFix);
-}
-
 struct Qkv {
   at::Tensor q, k, v, cu, pos;
   int64_t total, hq, hkv, d, num_seqs;
@@ -148,7 +135,7 @@ Qkv check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at
   r.total = q.size(0);
   r.hq = q.size(1);
   r.d = q.size(2);
-  TORCH_CHECK(r.d == 64 || r.d == 128 || r.d == 256, op, ": head_dim must be 64, 128 or 256, got ",
+  TORCH_CHECK(prope::head_dim_supported(static_cast<int>(r.d)), op, ": head_dim must be 64, 128 or 256, got ",
               r.d, kFix);
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), op,
               ": k and v must be 3-D with equal shapes, got ", k.sizes(), " and ", v.sizes());
@@ -188,44 +175,53 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tens
   const at::Tensor pos = check_positions(op, positions, total, dev);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, d, dev);
   at::Tensor y = at::empty(xc.sizes(), xc.options());
-  prope::RopeParams p;
-  p.x = xc.data_ptr();
-  p.y = y.data_ptr();
-  p.x_dtype = p.y_dtype = dtype_of(xc);
-  p.total = total;
-  p.heads = static_cast<int>(xc.size(1));
-  p.head_dim = static_cast<int>(d);
-  p.x_row = xc.stride(0);
-  p.x_head = xc.stride(1);
-  p.y_row = y.stride(0);
-  p.y_head = y.stride(1);
-  p.positions = pos.data_ptr<int64_t>();
-  p.rot = t.rot;
-  p.conjugate = conjugate;
-  check_cuda(op, prope::run_rope(p, c10::cuda::getCurrentCUDAStream().stream()));
+  check_cuda(op, prope::rotate(xc.data_ptr(), dtype_of(xc), xc.stride(0), xc.stride(1),
+                               y.data_ptr(), dtype_of(y), y.stride(0), y.stride(1), total,
+                               static_cast<int>(xc.size(1)), static_cast<int>(d),
+                               pos.data_ptr<int64_t>(), t.rot, conjugate, 1.f,
+                               c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
 
-// Rotate a packed (total, heads, d) tensor `x` into `y` (may alias x when dtypes match).
-void rotate_into(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& pos,
-                 const prope::RotTables& rot, bool conjugate, float mul, cudaStream_t st) {
-  prope::RopeParams p;
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  p.x_dtype = dtype_of(x);
-  p.y_dtype = dtype_of(y);
-  p.total = x.size(0);
-  p.heads = static_cast<int>(x.size(1));
-  p.head_dim = static_cast<int>(x.size(2));
-  p.x_row = x.stride(0);
-  p.x_head = x.stride(1);
-  p.y_row = y.stride(0);
-  p.y_head = y.stride(1);
-  p.positions = pos.data_ptr<int64_t>();
-  p.rot = rot;
-  p.conjugate = conjugate;
-  p.mul = mul;
-  check_cuda(op, prope::run_rope(p, st));
+prope::Mat mat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+prope::MutMat mut(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+
+// The problem description shared by forward and backward. family: 0 auto, 1 SM80, 2 SM90 (the
+// Python side passes 2 only when PROPE_CUDA_SM90=1); asking for SM90 where it cannot run raises.
+prope::AttnProblem problem(const char* op, const Qkv& a, const Tables& t, int64_t max_seqlen,
+                           bool causal, double scale, int64_t family) {
+  TORCH_CHECK(family >= 0 && family <= 2, op, ": family must be 0 (auto), 1 (sm80) or 2 (sm90), got ",
+              family);
+  prope::AttnProblem pb;
+  pb.dtype = dtype_of(a.q);
+  pb.head_dim = static_cast<int>(a.d);
+  pb.total = a.total;
+  pb.num_seqs = static_cast<int>(a.num_seqs);
+  pb.max_seqlen = static_cast<int>(max_seqlen);
+  pb.q_heads = static_cast<int>(a.hq);
+  pb.kv_heads = static_cast<int>(a.hkv);
+  pb.cu_seqlens = a.cu.data_ptr<int32_t>();
+  pb.positions = a.pos.data_ptr<int64_t>();
+  pb.rot = t.rot;
+  pb.causal = causal;
+  pb.scale = static_cast<float>(scale);
+  int major = 0, minor = 0;
+  const int dev = a.q.device().index();
+  check_cuda(op, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  check_cuda(op, cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  pb.sm = major * 10 + minor;
+  pb.family = static_cast<prope::Family>(family);
+  if (pb.family == prope::Family::Sm90) {
+    TORCH_CHECK(prope::sm90_built(), op, ": the SM90 kernels were requested (PROPE_CUDA_SM90=1) "
+                "but this build has no sm_90a target (build with PROPE_CUDA_ARCHS containing 9.0a)");
+    TORCH_CHECK(pb.sm == 90, op, ": the SM90 kernels were requested (PROPE_CUDA_SM90=1) but device ",
+                dev, " is sm_", pb.sm, " (they run on sm_90 only)");
+  }
+  return pb;
+}
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -233,50 +229,29 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& positions, int64_t max_seqlen,
                                             const at::Tensor& pair_a, const at::Tensor& pair_b,
                                             const at::Tensor& pair_freq, const at::Tensor& identity,
-                                            bool causal, double scale) {
+                                            bool causal, double scale, int64_t family) {
   const char* op = "prope_cuda::attn_fwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
   c10::cuda::CUDAGuard guard(q.device());
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
-  auto st = c10::cuda::getCurrentCUDAStream().stream();
+  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
 
   at::Tensor out = at::empty(a.q.sizes(), a.q.options());
   at::Tensor lse = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
   if (a.total == 0 || max_seqlen == 0) return {out, lse};
-  // K rotated once into a short-lived buffer (freed when this function returns); Q is rotated
-  // inside the kernel as its tile lands in smem.
-  at::Tensor k_rot = a.k;
-  if (t.rot.num_rot > 0) {
-    k_rot = at::empty(a.k.sizes(), a.k.options());
-    rotate_into(op, a.k, k_rot, a.pos, t.rot, false, 1.f, st);
-  }
-  prope::FwdParams p;
-  p.q = a.q.data_ptr();
-  p.k = k_rot.data_ptr();
-  p.v = a.v.data_ptr();
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_row = a.q.stride(0); p.q_head = a.q.stride(1);
-  p.k_row = k_rot.stride(0); p.k_head = k_rot.stride(1);
-  p.v_row = a.v.stride(0); p.v_head = a.v.stride(1);
-  p.o_row = out.stride(0); p.o_head = out.stride(1);
-  p.cu_seqlens = a.cu.data_ptr<int32_t>();
-  p.positions = a.pos.data_ptr<int64_t>();
-  p.total = a.total;
-  p.num_seqs = static_cast<int>(a.num_seqs);
-  p.max_seqlen = static_cast<int>(max_seqlen);
-  p.q_heads = static_cast<int>(a.hq);
-  p.kv_heads = static_cast<int>(a.hkv);
-  p.scale = static_cast<float>(scale);
-  p.rot = t.rot;
-  p.causal = causal;
-  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
-  check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
-    check_smem(op, q.device().index(), prope::attn_fwd_smem_bytes<decltype(B)::value,
-                                                                  decltype(D)::value>(), a.d);
-    return prope::run_attn_fwd<decltype(B)::value, decltype(D)::value>(p, st);
-  }));
+  check_smem(op, q.device().index(), prope::attn_fwd_smem_bytes(pb), a.d);
+  // the short-lived rotated K (freed when this function returns)
+  at::Tensor ws = workspace(prope::attn_fwd_workspace_bytes(pb), a.q);
+  prope::AttnFwdArgs args;
+  args.pb = pb;
+  args.q = mat(a.q);
+  args.k = mat(a.k);
+  args.v = mat(a.v);
+  args.o = mut(out);
+  args.lse = lse.data_ptr<float>();
+  args.workspace = ws.data_ptr();
+  check_cuda(op, prope::attn_fwd(args, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }
 
@@ -285,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen,
     const at::Tensor& pair_a, const at::Tensor& pair_b, const at::Tensor& pair_freq,
-    const at::Tensor& identity, bool causal, double scale) {
+    const at::Tensor& identity, bool causal, double scale, int64_t family) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
   // dQ is summed with float atomics (order varies run to run): under
@@ -297,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
-  auto st = c10::cuda::getCurrentCUDAStream().stream();
+  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
   check_device(op, "dout", dout, dev);
   check_device(op, "out", out, dev);
   check_device(op, "lse", lse, dev);
@@ -323,66 +298,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   at::Tensor dk = at::empty(a.k.sizes(), a.k.options());
   at::Tensor dv = at::empty(a.v.sizes(), a.v.options());
   if (a.total == 0 || max_seqlen == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
-
-  // delta = rowsum(dO * O) - dlse
-  at::Tensor delta = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
-  {
-    prope::DeltaParams dp;
-    dp.out = o.data_ptr();
-    dp.dout = d_o.data_ptr();
-    dp.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
-    dp.delta = delta.data_ptr<float>();
-    dp.dtype = dtype_of(o);
-    dp.total = a.total;
-    dp.heads = static_cast<int>(a.hq);
-    dp.head_dim = static_cast<int>(a.d);
-    dp.o_row = o.stride(0); dp.o_head = o.stride(1);
-    dp.do_row = d_o.stride(0); dp.do_head = d_o.stride(1);
-    check_cuda(op, prope::run_bwd_delta(dp, st));
-  }
-  // short-lived rotated q and k (nothing rotated was kept from the forward)
-  at::Tensor q_rot = a.q, k_rot = a.k;
-  if (t.rot.num_rot > 0) {
-    q_rot = at::empty(a.q.sizes(), a.q.options());
-    k_rot = at::empty(a.k.sizes(), a.k.options());
-    rotate_into(op, a.q, q_rot, a.pos, t.rot, false, 1.f, st);
-    rotate_into(op, a.k, k_rot, a.pos, t.rot, false, 1.f, st);
-  }
-  at::Tensor dq_accum = at::zeros({a.total, a.hq, a.d}, a.q.options().dtype(at::kFloat));
-
-  prope::BwdParams p;
-  p.q = q_rot.data_ptr();
-  p.k = k_rot.data_ptr();
-  p.v = a.v.data_ptr();
-  p.dout = d_o.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq_accum = dq_accum.data_ptr<float>();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.q_row = q_rot.stride(0); p.q_head = q_rot.stride(1);
-  p.k_row = k_rot.stride(0); p.k_head = k_rot.stride(1);
-  p.v_row = a.v.stride(0); p.v_head = a.v.stride(1);
-  p.do_row = d_o.stride(0); p.do_head = d_o.stride(1);
-  p.dk_row = dk.stride(0); p.dk_head = dk.stride(1);
-  p.dv_row = dv.stride(0); p.dv_head = dv.stride(1);
-  p.cu_seqlens = a.cu.data_ptr<int32_t>();
-  p.total = a.total;
-  p.num_seqs = static_cast<int>(a.num_seqs);
-  p.max_seqlen = static_cast<int>(max_seqlen);
-  p.q_heads = static_cast<int>(a.hq);
-  p.kv_heads = static_cast<int>(a.hkv);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
-  check_cuda(op, dispatch(op, bf16, a.d, [&](auto B, auto D) {
-    check_smem(op, q.device().index(), prope::attn_bwd_smem_bytes<decltype(B)::value,
-                                                                  decltype(D)::value>(), a.d);
-    return prope::run_attn_bwd<decltype(B)::value, decltype(D)::value>(p, st);
-  }));
-  // dq = inverse-rotate(scale * dq_accum) in the output dtype; dk inverse-rotated in place
-  rotate_into(op, dq_accum, dq, a.pos, t.rot, true, static_cast<float>(scale), st);
-  if (t.rot.num_rot > 0) rotate_into(op, dk, dk, a.pos, t.rot, true, 1.f, st);
+  check_smem(op, dev.index(), prope::attn_bwd_smem_bytes(pb), a.d);
+  // delta, the fp32 dQ accumulator and the short-lived rotated q and k, freed on return
+  at::Tensor ws = workspace(prope::attn_bwd_workspace_bytes(pb), a.q);
+  prope::AttnBwdArgs args;
+  args.pb = pb;
+  args.dout = mat(d_o);
+  args.q = mat(a.q);
+  args.k = mat(a.k);
+  args.v = mat(a.v);
+  args.out = mat(o);
+  args.lse = lse_c.data_ptr<float>();
+  args.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
+  args.dq = mut(dq);
+  args.dk = mut(dk);
+  args.dv = mut(dv);
+  args.workspace = ws.data_ptr();
+  check_cuda(op, prope::attn_bwd(args, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv};
 }
 
@@ -393,10 +325,10 @@ TORCH_LIBRARY(prope_cuda, m) {
         "Tensor identity, bool conjugate) -> Tensor");
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "
         "int max_seqlen, Tensor pair_a, Tensor pair_b, Tensor pair_freq, Tensor identity, "
-        "bool causal, float scale) -> (Tensor, Tensor)");
+        "bool causal, float scale, int family=0) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
-        "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale) "
+        "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

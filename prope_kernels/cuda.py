@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import env
 from .backends import refuse_features
 
 _LOADED = None
@@ -36,10 +37,11 @@ def _register_fakes() -> None:
     """Shape-only implementations so torch.compile / FakeTensor can trace the raw ops."""
     lib = "prope_cuda::"
 
-    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
-    def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale):
+    def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
+            family=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def rope_(x, pos, pa, pb, pf, ident, conjugate):
@@ -69,6 +71,23 @@ def preferred_over_triton(x: torch.Tensor) -> bool:
     return False
 
 
+# Kernel family passed to the ops: 0 auto (today the SM80 kernels everywhere), 2 the SM90 kernels.
+FAMILY_AUTO, FAMILY_SM80, FAMILY_SM90 = 0, 1, 2
+
+
+def sm90_requested() -> bool:
+    """PROPE_CUDA_SM90=1 opts in to the SM90 (wgmma + TMA) forward and backward on sm_90 GPUs.
+
+    Off by default: those kernels have not yet run on a GPU, so they must not replace the
+    validated SM80 kernels silently. With it set, a build without the sm_90a target or a device
+    other than sm_90 raises instead of falling back. Read at each call (tests flip it)."""
+    return env.cuda_sm90()
+
+
+def _family() -> int:
+    return FAMILY_SM90 if sm90_requested() else FAMILY_AUTO
+
+
 def _require() -> None:
     if not _load():
         raise RuntimeError(f"the CUDA backend (prope_kernels._C) is not available: {_LOAD_ERROR}")
@@ -85,7 +104,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     refuse_features("cuda", window, softcap, causal)
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale))
+        *_tables(spec, q.device), bool(causal), float(scale), _family())
     return out, lse
 
 
@@ -96,7 +115,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     refuse_features("cuda", window, softcap, causal)
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
-        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale))
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), _family())
     return dq, dk, dv
 
 

@@ -17,6 +17,9 @@ whether it is set.
                        portable ones; the default once a GPU run has validated them), hopper
                        (the Hopper kernels, an error where they cannot run; also under the CPU
                        interpreter)
+  PROPE_CUDA_SM90=1    the CUDA backend runs its SM90 kernels (wgmma, TMA; sm_90 GPUs, built with
+                       the 9.0a target) instead of the SM80 ones: opt-in until a GPU has
+                       validated them (csrc/README.md)
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -64,6 +67,11 @@ def triton_kernels() -> str:
     if mode not in ("auto", "portable", "hopper"):
         raise ValueError(f"{TRITON_KERNELS} must be 'auto', 'portable' or 'hopper', got {mode!r}")
     return mode
+
+
+def cuda_sm90() -> bool:
+    """The CUDA backend uses its SM90 forward and backward kernels (opt-in)."""
+    return _get("PROPE_CUDA_SM90", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_dir() -> str:

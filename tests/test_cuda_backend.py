@@ -145,3 +145,98 @@ def test_deterministic_mode_refuses_atomic_backward():
             out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# --- the SM90 kernels (wgmma + TMA), opt-in with PROPE_CUDA_SM90=1 ------------------------------
+# Each case runs the SM90 forward and the SM90 backward (out, dq, dk, dv vs the float64 reference).
+
+def test_sm90_is_opt_in(monkeypatch):
+    # Until a GPU has validated them, the SM90 kernels never replace the SM80 ones by default.
+    monkeypatch.delenv("PROPE_CUDA_SM90", raising=False)
+    assert cuda_backend.sm90_requested() is False
+    assert cuda_backend._family() == cuda_backend.FAMILY_AUTO
+    for on in ("1", "true", "on"):
+        monkeypatch.setenv("PROPE_CUDA_SM90", on)
+        assert cuda_backend._family() == cuda_backend.FAMILY_SM90
+    monkeypatch.setenv("PROPE_CUDA_SM90", "0")
+    assert cuda_backend.sm90_requested() is False
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """Force the SM90 kernels. Skips only off Hopper (the kernels are sm_90a code); on an sm_90
+    device a build without the sm_90a target makes the op raise, so the test fails."""
+    _need_cuda_ext()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the SM90 kernels run on sm_90 (H100/H200) only")
+    monkeypatch.setenv("PROPE_CUDA_SM90", "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("s", [1, 97, 1025])
+def test_sm90_shapes(sm90, s, d, heads, causal):
+    hq, hkv = HEADS[heads]
+    dtype = torch.bfloat16 if (s + d + len(heads)) % 2 else torch.float16
+    _run_dense(dtype, 2, s, hq, hkv, d, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sm90_gqa_groups(sm90, d, group):
+    _run_dense(torch.bfloat16, 1, 300, 8, 8 // group, d, p=0.25, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("variant", ["prope", "reversed", "partial"])
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.75, 1.0])
+def test_sm90_rotation_variants(sm90, p, variant, layout):
+    causal = bool(int(p * 4) % 2)
+    for dtype, d in ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256)):
+        _run_dense(dtype, 2, 97, 4, 2, d, p=p, variant=variant, layout=layout, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sm90_varlen_uneven(sm90, dtype, causal):
+    test_varlen_uneven(dtype, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sm90_varlen_explicit_positions(sm90, d):
+    run_varlen("cuda", torch.bfloat16, [130, 1, 0, 257, 64], 8, 2, d, p=0.5, causal=True,
+               explicit_positions=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_sm90_deterministic_mode_refuses_atomic_backward(sm90):
+    test_deterministic_mode_refuses_atomic_backward()
+
+
+@pytest.mark.gpu
+def test_sm90_long_positions_and_scale(sm90):
+    pos = torch.arange(1025, device="cuda") + 1_000_000
+    _run_dense(torch.float16, 2, 1025, 4, 1, 128, p=1.0, theta=500000.0, positions=pos, scale=0.3)
+
+
+@pytest.mark.gpu
+def test_sm90_lse_and_its_gradient(sm90):
+    test_lse_and_its_gradient()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,heads", [(64, "mha"), (128, "gqa"), (256, "mqa")])
+def test_sm90_parity_with_triton(sm90, d, heads):
+    hq, hkv = HEADS[heads]
+    _run_dense(torch.bfloat16, 2, 4096, hq, hkv, d, p=0.75, parity=True)
+
+
+@pytest.mark.gpu
+def test_sm90_misaligned_contiguous_inputs(sm90):
+    test_misaligned_contiguous_inputs()

@@ -97,6 +97,13 @@ template <bool kBF16, int kHeadDim> cudaError_t run_attn_bwd(const BwdParams& p,
 // checks it against the device's limit).
 template <bool kBF16, int kHeadDim> int attn_fwd_smem_bytes();
 template <bool kBF16, int kHeadDim> int attn_bwd_smem_bytes();
+// SM90 forward (wgmma + TMA, warp-specialized), csrc/kernels/attn_sm90_<dtype>_hd<d>.cu; built
+// only with an sm_90a target (PROPE_HAS_SM90), runs only on sm_90 devices.
+template <bool kBF16, int kHeadDim> cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t s);
+template <bool kBF16, int kHeadDim> int attn_fwd_sm90_smem_bytes();
+// SM90 backward (same files, same conditions); same contract as run_attn_bwd.
+template <bool kBF16, int kHeadDim> cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t s);
+template <bool kBF16, int kHeadDim> int attn_bwd_sm90_smem_bytes();
 // Defined in csrc/kernels/rope.cu.
 cudaError_t run_rope(const RopeParams& p, cudaStream_t s);
 cudaError_t run_bwd_delta(const DeltaParams& p, cudaStream_t s);

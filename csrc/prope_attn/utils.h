@@ -114,7 +114,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Rotate a (rows, d) smem tile in place by the rotation at positions[row0 + r] (rows < nrows).
 // Only the rotated pairs are touched; each (row, pair) is one work item of the CTA's threads.
-template <class STensor>
+// kPi: angles through rot_cos_sin_pi (no local memory; the SM90 kernels), else rot_cos_sin.
+template <bool kPi = false, class STensor>
 __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* positions,
                                                  int64_t row0, int nrows, const int32_t* pair_a,
                                                  const int32_t* pair_b, const double* pair_freq,
@@ -127,7 +128,11 @@ __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* posi
     if (r >= nrows) continue;
     const int a = __ldg(pair_a + i), b = __ldg(pair_b + i);
     float c, sn;
-    rot_cos_sin(__ldg(positions + row0 + r), __ldg(pair_freq + i), c, sn);
+    if constexpr (kPi) {
+      rot_cos_sin_pi(__ldg(positions + row0 + r), __ldg(pair_freq + i), c, sn);
+    } else {
+      rot_cos_sin(__ldg(positions + row0 + r), __ldg(pair_freq + i), c, sn);
+    }
     const float xa = to_f(s(r, a)), xb = to_f(s(r, b));
     using E = typename STensor::value_type;
     s(r, a) = E(xa * c - xb * sn);

@@ -4,6 +4,11 @@
 //    the quad shuffles reduce a full row), and each (row, col) is owned exactly once;
 //  * acc_to_a: the S accumulator re-viewed as the A operand of P @ V gives, element by element,
 //    the same (row, key) coordinates as the MMA's own A partition of a (kBlockM, kBlockN) tile;
+//  * the SM90 forward's counterparts (acc_rowcol_sm90, acc_to_a_sm90 against the RS wgmma's A
+//    partition, the V^T view of the V stages, the O store), over its 256 consumer threads;
+//  * the SM90 backward: each tiled MMA's accumulator covers its tile exactly once over the 256
+//    consumer threads (S/dP, dK/dV in both splits, dQ), the transposed smem views address the
+//    element of the original at (j, i), the dK/dV store;
 //  * copy_rows/store_rows: each (CPY, m, :) slice of the gmem<->smem tiled copies is one tile row
 //    (the row predicate is taken from its first element), forward and backward.
 #include <cstdio>
@@ -12,6 +17,8 @@
 
 #include "prope_attn/bwd_kernel.h"
 #include "prope_attn/fwd_kernel.h"
+#include "prope_attn/bwd_sm90.h"
+#include "prope_attn/fwd_sm90.h"
 
 using namespace cute;
 
@@ -124,6 +131,127 @@ int check_copies() {
   return e;
 }
 
+// every element of an (M, N) tile owned by exactly one (thread, value) of the tiled MMA
+template <class Mma, class ShapeMN>
+int check_cover(const char* name, int threads, ShapeMN shape) {
+  Mma mma;
+  constexpr int M = decltype(size<0>(shape))::value, N = decltype(size<1>(shape))::value;
+  std::vector<int> seen(M * N, 0);
+  for (int tid = 0; tid < threads; ++tid) {
+    Tensor c = mma.get_thread_slice(tid).partition_C(make_identity_tensor(shape));
+    for (int i = 0; i < size(c); ++i) seen[get<0>(c(i)) * N + get<1>(c(i))]++;
+  }
+  int errors = 0;
+  for (int x : seen) if (x != 1 && errors++ < 5) std::printf("%s: element owned %d times\n", name, x);
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  return errors;
+}
+
+// Lt(j, i, ...) == L(i, j, ...) over a rank-2 or rank-3 (stages) smem layout
+template <class L, class Lt>
+int check_transpose_staged(const char* name) {
+  L l;
+  Lt lt;
+  int errors = 0;
+  int S = 1;
+  if constexpr (decltype(rank(l))::value == 3) S = size<2>(l);
+  for (int st = 0; st < S; ++st)
+    for (int i = 0; i < size<0>(l); ++i)
+      for (int j = 0; j < size<1>(l); ++j) {
+        bool same;
+        if constexpr (decltype(rank(l))::value == 3) same = l(i, j, st) == lt(j, i, st);
+        else same = l(i, j) == lt(j, i);
+        if (!same && errors++ < 5) std::printf("%s: (%d,%d,%d) differs\n", name, i, j, st);
+      }
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  return errors;
+}
+
+template <class Tr>
+int check_sm90_bwd() {
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim, T = Tr::kConsumerThreads;
+  int e = 0;
+  e += check_cover<typename Tr::MmaSdP>("bwd90 S", T, Shape<Int<kBM>, Int<kBN>>{});
+  e += check_cover<typename Tr::MmadKV>("bwd90 dKV", T, Shape<Int<kBN>, Int<kD>>{});
+  e += check_cover<typename Tr::MmadQ>("bwd90 dQ", T, Shape<Int<kBM>, Int<kD>>{});
+  e += check_transpose_staged<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt>("bwd90 Qt");
+  e += check_transpose_staged<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt>("bwd90 Kt");
+  e += check_transpose_staged<typename Tr::SmemLayoutP, typename Tr::SmemLayoutPt>("bwd90 Pt");
+  e += check_rows<typename Tr::GmemTiledCopyO, T>("bwd90 dK", Shape<Int<kBN>, Int<kD>>{});
+  return e;
+}
+
+// SM90 forward: the wgmma accumulator views over the consumer warpgroups' threads.
+template <class Tr>
+int check_sm90(const char* name) {
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  constexpr int kThreads = Tr::kConsumerThreads;
+  typename Tr::MmaQK mma_qk;
+  typename Tr::MmaPV mma_pv;
+  int errors = 0;
+  auto check_rowcol = [&](auto& mma, auto shape_mn, const char* what) {
+    constexpr int M = decltype(size<0>(shape_mn))::value, N = decltype(size<1>(shape_mn))::value;
+    std::vector<int> owner(M * N, -1);
+    std::vector<std::set<int>> row_threads(M);
+    for (int tid = 0; tid < kThreads; ++tid) {
+      Tensor c = mma.get_thread_slice(tid).partition_C(make_identity_tensor(shape_mn));
+      Tensor rc = make_tensor(c.data(), prope::acc_rowcol_sm90(c.layout()));
+      for (int i = 0; i < size<0>(rc); ++i) {
+        const int row = get<0>(rc(i, 0));
+        for (int j = 0; j < size<1>(rc); ++j) {
+          const int r = get<0>(rc(i, j)), col = get<1>(rc(i, j));
+          if (r != row && errors++ < 5) std::printf("%s %s: tid %d row-view %d mixes rows\n", name, what, tid, i);
+          if (owner[r * N + col] != -1 && errors++ < 5) std::printf("%s %s: (%d,%d) owned twice\n", name, what, r, col);
+          owner[r * N + col] = tid;
+          row_threads[r].insert(tid);
+        }
+      }
+      // the lse writer: the lane holding column 0 of a row
+      if (get<1>(rc(0, 0)) == 0 && (tid % 4) != 0 && errors++ < 5)
+        std::printf("%s %s: tid %d holds column 0\n", name, what, tid);
+    }
+    for (int r = 0; r < M; ++r) {
+      const auto& st = row_threads[r];
+      bool quad = st.size() == 4;
+      if (quad) { const int q0 = *st.begin() / 4; for (int t : st) quad &= (t / 4 == q0); }
+      if (!quad && errors++ < 5) std::printf("%s %s: row %d is not held by exactly one quad\n", name, what, r);
+    }
+    for (int x : owner) if (x < 0 && errors++ < 5) std::printf("%s %s: element not owned\n", name, what);
+  };
+  check_rowcol(mma_qk, Shape<Int<kBM>, Int<kBN>>{}, "S");
+  check_rowcol(mma_pv, Shape<Int<kBM>, Int<kD>>{}, "O");
+
+  for (int tid = 0; tid < kThreads; ++tid) {
+    Tensor c = mma_qk.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor as_a = make_tensor(c.data(), prope::acc_to_a_sm90(c.layout()));
+    Tensor a = mma_pv.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    if (size(as_a) != size(a) || size<2>(as_a) != size<2>(a)) {
+      if (errors++ < 5) std::printf("%s: acc_to_a_sm90 shape mismatch\n", name);
+      continue;
+    }
+    for (int k = 0; k < size<2>(a); ++k)
+      for (int i = 0; i < size(a(_, _, k)); ++i) {
+        auto x = as_a(_, _, k)(i), y = a(_, _, k)(i);
+        if ((get<0>(x) != get<0>(y) || get<1>(x) != get<1>(y)) && errors++ < 5)
+          std::printf("%s: tid %d k %d elem %d: P at (%d,%d) but A expects (%d,%d)\n", name, tid, k, i,
+                      int(get<0>(x)), int(get<1>(x)), int(get<0>(y)), int(get<1>(y)));
+      }
+  }
+  // V^T view: element (d, key, stage) is V's (key, d, stage)
+  {
+    typename Tr::SmemLayoutK lv;
+    typename Tr::SmemLayoutVt lt;
+    for (int st = 0; st < Tr::kStages; ++st)
+      for (int i = 0; i < kBN; ++i)
+        for (int j = 0; j < kD; ++j)
+          if (lv(i, j, st) != lt(j, i, st) && errors++ < 5)
+            std::printf("%s: Vt (%d,%d,%d) differs\n", name, j, i, st);
+  }
+  std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
+  errors += check_rows<typename Tr::GmemTiledCopyO, kThreads>("sm90 store O", Shape<Int<kBM>, Int<kD>>{});
+  return errors;
+}
+
 int main() {
   int e = 0;
   e += check_config<prope::FwdTraits<64, false>>("fwd f16 64");
@@ -133,6 +261,14 @@ int main() {
   e += check_config<prope::FwdTraits<128, true>>("fwd bf16 128");
   e += check_config<prope::FwdTraits<256, true>>("fwd bf16 256");
   e += check_copies<64>() + check_copies<128>() + check_copies<256>();
+  e += check_sm90<prope::FwdSm90Traits<64, false>>("sm90 f16 64");
+  e += check_sm90<prope::FwdSm90Traits<128, false>>("sm90 f16 128");
+  e += check_sm90<prope::FwdSm90Traits<256, false>>("sm90 f16 256");
+  e += check_sm90<prope::FwdSm90Traits<64, true>>("sm90 bf16 64");
+  e += check_sm90<prope::FwdSm90Traits<128, true>>("sm90 bf16 128");
+  e += check_sm90<prope::FwdSm90Traits<256, true>>("sm90 bf16 256");
+  e += check_sm90_bwd<prope::BwdSm90Traits<64, false>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true>>();
+  e += check_sm90_bwd<prope::BwdSm90Traits<256, false>>();
   std::printf("%s\n", e ? "FAILED" : "PASSED");
   return e ? 1 : 0;
 }

@@ -1,7 +1,9 @@
 // Standalone GPU test of the kernels (no Python, no torch): random varlen inputs, forward and
-// backward through the same launch sequence as csrc/binding.cpp, checked against a float64 CPU
-// reference of p-RoPE + softmax attention implemented below.
-//   build: cmake -B build -S . && cmake --build build -j   run: ./build/test_prope_attn
+// backward through the torch-free API the binding calls (prope_attn/api.h: the same launch
+// sequences), checked against a float64 CPU reference of p-RoPE + softmax attention below.
+//   build: cmake -B build -S . && cmake --build build -j
+//   run:   ./build/test_prope_attn          (SM80 kernels)
+//          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
 // Head dims tested: those compiled in (PROPE_HAS_HD64/128/256, set by CMakeLists.txt).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "prope_attn/params.h"
+#include "prope_attn/api.h"
 
 #define CK(x)                                                                             \
   do {                                                                                    \
@@ -27,6 +29,9 @@
   } while (0)
 
 namespace {
+
+int g_sm = 80;
+prope::Family g_family = prope::Family::Auto;
 
 struct Case {
   bool bf16;
@@ -86,40 +91,6 @@ void rotate_ref(std::vector<double>& x, int heads, int d, const std::vector<int6
       }
 }
 
-template <bool B, int D> cudaError_t fwd_one(const prope::FwdParams& p) { return prope::run_attn_fwd<B, D>(p, 0); }
-template <bool B, int D> cudaError_t bwd_one(const prope::BwdParams& p) { return prope::run_attn_bwd<B, D>(p, 0); }
-
-template <bool B>
-cudaError_t run_fwd(int d, const prope::FwdParams& p) {
-  switch (d) {
-#ifdef PROPE_HAS_HD64
-    case 64: return fwd_one<B, 64>(p);
-#endif
-#ifdef PROPE_HAS_HD128
-    case 128: return fwd_one<B, 128>(p);
-#endif
-#ifdef PROPE_HAS_HD256
-    case 256: return fwd_one<B, 256>(p);
-#endif
-    default: return cudaErrorInvalidValue;
-  }
-}
-template <bool B>
-cudaError_t run_bwd(int d, const prope::BwdParams& p) {
-  switch (d) {
-#ifdef PROPE_HAS_HD64
-    case 64: return bwd_one<B, 64>(p);
-#endif
-#ifdef PROPE_HAS_HD128
-    case 128: return bwd_one<B, 128>(p);
-#endif
-#ifdef PROPE_HAS_HD256
-    case 256: return bwd_one<B, 256>(p);
-#endif
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 template <typename T> T* dev_copy(const std::vector<T>& h) {
   T* p = nullptr;
   CK(cudaMalloc(&p, std::max<size_t>(1, h.size()) * sizeof(T)));
@@ -160,9 +131,9 @@ bool run_case(const Case& c, std::mt19937& gen) {
   std::vector<int64_t> pos(total);
   for (int s = 0; s < num_seqs; ++s)
     for (int i = cu[s]; i < cu[s + 1]; ++i) pos[i] = c.pos_offset + (i - cu[s]);
-  std::vector<int> pa, pb, id;
+  std::vector<int> pa, pb_, id;
   std::vector<double> pf;
-  make_pairs(c, theta, pa, pb, pf, id);
+  make_pairs(c, theta, pa, pb_, pf, id);
   std::printf("  case: %s d=%d hq=%d hkv=%d causal=%d p=%.2f variant=%d %s offset=%lld seqs=%d total=%lld\n",
               c.bf16 ? "bf16" : "fp16", d, hq, hkv, int(c.causal), c.p, c.variant,
               c.interleaved ? "interleaved" : "half", (long long)c.pos_offset, num_seqs, (long long)total);
@@ -181,8 +152,8 @@ bool run_case(const Case& c, std::mt19937& gen) {
 
   // ---- float64 reference ----
   std::vector<double> qr = q, kr = k;
-  rotate_ref(qr, hq, d, pos, pa, pb, pf, 1.0);
-  rotate_ref(kr, hkv, d, pos, pa, pb, pf, 1.0);
+  rotate_ref(qr, hq, d, pos, pa, pb_, pf, 1.0);
+  rotate_ref(kr, hkv, d, pos, pa, pb_, pf, 1.0);
   std::vector<double> o_ref(total * hq * d, 0), lse_ref(hq * total, 0);
   std::vector<double> dq_ref(total * hq * d, 0), dk_ref(total * hkv * d, 0), dv_ref(total * hkv * d, 0);
   for (int s = 0; s < num_seqs; ++s) {
@@ -226,67 +197,61 @@ bool run_case(const Case& c, std::mt19937& gen) {
       }
     }
   }
-  rotate_ref(dq_ref, hq, d, pos, pa, pb, pf, -1.0);
-  rotate_ref(dk_ref, hkv, d, pos, pa, pb, pf, -1.0);
+  rotate_ref(dq_ref, hq, d, pos, pa, pb_, pf, -1.0);
+  rotate_ref(dk_ref, hkv, d, pos, pa, pb_, pf, -1.0);
 
-  // ---- GPU, same sequence of launches as the binding ----
+  // ---- GPU, through the same API as the torch binding ----
   const auto dt = c.bf16 ? prope::DType::bf16 : prope::DType::f16;
   uint16_t *dq_in = dev_copy(qb), *dk_in = dev_copy(kb), *dv_in = dev_copy(vb), *ddo = dev_copy(dob);
   int32_t* dcu = dev_copy(cu);
   int64_t* dpos = dev_copy(pos);
-  prope::RotTables rot;
-  rot.pair_a = dev_copy(pa);
-  rot.pair_b = dev_copy(pb);
-  rot.pair_freq = dev_copy(pf);
-  rot.identity = dev_copy(id);
-  rot.num_rot = static_cast<int>(pa.size());
-  rot.num_id = static_cast<int>(id.size());
+  prope::AttnProblem pb;
+  pb.dtype = dt;
+  pb.head_dim = d;
+  pb.total = total;
+  pb.num_seqs = num_seqs;
+  pb.max_seqlen = max_seqlen;
+  pb.q_heads = hq;
+  pb.kv_heads = hkv;
+  pb.cu_seqlens = dcu;
+  pb.positions = dpos;
+  pb.rot.pair_a = dev_copy(pa);
+  pb.rot.pair_b = dev_copy(pb_);
+  pb.rot.pair_freq = dev_copy(pf);
+  pb.rot.identity = dev_copy(id);
+  pb.rot.num_rot = static_cast<int>(pa.size());
+  pb.rot.num_id = static_cast<int>(id.size());
+  pb.causal = c.causal;
+  pb.scale = float(scale);
+  pb.sm = g_sm;
+  pb.family = g_family;
   const size_t nq = total * hq * d, nk = total * hkv * d;
-  uint16_t *d_out, *d_krot, *d_qrot, *d_dq, *d_dk, *d_dv;
-  float *d_lse, *d_delta, *d_dqacc;
-  CK(cudaMalloc(&d_out, nq * 2)); CK(cudaMalloc(&d_krot, nk * 2)); CK(cudaMalloc(&d_qrot, nq * 2));
+  uint16_t *d_out, *d_dq, *d_dk, *d_dv;
+  float* d_lse;
+  void *ws_f, *ws_b;
+  CK(cudaMalloc(&d_out, nq * 2));
   CK(cudaMalloc(&d_dq, nq * 2)); CK(cudaMalloc(&d_dk, nk * 2)); CK(cudaMalloc(&d_dv, nk * 2));
-  CK(cudaMalloc(&d_lse, hq * total * 4)); CK(cudaMalloc(&d_delta, hq * total * 4));
-  CK(cudaMalloc(&d_dqacc, nq * 4));
+  CK(cudaMalloc(&d_lse, hq * total * 4));
+  CK(cudaMalloc(&ws_f, std::max<size_t>(1, prope::attn_fwd_workspace_bytes(pb))));
+  CK(cudaMalloc(&ws_b, std::max<size_t>(1, prope::attn_bwd_workspace_bytes(pb))));
+  const int64_t qr_ = int64_t(hq) * d, kr_ = int64_t(hkv) * d;
 
-  auto rope = [&](const void* x, void* y, prope::DType xt, prope::DType yt, int heads, bool conj, float mul) {
-    prope::RopeParams r;
-    r.x = x; r.y = y; r.x_dtype = xt; r.y_dtype = yt; r.total = total; r.heads = heads; r.head_dim = d;
-    r.x_row = int64_t(heads) * d; r.x_head = d; r.y_row = int64_t(heads) * d; r.y_head = d;
-    r.positions = dpos; r.rot = rot; r.conjugate = conj; r.mul = mul;
-    CK(prope::run_rope(r, 0));
-  };
-  const bool rotate = rot.num_rot > 0;
-  if (rotate) rope(dk_in, d_krot, dt, dt, hkv, false, 1.f);
-  prope::FwdParams fp;
-  fp.q = dq_in; fp.k = rotate ? d_krot : dk_in; fp.v = dv_in; fp.o = d_out; fp.lse = d_lse;
-  fp.q_row = int64_t(hq) * d; fp.q_head = d; fp.k_row = int64_t(hkv) * d; fp.k_head = d;
-  fp.v_row = int64_t(hkv) * d; fp.v_head = d; fp.o_row = int64_t(hq) * d; fp.o_head = d;
-  fp.cu_seqlens = dcu; fp.positions = dpos; fp.total = total; fp.num_seqs = num_seqs;
-  fp.max_seqlen = max_seqlen; fp.q_heads = hq; fp.kv_heads = hkv; fp.scale = float(scale);
-  fp.rot = rot; fp.causal = c.causal;
-  CK(c.bf16 ? run_fwd<true>(d, fp) : run_fwd<false>(d, fp));
+  prope::AttnFwdArgs fa;
+  fa.pb = pb;
+  fa.q = {dq_in, qr_, d}; fa.k = {dk_in, kr_, d}; fa.v = {dv_in, kr_, d};
+  fa.o = {d_out, qr_, d};
+  fa.lse = d_lse;
+  fa.workspace = ws_f;
+  CK(prope::attn_fwd(fa, 0));
 
-  prope::DeltaParams dp;
-  dp.out = d_out; dp.dout = ddo; dp.delta = d_delta; dp.dtype = dt; dp.total = total; dp.heads = hq;
-  dp.head_dim = d; dp.o_row = int64_t(hq) * d; dp.o_head = d; dp.do_row = int64_t(hq) * d; dp.do_head = d;
-  CK(prope::run_bwd_delta(dp, 0));
-  if (rotate) {
-    rope(dq_in, d_qrot, dt, dt, hq, false, 1.f);
-    rope(dk_in, d_krot, dt, dt, hkv, false, 1.f);
-  }
-  CK(cudaMemset(d_dqacc, 0, nq * 4));
-  prope::BwdParams bp;
-  bp.q = rotate ? d_qrot : dq_in; bp.k = rotate ? d_krot : dk_in; bp.v = dv_in; bp.dout = ddo;
-  bp.lse = d_lse; bp.delta = d_delta; bp.dq_accum = d_dqacc; bp.dk = d_dk; bp.dv = d_dv;
-  bp.q_row = int64_t(hq) * d; bp.q_head = d; bp.k_row = int64_t(hkv) * d; bp.k_head = d;
-  bp.v_row = int64_t(hkv) * d; bp.v_head = d; bp.do_row = int64_t(hq) * d; bp.do_head = d;
-  bp.dk_row = int64_t(hkv) * d; bp.dk_head = d; bp.dv_row = int64_t(hkv) * d; bp.dv_head = d;
-  bp.cu_seqlens = dcu; bp.total = total; bp.num_seqs = num_seqs; bp.max_seqlen = max_seqlen;
-  bp.q_heads = hq; bp.kv_heads = hkv; bp.scale = float(scale); bp.causal = c.causal;
-  CK(c.bf16 ? run_bwd<true>(d, bp) : run_bwd<false>(d, bp));
-  rope(d_dqacc, d_dq, prope::DType::f32, dt, hq, true, float(scale));
-  if (rotate) rope(d_dk, d_dk, dt, dt, hkv, true, 1.f);
+  prope::AttnBwdArgs ba;
+  ba.pb = pb;
+  ba.dout = {ddo, qr_, d}; ba.q = {dq_in, qr_, d}; ba.k = {dk_in, kr_, d}; ba.v = {dv_in, kr_, d};
+  ba.out = {d_out, qr_, d};
+  ba.lse = d_lse;
+  ba.dq = {d_dq, qr_, d}; ba.dk = {d_dk, kr_, d}; ba.dv = {d_dv, kr_, d};
+  ba.workspace = ws_b;
+  CK(prope::attn_bwd(ba, 0));
   CK(cudaDeviceSynchronize());
 
   auto fetch = [&](const uint16_t* p, size_t n) {
@@ -304,22 +269,39 @@ bool run_case(const Case& c, std::mt19937& gen) {
   ok &= check("dk", fetch(d_dk, nk), dk_ref, c.bf16);
   ok &= check("dv", fetch(d_dv, nk), dv_ref, c.bf16);
 
-  for (void* p : {(void*)dq_in, (void*)dk_in, (void*)dv_in, (void*)ddo, (void*)dcu, (void*)dpos,
-                  (void*)rot.pair_a, (void*)rot.pair_b, (void*)rot.pair_freq, (void*)rot.identity,
-                  (void*)d_out, (void*)d_krot, (void*)d_qrot, (void*)d_dq, (void*)d_dk, (void*)d_dv,
-                  (void*)d_lse, (void*)d_delta, (void*)d_dqacc})
-    CK(cudaFree(p));
+  for (const void* p : {(const void*)dq_in, (const void*)dk_in, (const void*)dv_in, (const void*)ddo,
+                        (const void*)dcu, (const void*)dpos, (const void*)pb.rot.pair_a,
+                        (const void*)pb.rot.pair_b, (const void*)pb.rot.pair_freq,
+                        (const void*)pb.rot.identity, (const void*)d_out, (const void*)d_dq,
+                        (const void*)d_dk, (const void*)d_dv, (const void*)d_lse, (const void*)ws_f,
+                        (const void*)ws_b})
+    CK(cudaFree(const_cast<void*>(p)));
   return ok;
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int dev_count = 0;
   if (cudaGetDeviceCount(&dev_count) != cudaSuccess || dev_count == 0) {
     std::printf("no CUDA device: nothing to run\n");
     return 77;  // ctest SKIP_RETURN_CODE
   }
+  int major = 0, minor = 0;
+  CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+  g_sm = major * 10 + minor;
+  // --sm90: force the SM90 kernels (fails when this build or device cannot run them)
+  if (argc > 1 && std::string(argv[1]) == "--sm90") {
+    g_family = prope::Family::Sm90;
+    if (prope::resolve_family({.sm = g_sm, .family = g_family}) != prope::Family::Sm90) {
+      std::printf("--sm90: not available (built with sm_90a: %d, device sm_%d)\n",
+                  int(prope::sm90_built()), g_sm);
+      return 1;
+    }
+  }
+  std::printf("device sm_%d, kernels: %s\n", g_sm,
+              g_family == prope::Family::Sm90 ? "SM90" : "SM80");
   std::mt19937 gen(1234);
   std::vector<int> dims;
 #ifdef PROPE_HAS_HD64

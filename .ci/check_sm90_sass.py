@@ -1,0 +1,95 @@
+"""CI guard (no GPU needed): the SM90 kernels must compile to the Hopper instructions they were
+written for, so that a change which silently falls back to a slower path fails CI.
+
+For every kernel function in the sm_90a SASS of the given object files (cuobjdump --dump-sass):
+  HGMMA       warpgroup MMA (wgmma); an SM80-style fallback shows HMMA only
+  UTMALDG     TMA tensor loads (cp.async.bulk.tensor)
+  USETMAXREG  register reallocation between producer and consumer warpgroups (setmaxnreg)
+  no STL/LDL  no local memory at all: neither register spills nor local arrays
+and at least one forward and one backward SM90 kernel per object. Exit status 1 with the reasons otherwise.
+
+Usage: python .ci/check_sm90_sass.py CUOBJDUMP OBJECT.o [OBJECT.o ...]
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
+FORBIDDEN = ("STL", "LDL")
+
+
+def functions(sass: str) -> dict[str, list[str]]:
+    """{mangled kernel name: its SASS instruction lines} for the sm_90a code of one object."""
+    out: dict[str, list[str]] = {}
+    arch = None
+    name = None
+    for line in sass.splitlines():
+        m = re.search(r"arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            name = None
+            continue
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1) if arch == "sm_90a" else None
+            if name:
+                out[name] = []
+            continue
+        if name and re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            out[name].append(line)
+    return out
+
+
+def opcodes(lines: list[str]) -> set[str]:
+    ops = set()
+    for line in lines:
+        # "/*0430*/   @!UP0 SYNCS.EXCH.64 URZ, ..." -> "SYNCS"
+        m = re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops.add(m.group(1))
+    return ops
+
+
+def count(lines: list[str], op: str) -> int:
+    pat = re.compile(r"\b" + op + r"\b")
+    return sum(1 for line in lines if pat.search(line))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__)
+        return 2
+    cuobjdump, objects = argv[1], argv[2:]
+    failures = []
+    for obj in objects:
+        sass = subprocess.run([cuobjdump, "--dump-sass", obj], capture_output=True, text=True,
+                              check=True).stdout
+        kernels = {k: v for k, v in functions(sass).items()
+                   if "attn_fwd_sm90_kernel" in k or "attn_bwd_sm90_kernel" in k}
+        for kind in ("attn_fwd_sm90_kernel", "attn_bwd_sm90_kernel"):
+            if not any(kind in k for k in kernels):
+                failures.append(f"{obj}: no sm_90a {kind} in its SASS (built without the 9.0a "
+                                "target?)")
+        for name, lines in sorted(kernels.items()):
+            ops = opcodes(lines)
+            missing = [op for op in REQUIRED if op not in ops]
+            local = [op for op in FORBIDDEN if op in ops]
+            status = "ok"
+            if missing or local:
+                status = (f"missing {','.join(missing)} " if missing else "") + \
+                         (f"local memory {','.join(local)}" if local else "")
+                failures.append(f"{obj}: {name}: {status}")
+            counts = " ".join(f"{op}={count(lines, op)}" for op in REQUIRED + FORBIDDEN)
+            print(f"{obj.rsplit('/', 1)[-1]}: {name}: {counts} {status}")
+    if failures:
+        print("SM90 SASS guard FAILED:\n  " + "\n  ".join(failures))
+        return 1
+    print(f"SM90 SASS guard: {len(objects)} objects ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

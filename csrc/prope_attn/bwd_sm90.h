@@ -1,0 +1,349 @@
+// Backward for sm_90 (Hopper), FlashAttention-3 style: one CTA per (key block, kv head, sequence)
+// keeps dK and dV in registers (stationary) while it streams the q blocks of every q head of its
+// GQA group; dQ is summed in fp32 with atomics into dq_accum (a later pass converts it, applies
+// the softmax scale and rotates it back). Inputs q and k are the short-lived ROTATED buffers (as
+// for the SM80 backward); dK is written w.r.t. the rotated k and rotated back by a later pass.
+//   warpgroup 0 (producer, 24 registers): one thread loads K, V once (TMA, one transaction
+//     barrier), then Q[i] and dO[i] of every (q head, q block) into a 2-stage ring;
+//   warpgroups 1, 2 (consumers, 240 registers), per q block of 64 rows:
+//     S = Q K^T, dP = dO V^T          (SS wgmma, the key columns split over the 2 warpgroups)
+//     P = exp(S*scale - lse), dS = P (dP - delta)   (elementwise: no row reduction needed)
+//     P, dS -> smem (16 bits), fence.proxy.async, named barrier
+//     dV += P^T dO, dK += dS^T Q      (SS wgmma, transposed smem views; the key rows split over
+//                                      the warpgroups, or d at head_dim 256)
+//     dQ = dS K -> fp32 atomics       (SS wgmma, d split over the warpgroups)
+// Everything goes through shared memory (no register re-views): simple first, overlap later.
+#pragma once
+
+#include "fwd_sm90.h"
+
+namespace prope {
+
+template <int kHeadDim_, bool kBF16>
+struct BwdSm90Traits {
+  using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;                           // q rows per step
+  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;   // keys per CTA (stationary)
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
+  static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256);
+
+  using _1 = cute::_1;
+  using _2 = cute::_2;
+  // S, dP (kBlockM x kBlockN): the key columns split over the 2 warpgroups.
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN / 2>, cute::Int<kHeadDim>>>(),
+      cute::Layout<cute::Shape<_1, _2, _1>>{}));
+  // dK, dV (kBlockN x d), contraction over the q rows: A = P^T / dS^T and B = dO^T / Q^T, both
+  // read MN-major from smem. d <= 128: key rows split over the warpgroups; d = 256: d split.
+  static constexpr bool kSplitD = kHeadDim == 256;
+  using AtomKV = std::conditional_t<kSplitD, cute::Layout<cute::Shape<_1, _2, _1>>, cute::Layout<cute::Shape<_2, _1, _1>>>;
+  using MmadKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<64>, cute::Int<kSplitD ? kHeadDim / 2 : kHeadDim>, cute::Int<kBlockM>>,
+                                 cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
+      AtomKV{}));
+  // dQ (kBlockM x d), contraction over the keys: A = dS (K-major), B = K^T (MN-major); d split.
+  using MmadQ = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim / 2>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<_1, _2, _1>>{}));
+
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutQStage = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  // Q^T / dO^T (d, kBlockM, stages): the same bytes, MN-major B of dK / dV.
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{}, cute::make_ordered_layout(
+                         cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>, cute::Int<kStages>>{},
+                         cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  using SmemLayoutK = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // K^T (d, kBlockN): MN-major B of dQ.
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutK{}, cute::make_ordered_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{},
+                                               cute::Step<cute::_2, cute::_1>{})));
+  using SmemLayoutP = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}));
+  // P^T / dS^T (kBlockN, kBlockM): MN-major A of dV / dK.
+  using SmemLayoutPt = decltype(cute::composition(
+      SmemLayoutP{}, cute::make_ordered_layout(cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>>{},
+                                               cute::Step<cute::_2, cute::_1>{})));
+
+  using PipelineQdO = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> p;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> ds;
+    cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    typename PipelineQdO::SharedStorage pipe;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static constexpr uint32_t kKVBytes = 2u * kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kQdOBytes = 2u * kBlockM * kHeadDim * sizeof(Element);
+
+  // epilogue: dK, dV staged in smem (over K, V), 16-byte stores, 8 threads per 64 columns
+  using GmemThr = cute::Layout<cute::Shape<cute::Int<kConsumerThreads / 8>, cute::_8>, cute::Stride<cute::_8, cute::_1>>;
+  using GmemTiledCopyO = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::UniversalCopy<cute::uint128_t>, Element>{}, GmemThr{},
+      cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
+
+  static auto gmem(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                       make_shape(total, int(kHeadDim), heads), make_stride(row, _1{}, head));
+  }
+  static auto make_tma_q(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(ptr, total, heads, row, head), SmemLayoutQStage{},
+                         Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{});
+  }
+  static auto make_tma_k(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(ptr, total, heads, row, head), SmemLayoutK{},
+                         Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{});
+  }
+  using TmaQ = decltype(make_tma_q(nullptr, 0, 0, 0, 0));
+  using TmaK = decltype(make_tma_k(nullptr, 0, 0, 0, 0));
+};
+
+template <class Tr>
+struct BwdSm90Args {
+  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaK tma_k, tma_v;
+  BwdParams p;
+};
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using Pipeline = typename Tr::PipelineQdO;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  const BwdParams& p = args.p;
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int seq_start = p.cu_seqlens[b];
+  const int seqlen = p.cu_seqlens[b + 1] - seq_start;
+  if (n_block * kBN >= seqlen) return;  // uniform over the CTA, before any barrier
+  const int group = p.q_heads / p.kv_heads;
+  const int n_rows = seqlen - n_block * kBN;
+  // causal: q rows below this key block's first key never see it
+  const int m_block_min = kCausal ? (n_block * kBN) / kBM : 0;
+  const int m_block_max = (seqlen + kBM - 1) / kBM;
+  const int m_steps = m_block_max - m_block_min;
+  const int steps = group * m_steps;  // (q head of the group, q block), q block fastest
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+  Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutP{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutP{});
+  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutPt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutPt{});
+
+  const int warp_group = threadIdx.x / 128;
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Tr::kQdOBytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Tr::kConsumerThreads;
+  if (threadIdx.x == 0) ss.barrier_kv.init(1);
+  Pipeline pipe(ss.pipe, pp, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialised (and fenced) before anyone uses them
+
+  if (warp_group == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(int(p.total), kD, p.q_heads));
+      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(int(p.total), kD, p.q_heads));
+      Tensor gK = local_tile(domain_offset(make_coord(seq_start, _0{}), mK(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, _0{}));
+      Tensor gV = local_tile(domain_offset(make_coord(seq_start, _0{}), mV(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, _0{}));
+      auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      ss.barrier_kv.arrive_and_expect_tx(Tr::kKVBytes);
+      copy(args.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKg, tKs);
+      copy(args.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVg, tVs);
+
+      auto wr = cutlass::make_producer_start_state<Pipeline>();
+      for (int step = 0; step < steps; ++step) {
+        const int h = hk * group + step / m_steps;
+        const int m_block = m_block_min + step % m_steps;
+        Tensor gQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mQ(_, _, h)),
+                               Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+        Tensor gdO = local_tile(domain_offset(make_coord(seq_start, _0{}), mdO(_, _, h)),
+                                Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+        auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        pipe.producer_acquire(wr);
+        copy(args.tma_q.with(*pipe.producer_get_barrier(wr), 0), tQg, tQs(_, wr.index()));
+        copy(args.tma_do.with(*pipe.producer_get_barrier(wr), 0), tdOg, tdOs(_, wr.index()));
+        ++wr;
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+    const int ctid = threadIdx.x - 128;
+    typename Tr::MmaSdP mma_sdp;
+    typename Tr::MmadKV mma_dkv;
+    typename Tr::MmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(ctid);
+    auto thr_dkv = mma_dkv.get_thread_slice(ctid);
+    auto thr_dq = mma_dq.get_thread_slice(ctid);
+
+    Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);     // (MMA, MMA_M, MMA_K, stages)
+    Tensor tSrK = thr_sdp.partition_fragment_B(sK);     // (MMA, MMA_N, MMA_K)
+    Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);
+    Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
+    Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);  // (MMA, MMA_N(keys), MMA_K(q rows))
+    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_K, stages)
+    Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
+    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);   // (MMA, MMA_M, MMA_K(keys))
+    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);   // (MMA, MMA_D, MMA_K)
+
+    Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBN>, Int<kD>>{});
+    Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBN>, Int<kD>>{});
+    clear(acc_dk);
+    clear(acc_dv);
+    // (row, col) of each S / dP accumulator element and of each dQ element
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+    Tensor tPsP = thr_sdp.partition_C(sP);
+    Tensor tdSsdS = thr_sdp.partition_C(sdS);
+
+    const float sl2 = p.scale * 1.4426950408889634f;
+    const int64_t dq_row = int64_t(p.q_heads) * kD;  // dq_accum is contiguous (total, q_heads, d)
+    ss.barrier_kv.wait(0);
+    cutlass::PipelineState<Tr::kStages> rd;
+    for (int step = 0; step < steps; ++step) {
+      const int h = hk * group + step / m_steps;
+      const int m_block = m_block_min + step % m_steps;
+      const int st = rd.index();
+      pipe.consumer_wait(rd);
+
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
+      wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
+      wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+
+      // P = exp(S * scale - lse), dS = P * (dP - delta); rows past the sequence, keys past it
+      // and the causal upper triangle get P = dS = 0 (their Q/dO rows may hold another
+      // sequence's data: nothing of it may reach dK, dV or dQ).
+      const float* lse = p.lse + int64_t(h) * p.total + seq_start;
+      const float* delta = p.delta + int64_t(h) * p.total + seq_start;
+      Tensor rP = make_tensor<Element>(acc_s.layout());
+      Tensor rdS = make_tensor<Element>(acc_s.layout());
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int row = m_block * kBM + get<0>(tScS(i));
+        const int col = n_block * kBN + get<1>(tScS(i));
+        float pv = 0.f, ds = 0.f;
+        if (row < seqlen && col < seqlen && !(kCausal && col > row)) {
+          pv = fast_exp2(fmaf(acc_s(i), sl2, -__ldg(lse + row) * 1.4426950408889634f));
+          ds = pv * (acc_dp(i) - __ldg(delta + row));
+        }
+        rP(i) = Element(pv);
+        rdS(i) = Element(ds);
+      }
+      cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
+      copy(rP, tPsP);
+      copy(rdS, tdSsdS);
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
+      cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+
+      wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
+      wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      pipe.consumer_release(rd);
+      ++rd;
+
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
+      wg_gemm<true, false>(mma_dq, tdQrdS, tdQrKt, acc_dq);                   // dQ = dS K
+      float* dq = p.dq_accum + int64_t(seq_start) * dq_row + int64_t(h) * kD;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) {
+        const int row = m_block * kBM + get<0>(tdQcdQ(i));
+        if (row < seqlen) atomicAdd(dq + int64_t(row) * dq_row + get<1>(tdQcdQ(i)), acc_dq(i));
+      }
+    }
+
+    // epilogue: dK (scaled), dV -> smem (over K, V) -> gmem rows < n_rows
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.scale;
+    Tensor rdK = convert_frag<Element>(acc_dk);
+    Tensor rdV = convert_frag<Element>(acc_dv);
+    cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // all wgmma reads of sK, sV done
+    Tensor sdK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+    Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
+    Tensor tdKsdK = thr_dkv.partition_C(sdK);
+    Tensor tdVsdV = thr_dkv.partition_C(sdV);
+    copy(rdK, tdKsdK);
+    copy(rdV, tdVsdV);
+    cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    Element* dkp = static_cast<Element*>(p.dk) + int64_t(seq_start) * p.dk_row + int64_t(hk) * p.dk_head;
+    Element* dvp = static_cast<Element*>(p.dv) + int64_t(seq_start) * p.dv_row + int64_t(hk) * p.dv_head;
+    Tensor gdK = local_tile(make_tensor(make_gmem_ptr(dkp), make_shape(seqlen, Int<kD>{}), make_stride(p.dk_row, _1{})),
+                            Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, 0));
+    Tensor gdV = local_tile(make_tensor(make_gmem_ptr(dvp), make_shape(seqlen, Int<kD>{}), make_stride(p.dv_row, _1{})),
+                            Shape<Int<kBN>, Int<kD>>{}, make_coord(n_block, 0));
+    typename Tr::GmemTiledCopyO ocopy;
+    auto othr = ocopy.get_thread_slice(ctid);
+    Tensor tc = othr.partition_S(make_identity_tensor(Shape<Int<kBN>, Int<kD>>{}));
+    Tensor tdKs = othr.partition_S(sdK);
+    Tensor tdKg = othr.partition_D(gdK);
+    Tensor tdVs = othr.partition_S(sdV);
+    Tensor tdVg = othr.partition_D(gdV);
+    store_rows(ocopy, tdKs, tdKg, tc, n_rows);
+    store_rows(ocopy, tdVs, tdVg, tc, n_rows);
+  }
+#endif
+}
+
+template <bool kBF16, int kD>
+int attn_bwd_sm90_smem_bytes() { return BwdSm90Traits<kD, kBF16>::kSmemBytes; }
+
+template <bool kBF16, int kD>
+cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
+  using Tr = BwdSm90Traits<kD, kBF16>;
+  if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
+  if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
+  const int total = int(p.total);
+  BwdSm90Args<Tr> args{Tr::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
+                       Tr::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
+                       Tr::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
+                       Tr::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
+  dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.kv_heads, p.num_seqs);
+  constexpr int smem = Tr::kSmemBytes;
+  auto go = [&](auto kernel) -> cudaError_t {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, Tr::kNThreads, smem, st>>>(args);
+    return cudaGetLastError();
+  };
+  return p.causal ? go(attn_bwd_sm90_kernel<Tr, true>) : go(attn_bwd_sm90_kernel<Tr, false>);
+}
+
+}  // namespace prope

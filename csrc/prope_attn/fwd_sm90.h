@@ -1,0 +1,360 @@
+// Forward for sm_90 (Hopper): warpgroup MMA (wgmma) with Q and K from shared memory and P from
+// registers, TMA loads completing on mbarriers, producer/consumer warp specialization, register
+// reallocation (setmaxnreg). One CTA per (q block of 128 rows, q head, sequence):
+//   warpgroup 0 (producer, 24 registers): one thread issues the TMA loads of Q, then K[n] and
+//     V[n] into a 2-stage ring (PipelineTmaAsync: full/empty mbarriers per stage);
+//   warpgroups 1, 2 (consumers, 240 registers): 64 q rows each; S = Q K^T (SS wgmma),
+//     online softmax in registers, O += P V (RS wgmma, P re-viewed as the A operand).
+// p-RoPE: K arrives pre-rotated (the short-lived buffer of api.cu's forward); the consumers rotate
+// the Q tile in shared memory once it lands (rotated pairs only, identity dims untouched), then
+// fence.proxy.async so that wgmma (the async proxy) sees the stores.
+// Varlen: the TMA tensors span all packed tokens; a tile's coordinates are offset by the sequence
+// start. Rows past the sequence are loaded (from the next sequence, or zero-filled past the end
+// of the tensor), masked to -inf as keys and never stored as queries.
+// Not done (documented in csrc/README.md): intra-warpgroup overlap of softmax with the next
+// QK^T, pingpong scheduling between the consumer warpgroups, a persistent tile scheduler, GQA
+// packing of q heads into one tile, TMA stores.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "params.h"
+#include "utils.h"
+
+namespace prope {
+
+// wgmma accumulator ((2 cols, 2 rows, N/8), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, N/8, MMA_N)).
+// (Host too: csrc/tests/test_layouts.cu checks that each row is held by one quad of lanes.)
+template <class Layout>
+CUTE_HOST_DEVICE auto acc_rowcol_sm90(Layout l) {
+  using namespace cute;
+  static_assert(decltype(rank(l))::value == 3 && decltype(rank(get<0>(l)))::value == 3);
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// wgmma accumulator of S ((2, 2, N/8), MMA_M, 1) -> registers of the A operand of P V
+// ((2, 2, 2), MMA_M, N/16): two neighbouring n8 column groups form one k16 slice.
+// (Host check: test_layouts.cu compares it element by element with the MMA's own A partition.)
+template <class Layout>
+CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
+  using namespace cute;
+  static_assert(decltype(rank(l))::value == 3 && decltype(size<2>(l))::value == 1);
+  auto v = logical_divide(get<0, 2>(l), Tile<_2>{});  // ((2, N/16))
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l), get<0, 1>(v));
+}
+
+template <int kHeadDim_, bool kBF16>
+struct FwdSm90Traits {
+  using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;                          // 2 consumer warpgroups x 64 rows
+  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;   // d=256: O takes 128 regs/thread
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
+  static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 = 64 Ki
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256);
+
+  using TileQK = cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kHeadDim>>;
+  using TilePV = cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>, cute::Int<kBlockN>>;
+  using AtomLayout = cute::Layout<cute::Shape<cute::Int<kConsumerWGs>, cute::_1, cute::_1>>;
+  using MmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, TileQK>(), AtomLayout{}));
+  using MmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, TilePV, cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>(), AtomLayout{}));
+
+  // 128-byte swizzled K-major tiles (64 elements per swizzle row), as wgmma and TMA want them.
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutKStage = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // V^T (d, kBlockN, stages): the same bytes as V, read MN-major as the B operand of P V.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutK{}, cute::make_ordered_layout(
+                         cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
+                         cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  using PipelineKV = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier barrier_q;
+    typename PipelineKV::SharedStorage pipe_k;
+    typename PipelineKV::SharedStorage pipe_v;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+
+  // epilogue: O staged in smem (over Q), written with 16-byte stores, 8 threads per 64 columns
+  using GmemThr = cute::Layout<cute::Shape<cute::Int<kConsumerThreads / 8>, cute::_8>, cute::Stride<cute::_8, cute::_1>>;
+  using GmemTiledCopyO = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<cute::UniversalCopy<cute::uint128_t>, Element>{}, GmemThr{},
+      cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
+
+  // (total, d, heads) view of a packed tensor: what the TMA descriptors are built on.
+  static auto gmem(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                       make_shape(total, int(kHeadDim), heads), make_stride(row, _1{}, head));
+  }
+  static auto make_tma_q(const FwdParams& p) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(p.q, int(p.total), p.q_heads, p.q_row, p.q_head),
+                         SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{});
+  }
+  static auto make_tma_kv(const void* ptr, const FwdParams& p, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(ptr, int(p.total), p.kv_heads, row, head),
+                         SmemLayoutKStage{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{});
+  }
+  using TmaQ = decltype(make_tma_q(std::declval<FwdParams>()));
+  using TmaKV = decltype(make_tma_kv(nullptr, std::declval<FwdParams>(), 0, 0));
+};
+
+template <class Tr>
+struct FwdSm90Args {
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmaKV tma_k, tma_v;
+  FwdParams p;
+};
+
+// acc (+)= A * B over the k mode with one warpgroup-wide wgmma batch, waited for here.
+// kRegA: A is a register fragment (RS wgmma), else smem descriptors (SS).
+template <bool kZeroInit, bool kRegA, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, const TA& a, const TB& b, TC& c) {
+  using namespace cute;
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+template <class Tr, bool kCausal, bool kRotate>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using Pipeline = typename Tr::PipelineKV;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  const FwdParams& p = args.p;
+
+  // last q blocks first: under a causal mask they have the most keys (better tail balance)
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int seq_start = p.cu_seqlens[b];
+  const int seqlen = p.cu_seqlens[b + 1] - seq_start;
+  if (m_block * kBM >= seqlen) return;  // uniform over the CTA, before any barrier
+  const int hk = h / (p.q_heads / p.kv_heads);  // GQA: kv head of this q head
+  const int m_rows = seqlen - m_block * kBM;    // valid rows of this q block (may be < kBM)
+  int n_block_max = (seqlen + kBN - 1) / kBN;
+  if (kCausal) n_block_max = min(n_block_max, ((m_block + 1) * kBM + kBN - 1) / kBN);
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+
+  const int warp_group = threadIdx.x / 128;
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Tr::kKVBytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Tr::kConsumerThreads;
+  if (threadIdx.x == 0) ss.barrier_q.init(1);
+  Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
+  Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialised (and fenced) before anyone uses them
+
+  if (warp_group == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(int(p.total), kD, p.q_heads));
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor gQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mQ(_, _, h)),
+                             Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));  // (kBM, kD)
+      Tensor gK = local_tile(domain_offset(make_coord(seq_start, _0{}), mK(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));        // (kBN, kD, n)
+      Tensor gV = local_tile(domain_offset(make_coord(seq_start, _0{}), mV(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+      ss.barrier_q.arrive_and_expect_tx(Tr::kQBytes);
+      copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
+      auto wr = cutlass::make_producer_start_state<Pipeline>();
+      for (int n = 0; n < n_block_max; ++n) {
+        pipe_k.producer_acquire(wr);
+        copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
+        pipe_v.producer_acquire(wr);
+        copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
+        ++wr;
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+    const int ctid = threadIdx.x - 128;
+    typename Tr::MmaQK mma_qk;
+    typename Tr::MmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(ctid);
+    auto thr_pv = mma_pv.get_thread_slice(ctid);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);   // (MMA, MMA_D, MMA_KN, stages)
+    Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBM>, Int<kBN>>{});
+    Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBM>, Int<kD>>{});
+    Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
+    Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol_sm90(acc_o.layout()));
+    Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol_sm90(tScS.layout()));
+    constexpr int kRows = decltype(size<0>(s_rc))::value;
+    float row_max[kRows], row_sum[kRows];
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) { row_max[i] = -INFINITY; row_sum[i] = 0.f; }
+    clear(acc_o);
+
+    ss.barrier_q.wait(0);
+    if constexpr (kRotate) {
+      rotate_tile_smem<true>(sQ, p.positions, int64_t(seq_start) + int64_t(m_block) * kBM, m_rows,
+                       p.rot.pair_a, p.rot.pair_b, p.rot.pair_freq, p.rot.num_rot, ctid,
+                       Tr::kConsumerThreads);
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
+      cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    }
+
+    const float sl2 = p.scale * 1.4426950408889634f;  // scores -> log2 domain
+    cutlass::PipelineState<Tr::kStages> rd;
+    for (int n_block = 0; n_block < n_block_max; ++n_block) {
+      pipe_k.consumer_wait(rd);
+      wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, rd.index()), acc_s);  // S = Q K^T
+      pipe_k.consumer_release(rd);
+
+      // keys past the end of the sequence, and the causal upper triangle, get -inf
+      const bool need_mask = (n_block + 1) * kBN > seqlen ||
+                             (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
+      if (need_mask) {
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s_rc); ++i) {
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(s_rc); ++j) {
+            const int row = m_block * kBM + get<0>(tScS_rc(i, j));
+            const int col = n_block * kBN + get<1>(tScS_rc(i, j));
+            if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
+          }
+        }
+      }
+
+      // online softmax (a row lives in one quad: max and sum reduced over its 4 lanes)
+      CUTE_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        float mx = row_max[i];
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s_rc); ++j) mx = fmaxf(mx, s_rc(i, j));
+        mx = quad_max(mx);
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
+        const float corr = fast_exp2(row_max[i] * sl2 - m_scaled);
+        row_max[i] = mx;
+        float sum = 0.f;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s_rc); ++j) {
+          const float e = fast_exp2(fmaf(s_rc(i, j), sl2, -m_scaled));
+          s_rc(i, j) = e;
+          sum += e;
+        }
+        row_sum[i] = row_sum[i] * corr + sum;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= corr;
+      }
+
+      Tensor rP = convert_frag<Element>(acc_s);
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));  // (MMA, MMA_M, kBN/16)
+      pipe_v.consumer_wait(rd);
+      wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, rd.index()), acc_o);      // O += P V
+      pipe_v.consumer_release(rd);
+      ++rd;
+    }
+
+    // normalise, write lse (one lane per row: the one holding column 0), then O via smem
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const float sum = quad_sum(row_sum[i]);
+      const float inv = (sum == 0.f || sum != sum) ? 1.f : 1.f / sum;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
+      if (get<1>(tScS_rc(i, 0)) == 0) {
+        const int row = get<0>(tScS_rc(i, 0));
+        if (row < m_rows) {
+          const float lse = sum == 0.f ? INFINITY : row_max[i] * p.scale + logf(sum);
+          p.lse[int64_t(h) * p.total + seq_start + int64_t(m_block) * kBM + row] = lse;
+        }
+      }
+    }
+    Tensor rO = convert_frag<Element>(acc_o);
+    Tensor sO = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+    cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // all wgmma reads of sQ done
+    Tensor tOsO = thr_pv.partition_C(sO);
+    copy(rO, tOsO);
+    cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    Element* op = static_cast<Element*>(p.o) + int64_t(seq_start) * p.o_row + int64_t(h) * p.o_head;
+    Tensor gO = local_tile(make_tensor(make_gmem_ptr(op), make_shape(seqlen, Int<kD>{}), make_stride(p.o_row, _1{})),
+                           Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, 0));
+    typename Tr::GmemTiledCopyO ocopy;
+    auto othr = ocopy.get_thread_slice(ctid);
+    Tensor tOsO2 = othr.partition_S(sO);
+    Tensor tOgO = othr.partition_D(gO);
+    Tensor tOcO = othr.partition_S(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+    store_rows(ocopy, tOsO2, tOgO, tOcO, m_rows);
+  }
+#endif
+}
+
+template <bool kBF16, int kD>
+int attn_fwd_sm90_smem_bytes() { return FwdSm90Traits<kD, kBF16>::kSmemBytes; }
+
+template <bool kBF16, int kD>
+cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t st) {
+  using Tr = FwdSm90Traits<kD, kBF16>;
+  if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
+  if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
+  FwdSm90Args<Tr> args{Tr::make_tma_q(p), Tr::make_tma_kv(p.k, p, p.k_row, p.k_head),
+                       Tr::make_tma_kv(p.v, p, p.v_row, p.v_head), p};
+  dim3 grid((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.q_heads, p.num_seqs);
+  constexpr int smem = Tr::kSmemBytes;
+  auto go = [&](auto kernel) -> cudaError_t {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, Tr::kNThreads, smem, st>>>(args);
+    return cudaGetLastError();
+  };
+  const bool rot = p.rot.num_rot > 0;
+  if (p.causal) return rot ? go(attn_fwd_sm90_kernel<Tr, true, true>) : go(attn_fwd_sm90_kernel<Tr, true, false>);
+  return rot ? go(attn_fwd_sm90_kernel<Tr, false, true>) : go(attn_fwd_sm90_kernel<Tr, false, false>);
+}
+
+}  // namespace prope
