@@ -36,7 +36,7 @@ Optional features, compile-time switches (no cost when off):
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block
+from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block, store_dkdv
 from .configs import autotune_args
 from .rope import lowp, rope_cos_sin
 
@@ -187,10 +187,9 @@ def _attn_fwd_kernel(
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
 ):
-    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
+    h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
-    hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
@@ -367,16 +366,9 @@ def _attn_bwd_dkdv_kernel(
                                  cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
     dk = dk * sm_scale
-    dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :]
-    if SPLIT > 1 and ATOMIC:
-        tl.atomic_add(dk_ptrs, dk, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(dv_ptrs, dv, mask=kv_mask, sem="relaxed")
-    else:
-        dk_ptrs += split.to(tl.int64) * stride_dks
-        dv_ptrs += split.to(tl.int64) * stride_dks
-        tl.store(dk_ptrs, lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
-        tl.store(dv_ptrs, lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+    store_dkdv(DK, DV, dk, dv, seq_start + offs_n, offs_d, hk, stride_dkt, stride_dkh, stride_dvt,
+               stride_dvh, kv_mask, split.to(tl.int64) * stride_dks, SPLIT > 1 and ATOMIC,
+               EMULATE)
 
 
 @triton.jit
@@ -429,10 +421,9 @@ def _attn_bwd_dq_kernel(
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
+    h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
-    hk = h // GROUP
     h64 = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

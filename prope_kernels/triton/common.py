@@ -23,15 +23,17 @@ def dot(a, b, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def q_block(CU, n_heads, BLOCK_M: tl.constexpr):
-    """A program over query-row blocks -> (head, first token of its sequence (int64), sequence
-    length, first row of the block). The heaviest blocks (last, under a causal mask) go first."""
+def q_block(CU, n_heads, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program over query-row blocks -> (q head, its kv head, first token of its sequence
+    (int64), sequence length, first row of the block). Axis 0 = (sequence, q head), axis 1 =
+    row block; the heaviest blocks (last, under a causal mask) go first."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_sh = tl.program_id(0)
     seq = pid_sh // n_heads
     seq_start = tl.load(CU + seq).to(tl.int64)
     L = tl.load(CU + seq + 1) - tl.load(CU + seq)
-    return pid_sh % n_heads, seq_start, L, pid_m * BLOCK_M
+    h = pid_sh % n_heads
+    return h, h // GROUP, seq_start, L, pid_m * BLOCK_M
 
 
 @triton.jit
@@ -59,3 +61,20 @@ def softmax_block(acc, l_i, m_i, m_use, s, v, EMULATE: tl.constexpr):
     acc = acc * alpha[:, None]
     acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
     return acc, l_i
+
+
+@triton.jit
+def store_dkdv(DK, DV, dk, dv, rows, cols, hk, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+               mask, part_offset, ADD: tl.constexpr, EMULATE: tl.constexpr):
+    """Write one key block's dK/dV (BLOCK_N, d) fp32 for kv head hk. rows: (BLOCK_N,) int64
+    tokens, cols: (d,) dims. ADD: atomic adds into fp32 buffers that the GQA split programs of a
+    key block share; else a store rounded to the buffers' dtype, at part_offset elements (the
+    deterministic mode's partial sum of this split program; 0 when there is none)."""
+    dk_ptrs = DK + rows[:, None] * stride_dkt + hk * stride_dkh + cols[None, :]
+    dv_ptrs = DV + rows[:, None] * stride_dvt + hk * stride_dvh + cols[None, :]
+    if ADD:
+        tl.atomic_add(dk_ptrs, dk, mask=mask, sem="relaxed")
+        tl.atomic_add(dv_ptrs, dv, mask=mask, sem="relaxed")
+    else:
+        tl.store(dk_ptrs + part_offset, lowp(dk, DK.dtype.element_ty, EMULATE), mask=mask)
+        tl.store(dv_ptrs + part_offset, lowp(dv, DV.dtype.element_ty, EMULATE), mask=mask)

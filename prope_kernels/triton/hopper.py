@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import env
-from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block
+from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block, store_dkdv
 from .rope import lowp
 
 
@@ -202,10 +202,9 @@ def _hfwd_kernel(
 ):
     # Q: the rotated queries Q' (the output buffer, filled by the launcher's rotation) or q itself
     # when nothing rotates. Q may alias O: this program reads its Q' rows before writing O there.
-    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
+    h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
-    hk = h // GROUP
     q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh,
                                        shape=[L, HEAD_DIM], strides=[stride_qt, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
@@ -358,14 +357,8 @@ def _hbwd_kernel(
                              HEAD_DIM, True, CAUSAL, EMULATE, FUSED_DQ, KV_RELOAD)
     dk = dk * sm_scale
     kv_mask = (offs_n < L)[:, None]
-    dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :]
-    if SPLIT > 1 and ATOMIC:
-        tl.atomic_add(dk_ptrs, dk, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(dv_ptrs, dv, mask=kv_mask, sem="relaxed")
-    else:
-        tl.store(dk_ptrs, lowp(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
-        tl.store(dv_ptrs, lowp(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+    store_dkdv(DK, DV, dk, dv, seq_start + offs_n, offs_d, hk, stride_dkt, stride_dkh, stride_dvt,
+               stride_dvh, kv_mask, 0, SPLIT > 1 and ATOMIC, EMULATE)
 
 
 @triton.jit
@@ -403,10 +396,9 @@ def _hdq_kernel(
 ):
     # The split backward's dQ' (where the fused one would spill): BLOCK_M rows of Q'/dO
     # stationary, K'/V streamed by TMA; dQ' written over this program's own Q' rows.
-    h, seq_start, L, start_m = q_block(CU, n_heads, BLOCK_M)
+    h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
-    hk = h // GROUP
     h64 = h.to(tl.int64)
     q_desc = tl.make_tensor_descriptor(Q + seq_start * stride_qt + h * stride_qh,
                                        shape=[L, HEAD_DIM], strides=[stride_qt, 1],
