@@ -170,27 +170,7 @@ __global__ void __launch_bounds__(Tr::kNThreads) attn_fwd_kernel(const FwdParams
       cp_async_fence();
     }
 
-    // online softmax (rows of this thread; max reduced over the quad, sums kept per thread)
-    CUTE_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      float mx = row_max[i];
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s_rc); ++j) mx = fmaxf(mx, s_rc(i, j));
-      mx = quad_max(mx);
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
-      const float corr = fast_exp2(row_max[i] * sl2 - m_scaled);
-      row_max[i] = mx;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s_rc); ++j) {
-        const float e = fast_exp2(fmaf(s_rc(i, j), sl2, -m_scaled));
-        s_rc(i, j) = e;
-        sum += e;
-      }
-      row_sum[i] = row_sum[i] * corr + sum;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= corr;
-    }
+    online_softmax_block<kRows>(s_rc, o_rc, row_max, row_sum, sl2);
 
     Tensor rP = convert_frag<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a(rP.layout()));  // (MMA, MMA_M, kBN/16)

@@ -112,6 +112,36 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// One key block of the forward's online softmax, for the kRows rows this thread holds.
+// s_rc (rows, keys) fp32 scores -> exp2 probabilities in place; row_max/row_sum updated; o_rc
+// (rows, d) accumulator rescaled. A row lives in one quad: its max is reduced over the 4 lanes,
+// its sum stays per thread. sl2 = softmax scale * log2(e). Used by the SM80 and SM90 forwards.
+template <int kRows, class TensorS, class TensorO>
+__device__ __forceinline__ void online_softmax_block(TensorS& s_rc, TensorO& o_rc, float* row_max,
+                                                     float* row_sum, float sl2) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    float mx = row_max[i];
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s_rc); ++j) mx = fmaxf(mx, s_rc(i, j));
+    mx = quad_max(mx);
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
+    const float corr = fast_exp2(row_max[i] * sl2 - m_scaled);
+    row_max[i] = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s_rc); ++j) {
+      const float e = fast_exp2(fmaf(s_rc(i, j), sl2, -m_scaled));
+      s_rc(i, j) = e;
+      sum += e;
+    }
+    row_sum[i] = row_sum[i] * corr + sum;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= corr;
+  }
+}
+
 // Rotate a (rows, d) smem tile in place by the rotation at positions[row0 + r] (rows < nrows).
 // Only the rotated pairs are touched; each (row, pair) is one work item of the CTA's threads.
 // kPi: angles through rot_cos_sin_pi (no local memory; the SM90 kernels), else rot_cos_sin.
