@@ -20,7 +20,8 @@ MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
 @dataclass(frozen=True)
 class Case:
     """One attention problem. ``group`` says which report section it belongs to:
-    "preset", "seqlen", "head_dim", "causal", "heads", "p" or "varlen"."""
+    "preset", "seqlen", "head_dim", "causal", "heads", "p" or "varlen". ``window`` (flash-attn
+    convention, -1 = unbounded) and ``softcap`` (0 = off) are the optional attention features."""
 
     name: str
     group: str
@@ -34,6 +35,12 @@ class Case:
     theta: float = 10000.0
     dtype: str = "bfloat16"
     doc_lens: Optional[tuple] = None  # varlen: the packed documents' lengths
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window[0] >= 0 or (self.window[1] >= 0 and not self.causal)
 
     @property
     def varlen(self) -> bool:
@@ -53,10 +60,10 @@ class Case:
         """The standard count (prope_kernels.reference.attention_flops); for varlen the sum over
         documents, so only attention inside a document counts."""
         if self.varlen:
-            return sum(attention_flops(1, n, self.q_heads, self.head_dim, self.causal, mode)
-                       for n in self.doc_lens)
+            return sum(attention_flops(1, n, self.q_heads, self.head_dim, self.causal, mode,
+                                       self.window) for n in self.doc_lens)
         return attention_flops(self.batch, self.seqlen, self.q_heads, self.head_dim, self.causal,
-                               mode)
+                               mode, self.window)
 
     def describe(self) -> str:
         heads = (f"{self.q_heads} heads" if self.attn_kind == "MHA"
@@ -68,13 +75,16 @@ class Case:
         else:
             shape = f"batch {self.batch}, seqlen {self.seqlen}"
         theta = "" if self.theta == 10000.0 else f", theta {self.theta:g}"
+        feats = (f", window {tuple(self.window)}" if self.has_window else "") + (
+            f", softcap {self.softcap:g}" if self.softcap else "")
         return (f"{shape}, {heads}, head_dim {self.head_dim}, "
                 f"{'causal' if self.causal else 'non-causal'}, {_short_dtype(self.dtype)}, "
-                f"p={self.p:g}{theta}")
+                f"p={self.p:g}{theta}{feats}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["doc_lens"] = list(self.doc_lens) if self.varlen else None
+        d["window"] = list(self.window)
         d.update(total_tokens=self.total_tokens, attn_kind=self.attn_kind, varlen=self.varlen,
                  num_docs=len(self.doc_lens) if self.varlen else self.batch)
         return d
@@ -117,14 +127,22 @@ PRESETS = {
     # Gemma 2B attention over packed documents of uneven length (16k tokens per row)
     "gemma-2b-varlen": varlen_case("gemma-2b-varlen", "preset", 16384, 8, 1, 256, seed=1,
                                    min_len=128, max_len=8192),
+    # the gemma-2b shape with Gemma 2's local-layer sliding window (transformers'
+    # sliding_window=4096: key j visible iff i - j < 4096) and with its logit softcap; the
+    # feature bars compare them with gemma-2b (same backend)
+    "gemma-2b-window": Case("gemma-2b-window", "preset", 2, 8192, 8, 1, 256, window=(4095, 0)),
+    "gemma-2b-softcap": Case("gemma-2b-softcap", "preset", 2, 8192, 8, 1, 256, softcap=50.0),
 }
 PRESET_ORDER = ["gemma-2b", "llama-gqa", "mha-d64", "gemma-7b", "gemma4-global",
-                "gemma-2b-varlen"]
+                "gemma-2b-varlen", "gemma-2b-window", "gemma-2b-softcap"]
+FEATURE_PRESETS = ["gemma-2b-window", "gemma-2b-softcap"]
 
 # tiny shapes for the CPU smoke run (reference backend, Triton interpreter)
 SMOKE_PRESETS = {
     "smoke-mqa": Case("smoke-mqa", "preset", 2, 24, 2, 1, 32),
     "smoke-gqa-noncausal": Case("smoke-gqa-noncausal", "preset", 1, 20, 4, 2, 16, causal=False),
+    "smoke-window-softcap": Case("smoke-window-softcap", "preset", 1, 40, 2, 1, 16,
+                                 window=(7, 0), softcap=5.0),
 }
 
 P_VALUES = (0.0, 0.25, 0.75, 1.0)

@@ -81,9 +81,20 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
             kr = kr.repeat_interleave(group, dim=1)
             ve = vl.repeat_interleave(group, dim=1)
             s = torch.einsum("rhd,lhd->hrl", qr, kr) * scale
+            softcap = getattr(case, "softcap", 0.0)
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
+            # positions restart per sequence: they are the indices the mask is defined on
+            qi, kj = pos[a + rows][:, None], pos[a:b][None, :]
+            allowed = torch.ones_like(qi == kj)
+            left, right = getattr(case, "window", (-1, -1))
             if case.causal:
-                allowed = pos[a:b][None, :] <= pos[a + rows][:, None]
-                s = s.masked_fill(~allowed[None], float("-inf"))
+                allowed &= kj <= qi
+            if left >= 0:
+                allowed &= kj >= qi - left
+            if right >= 0:
+                allowed &= kj <= qi + right
+            s = s.masked_fill(~allowed[None], float("-inf"))
             o_ref = torch.einsum("hrl,lhd->rhd", torch.softmax(s, dim=-1), ve)
         errs_out.append(_rel(of[a + rows].detach(), o_ref.detach()))
         refs.append((a, b, rows, ql, kl, vl, o_ref))

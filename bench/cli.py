@@ -24,8 +24,9 @@ sweeps:    {', '.join(C.SWEEPS)}
 providers: {', '.join(P.PROVIDERS)}
 modes:     fwd, bwd, fwd+bwd (or fwd_bwd)
 
-The standard report (no --preset/--sweep) on a GPU runs the presets gemma-2b, llama-gqa and
-mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen sweep, then the presets gemma-7b,
+The standard report (no --preset/--sweep) on a GPU runs the presets gemma-2b, its sliding-window
+and softcap variants, llama-gqa and mha-d64, the time-vs-p sweep at the gemma-2b shape, the seqlen
+sweep, then the presets gemma-7b,
 gemma4-global and gemma-2b-varlen; it stops starting new work after --budget-min minutes
 (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
 Without a GPU the same pipeline runs at tiny shapes and is labelled a CPU smoke run (set
@@ -169,6 +170,8 @@ def plan(args, smoke: bool):
             return P.SMOKE_SWEEP_PROVIDERS
         if case.varlen:
             return P.VARLEN_PROVIDERS
+        if case.has_window or case.softcap:
+            return P.FEATURE_PROVIDERS
         return {"preset": P.PRESET_PROVIDERS, "p": P.P_SWEEP_PROVIDERS}.get(
             group, P.SWEEP_PROVIDERS)
 
@@ -198,7 +201,9 @@ def plan(args, smoke: bool):
         return (preset_jobs(list(C.SMOKE_PRESETS)) + sweep_jobs("seqlen") + sweep_jobs("p")
                 + sweep_jobs("varlen"))
     if standard:
-        return (preset_jobs(["gemma-2b", "llama-gqa", "mha-d64"]) + sweep_jobs("p")
+        # the feature presets right after gemma-2b: their bars are ratios to its times
+        return (preset_jobs(["gemma-2b"] + C.FEATURE_PRESETS + ["llama-gqa", "mha-d64"])
+                + sweep_jobs("p")
                 + sweep_jobs("seqlen") + preset_jobs(["gemma-7b", "gemma4-global",
                                                       "gemma-2b-varlen"]))
     jobs = preset_jobs(presets)
@@ -217,6 +222,8 @@ def _case_from_dict(d):
     fields = {f: d[f] for f in C.Case.__dataclass_fields__ if f in d}
     if fields.get("doc_lens") is not None:
         fields["doc_lens"] = tuple(fields["doc_lens"])
+    if "window" in fields:
+        fields["window"] = tuple(fields["window"])
     return C.Case(**fields)
 
 

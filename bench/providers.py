@@ -102,6 +102,13 @@ VARLEN_PROVIDERS = [
     "flash-attn-norope", "flash-attn+rope-compiled", "fa3+rope-compiled",
     "sdpa-efficient+rope-compiled", "sdpa-cudnn+rope-compiled",
 ]
+# sliding window / softcap presets: the providers that can express them (SDPA cannot: no softcap,
+# and a window only as an explicit (s x s) mask, which takes it off its fused kernels)
+FEATURE_PROVIDERS = [
+    "prope-triton", "prope-cuda", "flash-attn+rope-compiled", "fa3+rope-compiled",
+    "flex+rope-compiled", "flash-attn-norope", "fa3-norope", "flex-norope",
+    "sdpa-cudnn+rope-compiled",
+]
 SMOKE_PROVIDERS = [
     "prope-triton", "prope-sdpa", "prope-auto", "prope-reference", "prope-cuda",
     "sdpa-math-norope", "sdpa-math+rope-eager", "sdpa-flash+rope-eager",
@@ -209,6 +216,12 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
             raise Unavailable(f"the reference would materialise ~{need / 2**30:.0f} GiB of "
                               "scores at this shape")
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be)
+    if case.has_window or case.softcap:
+        needs = {"window"} if case.has_window else set()
+        needs |= {"softcap"} if case.softcap else set()
+        if not needs <= entry.features:
+            raise Unavailable(f"backend={be!r} does not implement {' or '.join(sorted(needs))}")
+        kw.update(window=tuple(case.window), softcap=case.softcap or None)
     if case.varlen:
         cu, max_s = ctx["cu_seqlens"], case.seqlen
         return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw), notes)
@@ -243,6 +256,11 @@ def _probe(fn, q, k, v):
 
 
 def _build_sdpa(prov, case, ctx, rope, q, k, v):
+    if case.softcap:
+        raise Unavailable("SDPA has no logit softcap")
+    if case.has_window:
+        raise Unavailable("SDPA takes a sliding window only as an explicit (s x s) mask, which "
+                          "falls off its fused kernels; not timed")
     sdpa_kernel, backend = _sdpa_backend(prov.backend)
     dev = q.device
     if prov.backend in ("cudnn", "efficient") and dev.type != "cuda":
@@ -315,7 +333,22 @@ def _build_flex(prov, case, ctx, rope, dev):
     scale = case.head_dim ** -0.5
     group = case.q_heads // case.kv_heads
     n = case.total_tokens if case.varlen else case.seqlen
-    if case.varlen:
+    if case.has_window and case.varlen:
+        raise Unavailable("window with varlen: not wired for FlexAttention here")
+    if case.has_window:
+        left, right = case.window
+        if case.causal:
+            right = 0 if right < 0 else min(right, 0)
+
+        def mask_mod(b, h, qi, ki):
+            keep = ki >= 0
+            if left >= 0:
+                keep = keep & (qi - ki <= left)
+            if right >= 0:
+                keep = keep & (ki - qi <= right)
+            return keep
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=dev)
+    elif case.varlen:
         doc, pos = ctx["doc_ids"], ctx["positions"]
         if case.causal:
             def mask_mod(b, h, qi, ki):
@@ -331,6 +364,13 @@ def _build_flex(prov, case, ctx, rope, dev):
     else:
         block_mask = None
     kw, notes = {}, []
+    if case.softcap:
+        cap = float(case.softcap)
+
+        def score_mod(score, b, h, qi, ki):  # score: q.k * scale, as Gemma 2 caps it
+            return torch.tanh(score / cap) * cap
+        kw["score_mod"] = score_mod
+        notes.append("softcap: score_mod")
     expand = False
     if group > 1:
         if "enable_gqa" in inspect.signature(flex_attention).parameters:
@@ -373,6 +413,11 @@ def _build_flash_attn(prov, case, ctx, rope, dev):
         raise Unavailable("needs a CUDA GPU")
     scale = case.head_dim ** -0.5
     notes = [f"{prov.family} {getattr(fa, '__version__', '')}".strip()]
+    feat = {}  # only when used: older flash-attn versions lack the keywords
+    if case.has_window:
+        feat["window_size"] = tuple(case.window)
+    if case.softcap:
+        feat["softcap"] = float(case.softcap)
 
     def first(o):
         return o[0] if isinstance(o, tuple) else o  # some versions return (out, lse)
@@ -382,10 +427,12 @@ def _build_flash_attn(prov, case, ctx, rope, dev):
 
         def attn(q, k, v):
             return first(fa.flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s,
-                                                   softmax_scale=scale, causal=case.causal))
+                                                   softmax_scale=scale, causal=case.causal,
+                                                   **feat))
     else:
         def attn(q, k, v):
-            return first(fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal))
+            return first(fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal,
+                                            **feat))
 
     def fn(q, k, v):
         if rope is not None:

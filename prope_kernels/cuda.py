@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends import refuse_features
+
 _LOADED = None
 _LOAD_ERROR = None
 
@@ -77,17 +79,21 @@ def _tables(spec, device):
     return t.pair_a, t.pair_b, t.pair_freq, t.identity
 
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
     _require()
+    refuse_features("cuda", window, softcap, causal)
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
         *_tables(spec, q.device), bool(causal), float(scale))
     return out, lse
 
 
-def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
+             window=(-1, -1), softcap=0.0):
     """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse."""
     _require()
+    refuse_features("cuda", window, softcap, causal)
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
         int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale))

@@ -24,7 +24,7 @@ from . import backends
 from . import reference as ref
 from .rotary import PRoPESpec
 from .validation import (check_attention, check_cu_seqlens, check_positions,
-                         check_rope_input)
+                         check_rope_input, check_window_softcap, features_needed)
 
 # ----------------------------------------------------------------------------------------------
 # custom ops (torch.compile sees them as opaque nodes with fake impls; autograd via fwd/bwd ops)
@@ -40,27 +40,33 @@ def _backend_module(name: str):
     return backends.get(name).load()
 
 
-def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal):
-    # "auto" reaches the op only from torch.compile (see backends.resolve); a feature a call
-    # needs (backends.resolve's ``needs``) must be passed to choose_auto here too.
+def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, window_right=-1,
+                 softcap=0.0):
+    # "auto" reaches the op only from torch.compile (see backends.resolve); the features the
+    # call needs are passed to choose_auto here too.
     if name == "auto":
-        name = backends.choose_auto(q, attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
+        needs = features_needed((window_left, window_right), softcap, causal)
+        name = backends.choose_auto(q, needs,
+                                    attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
     return _backend_module(name)
 
 
 @torch.library.custom_op("prope_kernels::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  positions: torch.Tensor, max_seqlen: int, p: float, theta: float, variant: str,
-                 layout: str, causal: bool, softmax_scale: float, backend: str
+                 layout: str, causal: bool, softmax_scale: float, window_left: int,
+                 window_right: int, softcap: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
-    return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
+                     softcap)
+    return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale,
+                      (window_left, window_right), softcap)
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, positions, max_seqlen, p, theta, variant, layout, causal,
-      softmax_scale, backend):
+      softmax_scale, window_left, window_right, softcap, backend):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -69,24 +75,27 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                  cu_seqlens: torch.Tensor, positions: torch.Tensor, max_seqlen: int, p: float,
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 window_left: int, window_right: int, softcap: float, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal)
+    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
+                     softcap)
     return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
-                      causal, softmax_scale)
+                      causal, softmax_scale, (window_left, window_right), softcap)
 
 
 @_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, p, theta, variant, layout,
-      causal, softmax_scale, backend):
+      causal, softmax_scale, window_left, window_right, softcap, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, cu, pos, max_seqlen, p, theta, variant, layout, causal, scale, backend = inputs
+    q, k, v, cu, pos, max_seqlen, *args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu, pos)  # no rotated copies are kept
-    ctx.args = (max_seqlen, p, theta, variant, layout, causal, scale, backend)
+    # p, theta, variant, layout, causal, scale, window_left, window_right, softcap, backend
+    ctx.args = (max_seqlen, *args)
 
 
 def _attn_backward(ctx, dout, dlse):
@@ -94,7 +103,7 @@ def _attn_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu, pos, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -135,7 +144,8 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
                     theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                     causal: bool = True, softmax_scale: Optional[float] = None,
                     positions: Optional[torch.Tensor] = None, backend: str = "auto",
-                    return_lse: bool = False):
+                    return_lse: bool = False, window: tuple = (-1, -1),
+                    softcap: Optional[float] = None):
     """Attention with p-RoPE applied to q and k inside the kernel.
 
     Args:
@@ -156,6 +166,15 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
             memory-efficient kernel with our rotation around it), "reference" (pure PyTorch,
             any device).
         return_lse: also return the log-sum-exp (batch, q_heads, seqlen), float32.
+        window: (left, right) sliding window, flash-attn's ``window_size`` convention: query i
+            sees key j iff ``i - left <= j <= i + right`` (i, j: indices in the sequence, not
+            ``positions``); -1 = unbounded on that side; with ``causal`` the right side is
+            capped at 0. (-1, -1) = full attention. Every query sees at least its own key.
+            A transformers ``sliding_window=W`` (Gemma 2/3: key j visible iff i - j < W) is
+            ``window=(W - 1, 0)`` with causal. The kernels skip key blocks outside the window.
+        softcap: Gemma 2's logit softcapping: the scaled scores s = q.k * softmax_scale become
+            ``softcap * tanh(s / softcap)`` before the mask and softmax (Gemma 2: 50.0);
+            None or 0 = off. The returned lse is over the capped scores.
 
     Returns:
         out (batch, seqlen, q_heads, head_dim) like q, and lse when ``return_lse``.
@@ -163,10 +182,11 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     spec, scale = check_attention(q, k, v, packed=False, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
                                   return_lse=return_lse)
+    window, softcap, needs = check_window_softcap(window, softcap, causal)
     b, s = q.shape[:2]
     if positions is not None:
         check_positions(positions, [(s,), (b, s)], q.device)
-    backend = backends.resolve(backend, q, attn=(k, b, s, causal))
+    backend = backends.resolve(backend, q, needs, attn=(k, b, s, causal))
 
     if positions is None:
         pos = torch.arange(s, device=q.device, dtype=torch.int64).repeat(b)
@@ -175,7 +195,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
     qf, kf, vf = (x.reshape(b * s, x.shape[2], x.shape[3]) for x in (q, k, v))
     out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, spec.p, spec.theta, variant, layout,
-                            causal, scale, backend)
+                            causal, scale, *window, softcap, backend)
     out = out.view(b, s, q.shape[2], q.shape[3])
     if return_lse:
         return out, lse.view(q.shape[2], b, s).transpose(0, 1)
@@ -187,7 +207,8 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                            causal: bool = True, softmax_scale: Optional[float] = None,
                            positions: Optional[torch.Tensor] = None, backend: str = "auto",
-                           return_lse: bool = False):
+                           return_lse: bool = False, window: tuple = (-1, -1),
+                           softcap: Optional[float] = None):
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
     Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64, starts at 0, non-decreasing,
@@ -196,24 +217,28 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``cu_seqlens`` tensor); inside ``torch.compile`` the check would need a host sync and is
     skipped, so there they are the caller's contract, as in flash-attn's varlen API.
     positions: (total,) integers; default restarts at 0 in each sequence.
+    window, softcap: as in :func:`prope_attention`; the window is over indices inside each
+    sequence (it never crosses a sequence boundary).
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
     spec, scale = check_attention(q, k, v, packed=True, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
                                   return_lse=return_lse)
+    window, softcap, needs = check_window_softcap(window, softcap, causal)
     total = q.shape[0]
     check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
     if positions is not None:
         check_positions(positions, [(total,)], q.device)
     num_seqs = cu_seqlens.numel() - 1
-    backend = backends.resolve(backend, q, attn=(k, num_seqs, int(max_seqlen), causal))
+    backend = backends.resolve(backend, q, needs, attn=(k, num_seqs, int(max_seqlen), causal))
 
     if positions is None:
         pos = ref.varlen_positions(cu_seqlens, total)
     else:
         pos = positions.to(torch.int64)
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
-                            spec.theta, variant, layout, causal, scale, backend)
+                            spec.theta, variant, layout, causal, scale, *window, softcap,
+                            backend)
     return (out, lse) if return_lse else out
 
 
@@ -222,7 +247,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             p: float = 0.75, theta: float = 10000.0, variant: str = "prope",
             layout: str = "half", causal: bool = True, softmax_scale: Optional[float] = None,
             positions: Optional[torch.Tensor] = None, backend: str = "auto",
-            return_lse: bool = False):
+            return_lse: bool = False, window: tuple = (-1, -1), softcap: Optional[float] = None):
     """Which backend :func:`prope_attention` (or, with ``cu_seqlens`` and ``max_seqlen``,
     :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
     entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
@@ -233,6 +258,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     packed = cu_seqlens is not None
     check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,
                     causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
+    _, _, needs = check_window_softcap(window, softcap, causal)
     if packed:
         if max_seqlen is None:
             raise TypeError("explain: max_seqlen is required with cu_seqlens")
@@ -246,8 +272,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             check_positions(positions, [(s,), (b, s)], q.device)
         attn = (k, b, s, causal)
     if backend == "auto":
-        return decide(q, *attn)
-    chosen = backends.resolve(backend, q, attn=attn)  # raises what the op would raise
+        return decide(q, *attn, needs=needs)
+    chosen = backends.resolve(backend, q, needs, attn=attn)  # raises what the op would raise
     dec = Decision(chosen, f"requested by backend={backend!r}", "requested")
     if chosen == "sdpa":
         from . import sdpa

@@ -54,12 +54,46 @@ def apply_prope(x: torch.Tensor, positions: torch.Tensor, spec: PRoPESpec,
     return out
 
 
+def attention_mask(m: int, n: int, causal: bool = True, window=(-1, -1), device=None):
+    """Boolean (m, n) mask of the keys each query sees (True = visible), or None for "all".
+
+    Query i sees key j iff ``i - left <= j <= i + right`` (flash-attn's ``window_size``
+    convention), a side of -1 being unbounded; ``causal`` caps the right side at 0. i and j
+    are indices inside the sequence (not ``positions``). With left, right >= 0 every query sees
+    at least its own key, so no row is empty.
+    """
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(m, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    keep = torch.ones(m, n, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def softcap_scores(s: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Gemma 2's attention-logit softcapping of the scaled scores s = q.k * softmax_scale:
+    ``softcap * tanh(s / softcap)`` (off for None or 0)."""
+    if not softcap:
+        return s
+    return torch.tanh(s / softcap) * softcap
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: Optional[float] = None, return_lse: bool = False):
+              softmax_scale: Optional[float] = None, return_lse: bool = False,
+              window=(-1, -1), softcap: Optional[float] = None):
     """Softmax attention on (batch, seqlen, heads, d) tensors in their own dtype.
 
     k/v heads are repeated to q's head count (q head h reads kv head ``h // (hq // hkv)``).
-    lse: (batch, q_heads, seqlen) natural-log sum of exp of the scaled scores.
+    Scores: ``s = q.k * softmax_scale``, then softcapped (:func:`softcap_scores`), then masked by
+    ``causal`` and ``window`` (:func:`attention_mask`), then the softmax over keys.
+    lse: (batch, q_heads, seqlen) natural-log sum of exp of the (capped) scores.
     """
     d = q.shape[-1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
@@ -67,10 +101,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
-    if causal:
-        m, n = s.shape[-2:]
-        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
+    s = softcap_scores(s, softcap)
+    keep = attention_mask(s.shape[-2], s.shape[-1], causal, window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
     prob = torch.softmax(s, dim=-1)
     out = torch.einsum("bhmn,bnhd->bmhd", prob, v)
@@ -82,14 +116,14 @@ def default_positions(seqlen: int, device) -> torch.Tensor:
 
 
 def prope_attention(q, k, v, spec: PRoPESpec, causal=True, softmax_scale=None, positions=None,
-                    return_lse=False):
+                    return_lse=False, window=(-1, -1), softcap=None):
     """Reference fused op: rotate q and k with p-RoPE, then attend. Shapes as in
     :func:`prope_kernels.prope_attention`."""
     if positions is None:
         positions = default_positions(q.shape[1], q.device)
     qr = apply_prope(q, positions, spec)
     kr = apply_prope(k, positions, spec)
-    return attention(qr, kr, v, causal, softmax_scale, return_lse)
+    return attention(qr, kr, v, causal, softmax_scale, return_lse, window, softcap)
 
 
 def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -101,7 +135,8 @@ def varlen_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def prope_attention_varlen(q, k, v, cu_seqlens, spec: PRoPESpec, causal=True,
-                           softmax_scale=None, positions=None, return_lse=False):
+                           softmax_scale=None, positions=None, return_lse=False, window=(-1, -1),
+                           softcap=None):
     """Reference varlen op: q (total, hq, d), k/v (total, hkv, d); each sequence
     ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only to itself. lse: (hq, total)."""
     total = q.shape[0]
@@ -114,7 +149,8 @@ def prope_attention_varlen(q, k, v, cu_seqlens, spec: PRoPESpec, causal=True,
     for s, e in zip(cu[:-1], cu[1:]):
         if e == s:
             continue
-        o, l = attention(qr[None, s:e], kr[None, s:e], v[None, s:e], causal, softmax_scale, True)
+        o, l = attention(qr[None, s:e], kr[None, s:e], v[None, s:e], causal, softmax_scale, True,
+                         window, softcap)
         outs.append(o[0])
         lses.append(l[0])
     out = torch.cat(outs) if outs else torch.empty_like(q)
@@ -122,14 +158,34 @@ def prope_attention_varlen(q, k, v, cu_seqlens, spec: PRoPESpec, causal=True,
     return (out, lse) if return_lse else out
 
 
+def visible_pairs(seqlen: int, causal: bool, window=(-1, -1)) -> int:
+    """Number of (query, key) pairs that :func:`attention_mask` keeps in one sequence."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    s = seqlen
+    left = s - 1 if left < 0 else min(left, s - 1)
+    right = s - 1 if right < 0 else min(right, s - 1)
+
+    def below(w):  # pairs with 1 <= i - j <= w
+        return w * s - w * (w + 1) // 2
+    return s + below(left) + below(right)
+
+
 def attention_flops(batch: int, seqlen: int, q_heads: int, head_dim: int, causal: bool,
-                    mode: str = "fwd") -> float:
-    """Standard count: forward 4*b*h*s^2*d (halved if causal); bwd 2.5x; fwd+bwd 3.5x."""
-    f = 4.0 * batch * q_heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+                    mode: str = "fwd", window=(-1, -1)) -> float:
+    """Standard count: forward 4*b*h*s^2*d (halved if causal); bwd 2.5x; fwd+bwd 3.5x.
+    With a sliding ``window``, s^2 (or s^2 / 2) becomes the number of visible pairs."""
+    if window[0] < 0 and window[1] < 0:
+        pairs = seqlen * seqlen * (0.5 if causal else 1.0)
+    else:
+        pairs = visible_pairs(seqlen, causal, window)
+    f = 4.0 * batch * q_heads * pairs * head_dim
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
 
 
 __all__ = [
-    "rotation_angles", "apply_prope", "attention", "prope_attention", "prope_attention_varlen",
-    "varlen_positions", "default_positions", "attention_flops",
+    "rotation_angles", "apply_prope", "attention", "attention_mask", "softcap_scores",
+    "prope_attention", "prope_attention_varlen", "varlen_positions", "default_positions",
+    "visible_pairs", "attention_flops",
 ]

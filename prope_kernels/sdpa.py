@@ -339,7 +339,10 @@ def _cpu_bwd(dout, q, k, v, out, lse, b, causal, scale):
 # the backend contract
 # ----------------------------------------------------------------------------------------------
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
+    from .backends import refuse_features
+    refuse_features("sdpa", window, softcap, causal)
     total, hq, d = q.shape
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), q.new_zeros((hq, total), dtype=torch.float32)
@@ -351,7 +354,9 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale):
+             scale, window=(-1, -1), softcap=0.0):
+    from .backends import refuse_features
+    refuse_features("sdpa", window, softcap, causal)
     total = q.shape[0]
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

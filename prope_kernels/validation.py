@@ -25,6 +25,41 @@ def check_attention(q, k, v, *, packed, p, theta, variant, layout, causal, softm
     return spec, check_scale(softmax_scale, q.shape[-1])
 
 
+def check_window_softcap(window, softcap, causal):
+    """window=(left, right): ints >= -1 (-1 = unbounded); softcap: None/0 (off) or a positive
+    finite float. Returns (window with the right side capped at 0 when causal, softcap as a
+    float (0.0 = off), the features the call needs from a backend: a subset of
+    {"window", "softcap"})."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a (left, right) tuple of two ints (-1 = unbounded), "
+                        f"got {window!r}")
+    left, right = (int(w) for w in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window sides must be >= -1 (-1 = unbounded, 0 = only the query's own "
+                         f"position on that side), got window={tuple(window)}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)   # flash-attn's convention
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not (softcap >= 0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a positive finite float (0 or None = off), got "
+                         f"{softcap}")
+    return (left, right), float(softcap), features_needed((left, right), softcap, causal)
+
+
+def features_needed(window, softcap, causal) -> frozenset:
+    """The optional features a call uses, as backend registry entries name them."""
+    needs = set()
+    if window[0] >= 0 or (window[1] >= 0 and not causal):  # (-1, 0) + causal is plain causal
+        needs.add("window")
+    if softcap:
+        needs.add("softcap")
+    return frozenset(needs)
+
+
 def check_rope_input(x, positions, p, theta, variant, layout, conjugate):
     """apply_prope's checks. Returns the spec."""
     if not isinstance(x, torch.Tensor):

@@ -99,7 +99,8 @@ def test_json_rows(smoke_run):
         assert r["check_err_out"] is not None and r["check_err_out"] < 0.05
         if not r["varlen"]:
             assert r["flops"] == attention_flops(r["batch"], r["seqlen"], r["q_heads"],
-                                                 r["head_dim"], r["causal"], r["mode"])
+                                                 r["head_dim"], r["causal"], r["mode"],
+                                                 tuple(r.get("window", (-1, -1))))
     assert not [r for r in rows if r["status"] in ("wrong", "failed")]
     # each Triton row records the kernel configs it ran with (which table rows the tuner picks)
     want = {"fwd": ["fwd "], "bwd": ["dkdv ", "dq "], "fwd_bwd": ["fwd ", "dkdv ", "dq "]}

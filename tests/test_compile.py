@@ -69,7 +69,7 @@ def _packed_args(device, requires_grad):
 def test_opcheck_attn_fwd(device, requires_grad, backend):
     q, k, v, cu, pos = _packed_args(device, requires_grad)
     torch.library.opcheck(_attn_fwd_op, (q, k, v, cu, pos, 28, 0.75, 10000.0, "prope", "half",
-                                         True, 32 ** -0.5, backend))
+                                         True, 32 ** -0.5, -1, -1, 0.0, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,11 +77,12 @@ def test_opcheck_attn_fwd(device, requires_grad, backend):
 def test_opcheck_attn_bwd(device, backend, with_dlse):
     q, k, v, cu, pos = _packed_args(device, False)
     out, lse = _attn_fwd_op(q, k, v, cu, pos, 28, 0.5, 10000.0, "partial", "interleaved", False,
-                            0.2, backend)
+                            0.2, -1, -1, 0.0, backend)
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse) if with_dlse else None
     torch.library.opcheck(_attn_bwd_op, (dout, q, k, v, out, lse, dlse, cu, pos, 28, 0.5,
-                                         10000.0, "partial", "interleaved", False, 0.2, backend))
+                                         10000.0, "partial", "interleaved", False, 0.2, -1, -1,
+                                         0.0, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

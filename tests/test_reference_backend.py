@@ -95,7 +95,8 @@ def _packed(device, requires_grad):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(device, requires_grad):
     q, k, v, cu, pos = _packed(device, requires_grad)
-    args = (28, 0.75, 10000.0, "prope", "half", True, 32 ** -0.5, "reference")
+    # window (5, 0) and softcap 30: the features' arguments go through the ops as well
+    args = (28, 0.75, 10000.0, "prope", "half", True, 32 ** -0.5, 5, 0, 30.0, "reference")
     torch.library.opcheck(_attn_fwd_op, (q, k, v, cu, pos, *args))
     out, lse = _attn_fwd_op(q.detach(), k.detach(), v.detach(), cu, pos, *args)
     torch.library.opcheck(_attn_bwd_op, (torch.randn_like(out), q.detach(), k.detach(),

@@ -131,3 +131,69 @@ def test_cu_seqlens_checked_again_after_in_place_change(device):
     cu[1] = 9  # now decreasing: the cached check must not hide it
     with pytest.raises(ValueError, match="non-decreasing"):
         prope_attention_varlen(q, k, v, cu, 5, backend="reference")
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(window=4), TypeError, "window must be a \\(left, right\\) tuple"),
+    (dict(window=(1, 2, 3)), TypeError, "window must be"),
+    (dict(window=(1.0, 2)), TypeError, "window must be"),
+    (dict(window=(True, 2)), TypeError, "window must be"),
+    (dict(window=(-2, 0)), ValueError, "window sides must be >= -1"),
+    (dict(window=(3, -5)), ValueError, "window sides must be >= -1"),
+    (dict(softcap="50"), TypeError, "softcap must be a float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive finite"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite"),
+])
+def test_bad_window_and_softcap(kw, exc, msg):
+    q, k, v = _qkv("cpu")
+    with pytest.raises(exc, match=msg):
+        prope_attention(q, k, v, backend="reference", **kw)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(exc, match=msg):
+        prope_attention_varlen(*_packed("cpu"), cu, 5, backend="reference", **kw)
+
+
+def test_backends_without_window_or_softcap(monkeypatch):
+    # A backend whose registry entry lacks "window"/"softcap" (CUDA today): naming it raises,
+    # "auto" passes over it to the next backend that has them.
+    import dataclasses
+
+    from prope_kernels import backends
+    for feature in ("window", "softcap"):
+        assert feature not in backends.get("cuda").features
+        assert feature in backends.get("triton").features
+        assert feature in backends.get("reference").features
+    q, k, v = _qkv("cpu", d=64)
+    with pytest.raises(ValueError, match="backend='cuda' does not implement window"):
+        prope_attention(q, k, v, window=(15, 0), backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' does not implement softcap"):
+        prope_attention(q, k, v, softcap=50.0, backend="cuda")
+    # auto: a stand-in kernel backend that takes CPU tensors and lacks both features
+    fake = dataclasses.replace(backends.get("reference"), name="fake", auto=lambda x: True,
+                               features=frozenset({"varlen", "lse", "rope"}))
+    monkeypatch.setitem(backends.REGISTRY, "fake", fake)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ["fake"] + backends.AUTO_ORDER)
+    assert backends.choose_auto(q) == "fake"
+    assert backends.choose_auto(q, frozenset({"window"})) == "reference"
+    assert backends.choose_auto(q, frozenset({"softcap"})) == "reference"
+    # plain causal is not a window: (-1, 0) with causal=True needs nothing
+    from prope_kernels.validation import check_window_softcap
+    assert check_window_softcap((-1, -1), None, True) == ((-1, 0), 0.0, frozenset())
+    assert check_window_softcap((7, 3), 0, True) == ((7, 0), 0.0, frozenset({"window"}))
+    assert check_window_softcap((-1, 0), 50, False)[2] == frozenset({"window", "softcap"})
+
+
+def test_head_dim_512_errors_where_a_backend_lacks_it(monkeypatch):
+    # Triton takes head_dim 512; CUDA does not, and says so (checked as if on a GPU)
+    import dataclasses
+
+    from prope_kernels import backends
+    q = torch.randn(1, 4, 2, 512, dtype=torch.float16)
+    assert backends.get("triton").head_dim_ok(512)
+    cuda_here = dataclasses.replace(backends.get("cuda"), devices=None,
+                                    unavailable=lambda: None)
+    monkeypatch.setitem(backends.REGISTRY, "cuda", cuda_here)
+    with pytest.raises(ValueError, match="backend='cuda' supports head_dim 64, 128 or 256; "
+                                         "got head_dim=512"):
+        backends.resolve("cuda", q)

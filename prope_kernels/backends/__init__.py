@@ -4,12 +4,17 @@ A backend is a module with three functions on the packed layout (q (total, q_hea
 (total, kv_heads, d), int32 ``cu_seqlens`` (num_seqs + 1,), int64 ``positions`` (total,), lse
 (q_heads, total) float32 natural log)::
 
-    attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale) -> (out, lse)
+    attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window, softcap)
+        -> (out, lse)
     attn_bwd(dout, q, k, v, out, lse, dlse_or_None, cu_seqlens, positions, max_seqlen, spec,
-             causal, scale) -> (dq, dk, dv)
+             causal, scale, window, softcap) -> (dq, dk, dv)
     rope(x, positions, spec, conjugate) -> rotated x (x: (total, heads, d))
 
-``spec`` is a :class:`prope_kernels.rotary.PRoPESpec`; inputs are already validated. Outputs are
+``spec`` is a :class:`prope_kernels.rotary.PRoPESpec`; inputs are already validated. ``window``
+is (left, right) ints, -1 = unbounded, the right side already capped at 0 when causal (query i
+sees key j iff i - left <= j <= i + right); ``softcap`` a float, 0.0 = off. A backend without
+"window" or "softcap" in its ``features`` is never given them (naming it raises, ``auto``
+passes it over). Outputs are
 new tensors (never views of the inputs), in the inputs' dtype (lse float32).
 
 Adding a backend = one module with those functions + one :func:`register` call below (a
@@ -47,6 +52,7 @@ class Backend:
     head_dim_ok: Callable[[int], bool] = lambda d: d % 2 == 0
     devices: Optional[tuple] = ("cuda",)            # device types; None: any device
     interpreter_cpu: bool = False    # also CPU tensors when TRITON_INTERPRET=1
+    # optional attention features: "window" (sliding window), "softcap" (logit softcapping)
     features: frozenset = frozenset({"varlen", "lse", "rope"})
     # None when usable, else the reason (completes "backend='x' ..."); called lazily
     unavailable: Callable[[], Optional[str]] = lambda: None
@@ -69,13 +75,24 @@ class Backend:
             return True
         return self.interpreter_cpu and device.type == "cpu" and env.interpreting()
 
-    def can_run(self, x: torch.Tensor) -> bool:
-        """Whether it takes q-like ``x`` (device, dtype, head_dim) and is usable here."""
+    def can_run(self, x: torch.Tensor, needs: frozenset = frozenset()) -> bool:
+        """Whether it takes q-like ``x`` (device, dtype, head_dim) with the features ``needs``
+        and is usable here."""
         return (self.runs_on(x.device) and x.dtype in self.dtypes
-                and self.head_dim_ok(x.shape[-1]) and self.unavailable() is None)
+                and self.head_dim_ok(x.shape[-1]) and needs <= self.features
+                and self.unavailable() is None)
 
-    def check(self, x: torch.Tensor) -> None:
-        """Raise a ValueError/TypeError naming the backend when it cannot run ``x``."""
+    def check(self, x: torch.Tensor, needs: frozenset = frozenset()) -> None:
+        """Raise a ValueError/TypeError naming the backend when it cannot run ``x`` or lacks a
+        feature of ``needs``."""
+        missing = sorted(set(needs) - set(self.features))
+        if missing:
+            names = {"window": "window (sliding-window attention)",
+                     "softcap": "softcap (logit softcapping)"}
+            others = [b.name for b in REGISTRY.values() if set(needs) <= b.features]
+            raise ValueError(f"backend={self.name!r} does not implement "
+                             + " or ".join(names.get(m, m) for m in missing) + "; use "
+                             + ", ".join(f"backend={b!r}" for b in others + ["auto"]))
         if not self.runs_on(x.device):
             raise ValueError(f"backend={self.name!r} needs CUDA tensors, got tensors on "
                              f"{x.device} ({self.device_hint})")
@@ -89,6 +106,14 @@ class Backend:
         if not self.head_dim_ok(x.shape[-1]):
             raise ValueError(f"backend={self.name!r} supports {self.head_dims}; got "
                              f"head_dim={x.shape[-1]}")
+
+
+def refuse_features(name: str, window, softcap, causal) -> None:
+    """For backends without "window"/"softcap": the API never passes them (registry features);
+    this guards a direct call of the op with them. ((-1, 0) with causal is plain causal.)"""
+    if window[0] >= 0 or (window[1] >= 0 and not causal) or softcap:
+        raise ValueError(f"backend={name!r} implements neither window nor softcap, got "
+                         f"window={tuple(window)}, softcap={softcap}; use backend='triton'")
 
 
 REGISTRY: dict = {}
@@ -129,7 +154,7 @@ def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> s
         return decide(x, *attn, needs=needs).backend
     for name in AUTO_ORDER:
         be = REGISTRY[name]
-        if be.auto is not None and be.can_run(x) and be.auto(x):
+        if be.auto is not None and be.can_run(x, needs) and be.auto(x):
             return name
     return "reference"
 
@@ -148,7 +173,7 @@ def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None)
             return "auto"
         return choose_auto(x, needs, attn)
     be = REGISTRY[backend]
-    be.check(x)
+    be.check(x, needs)
     if (attn is not None and be.check_attention is not None
             and not torch.compiler.is_compiling()):
         be.check_attention(x, *attn)
@@ -185,7 +210,8 @@ register(Backend(
     description="fused Triton kernels (p-RoPE inside FlashAttention-2 forward and backward)",
     head_dims="an even head_dim <= 256, or 512",
     head_dim_ok=lambda d: d % 2 == 0 and (d <= 256 or d == 512),
-    interpreter_cpu=True, features=frozenset({"varlen", "lse", "rope", "deterministic"}),
+    interpreter_cpu=True,
+    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap"}),
     unavailable=_triton_unavailable, auto=lambda x: x.device.type == "cuda",
     device_hint="set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly, or use "
                 "backend='reference'",
@@ -223,7 +249,7 @@ register(Backend(
     description="pure PyTorch (the definition), float32 math (float64 for float64 inputs), any "
                 "device",
     dtypes=ALL_DTYPES, devices=None,
-    features=frozenset({"varlen", "lse", "rope", "deterministic"}),
+    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap"}),
 ))
 
 AUTO_ORDER[:] = ["cuda", "triton"]

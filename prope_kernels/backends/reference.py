@@ -35,17 +35,23 @@ def _runs(cu_seqlens):
         i = j
 
 
-def _scores(q, k, causal, scale):
-    """q (n, L, hkv, group, d), k (n, L, hkv, d) -> scaled scores (n, hkv, group, L, L)."""
+def _scores(q, k, causal, scale, window=(-1, -1), softcap=0.0):
+    """q (n, L, hkv, group, d), k (n, L, hkv, d) -> scores (n, hkv, group, L, L): scaled,
+    softcapped, masked (-inf); and tanh of the capped argument (None without softcap), whose
+    1 - tanh^2 the backward needs."""
     s = torch.einsum("bmhgd,bnhd->bhgmn", q, k) * scale
-    if causal:
-        L = s.shape[-1]
-        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=s.device).triu(1),
-                          float("-inf"))
-    return s
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    keep = ref.attention_mask(s.shape[-2], s.shape[-1], causal, window, s.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s, t
 
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
     total, hq, d = q.shape
     hkv = k.shape[1]
     cd = _compute_dtype(q.dtype)
@@ -56,14 +62,15 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     for t0, n, L in _runs(cu_seqlens):
         rows = slice(t0, t0 + n * L)
         o, l = ref.attention(qr[rows].view(n, L, hq, d), kr[rows].view(n, L, hkv, d),
-                             v[rows].to(cd).view(n, L, hkv, d), causal, scale, return_lse=True)
+                             v[rows].to(cd).view(n, L, hkv, d), causal, scale, return_lse=True,
+                             window=window, softcap=softcap)
         out[rows] = o.reshape(n * L, hq, d).to(q.dtype)
         lse[:, rows] = l.transpose(0, 1).reshape(hq, n * L).float()
     return out, lse
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale):
+             scale, window=(-1, -1), softcap=0.0):
     total, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -78,7 +85,8 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         qg = qr[rows].view(n, L, hkv, group, d)      # q head h reads kv head h // group
         kg, vg = kr[rows].view(n, L, hkv, d), v[rows].to(cd).view(n, L, hkv, d)
         do = dout[rows].to(cd).view(n, L, hkv, group, d)
-        prob = torch.softmax(_scores(qg, kg, causal, scale), dim=-1)     # (n, hkv, group, L, L)
+        s, t = _scores(qg, kg, causal, scale, window, softcap)
+        prob = torch.softmax(s, dim=-1)                                  # (n, hkv, group, L, L)
         dprob = torch.einsum("bmhgd,bnhd->bhgmn", do, vg)
         # row term: rowsum(dO * O) = rowsum(P * dP); an lse gradient enters as -dlse
         row = (prob * dprob).sum(-1, keepdim=True)
@@ -86,6 +94,8 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
             dl = dlse[:, rows].to(cd).reshape(hkv, group, n, L).permute(2, 0, 1, 3)
             row = row - dl[..., None]
         ds = prob * (dprob - row) * scale
+        if softcap:
+            ds = ds * (1 - t * t)          # d softcap * tanh(s / softcap) / ds = 1 - tanh^2
         dqr[rows] = torch.einsum("bhgmn,bnhd->bmhgd", ds, kg).reshape(n * L, hq, d)
         dkr[rows] = torch.einsum("bhgmn,bmhgd->bnhd", ds, qg).reshape(n * L, hkv, d)
         dv[rows] = torch.einsum("bhgmn,bmhgd->bnhd", prob, do).reshape(n * L, hkv, d)

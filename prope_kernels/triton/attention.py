@@ -21,6 +21,16 @@ Where the rotation happens (each element is rotated about once per pass):
   copy of Q costs no memory beyond dq itself.
 
 Nothing rotated outlives the op call: forward saves only q, k, v, out and lse.
+
+Optional features, compile-time switches (no cost when off):
+
+* WINDOW: sliding window, query i sees key j iff i - wl <= j <= i + wr (runtime ints; a causal
+  call has wr = 0, an unbounded side is passed as max_seqlen). The loop bounds shrink to the
+  window: key (query) blocks wholly outside it are never visited, so the work scales with the
+  window; only the blocks it cuts get a mask (``_key_blocks``, ``_query_blocks``).
+* SOFTCAP: scores s = softcap * tanh(q.k * sm_scale / softcap) (runtime cap_in = sm_scale /
+  softcap, cap_out = softcap * log2(e)); the backward multiplies dS by the tanh's derivative
+  1 - tanh^2 (the tanh is recomputed, not stored).
 """
 
 import triton
@@ -58,17 +68,96 @@ def _q_block(CU, n_heads, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _key_blocks(start_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Keys seen by query rows [start_m, start_m + BLOCK_M): blocks in [0, free) are full and left
-    of the diagonal (no mask at all); [free, hi) need the causal/ragged-tail mask."""
+def _tanh(x):
+    # sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: never overflows, absolute error
+    # ~1e-7 (the hardware tanh.approx.f32 is one op but 2^-11 relative: at softcap 50 that is
+    # 0.02 in a score, as much as fp16 PyTorch's own error at large logits)
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)          # -2 * log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(x, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """Raw q.k dots (fp32) -> scores in the log2 domain, and tanh of the capped argument (the
+    backward's 1 - t^2; x itself when SOFTCAP is off, unused)."""
+    if SOFTCAP:
+        t = _tanh(x * cap_in)                           # cap_in = sm_scale / softcap
+        return t * cap_out, t                           # cap_out = softcap * log2(e)
+    else:
+        return x * qk_scale, x
+
+
+@triton.jit
+def _visible(i, j, wl, wr, WINDOW: tl.constexpr):
+    """Query rows i see key columns j (broadcast shapes; sequence bounds not included):
+    the window, else the causal mask."""
+    if WINDOW:
+        return (j >= i - wl) & (j <= i + wr)
+    else:
+        return i >= j
+
+
+@triton.jit
+def _key_blocks(start_m, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Keys seen by query rows [start_m, start_m + BLOCK_M) -> (lo, free_lo, free_hi, hi):
+    blocks in [free_lo, free_hi) are seen whole by every row and inside the sequence (no mask
+    at all); [lo, free_lo) (WINDOW only) and [free_hi, hi) need the mask. Blocks outside
+    [lo, hi) are never visited: with a window the work is ~ (BLOCK_M + wl + wr) keys a row
+    block, not the sequence length."""
     n_even = (L // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        free = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
+    if WINDOW:
+        lo = (tl.maximum(start_m - wl, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(L, start_m + BLOCK_M + wr)
+        # whole block [n, n + BLOCK_N) seen by all rows: n >= last row - wl, n + BLOCK_N - 1 <=
+        # first row + wr
+        free_lo = tl.maximum(tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 - wl, 0), BLOCK_N)
+                             * BLOCK_N, lo)
+        free_lo = tl.minimum(free_lo, hi)  # == hi: no full block, [lo, hi) all masked
+        free_hi = tl.maximum(tl.minimum(((start_m + wr + 1) // BLOCK_N) * BLOCK_N, n_even),
+                             free_lo)
+    elif CAUSAL:
+        lo = 0
+        free_lo = 0
+        free_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, n_even)
         hi = tl.minimum(L, start_m + BLOCK_M)
     else:
-        free = n_even
+        lo = 0
+        free_lo = 0
+        free_hi = n_even
         hi = L
-    return free, hi
+    return lo, free_lo, free_hi, hi
+
+
+@triton.jit
+def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query rows that see keys [start_n, start_n + BLOCK_N) -> (lo, free_lo, free_hi, hi), as
+    in _key_blocks: [free_lo, free_hi) unmasked, [lo, free_lo) and [free_hi, hi) masked."""
+    m_even = (L // BLOCK_M) * BLOCK_M
+    if WINDOW:
+        lo = (tl.maximum(start_n - wr, 0) // BLOCK_M) * BLOCK_M
+        hi = tl.minimum(L, start_n + BLOCK_N + wl)
+        # whole block [m, m + BLOCK_M) sees all keys: m >= last key - wr, m + BLOCK_M - 1 <=
+        # first key + wl
+        free_lo = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - wr, 0), BLOCK_M)
+                             * BLOCK_M, lo)
+        free_lo = tl.minimum(free_lo, hi)
+        free_hi = tl.maximum(tl.minimum(((start_n + wl + 1) // BLOCK_M) * BLOCK_M, m_even),
+                             free_lo)
+    elif CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M                  # first query block that sees us
+        free_lo = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, m_even),
+                             lo)
+        free_hi = tl.maximum(free_lo, m_even)
+        hi = L
+    else:
+        lo = 0
+        free_lo = 0
+        free_hi = m_even
+        hi = L
+    return lo, free_lo, free_hi, hi
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,8 +166,9 @@ def _key_blocks(start_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L, lo, hi,
-               qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
+               qk_scale, wl, wr, cap_in, cap_out, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
     # MASKED=False: every key in [lo, hi) is valid and visible to every row: no mask work at all.
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -95,15 +185,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = _dot(q, kT, None, EMULATE) * qk_scale                          # log2 domain
+        s, _ = _scores(_dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)  # log2
         if MASKED:
             keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if CAUSAL or WINDOW:
+                keep = keep & _visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = m_new
+        if WINDOW and MASKED:
+            # a row may see no key of this block (nor of earlier ones): keep exp2 off -inf - -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = _dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
@@ -116,9 +210,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
     PAIR_A, PAIR_B, PAIR_F, IDS, N_ROT,     # read by the Q_ON_LOAD=0 pre-hook only
-    sm_scale, total, n_heads, seq_bucket,
+    sm_scale, cap_in, cap_out, total, n_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
 ):
@@ -156,14 +251,23 @@ def _attn_fwd_kernel(
     qk_scale = sm_scale * LOG2E
     k_base = K + seq_start * stride_kt + hk * stride_kh
     v_base = V + seq_start * stride_vt + hk * stride_vh
-    n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, free_lo, free_hi, hi = _key_blocks(start_m, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WINDOW:  # blocks the window's left edge cuts
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in,
+                                   cap_out, BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP,
+                                   EVEN_D, EMULATE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                               offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL,
-                               EVEN_D, EMULATE)
+                               offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                               offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL,
-                               EVEN_D, EMULATE)
+                               offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out,
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
 
+    if WINDOW:
+        # every row of the sequence sees its own key; padding rows past its end may see none:
+        # keep them finite (out 0, lse -inf; they are not stored)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2                 # natural log, (BLOCK_M,)
     tl.store(o_ptrs, lowp(acc, O.dtype.element_ty, EMULATE), mask=q_mask)
@@ -197,8 +301,9 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stri
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, L, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    offs_n, offs_d, L, lo, hi, qk_scale, wl, wr, cap_in, cap_out,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                     EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -221,15 +326,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # pT (BLOCK_N, BLOCK_M): probabilities recomputed from the saved lse
-        pT = tl.math.exp2(_dot(k, qT, None, EMULATE) * qk_scale - (lse * LOG2E)[None, :])
+        sT, tT = _scores(_dot(k, qT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
+        pT = tl.math.exp2(sT - (lse * LOG2E)[None, :])
         if MASKED:
             keep = m_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            if CAUSAL or WINDOW:
+                keep = keep & _visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
             pT = tl.where(keep, pT, 0.0)
         dv = _dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
         dpT = _dot(v, tl.trans(do), None, EMULATE)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)                 # d(capped score) / d(scaled score)
         dk = _dot(lowp(dsT, qT.dtype, EMULATE), tl.trans(qT), dk, EMULATE)
     return dk, dv
 
@@ -239,11 +347,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU,
-    sm_scale, total, n_kv_heads, seq_bucket,
+    sm_scale, cap_in, cap_out, total, n_kv_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it.
@@ -273,32 +382,27 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-
-    m_even = (L // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M                          # first query block that sees us
-        diag_end = tl.maximum(tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, m_even),
-                              lo)
-    else:
-        lo = 0
-        diag_end = 0
-    tail = tl.maximum(diag_end, m_even)
+    lo, free_lo, free_hi, hi = _query_blocks(start_n, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for g in range(split * (GROUP // SPLIT), (split + 1) * (GROUP // SPLIT)):
         h = (hk * GROUP + g).to(tl.int64)
         q_base = Q + seq_start * stride_qt + h * stride_qh
         do_base = DO + seq_start * stride_dot + h * stride_doh
         lse_base = LSE + h * total + seq_start
         delta_base = DELTA + h * total + seq_start
-        # diagonal blocks (masked), blocks fully below the diagonal (no mask), ragged tail (masked)
+        # diagonal / window-edge blocks (masked), blocks every row sees whole (no mask), the
+        # ragged tail and the window's far edge (masked)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, lo, diag_end, qk_scale, BLOCK_M,
-                                 HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
+                                 stride_dot, offs_n, offs_d, L, lo, free_lo, qk_scale, wl, wr,
+                                 cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
+                                 SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, diag_end, m_even, qk_scale,
-                                 BLOCK_M, HEAD_DIM, False, CAUSAL, EVEN_D, EMULATE)
+                                 stride_dot, offs_n, offs_d, L, free_lo, free_hi, qk_scale, wl,
+                                 wr, cap_in, cap_out, BLOCK_M, HEAD_DIM, False, CAUSAL, WINDOW,
+                                 SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, tail, L, qk_scale, BLOCK_M,
-                                 HEAD_DIM, True, CAUSAL, EVEN_D, EMULATE)
+                                 stride_dot, offs_n, offs_d, L, free_hi, hi, qk_scale, wl, wr,
+                                 cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
+                                 SOFTCAP, EVEN_D, EMULATE)
     dk = dk * sm_scale
     dk_ptrs = DK + (seq_start + offs_n)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + (seq_start + offs_n)[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :]
@@ -314,8 +418,9 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L,
-                  lo, hi, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                  lo, hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
                   EMULATE: tl.constexpr):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -333,14 +438,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         # p (BLOCK_M, BLOCK_N): probabilities recomputed from the saved lse
-        p = tl.math.exp2(_dot(q, kT, None, EMULATE) * qk_scale - (lse * LOG2E)[:, None])
+        s, t = _scores(_dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)
+        p = tl.math.exp2(s - (lse * LOG2E)[:, None])
         if MASKED:
             keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if CAUSAL or WINDOW:
+                keep = keep & _visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, vT, None, EMULATE)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = _dot(lowp(ds, kT.dtype, EMULATE), tl.trans(kT), dq, EMULATE)
     return dq
 
@@ -350,11 +458,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU,
-    sm_scale, total, n_heads, seq_bucket,
+    sm_scale, cap_in, cap_out, total, n_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     h, seq_start, L, start_m = _q_block(CU, n_heads, BLOCK_M)
@@ -376,13 +484,17 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
     k_base = K + seq_start * stride_kt + hk * stride_kh
     v_base = V + seq_start * stride_vt + hk * stride_vh
-    n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, free_lo, free_hi, hi = _key_blocks(start_m, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WINDOW:
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                           offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+                           HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, 0, n_free, qk_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN_D,
-                       EMULATE)
+                       offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+                       HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, n_free, hi, qk_scale, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN_D,
-                       EMULATE)
+                       offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+                       HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
     dq = dq * sm_scale
     tl.store(DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              lowp(dq, DQ.dtype.element_ty, EMULATE), mask=mask)

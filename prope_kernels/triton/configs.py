@@ -46,7 +46,7 @@ TABLES = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}
 # the one config of each kernel under the CPU interpreter
 INTERPRETER = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 # retune per (shape class, power-of-two sequence bucket); dkdv also per GQA split mode
-AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "seq_bucket"]
+AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "ROTATE", "WINDOW", "SOFTCAP", "seq_bucket"]
 _KEYS = {"fwd": AUTOTUNE_KEY, "dkdv": AUTOTUNE_KEY + ["SPLIT", "ATOMIC"], "dq": AUTOTUNE_KEY}
 
 

@@ -34,13 +34,41 @@ def _common(q, k, spec):
                 ROTATE=spec.num_rotated > 0, EMULATE=emulate)
 
 
+_LOG2E = 1.4426950408889634
+
+
+def _mask_args(causal, window, softcap, scale, max_seqlen):
+    """Kernel arguments of the causal/window/softcap features.
+
+    A side of the window that reaches past the longest sequence is unbounded, so a window wider
+    than the sequence runs the plain kernels; (-1, 0) is plain causal. With WINDOW the causal
+    cap is in wr (0); an unbounded side is passed as max_seqlen (never reached)."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    unbounded = max(int(max_seqlen) - 1, 0)
+    left = -1 if left < 0 or left >= unbounded else left
+    right = -1 if right < 0 or right >= unbounded else right
+    use_window = left >= 0 or right > 0 or (right == 0 and not causal and max_seqlen > 1)
+    if left < 0 and right == 0:     # only the causal cap: the plain causal kernel
+        causal, use_window = True, False
+    wl = left if left >= 0 else int(max_seqlen)
+    wr = right if right >= 0 else int(max_seqlen)
+    softcap = float(softcap or 0.0)
+    cap_in = scale / softcap if softcap else 0.0
+    cap_out = softcap * _LOG2E
+    return dict(wl=wl, wr=wr, cap_in=cap_in, cap_out=cap_out, CAUSAL=bool(causal),
+                WINDOW=use_window, SOFTCAP=softcap > 0)
+
+
 def rope(x, positions, spec, conjugate):
     y = _new(x)
     return rope_launch(x, y, positions.contiguous(), spec.tables(x.device), spec.num_rotated,
                        conjugate)
 
 
-def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
+def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
+             softcap=0.0):
     total, hq, d = q.shape
     out = _new(q)
     lse = _new(q, hq, total, dtype=torch.float32)
@@ -50,6 +78,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
     cu_seqlens = cu_seqlens.contiguous()
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
+    meta.update(_mask_args(causal, window, softcap, scale, max_seqlen))
     if meta["ROTATE"]:
         k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
     else:
@@ -60,16 +89,16 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale):
         q, k_rot, v, out, lse, positions, cu_seqlens,
         tables.col_partner, tables.col_sign, tables.col_freq,
         tables.pair_a, tables.pair_b, tables.pair_freq, tables.identity, spec.num_rotated,
-        scale, total, hq, seq_bucket(max_seqlen),
+        scale, meta.pop("cap_in"), meta.pop("cap_out"), total, hq, seq_bucket(max_seqlen),
+        meta.pop("wl"), meta.pop("wr"),
         q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        CAUSAL=causal, **meta,
+        out.stride(0), out.stride(1), **meta,
     )
     return out, lse
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale):
+             scale, window=(-1, -1), softcap=0.0):
     total, hq, d = q.shape
     hkv = k.shape[1]
     if dout.stride(-1) != 1:
@@ -81,6 +110,10 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     lse = lse.contiguous()
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
+    feat = _mask_args(causal, window, softcap, scale, max_seqlen)
+    runtime = (feat.pop("cap_in"), feat.pop("cap_out"))   # after sm_scale
+    wl, wr = feat.pop("wl"), feat.pop("wr")                # after seq_bucket
+    meta.update(feat)                                      # CAUSAL, WINDOW, SOFTCAP
     num_seqs = cu_seqlens.numel() - 1
 
     delta = _new(q, hq, total, dtype=torch.float32)
@@ -118,12 +151,12 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     grid_kv = lambda m: (num_seqs * hkv * split, triton.cdiv(max_seqlen, m["BLOCK_N"]))  # noqa: E731,E501
     _attn_bwd_dkdv_kernel[grid_kv](
         q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens,
-        scale, total, hkv, bucket,
+        scale, *runtime, total, hkv, bucket, wl, wr,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dk.stride(0) if split > 1 and not atomic else 0, dk.stride(-3), dk.stride(-2),
         dv.stride(-3), dv.stride(-2),
-        CAUSAL=causal, SPLIT=split, ATOMIC=atomic, **meta,
+        SPLIT=split, ATOMIC=atomic, **meta,
     )
     if split > 1 and not atomic:
         dk, dv = dk.sum(0), dv.sum(0)
@@ -131,10 +164,10 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
-        scale, total, hq, bucket,
+        scale, *runtime, total, hq, bucket, wl, wr,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        CAUSAL=causal, **meta,
+        **meta,
     )
     if meta["ROTATE"]:
         # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the opposite rotation, in place
