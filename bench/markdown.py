@@ -100,7 +100,7 @@ def markdown(meta, settings, rows, pngs=()):
 
     groups = ordered(r["group"] for r in rows)
     if "preset" in groups:
-        out += ["## Presets (the shapes of PERF.md)", ""]
+        out += ["## Presets (published model shapes)", ""]
         for case in ordered(r["case"] for r in rows if r["group"] == "preset"):
             out += _case_table(case, rows, idx) + [""]
     if "p" in groups:

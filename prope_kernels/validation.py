@@ -2,7 +2,8 @@
 names the argument and what was expected, before any kernel runs.
 
 The rotation's arguments (head_dim, p, theta, variant, layout) are checked by constructing a
-:class:`prope_kernels.rotary.PRoPESpec`; the backend choice by :func:`prope_kernels.backends.resolve`.
+:class:`prope_kernels.rotary.PRoPESpec`; the backend choice by
+:func:`prope_kernels.backends.resolve`.
 """
 
 from __future__ import annotations
