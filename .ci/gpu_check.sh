@@ -19,13 +19,14 @@
 # quick, against one deadline (QUICK_DEADLINE_S, default 470 s from the start): the CUDA extension
 # builds for sm_90a in the background from the first second (MAX_JOBS=12) while the GPU tests run
 # (-v, pytest-xdist when present: each result is logged as it happens, so the names of failing
-# tests survive a timeout); then the CUDA backend's tests; then the benchmark at the gemma-2b
-# preset, our backends against cuDNN and FlashAttention-2 (each without RoPE and + compiled
-# RoPE); then a summary (bench/gpu_summary.py). Each step must end by a fixed share of the deadline
+# tests survive a timeout); then the CUDA backend's tests (SM80 and SM90 kernels); then the
+# benchmark at QUICK_PRESETS (default gemma-2b, then llama-gqa), our backends against cuDNN and
+# FlashAttention-2 (each without RoPE and + compiled RoPE), the kernel sets not yet validated on a
+# GPU last; then a summary (bench/gpu_summary.py). Each step must end by a fixed share of the deadline
 # (build and tests 50%, CUDA tests 62%, bench 95%, summary 100%; a step that ends early leaves its
 # time to the next) and is killed at that point, so a slow step cannot eat the others. Files in
 # $OUT: quick.log (every step's output), tests.xml, cuda_tests.xml (junit), bench.json, bench.md
-# (the benchmark's results and report), summary.md.
+# (the benchmark's results and report), dispatch.json (auto's table from that run), summary.md.
 #
 # The machine needs torch with CUDA, Triton, pytest; the CUDA build also the CUTLASS headers, and
 # pytest-xdist (optional) spreads the tests' many Triton compiles over the CPU cores. A machine
@@ -90,6 +91,7 @@ env_info() {
 # --- quick ---------------------------------------------------------------------------------------
 
 DEADLINE="${QUICK_DEADLINE_S:-470}"
+QUICK_PRESETS="${QUICK_PRESETS:-gemma-2b,llama-gqa}"  # in order: a spent budget cuts the tail
 LOG="$OUT/quick.log"
 STEPS=()  # NAME=RC:SECONDS:CAP for the summary
 
@@ -129,7 +131,7 @@ quick() {
   local build_rc_file build_pid cap
   build_rc_file=$(mktemp /tmp/prope_build_rc.XXXXXX)
   # this stage's files only (a stale junit or bench file must not pass for this run's)
-  rm -f "$OUT"/{cuda_build.log,tests.xml,cuda_tests.xml,bench.json,bench.md}
+  rm -f "$OUT"/{cuda_build.log,tests.xml,cuda_tests.xml,bench.json,bench.md,dispatch.json}
   rm -f "$OUT/summary.md"
   : >"$LOG"
   # 1. the CUDA extension, in the background (own log until merged: no interleaving)
@@ -173,7 +175,7 @@ quick() {
     STEPS+=("cuda_tests=skipped:0:0"); status=1
   fi
 
-  # 4. the benchmark: gemma-2b, our backends and the peers; it stops starting new runs 45 s
+  # 4. the benchmark: QUICK_PRESETS, our backends and the peers; it stops starting new runs 45 s
   #    before its cap (a run in flight, autotuning included, takes up to about 30 s)
   local budget_min providers tmp
   if [ "$FAKE" = 1 ]; then
@@ -184,8 +186,9 @@ quick() {
   cap=$(left_until 95)
   budget_min=$("$PY" -c "print(round(max($cap - 45, 10) / 60, 2))")
   tmp=$(mktemp -d /tmp/prope_bench.XXXXXX)
-  qstep bench 95 bash -c "'$PY' -m bench --preset gemma-2b --modes fwd,fwd+bwd \
-      --providers '$providers' --out '$tmp' --no-progress --no-plots --budget-min $budget_min; \
+  qstep bench 95 bash -c "'$PY' -m bench --preset '$QUICK_PRESETS' --modes fwd,fwd+bwd \
+      --providers '$providers' --out '$tmp' --no-progress --no-plots --budget-min $budget_min \
+      --write-dispatch '$OUT/dispatch.json'; \
       rc=\$?; cp '$tmp/results.json' '$OUT/bench.json' && cp '$tmp/report.md' '$OUT/bench.md'; \
       exit \$rc"
   rm -rf "$tmp"

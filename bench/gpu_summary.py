@@ -25,10 +25,16 @@ MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
 
 def quick_providers() -> list:
     """Every backend of ours the benchmark knows (the pure-PyTorch reference aside: a definition,
-    not a kernel), then the peers."""
+    not a kernel) and the peers. The validated kernels and the peers first; the kernel sets that
+    have not yet been validated on a GPU (Triton's Hopper kernels, the CUDA SM90 kernels) last,
+    so a crash there (which takes the process's CUDA context with it) costs only their rows."""
     from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
-    ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"]
-    return ours + [n for n in QUICK_PEER_PROVIDERS if n in PROVIDERS]
+    late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm90"]
+    # prope-triton runs the portable kernels by default: -portable would time them twice
+    ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"
+            and n not in late and n != "prope-triton-portable"]
+    peers = [n for n in QUICK_PEER_PROVIDERS if n in PROVIDERS]
+    return ours + peers + [n for n in late if n in PROVIDERS]
 
 
 # --- tests ---------------------------------------------------------------------------------------

@@ -67,7 +67,10 @@ def _all_providers():
     out += [Provider("prope-triton-hopper", "prope", "triton", "fused",
                      "prope_attention (triton, Hopper TMA kernels)"),
             Provider("prope-triton-portable", "prope", "triton", "fused",
-                     "prope_attention (triton, portable kernels)")]
+                     "prope_attention (triton, portable kernels)"),
+            # the CUDA backend's SM90 kernels (wgmma + TMA), forced (PROPE_CUDA_SM90=1)
+            Provider("prope-cuda-sm90", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM90 wgmma/TMA kernels)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -90,6 +93,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
+    "prope-cuda-sm90",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -236,6 +240,8 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
         call = lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw)  # noqa: E731
     else:
         call = lambda q, k, v: api.prope_attention(q, k, v, **kw)  # noqa: E731
+    if be == "cuda":
+        return _cuda_kernel_family(prov, call, dev, notes)
     if be != "triton":
         return Impl(call, notes)
     return _triton_kernel_set(prov, call, dev, notes, bool(case.has_window or case.softcap))
@@ -268,6 +274,25 @@ def _triton_kernel_set(prov, call, dev, notes, features):
             os.environ[prope_env.TRITON_KERNELS] = want
         return call(q, k, v)
     return Impl(fn, list(notes) + [f"{prope_env.TRITON_KERNELS}={want or 'auto'}"])
+
+
+def _cuda_kernel_family(prov, call, dev, notes):
+    """prope-cuda: the kernels the backend picks by default (SM80 family unless the user set
+    PROPE_CUDA_SM90); prope-cuda-sm90: the SM90 kernels forced. Set at each call, like the Triton
+    switch above, so a backward sees its own provider's setting."""
+    user = os.environ.get("PROPE_CUDA_SM90")
+    want = "1" if prov.name == "prope-cuda-sm90" else user
+    if want == "1":
+        if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
+            raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
+
+    def fn(q, k, v):
+        if want is None:
+            os.environ.pop("PROPE_CUDA_SM90", None)
+        else:
+            os.environ["PROPE_CUDA_SM90"] = want
+        return call(q, k, v)
+    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want or '0'}"])
 
 
 def _sdpa_backend(name):
