@@ -25,14 +25,15 @@ MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
 
 def quick_providers() -> list:
     """Every backend of ours the benchmark knows (the pure-PyTorch reference aside: a definition,
-    not a kernel) and the peers. The validated kernels and the peers first; the kernel sets that
-    have not yet been validated on a GPU (Triton's Hopper kernels, the CUDA SM90 kernels) last,
-    so a crash there (which takes the process's CUDA context with it) costs only their rows."""
+    not a kernel) and the peers. The default kernels and the peers first; the opt-in kernel sets
+    (Triton's Hopper kernels, the CUDA SM80 kernels on an sm_90 GPU) and auto last, so a spent
+    budget, or a crash (which takes the process's CUDA context with it), costs only their rows."""
     from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
-    late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm90"]
-    # prope-triton runs the portable kernels by default: -portable would time them twice
+    late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80"]
+    # prope-triton runs the portable kernels by default, prope-cuda the SM90 ones on sm_90: the
+    # forced variants would time the same kernels twice
     ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"
-            and n not in late and n != "prope-triton-portable"]
+            and n not in late and n not in ("prope-triton-portable", "prope-cuda-sm90")]
     peers = [n for n in QUICK_PEER_PROVIDERS if n in PROVIDERS]
     return ours + peers + [n for n in late if n in PROVIDERS]
 

@@ -68,9 +68,11 @@ def _all_providers():
                      "prope_attention (triton, Hopper TMA kernels)"),
             Provider("prope-triton-portable", "prope", "triton", "fused",
                      "prope_attention (triton, portable kernels)"),
-            # the CUDA backend's SM90 kernels (wgmma + TMA), forced (PROPE_CUDA_SM90=1)
+            # the CUDA backend's kernel families, each forced (PROPE_CUDA_SM90=1 / 0)
             Provider("prope-cuda-sm90", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM90 wgmma/TMA kernels)")]
+                     "prope_attention (cuda, SM90 wgmma/TMA kernels)"),
+            Provider("prope-cuda-sm80", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM80 mma.sync kernels)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -93,7 +95,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
-    "prope-cuda-sm90",
+    "prope-cuda-sm90", "prope-cuda-sm80",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -277,11 +279,11 @@ def _triton_kernel_set(prov, call, dev, notes, features):
 
 
 def _cuda_kernel_family(prov, call, dev, notes):
-    """prope-cuda: the kernels the backend picks by default (SM80 family unless the user set
-    PROPE_CUDA_SM90); prope-cuda-sm90: the SM90 kernels forced. Set at each call, like the Triton
-    switch above, so a backward sees its own provider's setting."""
+    """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
+    PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced. Set at each call, like the
+    Triton switch above, so a backward sees its own provider's setting."""
     user = os.environ.get("PROPE_CUDA_SM90")
-    want = "1" if prov.name == "prope-cuda-sm90" else user
+    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0"}.get(prov.name, user)
     if want == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
@@ -292,7 +294,7 @@ def _cuda_kernel_family(prov, call, dev, notes):
         else:
             os.environ["PROPE_CUDA_SM90"] = want
         return call(q, k, v)
-    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want or '0'}"])
+    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want if want is not None else 'unset'}"])
 
 
 def _sdpa_backend(name):

@@ -186,8 +186,9 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tens
 prope::Mat mat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 prope::MutMat mut(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
-// The problem description shared by forward and backward. family: 0 auto, 1 SM80, 2 SM90 (the
-// Python side passes 2 only when PROPE_CUDA_SM90=1); asking for SM90 where it cannot run raises.
+// The problem description shared by forward and backward. family: 0 auto (SM90 on sm_90 when
+// built, else SM80), 1 SM80, 2 SM90 (the Python side passes 2 for PROPE_CUDA_SM90=1, 1 for =0);
+// asking for SM90 where it cannot run raises.
 prope::AttnProblem problem(const char* op, const Qkv& a, const Tables& t, int64_t max_seqlen,
                            bool causal, double scale, int64_t family) {
   TORCH_CHECK(family >= 0 && family <= 2, op, ": family must be 0 (auto), 1 (sm80) or 2 (sm90), got ",

@@ -71,21 +71,22 @@ def preferred_over_triton(x: torch.Tensor) -> bool:
     return False
 
 
-# Kernel family passed to the ops: 0 auto (today the SM80 kernels everywhere), 2 the SM90 kernels.
+# Kernel family passed to the ops: 0 auto (the SM90 kernels on an sm_90 device when the build has
+# the sm_90a target, else the SM80 ones; csrc/kernels/api.cu resolve_family), 1 SM80, 2 SM90.
 FAMILY_AUTO, FAMILY_SM80, FAMILY_SM90 = 0, 1, 2
 
 
 def sm90_requested() -> bool:
-    """PROPE_CUDA_SM90=1 opts in to the SM90 (wgmma + TMA) forward and backward on sm_90 GPUs.
-
-    Off by default: those kernels have not yet run on a GPU, so they must not replace the
-    validated SM80 kernels silently. With it set, a build without the sm_90a target or a device
-    other than sm_90 raises instead of falling back. Read at each call (tests flip it)."""
-    return env.cuda_sm90()
+    """PROPE_CUDA_SM90=1 forces the SM90 (wgmma + TMA) forward and backward: a build without the
+    sm_90a target or a device other than sm_90 then raises instead of falling back. Unset, the
+    SM90 kernels run where they can (validated on an H100, 2026-11-26: all of
+    tests/test_cuda_backend.py). PROPE_CUDA_SM90=0 forces the SM80 kernels. Read at each call."""
+    return env.cuda_sm90() is True
 
 
 def _family() -> int:
-    return FAMILY_SM90 if sm90_requested() else FAMILY_AUTO
+    want = env.cuda_sm90()
+    return FAMILY_AUTO if want is None else FAMILY_SM90 if want else FAMILY_SM80
 
 
 def _require() -> None:

@@ -17,9 +17,10 @@ whether it is set.
                        portable ones; the default once a GPU run has validated them), hopper
                        (the Hopper kernels, an error where they cannot run; also under the CPU
                        interpreter)
-  PROPE_CUDA_SM90=1    the CUDA backend runs its SM90 kernels (wgmma, TMA; sm_90 GPUs, built with
-                       the 9.0a target) instead of the SM80 ones: opt-in until a GPU has
-                       validated them (csrc/README.md)
+  PROPE_CUDA_SM90      which kernels the CUDA backend runs on an sm_90 GPU: unset = the SM90
+                       kernels (wgmma, TMA) where the build has the 9.0a target, else the SM80
+                       ones; 1 = the SM90 kernels or an error; 0 = the SM80 kernels (validated on
+                       an H100 on 2026-11-26, bench/results; csrc/README.md)
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -69,9 +70,17 @@ def triton_kernels() -> str:
     return mode
 
 
-def cuda_sm90() -> bool:
-    """The CUDA backend uses its SM90 forward and backward kernels (opt-in)."""
-    return _get("PROPE_CUDA_SM90", "0").strip().lower() in ("1", "true", "yes", "on")
+def cuda_sm90():
+    """PROPE_CUDA_SM90: True forces the CUDA backend's SM90 kernels, False its SM80 kernels,
+    None (unset or empty) lets it choose (SM90 on sm_90 where built)."""
+    v = _get("PROPE_CUDA_SM90", "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    if v:
+        raise ValueError(f"PROPE_CUDA_SM90 must be 1 or 0 (or unset), got {v!r}")
+    return None
 
 
 def cache_dir() -> str:

@@ -147,19 +147,25 @@ def test_deterministic_mode_refuses_atomic_backward():
         torch.use_deterministic_algorithms(False)
 
 
-# --- the SM90 kernels (wgmma + TMA), opt-in with PROPE_CUDA_SM90=1 ------------------------------
+# --- the SM90 kernels (wgmma + TMA): the default on sm_90, forced with PROPE_CUDA_SM90=1 ----------
 # Each case runs the SM90 forward and the SM90 backward (out, dq, dk, dv vs the float64 reference).
 
-def test_sm90_is_opt_in(monkeypatch):
-    # Until a GPU has validated them, the SM90 kernels never replace the SM80 ones by default.
+def test_sm90_switch(monkeypatch):
+    # unset: the extension picks (SM90 on sm_90 where built); 1 forces SM90; 0 forces SM80
     monkeypatch.delenv("PROPE_CUDA_SM90", raising=False)
     assert cuda_backend.sm90_requested() is False
     assert cuda_backend._family() == cuda_backend.FAMILY_AUTO
     for on in ("1", "true", "on"):
         monkeypatch.setenv("PROPE_CUDA_SM90", on)
+        assert cuda_backend.sm90_requested() is True
         assert cuda_backend._family() == cuda_backend.FAMILY_SM90
-    monkeypatch.setenv("PROPE_CUDA_SM90", "0")
-    assert cuda_backend.sm90_requested() is False
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("PROPE_CUDA_SM90", off)
+        assert cuda_backend.sm90_requested() is False
+        assert cuda_backend._family() == cuda_backend.FAMILY_SM80
+    monkeypatch.setenv("PROPE_CUDA_SM90", "maybe")
+    with pytest.raises(ValueError, match="PROPE_CUDA_SM90"):
+        cuda_backend._family()
 
 
 @pytest.fixture

@@ -86,8 +86,12 @@ bool sm90_built() {
 #endif
 }
 
+// Auto: the SM90 kernels on an sm_90 device when this build has them (validated on an H100,
+// 2026-11-26), else the SM80 kernels (compiled for every target). Sm90 asked for where it cannot
+// run is refused by the caller (binding.cpp), never silently replaced.
 Family resolve_family(const AttnProblem& pb) {
-  if (pb.family == Family::Sm90 && pb.sm == 90 && sm90_built()) return Family::Sm90;
+  if (pb.family == Family::Sm80) return Family::Sm80;
+  if (pb.sm == 90 && sm90_built()) return Family::Sm90;
   return Family::Sm80;
 }
 

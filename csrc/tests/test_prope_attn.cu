@@ -2,7 +2,8 @@
 // backward through the torch-free API the binding calls (prope_attn/api.h: the same launch
 // sequences), checked against a float64 CPU reference of p-RoPE + softmax attention below.
 //   build: cmake -B build -S . && cmake --build build -j
-//   run:   ./build/test_prope_attn          (SM80 kernels)
+//   run:   ./build/test_prope_attn          (the kernels the API picks: SM90 on sm_90 when built)
+//          ./build/test_prope_attn --sm80   (SM80 kernels)
 //          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
 // Head dims tested: those compiled in (PROPE_HAS_HD64/128/256, set by CMakeLists.txt).
 #include <cuda_bf16.h>
@@ -291,7 +292,8 @@ int main(int argc, char** argv) {
   CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
   CK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
   g_sm = major * 10 + minor;
-  // --sm90: force the SM90 kernels (fails when this build or device cannot run them)
+  // --sm80 / --sm90: force a family (--sm90 fails when this build or device cannot run it)
+  if (argc > 1 && std::string(argv[1]) == "--sm80") g_family = prope::Family::Sm80;
   if (argc > 1 && std::string(argv[1]) == "--sm90") {
     g_family = prope::Family::Sm90;
     if (prope::resolve_family({.sm = g_sm, .family = g_family}) != prope::Family::Sm90) {
@@ -301,7 +303,8 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("device sm_%d, kernels: %s\n", g_sm,
-              g_family == prope::Family::Sm90 ? "SM90" : "SM80");
+              prope::resolve_family({.sm = g_sm, .family = g_family}) == prope::Family::Sm90
+                  ? "SM90" : "SM80");
   std::mt19937 gen(1234);
   std::vector<int> dims;
 #ifdef PROPE_HAS_HD64
