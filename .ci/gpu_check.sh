@@ -21,10 +21,11 @@
 # (-v, pytest-xdist when present: each result is logged as it happens, so the names of failing
 # tests survive a timeout); then the CUDA backend's tests (SM80 and SM90 kernels); then the
 # benchmark at QUICK_PRESETS (default gemma-2b, then llama-gqa), our backends against cuDNN and
-# FlashAttention-2 (each without RoPE and + compiled RoPE), the kernel sets not yet validated on a
-# GPU last; then a summary (bench/gpu_summary.py). Each step must end by a fixed share of the deadline
-# (build and tests 50%, CUDA tests 62%, bench 95%, summary 100%; a step that ends early leaves its
-# time to the next) and is killed at that point, so a slow step cannot eat the others. Files in
+# FlashAttention-2 (each without RoPE and + compiled RoPE), the opt-in kernel sets and auto last;
+# then a summary (bench/gpu_summary.py). Each step must end by a fixed share of the deadline
+# (QUICK_SHARES, default "50 62 95": build and tests 50%, CUDA tests 62%, bench 95%, summary 100%;
+# a step that ends early leaves its time to the next) and is killed at that point, so a slow step
+# cannot eat the others. QUICK_TESTS="tests/test_x.py ..." runs those instead of the GPU suite. Files in
 # $OUT: quick.log (every step's output), tests.xml, cuda_tests.xml (junit), bench.json, bench.md
 # (the benchmark's results and report), dispatch.json (auto's table from that run), summary.md.
 #
@@ -92,6 +93,11 @@ env_info() {
 
 DEADLINE="${QUICK_DEADLINE_S:-470}"
 QUICK_PRESETS="${QUICK_PRESETS:-gemma-2b,llama-gqa}"  # in order: a spent budget cuts the tail
+# the deadline's shares (percent) by which build+tests, the CUDA tests and the bench must end
+read -r PCT_TESTS PCT_CUDA PCT_BENCH <<<"${QUICK_SHARES:-50 62 95}"
+# QUICK_TESTS: the tests step's pytest arguments instead of the whole GPU suite (a re-check of a
+# few files after a fix, when the lease has little time left)
+if [ -n "${QUICK_TESTS:-}" ]; then read -r -a TEST_ARGS <<<"$QUICK_TESTS"; fi
 LOG="$OUT/quick.log"
 STEPS=()  # NAME=RC:SECONDS:CAP for the summary
 
@@ -135,7 +141,7 @@ quick() {
   rm -f "$OUT/summary.md"
   : >"$LOG"
   # 1. the CUDA extension, in the background (own log until merged: no interleaving)
-  cap=$(left_until 50)
+  cap=$(left_until "$PCT_TESTS")
   (
     t0=$(date +%s)
     # TERM: a background job ignores SIGINT
@@ -149,7 +155,7 @@ quick() {
   env_info 2>&1 | tee -a "$LOG"
 
   # 2. the GPU tests
-  qstep tests 50 "$PY" -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "${TEST_ARGS[@]}" \
+  qstep tests "$PCT_TESTS" "$PY" -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "${TEST_ARGS[@]}" \
       --junitxml="$OUT/tests.xml"
 
   # 3. the CUDA backend's tests, once the build is done
@@ -168,7 +174,7 @@ quick() {
   fi
   STEPS+=("cuda_build=$brc:$bsec:$bcap")
   if [ "$brc" -eq 0 ]; then
-    qstep cuda_tests 62 "$PY" -m pytest -v -rfE -p no:cacheprovider tests/test_cuda_backend.py \
+    qstep cuda_tests "$PCT_CUDA" "$PY" -m pytest -v -rfE -p no:cacheprovider tests/test_cuda_backend.py \
         --junitxml="$OUT/cuda_tests.xml"
   else
     echo "=== step cuda_tests: not run, the build failed" | tee -a "$LOG"
@@ -183,10 +189,10 @@ quick() {
   else
     providers=$("$PY" -m bench.gpu_summary --quick-providers) || providers="prope-*"
   fi
-  cap=$(left_until 95)
+  cap=$(left_until "$PCT_BENCH")
   budget_min=$("$PY" -c "print(round(max($cap - 45, 10) / 60, 2))")
   tmp=$(mktemp -d /tmp/prope_bench.XXXXXX)
-  qstep bench 95 bash -c "'$PY' -m bench --preset '$QUICK_PRESETS' --modes fwd,fwd+bwd \
+  qstep bench "$PCT_BENCH" bash -c "'$PY' -m bench --preset '$QUICK_PRESETS' --modes fwd,fwd+bwd \
       --providers '$providers' --out '$tmp' --no-progress --no-plots --budget-min $budget_min \
       --write-dispatch '$OUT/dispatch.json'; \
       rc=\$?; cp '$tmp/results.json' '$OUT/bench.json' && cp '$tmp/report.md' '$OUT/bench.md'; \

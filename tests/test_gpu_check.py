@@ -231,3 +231,19 @@ def test_quick_benchmarks_every_backend_of_ours():
         assert provs.index(n) > last_peer
     assert {"sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash-norope",
             "sdpa-flash+rope-compiled"} <= set(provs)
+
+
+def test_quick_tests_selection_and_shares(tmp_path):
+    # QUICK_TESTS replaces the GPU suite in the tests step; QUICK_SHARES moves its cap
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_FAKE="1", QUICK_DEADLINE_S="100",
+               PYTHON=sys.executable, QUICK_TESTS="tests/test_hf.py -k gemma",
+               QUICK_SHARES="30 62 95")
+    proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = (out / "quick.log").read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("=== step tests: cap"))
+    assert "tests/test_hf.py -k gemma" in line and "--ignore" not in line, line
+    cap = int(line.split("cap ")[1].split(" s")[0])
+    assert 25 <= cap <= 30, line  # 30% of 100 s, less the seconds already spent
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
