@@ -32,11 +32,11 @@ by their backward ops; empty tensors stand in for them and the op contract needs
 tensor. ``PROPE_SDPA_KERNEL=cudnn|flash|efficient`` forces one kernel (tests, benchmarks).
 
 The gradient of lse (``return_lse``): the ATen backward ops take no dlse, so its part is added
-separately (exact), only when lse carries a gradient (dlse is None otherwise: the autograd does
-not materialise zero gradients, see interface.py): d lse_i / d s_ij = P_ij, so dq'_i += scale * dlse_i * sum_j P_ij k'_j (one
+separately (exact): d lse_i / d s_ij = P_ij, so dq'_i += scale * dlse_i * sum_j P_ij k'_j (one
 forward call with v := k') and dk'_j += scale * sum_i P_ij dlse_i q'_i (the dv of one backward
 call with v := k' and dout := dlse * q'). It costs one extra forward and backward, only when lse
-carries a gradient.
+carries a gradient (dlse is None otherwise: the autograd does not materialise zero gradients,
+see interface.py).
 
 Layouts the ATen backward ops are given: every tensor (dout included) is contiguous in the packed
 layout, i.e. the (b, s, h, d) layout the forward returned out in. cuDNN needs it: torch caches
