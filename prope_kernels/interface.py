@@ -94,6 +94,10 @@ def _attn_setup_context(ctx, inputs, output):
     q, k, v, cu, pos, max_seqlen, *args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu, pos)  # no rotated copies are kept
+    # an unused output's gradient arrives as None, not zeros: without return_lse (or with an
+    # unused lse) the backends get dlse=None and skip its term (the sdpa backend would else run
+    # an extra forward and backward on a zero dlse)
+    ctx.set_materialize_grads(False)
     # p, theta, variant, layout, causal, scale, window_left, window_right, softcap, backend
     ctx.args = (max_seqlen, *args)
 

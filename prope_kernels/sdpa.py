@@ -18,7 +18,11 @@ Which ATen kernel (:func:`choose`), in order:
 * ``flash``: ``aten._flash_attention_forward`` / ``_flash_attention_backward``, dense (batch,
   seqlen, heads, d) or varlen with cu_seqlens (its lse is already (q_heads, total)). GQA native.
 * ``efficient``: ``aten._efficient_attention_forward`` / ``_backward``, dense only; it has no
-  GQA, so k/v are expanded to q's heads (a recorded copy) and dk/dv summed back per group.
+  GQA (torch's can_use_efficient_attention refuses unequal head counts), so for GQA/MQA k/v are
+  expanded to q's heads and dk/dv summed back per group: in backward that is four (b, s, hq, d)
+  tensors (expanded k, v and their gradients), in forward two short-lived ones. It is the only
+  torch kernel for head_dim > 256 (e.g. 512); :func:`choose` asks torch about the expanded
+  shapes (the kernel it really runs) and records the expansion in ``notes``.
 * ``cpu_flash``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) on the
   CPU (GQA native); varlen runs one call per sequence. It exists so that the CPU tests check this
   backend's plumbing (rotation, layouts, lse, gradients) against the float64 reference.
@@ -31,7 +35,14 @@ The gradient of lse (``return_lse``): the ATen backward ops take no dlse, so its
 separately (exact): d lse_i / d s_ij = P_ij, so dq'_i += scale * dlse_i * sum_j P_ij k'_j (one
 forward call with v := k') and dk'_j += scale * sum_i P_ij dlse_i q'_i (the dv of one backward
 call with v := k' and dout := dlse * q'). It costs one extra forward and backward, only when lse
-carries a gradient.
+carries a gradient (dlse is None otherwise: the autograd does not materialise zero gradients,
+see interface.py).
+
+Layouts the ATen backward ops are given: every tensor (dout included) is contiguous in the packed
+layout, i.e. the (b, s, h, d) layout the forward returned out in. cuDNN needs it: torch caches
+its backward graph under a key made of q/k/v shapes and strides only, while the graph bakes in
+the strides of out and dout seen on the first call; a later call with another dout layout (the
+lse term's dout was head-major) reuses that graph and reads dout with the wrong strides.
 """
 
 from __future__ import annotations
@@ -116,6 +127,9 @@ def _choose_gpu(q, k, num_seqs, max_seqlen, causal, dense, forced) -> Choice:
     from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention,
                                      can_use_efficient_attention, can_use_flash_attention)
     params = SDPAParams(q4, k4, k4, None, 0.0, bool(causal), hq != hkv)
+    # the efficient kernel runs on k/v expanded to q's heads: ask torch about that call (q4
+    # stands in for the expanded k/v: same shape, dtype, device and layout)
+    params_expanded = SDPAParams(q4, q4, q4, None, 0.0, bool(causal), False)
     refused = []
     order = (forced,) if forced else GPU_KERNELS
     for kern in order:
@@ -136,9 +150,11 @@ def _choose_gpu(q, k, num_seqs, max_seqlen, causal, dense, forced) -> Choice:
         elif kern == "efficient":
             if not dense:
                 refused.append("efficient: varlen not wired (its lse is padded per sequence)")
-            elif can_use_efficient_attention(params, False):
+            elif can_use_efficient_attention(params_expanded, False):
+                mib = 4 * total * hq * d * q.element_size() / 2**20
                 notes = ((f"efficient kernel has no GQA: k/v expanded from {hkv} to {hq} heads "
-                          "(a copy) and dk/dv summed back",) if hq != hkv else ())
+                          f"and dk/dv summed back (backward holds 4 expanded (tokens, {hq}, {d}) "
+                          f"tensors, {mib:.0f} MiB)",) if hq != hkv else ())
                 return Choice("efficient", True, hq != hkv,
                               "memory-efficient attention accepts this shape", notes)
             else:
@@ -219,9 +235,14 @@ def _empty_rng(device, kernel):
             torch.empty((), dtype=torch.int64, device=device))
 
 
+# The namespace the GPU kernels are called from (torch.ops.aten); tests put CPU emulations of
+# the GPU ops here (e.g. the cuDNN backward's graph cache) to check this module's calls.
+ATEN = torch.ops.aten
+
+
 def _fwd(ch, q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, hq, d = q.shape
-    aten = torch.ops.aten
+    aten = ATEN
     if ch.kernel == "cpu_flash":
         if ch.dense:
             return _cpu_fwd(q, k, v, total // max_seqlen, causal, scale)
@@ -274,7 +295,10 @@ def _cpu_fwd(q, k, v, b, causal, scale):
 def _bwd(ch, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, hq, d = q.shape
     hkv = k.shape[1]
-    aten = torch.ops.aten
+    aten = ATEN
+    # the layout out has (packed, contiguous): cuDNN's cached backward graph reads dout with the
+    # strides of the first call's dout (see the module docstring); no copy when already so
+    dout, out = dout.contiguous(), out.contiguous()
     if ch.kernel == "cpu_flash":
         if ch.dense:
             return _cpu_bwd(dout, q, k, v, out, lse, total // max_seqlen, causal, scale)
@@ -384,7 +408,7 @@ def _add_dlse(ch, dq, dk, dlse, qr, kr, lse, cu_seqlens, max_seqlen, causal, sca
     pk, _ = _fwd(ch, qr, kr, kr, cu_seqlens, max_seqlen, causal, scale)  # sum_j P_ij k'_j
     dq = (dq.to(cd) + scale * w * pk.to(cd)).to(dq.dtype)
     # dk'_j = scale * sum_i P_ij dlse_i q'_i: the dv of a backward with v := k', dout := dlse*q'
-    do2 = (w * qr.to(cd)).to(qr.dtype)
+    do2 = (qr.to(cd) * w).to(qr.dtype).contiguous()  # (total, hq, d) like out, not head-major
     _, _, dk2 = _bwd(ch, do2, qr, kr, kr, pk, lse, cu_seqlens, max_seqlen, causal, scale)
     dk = (dk.to(cd) + scale * dk2.to(cd)).to(dk.dtype)
     return dq, dk

@@ -109,6 +109,110 @@ def test_p_zero_rotates_nothing_and_rope_op(device):
     torch.testing.assert_close(back, x, atol=2e-3, rtol=0)
 
 
+# --- the cuDNN path on the CPU: an emulation of torch's cuDNN ops and their graph cache ----------
+
+class FakeCudnn:
+    """CPU stand-ins for aten._scaled_dot_product_cudnn_attention(_backward) (torch 2.11, cuDNN
+    >= 9.5.1), numbers from the CPU flash ops, with the behaviour of torch's cuDNN integration
+    that matters to the caller: outputs and gradients in the layouts of q, k, v, lse (b, h, s, 1),
+    and the backward graph cache keyed on q/k/v shapes and strides only, whose graph keeps the
+    grad_out strides of the call that built it (MHA.cpp: MHACacheKeyWrapper(q, k, v, ...),
+    Do->set_stride(dO.strides())). A later call with the same q/k/v but another grad_out layout
+    reads grad_out's memory with the first layout's strides, as the GPU does."""
+
+    def __init__(self):
+        self.graphs = {}  # key -> grad_out strides baked into the "graph"
+        self.bwd_calls = 0
+
+    def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, lse, dropout, causal, debug,
+                                            scale=None):
+        assert bias is None and dropout == 0.0 and lse and not debug
+        out, lse3 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        o = torch.empty_like(q)  # cuDNN's output matches q's layout
+        o.copy_(out)
+        return o, lse3.float().unsqueeze(-1).contiguous(), None, None, q.shape[2], k.shape[2]
+
+    def _scaled_dot_product_cudnn_attention_backward(self, do, q, k, v, o, lse4, seed, offset,
+                                                     bias, cum_q, cum_k, max_q, max_k, dropout,
+                                                     causal, scale=None):
+        self.bwd_calls += 1
+        assert do.stride(-1) == 1  # else torch would permute it to o's layout first
+        assert lse4.shape == (*q.shape[:3], 1) and lse4.is_contiguous()
+        key = (q.dtype, causal) + tuple((x.shape, x.stride()) for x in (q, k, v))
+        strides = self.graphs.setdefault(key, do.stride())
+        do_seen = do.as_strided(do.shape, strides, do.storage_offset())
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do_seen, q, k, v, o, lse4.squeeze(-1), 0.0, causal, scale=scale)
+        return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
+
+
+def test_fake_cudnn_reproduces_the_stale_graph():
+    # the emulation itself: a second backward with a head-major grad_out reads it wrongly
+    fake = FakeCudnn()
+    gen = torch.Generator().manual_seed(3)
+    b, s, h, d = 2, 9, 2, 16
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).transpose(1, 2) for _ in range(3))
+    o, lse4 = fake._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)[:2]
+    do = torch.randn(b, s, h, d, generator=gen).transpose(1, 2)
+    args = (o, lse4, None, None, None, None, None, s, s, 0.0, True)
+    first = fake._scaled_dot_product_cudnn_attention_backward(do, q, k, v, *args)
+    head_major = do.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # same values
+    stale = fake._scaled_dot_product_cudnn_attention_backward(head_major, q, k, v, *args)
+    assert not torch.allclose(stale[2], first[2])
+    again = fake._scaled_dot_product_cudnn_attention_backward(do.clone(), q, k, v, *args)
+    torch.testing.assert_close(again[2], first[2])
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa", "mqa"])
+def test_cudnn_path_with_a_stale_backward_graph(monkeypatch, heads):
+    # the GPU failure of the lse gradient with cuDNN (dk wrong): the lse term's backward call
+    # must hand cuDNN a grad_out in out's layout; on the CPU through the emulation above
+    fake = FakeCudnn()
+    monkeypatch.setattr(sdpa, "ATEN", fake)
+    monkeypatch.setattr(sdpa, "choose", lambda q, k, n, s, c: sdpa.Choice("cudnn", True, False,
+                                                                         "test"))
+    hq, hkv = HEADS[heads]
+    for causal in (True, False):
+        run_dense("cpu", torch.float16, 2, 29, hq, hkv, 32, causal=causal, backend="sdpa",
+                  lse=True)
+    assert fake.bwd_calls >= 4  # (main + lse term) per run: the emulation was called
+
+
+def test_unused_lse_adds_no_kernel_calls(monkeypatch):
+    # without return_lse the lse gradient is None (not zeros): no lse-term forward/backward
+    seen = []
+    orig = sdpa.attn_bwd
+
+    def spy(*args, **kw):
+        seen.append(args[6])
+        return orig(*args, **kw)
+    monkeypatch.setattr(sdpa, "attn_bwd", spy)
+    monkeypatch.setattr(sdpa, "_add_dlse", lambda *a: pytest.fail("lse term on a zero dlse"))
+    q, k, v = (torch.randn(1, 16, h, 32, dtype=torch.float16, requires_grad=True)
+               for h in (4, 2, 2))
+    prope_attention(q, k, v, backend="sdpa").float().sum().backward()
+    out, lse = prope_attention(q, k, v, backend="sdpa", return_lse=True)
+    out.float().sum().backward()  # lse returned but unused
+    assert seen == [None, None] and q.grad is not None
+
+
+def test_efficient_choice_asks_torch_about_the_expanded_call(monkeypatch):
+    # torch's efficient kernel has no GQA (can_use_efficient_attention refuses unequal heads):
+    # the choice must ask about the call it makes, k/v expanded to q's heads, enable_gqa off
+    import torch.backends.cuda as cb
+    asked = []
+    monkeypatch.setattr(cb, "can_use_efficient_attention",
+                        lambda p, debug: asked.append(p) or True)
+    q = torch.empty(2 * 24, 4, 512, dtype=torch.bfloat16)
+    k = torch.empty(2 * 24, 1, 512, dtype=torch.bfloat16)
+    ch = sdpa._choose_gpu(q, k, 2, 24, True, True, "efficient")
+    assert ch.kernel == "efficient" and ch.expand_kv and "expanded" in ch.notes[0]
+    p = asked[0]
+    assert p.key.shape == p.value.shape == p.query.shape == (2, 4, 24, 512)
+    assert not p.enable_gqa
+
+
 # --- the GPU kernels' calls, on the meta device (shapes, layouts, lse conversions) ---------------
 
 @pytest.mark.parametrize("kernel,dense,hq,hkv", [("cudnn", True, 4, 2), ("cudnn", True, 3, 1),
@@ -279,16 +383,53 @@ def test_gpu_each_kernel(monkeypatch, kernel, heads, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
 def test_gpu_lse(monkeypatch, kernel):
     monkeypatch.setenv("PROPE_SDPA_KERNEL", kernel)
     run_dense("cuda", torch.bfloat16, 2, 1000, 8, 2, 128, backend="sdpa", lse=True)
 
 
 @pytest.mark.gpu
+def test_gpu_cudnn_backward_any_dout_layout(monkeypatch, record_property):
+    # the same backward with a head-major dout (same values) after a contiguous one: the
+    # gradients must not change (torch's cached cuDNN graph would read it with stale strides)
+    monkeypatch.setenv("PROPE_SDPA_KERNEL", "cudnn")
+    b, s, hq, hkv, d = 2, 256, 8, 2, 128
+    gen = torch.Generator().manual_seed(11)
+    q, dout = (torch.randn(b * s, hq, d, generator=gen).cuda().bfloat16() for _ in range(2))
+    k, v = (torch.randn(b * s, hkv, d, generator=gen).cuda().bfloat16() for _ in range(2))
+    ch = sdpa.choose(q, k, b, s, True)
+    if ch.kernel != "cudnn":
+        pytest.skip(f"torch refuses cudnn here: {ch.why}")
+    out, lse = sdpa._fwd(ch, q, k, v, None, s, True, d ** -0.5)
+    want = sdpa._bwd(ch, dout, q, k, v, out, lse, None, s, True, d ** -0.5)
+    head_major = dout.transpose(0, 1).contiguous().transpose(0, 1)
+    got = sdpa._bwd(ch, head_major, q, k, v, out, lse, None, s, True, d ** -0.5)
+    for name, w, g in zip(("dq", "dk", "dv"), want, got):
+        err = (g.float() - w.float()).abs().max().item()
+        assert err < 2e-2, f"{name}: {err}"
+    # what torch itself does with such a dout (recorded in the junit xml, not asserted: a later
+    # torch may key its graph cache on dout's strides)
+    t = lambda x: x.view(b, s, -1, d).transpose(1, 2)  # noqa: E731
+    lse4 = lse.view(hq, b, s).transpose(0, 1).contiguous().unsqueeze(-1)
+    seed = torch.empty((), dtype=torch.int64, device="cuda")
+    raw = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        t(head_major), t(q), t(k), t(v), t(out), lse4, seed, seed, None, None, None, s, s, 0.0,
+        True, scale=d ** -0.5)
+    err = (raw[2].transpose(1, 2).reshape(b * s, hkv, d).float() - want[2].float()).abs().max()
+    record_property("torch_cudnn_bwd_head_major_dout_dv_max_err", float(err))
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_flash_and_head_dim_512():
     run_varlen("cuda", torch.bfloat16, [1, 3000, 0, 517, 2048, 7], 16, 4, 128, backend="sdpa")
+    # head_dim 512: only the memory-efficient kernel, which has no GQA: k/v expanded
+    q = torch.empty(1024, 4, 512, device="cuda", dtype=torch.bfloat16)
+    ch = sdpa.choose(q, q[:, :1], 1, 1024, True)
+    assert (ch.kernel, ch.expand_kv) == ("efficient", True), ch
     run_dense("cuda", torch.bfloat16, 1, 1024, 4, 1, 512, p=0.25, theta=1e6, backend="sdpa")
+    run_dense("cuda", torch.bfloat16, 1, 300, 4, 2, 512, p=0.25, theta=1e6, backend="sdpa",
+              lse=True)
 
 
 @pytest.mark.gpu
