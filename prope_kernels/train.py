@@ -364,6 +364,16 @@ def _sharded(run: Run) -> bool:
     return run.cfg.fsdp and dist.is_initialized()
 
 
+def _dcp_writer(run: Run, path: Path):
+    """torch's file writer stages tensors through a CUDA stream whenever CUDA is present, even
+    for CPU tensors; a CPU run (gloo) copies serially (per_thread_copy_ahead=0) and so never
+    opens a CUDA context (on a GPU machine it could fail there when the GPU is full)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    ahead = {} if run.device.type == "cuda" else {"per_thread_copy_ahead": 0}
+    return FileSystemWriter(str(path), **ahead)
+
+
 def save_checkpoint(run: Run):
     path = run.out / "checkpoint"
     meta = {"step": run.step, "data_position": run.batches.position,
@@ -371,8 +381,8 @@ def save_checkpoint(run: Run):
                              for g in run.opt.state_dict()["param_groups"]],
             "config": asdict(run.cfg), "sharded": _sharded(run)}
     rng = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    if run.device.type == "cuda":  # a CPU run on a GPU machine never creates a CUDA context
+        rng["rng.cuda"] = torch.cuda.get_rng_state(run.device)
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -381,7 +391,7 @@ def save_checkpoint(run: Run):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(run.model, run.opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+        dcp.save({"model": msd, "optim": osd}, storage_writer=_dcp_writer(run, path / "dcp"))
         if run.rank == 0:
             save_file(rng, str(path / "rng.safetensors"))
             (path / "state.json").write_text(json.dumps(meta, indent=1))
@@ -432,8 +442,8 @@ def load_checkpoint(run: Run):
             state.setdefault(int(i), {})[name] = v if name == "step" else v.to(run.device)
         run.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if "rng.cuda" in tensors and run.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], run.device)
     run.step, run.batches.position = meta["step"], meta["data_position"]
 
 

@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_cache():
+    """GPU runs: 8 pytest-xdist processes share one GPU, and torch's caching allocator keeps a
+    process's peak reserved after its test ends (one held 27.5 GiB while others ran out of
+    memory): hand the cached blocks back after every test."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture
 def device():
     """The machine's device: "cuda" on a GPU machine, else "cpu" (Triton kernels interpreted).

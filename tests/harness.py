@@ -37,11 +37,50 @@ def grads(fn, inputs, cotangents):
     return (*outs, *gs)
 
 
+# Reference scores above this many bytes a matrix are computed one query head at a time: the
+# float64 reference keeps several (b, hq, s, s) matrices for its backward (1.5 GiB each at b=2,
+# hq=6, s=4096), and the GPU suite runs 8 pytest-xdist processes on one GPU.
+HEADWISE_BYTES = 256 * 2**20
+
+
+def reference_grads(fn, inputs, cotangents, headwise_bytes=None):
+    """``grads`` of a reference attention ``fn(q, k, v)``, one query head at a time when its
+    float64 score matrix is large: q, k, v, the outputs (out, lse) and their cotangents all have
+    the head axis at dim -2 (dense (b, s, h, d), packed (t, h, d), lse (b, h, s)); head h uses kv
+    head h // (hq // hkv), so dk and dv sum over the heads of a group. Heads are independent in
+    the math, so the results equal the all-heads call up to the order of the dk/dv sums."""
+    q, k, v = inputs
+    hq, hkv = q.shape[-2], k.shape[-2]
+    rows = q.numel() // (hq * q.shape[-1])          # b * s (dense) or total (packed)
+    s_k = k.shape[-3]
+    limit = HEADWISE_BYTES if headwise_bytes is None else headwise_bytes
+    if hq == 1 or rows * s_k * hq * 8 <= limit:
+        return grads(fn, inputs, cotangents)
+    group = hq // hkv
+    outs = None
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for h in range(hq):
+        kh = slice(h // group, h // group + 1)
+        part = grads(fn, (q[..., h:h + 1, :], k[..., kh, :], v[..., kh, :]),
+                     [c[..., h:h + 1, :] for c in cotangents])
+        n = len(part) - 3
+        if outs is None:
+            outs = [o.new_empty(o.shape[:-2] + (hq,) + o.shape[-1:]) for o in part[:n]]
+        for o, po in zip(outs, part[:n]):
+            o[..., h:h + 1, :] = po
+        dq[..., h:h + 1, :] = part[n]
+        dk[..., kh, :] += part[n + 1]
+        dv[..., kh, :] += part[n + 2]
+        del part
+    return (*outs, dq, dk, dv)
+
+
 def check_against_reference(names, got, reference, inputs, cotangents):
     """The tolerance rule for each of ``got`` (outputs, then input gradients): the truth is
     ``reference`` in float64, PyTorch's own error is ``reference`` in the inputs' dtype."""
-    truth = grads(reference, [x.double() for x in inputs], [c.double() for c in cotangents])
-    lowp = grads(reference, inputs, cotangents)
+    truth = reference_grads(reference, [x.double() for x in inputs],
+                            [c.double() for c in cotangents])
+    lowp = reference_grads(reference, inputs, cotangents)
     for name, g, t, lp in zip(names, got, truth, lowp):
         check(name, g, t, lp)
     return truth, lowp

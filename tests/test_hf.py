@@ -67,7 +67,11 @@ def build(family, dtype=torch.float32, device="cpu", seed=0, attn=None, **over):
         kw.pop("head_dim")
         kw["head_dim"] = 16
     cfg = getattr(transformers, cfg_name)(**kw)
-    if attn is not None:  # default: sdpa where the family has it (Gemma 2: eager)
+    if attn is None and getattr(cfg, "attn_logit_softcapping", None):
+        # the original answer needs the eager attention: transformers' sdpa path drops the logit
+        # softcap (5.24 marks Gemma 2 sdpa-unsupported; 5.17 picks sdpa and ignores the softcap)
+        attn = "eager"
+    if attn is not None:  # default: sdpa where the family has it
         cfg._attn_implementation = attn
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(cfg)
@@ -264,6 +268,12 @@ def test_fallback_4d_mask_warns_once_and_matches(device):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def returned_cache(out):
+    """The KV cache a forward returned: ``out.cache`` in recent transformers, ``past_key_values``
+    in earlier 5.x releases (5.17 on the GPU machine)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma4"])
 def test_generate_with_cache_matches(family, device):
     """The prompt runs fused and fills the cache with rotated keys; later tokens fall back."""
@@ -275,12 +285,16 @@ def test_generate_with_cache_matches(family, device):
     want = base.generate(ids, **kw)
     assert torch.equal(got, want)
     with torch.no_grad():
-        lp = patched(ids, use_cache=True).cache
-        lb = base(ids, use_cache=True).cache
+        lp = returned_cache(patched(ids, use_cache=True))
+        lb = returned_cache(base(ids, use_cache=True))
+    assert lb is not None and lp is not None
+    compared = 0
     for layer in range(len(lb.layers)):
         if lb.layers[layer].keys is not None and lp.layers[layer].keys is not None:
             torch.testing.assert_close(lp.layers[layer].keys, lb.layers[layer].keys,
                                        rtol=1e-5, atol=1e-5)
+            compared += 1
+    assert compared > 0
 
 
 def test_dropout_in_training_falls_back(device):

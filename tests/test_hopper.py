@@ -150,17 +150,26 @@ def test_dispatch_rules(monkeypatch):
     if not hopper.triton_supports():
         assert "tensor descriptors" in hopper.unsupported_reason(q, k, v)
         return
-    # what the new kernels lack falls back to the portable ones (explicitly named)
-    if not ON_GPU:
+    if ON_GPU:
+        # compiled kernels: CPU tensors are refused first, then the rules below need CUDA tensors
+        # on an sm_90 GPU (the CPU interpreter is for CI machines only)
+        assert hopper.unsupported_reason(q, k, v) == "not a CUDA tensor"
+        q, k, v = (x.cuda() for x in (q, k, v))
+        if not SM90:
+            assert hopper.unsupported_reason(q, k, v) == "not an sm_90 GPU"
+            return
+    else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert hopper.unsupported_reason(q, k, v) is None
+    # what the new kernels lack falls back to the portable ones (explicitly named)
+    assert hopper.unsupported_reason(q, k, v) is None
     assert "head_dim 48" in hopper.unsupported_reason(q[..., :48], k[..., :48], v[..., :48])
-    big = torch.zeros(8, 2, 512, dtype=torch.bfloat16)
-    if not ON_GPU:
-        assert hopper.unsupported_reason(big, big, big) is None        # forward: Hopper
+    big = torch.zeros(8, 2, 512, dtype=torch.bfloat16, device=q.device)
+    assert hopper.unsupported_reason(big, big, big) is None        # forward: Hopper
     assert "head_dim 512 backward" in hopper.unsupported_reason(big, big, big, backward=True)
     assert hopper.unsupported_reason(q, k, v, window=(8, 0)) == "sliding window"
     assert hopper.unsupported_reason(q, k, v, softcap=30.0) == "softcap"
+    off = torch.zeros(8, 4, 72, dtype=torch.bfloat16, device=q.device)[..., 4:68]  # base +8 B
+    assert "16-byte aligned" in hopper.unsupported_reason(off, k, v)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         assert "deterministic" in hopper.unsupported_reason(q, k, v, backward=True)
@@ -168,9 +177,9 @@ def test_dispatch_rules(monkeypatch):
         torch.use_deterministic_algorithms(False)
     # forced: an unsupported call is an error, never a silent portable run
     monkeypatch.setenv(hopper.KERNELS_ENV, "hopper")
-    if not ON_GPU:
-        with pytest.raises(ValueError, match="head_dim 48"):
-            hopper.selected(q[..., :48], k[..., :48], v[..., :48])
+    assert hopper.selected(q, k, v)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        hopper.selected(q[..., :48], k[..., :48], v[..., :48])
 
 
 def test_backward_form_choice(monkeypatch):

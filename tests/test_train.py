@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from prope_kernels.models import preset
 from prope_kernels.train import TrainConfig, main, parse_args, train
@@ -107,6 +108,35 @@ def test_two_process_gloo_runs_agree_with_one_process_and_resume_exactly(tmp_pat
     # resuming a sharded checkpoint in one process is refused clearly
     with pytest.raises(Exception, match="sharded"):
         train(_cfg(tmp_path / "b", steps=4, resume=True, device="cpu"))
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_cpu_run_never_touches_cuda(tmp_path, monkeypatch, fsdp):
+    """--device cpu on a GPU machine (the gloo tests there): save and resume, sharded (torch's
+    checkpoint writer) or not, never open a CUDA context (one failed there on a full GPU)."""
+    import torch._dynamo  # noqa: F401  (its import maps torch's functions: before the fakes)
+
+    def refuse(name):
+        def fake(*a, **k):
+            raise AssertionError(f"a --device cpu run called torch.cuda.{name}")
+        return fake
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state", "set_rng_state", "current_stream", "Stream", "init"):
+        monkeypatch.setattr(torch.cuda, name, refuse(name))
+    if fsdp:  # one rank over gloo, as torchrun would start it
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        for var, val in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(var, val)
+    cfg = dict(steps=2, eval_every=2, device="cpu", fsdp=fsdp)
+    try:
+        train(_cfg(tmp_path / "r", stop_at=1, **cfg))
+        assert (tmp_path / "r" / "checkpoint" / ("dcp" if fsdp else "model.safetensors")).exists()
+        resumed = train(_cfg(tmp_path / "r", resume=True, **cfg))["metrics"]
+        assert [r["step"] for r in resumed] == [1, 2]
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _cli(*args):

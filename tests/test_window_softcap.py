@@ -158,6 +158,7 @@ def test_reference_backend_written_out_backward(causal, window, softcap):
 import itertools  # noqa: E402
 import zlib  # noqa: E402
 
+from harness import reference_grads  # noqa: E402
 from tolerance import check  # noqa: E402
 
 HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1), "gqa4": (8, 2), "mqa2": (2, 1)}
@@ -176,8 +177,9 @@ def _compare(fused, reference, inputs, dout, select=slice(None)):
         out = fn(*xs)
         return (out, *torch.autograd.grad(out, xs, do))
     got = grads(fused, inputs, dout)
-    truth = grads(reference, [x.double() for x in inputs], dout.double())
-    lowp = grads(reference, inputs, dout)
+    # the references one query head at a time at GPU sizes (harness.reference_grads)
+    truth = reference_grads(reference, [x.double() for x in inputs], [dout.double()])
+    lowp = reference_grads(reference, inputs, [dout])
     for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
         check(name, g[..., select, :, :], t[..., select, :, :], lp[..., select, :, :])
     return got
@@ -296,6 +298,32 @@ def test_head_dim_512(device):
     # Gemma-4-style global layer head_dim with both features (interpreter: a small shape)
     run_dense(device, torch.bfloat16, 1, 37, "mqa2", 512, True, (20, 0), softcap=50.0,
               in_scale=3.0, p=0.25)
+
+
+def test_headwise_reference_equals_all_heads(device):
+    # reference_grads splits GPU-size references by query head: the same out, lse, dq, dk, dv
+    # (dense GQA with lse, window and softcap; packed MQA) as the all-heads call
+    spec = PRoPESpec(32, 0.75)
+    q, k, v, do = _inputs("headwise", [(2, 19, 6, 32), (2, 19, 2, 32), (2, 19, 2, 32),
+                                       (2, 19, 6, 32)], torch.float64, device)
+    dlse = _inputs("headwise-lse", [(2, 6, 19)], torch.float64, device)[0]
+
+    def dense(q, k, v):
+        return ref.prope_attention(q, k, v, spec, True, None, None, return_lse=True,
+                                   window=(5, 0), softcap=20.0)
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+
+    def packed(q, k, v):
+        return ref.prope_attention_varlen(q, k, v, cu, spec, True, None)
+    packed_in = [x[0, :, :3] if x.shape[-2] == 6 else x[0, :, :1] for x in (q, k, v, do)]
+    for fn, xs, cots in ((dense, (q, k, v), [do, dlse]),
+                         (packed, packed_in[:3], packed_in[3:])):
+        whole = reference_grads(fn, xs, cots)
+        split = reference_grads(fn, xs, cots, headwise_bytes=0)
+        assert len(whole) == len(split) == len(cots) + 3
+        for a, b in zip(whole, split):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 # --- GPU sizes (skipped without a GPU) -----------------------------------------------------------
