@@ -272,13 +272,36 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
 
       ss.barrier_q.arrive_and_expect_tx(Tr::kQBytes);
       copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
-      auto wr = cutlass::make_producer_start_state<Pipeline>();
-      for (int n = 0; n < n_block_max; ++n) {
-        pipe_k.producer_acquire(wr);
-        copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
-        pipe_v.producer_acquire(wr);
-        copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
-        ++wr;
+      if constexpr (!kOverlap) {
+        auto wr = cutlass::make_producer_start_state<Pipeline>();
+        for (int n = 0; n < n_block_max; ++n) {
+          pipe_k.producer_acquire(wr);
+          copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
+          pipe_v.producer_acquire(wr);
+          copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
+          ++wr;
+        }
+      } else {
+        // the consumers' order: K(n) is needed before V(n-1), whose stage is freed later. Block
+        // n is the n-th load of either pipeline, so its write state follows from n alone (the
+        // producer's start state has phase 1), which keeps the 24-register producer unspilled.
+        constexpr int kS = Tr::kStages;
+        auto at = [](int n) {
+          return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1) ^ 1u, uint32_t(n));
+        };
+        auto load_k = [&](int n) {
+          const auto w = at(n);
+          pipe_k.producer_acquire(w);
+          copy(args.tma_k.with(*pipe_k.producer_get_barrier(w), 0), tKg(_, n), tKs(_, w.index()));
+        };
+        auto load_v = [&](int n) {
+          const auto w = at(n);
+          pipe_v.producer_acquire(w);
+          copy(args.tma_v.with(*pipe_v.producer_get_barrier(w), 0), tVg(_, n), tVs(_, w.index()));
+        };
+        load_k(0);
+        for (int n = 1; n < n_block_max; ++n) { load_k(n); load_v(n - 1); }
+        load_v(n_block_max - 1);
       }
     }
   } else {
@@ -355,7 +378,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       // token: sync on named barrier 1 + w (256 threads: its own 128 + the other's arrive), hand
       // it over by arriving on the other's barrier. The first consumer pre-arrives on its own
       // barrier so that it goes first. Both consumers run the same n_block_max iterations, so
-      // the hand-overs pair up; the one arrive left at the end dies with the CTA.
+      // the hand-overs pair up.
       constexpr bool kPingpong = kD <= 128;
       const int wg = warp_group - 1;  // consumer 0 or 1
       auto token_wait = [&] {
@@ -374,53 +397,64 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<Element>(acc_s(i));
       };
-      cutlass::PipelineState<Tr::kStages> rd_k, rd_v;
+      // read state of block n in either pipeline, from n alone (consumer start phase 0): no
+      // second state object live across the loop (d256 runs at the 240-register limit)
+      constexpr int kS = Tr::kStages;
+      auto at = [](int n) {
+        return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1), uint32_t(n));
+      };
 
       // block 0: S(0) alone
-      pipe_k.consumer_wait(rd_k);
-      token_wait();
-      wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rd_k.index()), acc_s);
-      token_pass();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_s);
-      pipe_k.consumer_release(rd_k);
-      ++rd_k;
+      {
+        const auto rk = at(0);
+        pipe_k.consumer_wait(rk);
+        token_wait();
+        wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), acc_s);
+        token_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        pipe_k.consumer_release(rk);
+      }
       mask(0);
       softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);  // corr: 0 (O is still 0)
       to_p();
 
       for (int n_block = 1; n_block < n_block_max; ++n_block) {
-        pipe_k.consumer_wait(rd_k);
+        const auto rk = at(n_block), rv = at(n_block - 1);
+        pipe_k.consumer_wait(rk);
         token_wait();
-        wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rd_k.index()), acc_s);       // S(n)
+        wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), acc_s);         // S(n)
         rescale_rows<kRows>(o_rc, corr);
-        pipe_v.consumer_wait(rd_v);
+        pipe_v.consumer_wait(rv);
         warpgroup_fence_operand(rP);
-        wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index()), acc_o);      // O += P(n-1) V(n-1)
+        wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);        // O += P(n-1) V(n-1)
         token_pass();
         warpgroup_wait<1>();                                                          // S(n) done
         warpgroup_fence_operand(acc_s);
-        pipe_k.consumer_release(rd_k);
-        ++rd_k;
+        pipe_k.consumer_release(rk);
         mask(n_block);
         softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);
         warpgroup_wait<0>();                                                          // P V done
         warpgroup_fence_operand(acc_o);
         warpgroup_fence_operand(rP);
-        pipe_v.consumer_release(rd_v);
-        ++rd_v;
+        pipe_v.consumer_release(rv);
         to_p();
       }
 
-      // the last block's O += P V, outside the pingpong
+      // the last block's O += P V, outside the pingpong. The first consumer takes the second's
+      // last hand-over, so that every arrive on both barriers is matched before the CTA ends.
+      if constexpr (kPingpong) {
+        if (wg == 0) cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 1);
+      }
       rescale_rows<kRows>(o_rc, corr);
-      pipe_v.consumer_wait(rd_v);
+      const auto rv = at(n_block_max - 1);
+      pipe_v.consumer_wait(rv);
       warpgroup_fence_operand(rP);
-      wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index()), acc_o);
+      wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
       warpgroup_fence_operand(rP);
-      pipe_v.consumer_release(rd_v);
+      pipe_v.consumer_release(rv);
     }
 
     // normalise, write lse (one lane per row: the one holding column 0), then O via smem
