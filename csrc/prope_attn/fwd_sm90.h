@@ -427,7 +427,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         rescale_rows<kRows>(o_rc, corr);
         pipe_v.consumer_wait(rv);
         warpgroup_fence_operand(rP);
-        wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);        // O += P(n-1) V(n-1)
+        wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);        // O += P V(n-1)
         token_pass();
         warpgroup_wait<1>();                                                          // S(n) done
         warpgroup_fence_operand(acc_s);
