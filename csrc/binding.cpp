@@ -230,13 +230,18 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& positions, int64_t max_seqlen,
                                             const at::Tensor& pair_a, const at::Tensor& pair_b,
                                             const at::Tensor& pair_freq, const at::Tensor& identity,
-                                            bool causal, double scale, int64_t family) {
+                                            bool causal, double scale, int64_t family,
+                                            int64_t sm90_fwd) {
   const char* op = "prope_cuda::attn_fwd";
+  // sm90_fwd: the SM90 forward's variant, FwdParams::sm90_fwd (bit 0 overlap, bit 1 lpt order)
+  TORCH_CHECK(sm90_fwd >= 0 && sm90_fwd <= 3, op, ": sm90_fwd must be 0..3 (bit 0 overlap, bit 1 "
+              "longest-first order), got ", sm90_fwd);
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
   c10::cuda::CUDAGuard guard(q.device());
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
   prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
+  pb.sm90_fwd = static_cast<int>(sm90_fwd);
 
   at::Tensor out = at::empty(a.q.sizes(), a.q.options());
   at::Tensor lse = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
@@ -326,7 +331,7 @@ TORCH_LIBRARY(prope_cuda, m) {
         "Tensor identity, bool conjugate) -> Tensor");
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "
         "int max_seqlen, Tensor pair_a, Tensor pair_b, Tensor pair_freq, Tensor identity, "
-        "bool causal, float scale, int family=0) -> (Tensor, Tensor)");
+        "bool causal, float scale, int family=0, int sm90_fwd=0) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
         "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0) "

@@ -37,7 +37,8 @@ def _register_fakes() -> None:
     """Shape-only implementations so torch.compile / FakeTensor can trace the raw ops."""
     lib = "prope_cuda::"
 
-    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0):
+    def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0,
+            sm90_fwd=0):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
@@ -89,6 +90,13 @@ def _family() -> int:
     return FAMILY_AUTO if want is None else FAMILY_SM90 if want else FAMILY_SM80
 
 
+def _sm90_fwd() -> int:
+    """The SM90 forward's variant (PROPE_CUDA_SM90_FWD, see env.cuda_sm90_fwd): bit 0 the overlap
+    mainloop, bit 1 the longest-first launch order; ignored by the SM80 kernels."""
+    mode = env.cuda_sm90_fwd()
+    return {"basic": 0, "overlap": 1, "basic+lpt": 2, "overlap+lpt": 3}[mode]
+
+
 def _require() -> None:
     if not _load():
         raise RuntimeError(f"the CUDA backend (prope_kernels._C) is not available: {_LOAD_ERROR}")
@@ -105,7 +113,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     refuse_features("cuda", window, softcap, causal)
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale), _family())
+        *_tables(spec, q.device), bool(causal), float(scale), _family(), _sm90_fwd())
     return out, lse
 
 

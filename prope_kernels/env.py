@@ -21,6 +21,11 @@ whether it is set.
                        kernels (wgmma, TMA) where the build has the 9.0a target, else the SM80
                        ones; 1 = the SM90 kernels or an error; 0 = the SM80 kernels (validated on
                        an H100 on 2026-11-26, bench/results; csrc/README.md)
+  PROPE_CUDA_SM90_FWD  the CUDA backend's SM90 forward variant: basic (default: the kernel
+                       validated on an H100 on 2026-11-26), overlap (softmax overlapped with the
+                       GEMMs inside each consumer warpgroup, plus pingpong of the two consumers
+                       at head_dim <= 128), and either with "+lpt" (longest-first launch order
+                       over the whole grid); csrc/README.md
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -81,6 +86,19 @@ def cuda_sm90():
     if v:
         raise ValueError(f"PROPE_CUDA_SM90 must be 1 or 0 (or unset), got {v!r}")
     return None
+
+
+CUDA_SM90_FWD_MODES = ("basic", "overlap", "basic+lpt", "overlap+lpt")
+
+
+def cuda_sm90_fwd() -> str:
+    """PROPE_CUDA_SM90_FWD: which SM90 forward mainloop / launch order runs (CUDA_SM90_FWD_MODES);
+    unset or empty: "basic"."""
+    v = _get("PROPE_CUDA_SM90_FWD", "").strip().lower() or "basic"
+    if v not in CUDA_SM90_FWD_MODES:
+        raise ValueError(f"PROPE_CUDA_SM90_FWD must be one of {', '.join(CUDA_SM90_FWD_MODES)}, "
+                         f"got {v!r}")
+    return v
 
 
 def cache_dir() -> str:

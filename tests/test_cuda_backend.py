@@ -246,3 +246,37 @@ def test_sm90_parity_with_triton(sm90, d, heads):
 @pytest.mark.gpu
 def test_sm90_misaligned_contiguous_inputs(sm90):
     test_misaligned_contiguous_inputs()
+
+
+# --- the SM90 forward's variants (PROPE_CUDA_SM90_FWD): overlap mainloop, longest-first order ---
+
+def test_sm90_fwd_switch(monkeypatch):
+    # unset or empty: basic (0); bit 0 = overlap, bit 1 = longest-first launch order
+    monkeypatch.delenv("PROPE_CUDA_SM90_FWD", raising=False)
+    assert cuda_backend._sm90_fwd() == 0
+    monkeypatch.setenv("PROPE_CUDA_SM90_FWD", "")
+    assert cuda_backend._sm90_fwd() == 0
+    for mode, bits in (("basic", 0), ("overlap", 1), ("basic+lpt", 2), ("Overlap+LPT", 3)):
+        monkeypatch.setenv("PROPE_CUDA_SM90_FWD", mode)
+        assert cuda_backend._sm90_fwd() == bits
+    monkeypatch.setenv("PROPE_CUDA_SM90_FWD", "pingpong")
+    with pytest.raises(ValueError, match="PROPE_CUDA_SM90_FWD"):
+        cuda_backend._sm90_fwd()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["overlap", "basic+lpt", "overlap+lpt"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sm90_fwd_variants(sm90, monkeypatch, mode, d):
+    # one key block (s = 1, 97: the overlap loop's prologue and tail only), many (1025: masked
+    # and unmasked blocks, a partial last q block), MHA/GQA/MQA, both dtypes, causal and not,
+    # no rotation (p = 0) and partial rotation, then varlen with explicit positions
+    monkeypatch.setenv("PROPE_CUDA_SM90_FWD", mode)
+    for i, (s, heads, causal, p) in enumerate(((1, "mha", True, 0.75), (97, "gqa", False, 0.0),
+                                                (1025, "mqa", True, 0.5),
+                                                (1025, "gqa", False, 1.0))):
+        hq, hkv = HEADS[heads]
+        dtype = torch.bfloat16 if i % 2 else torch.float16
+        _run_dense(dtype, 2, s, hq, hkv, d, p=p, causal=causal)
+    run_varlen("cuda", torch.bfloat16, [130, 1, 0, 257, 64], 8, 2, d, p=0.5, causal=True,
+               explicit_positions=True, backend="cuda")

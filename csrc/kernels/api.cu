@@ -186,6 +186,7 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   p.scale = pb.scale;
   p.rot = pb.rot;
   p.causal = pb.causal;
+  p.sm90_fwd = pb.sm90_fwd;
   const Family fam = resolve_family(pb);
   return dispatch(pb.dtype, d, [&](auto B, auto D) {
 #ifdef PROPE_HAS_SM90

@@ -35,6 +35,7 @@ struct AttnProblem {
   float scale = 1.f;
   int sm = 80;                   // compute capability of the device, major * 10 + minor
   Family family = Family::Auto;
+  int sm90_fwd = 0;              // SM90 forward variant, FwdParams::sm90_fwd (forward only)
 };
 
 // (total, heads, d) tensor: unit stride in d; row and head strides in elements.

@@ -11,9 +11,18 @@
 // Varlen: the TMA tensors span all packed tokens; a tile's coordinates are offset by the sequence
 // start. Rows past the sequence are loaded (from the next sequence, or zero-filled past the end
 // of the tensor), masked to -inf as keys and never stored as queries.
-// Not done (documented in csrc/README.md): intra-warpgroup overlap of softmax with the next
-// QK^T, pingpong scheduling between the consumer warpgroups, a persistent tile scheduler, GQA
-// packing of q heads into one tile, TMA stores.
+// Two mainloops (template kOverlap; FwdParams::sm90_fwd picks one at launch, csrc/README.md):
+//   basic:   per key block S = Q K^T, wait, softmax, O += P V, wait (no overlap inside a
+//            warpgroup; the two consumers overlap only as the hardware interleaves them);
+//   overlap: FA3-style software pipelining inside each consumer: S(n) = Q K(n)^T and
+//            O += P(n-1) V(n-1) are issued back to back, wgmma wait<1> lets the softmax of S(n)
+//            run while P(n-1) V(n-1) is still on the tensor cores; at head_dim <= 128 the two
+//            consumers also take turns issuing their GEMMs (named barriers, "pingpong"), so one
+//            warpgroup's softmax overlaps the other's GEMMs.
+// Launch order (FwdParams::sm90_fwd bit 1, "lpt"): grid (heads, seqs, q blocks) with the q block
+// slowest, so every CTA of the longest causal rows is issued before any shorter one.
+// Not done (documented in csrc/README.md): a persistent tile scheduler, GQA packing of q heads
+// into one tile, TMA stores.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -150,7 +159,59 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, const TA& a, const TB& b, TC& 
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
-template <class Tr, bool kCausal, bool kRotate>
+// The online softmax of one key block without touching O (the overlap mainloop rescales O
+// later, between issuing the next S GEMM and the P V GEMM): s_rc (rows, keys) -> exp2
+// probabilities in place, row_max / row_sum updated, corr[i] = factor O's row i must take.
+template <int kRows, class TensorS>
+__device__ __forceinline__ void softmax_block_corr(TensorS& s_rc, float* row_max, float* row_sum,
+                                                   float* corr, float sl2) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    float mx = row_max[i];
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s_rc); ++j) mx = fmaxf(mx, s_rc(i, j));
+    mx = quad_max(mx);
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * sl2;
+    corr[i] = fast_exp2(row_max[i] * sl2 - m_scaled);
+    row_max[i] = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s_rc); ++j) {
+      const float e = fast_exp2(fmaf(s_rc(i, j), sl2, -m_scaled));
+      s_rc(i, j) = e;
+      sum += e;
+    }
+    row_sum[i] = row_sum[i] * corr[i] + sum;
+  }
+}
+
+template <int kRows, class TensorO>
+__device__ __forceinline__ void rescale_rows(TensorO& o_rc, const float* corr) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= corr[i];
+  }
+}
+
+// Issue acc (+)= A * B as one warpgroup-wide wgmma batch and commit it; not waited for here.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
+  using namespace cute;
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+template <class Tr, bool kCausal, bool kRotate, bool kOverlap>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
 attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -160,8 +221,12 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
   const FwdParams& p = args.p;
 
-  // last q blocks first: under a causal mask they have the most keys (better tail balance)
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // last q blocks first: under a causal mask they have the most keys (better tail balance).
+  // grid (q blocks, heads, seqs): the q block varies fastest, so longest-first holds only within
+  // one (head, seq); grid (heads, seqs, q blocks) ("lpt"): longest first over the whole grid.
+  const bool lpt = p.sm90_fwd & 2;
+  const int m_block = lpt ? gridDim.z - 1 - blockIdx.z : gridDim.x - 1 - blockIdx.x;
+  const int h = lpt ? blockIdx.x : blockIdx.y, b = lpt ? blockIdx.y : blockIdx.z;
   const int seq_start = p.cu_seqlens[b];
   const int seqlen = p.cu_seqlens[b + 1] - seq_start;
   if (m_block * kBM >= seqlen) return;  // uniform over the CTA, before any barrier
@@ -207,13 +272,36 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
 
       ss.barrier_q.arrive_and_expect_tx(Tr::kQBytes);
       copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
-      auto wr = cutlass::make_producer_start_state<Pipeline>();
-      for (int n = 0; n < n_block_max; ++n) {
-        pipe_k.producer_acquire(wr);
-        copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
-        pipe_v.producer_acquire(wr);
-        copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
-        ++wr;
+      if constexpr (!kOverlap) {
+        auto wr = cutlass::make_producer_start_state<Pipeline>();
+        for (int n = 0; n < n_block_max; ++n) {
+          pipe_k.producer_acquire(wr);
+          copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
+          pipe_v.producer_acquire(wr);
+          copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
+          ++wr;
+        }
+      } else {
+        // the consumers' order: K(n) is needed before V(n-1), whose stage is freed later. Block
+        // n is the n-th load of either pipeline, so its write state follows from n alone (the
+        // producer's start state has phase 1), which keeps the 24-register producer unspilled.
+        constexpr int kS = Tr::kStages;
+        auto at = [](int n) {
+          return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1) ^ 1u, uint32_t(n));
+        };
+        auto load_k = [&](int n) {
+          const auto w = at(n);
+          pipe_k.producer_acquire(w);
+          copy(args.tma_k.with(*pipe_k.producer_get_barrier(w), 0), tKg(_, n), tKs(_, w.index()));
+        };
+        auto load_v = [&](int n) {
+          const auto w = at(n);
+          pipe_v.producer_acquire(w);
+          copy(args.tma_v.with(*pipe_v.producer_get_barrier(w), 0), tVg(_, n), tVs(_, w.index()));
+        };
+        load_k(0);
+        for (int n = 1; n < n_block_max; ++n) { load_k(n); load_v(n - 1); }
+        load_v(n_block_max - 1);
       }
     }
   } else {
@@ -249,13 +337,8 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     }
 
     const float sl2 = p.scale * 1.4426950408889634f;  // scores -> log2 domain
-    cutlass::PipelineState<Tr::kStages> rd;
-    for (int n_block = 0; n_block < n_block_max; ++n_block) {
-      pipe_k.consumer_wait(rd);
-      wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, rd.index()), acc_s);  // S = Q K^T
-      pipe_k.consumer_release(rd);
-
-      // keys past the end of the sequence, and the causal upper triangle, get -inf
+    // keys past the end of the sequence, and the causal upper triangle, get -inf
+    auto mask = [&](int n_block) {
       const bool need_mask = (n_block + 1) * kBN > seqlen ||
                              (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
       if (need_mask) {
@@ -269,15 +352,109 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
           }
         }
       }
+    };
 
-      online_softmax_block<kRows>(s_rc, o_rc, row_max, row_sum, sl2);
+    if constexpr (!kOverlap) {
+      cutlass::PipelineState<Tr::kStages> rd;
+      for (int n_block = 0; n_block < n_block_max; ++n_block) {
+        pipe_k.consumer_wait(rd);
+        wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, rd.index()), acc_s);  // S = Q K^T
+        pipe_k.consumer_release(rd);
+        mask(n_block);
+        online_softmax_block<kRows>(s_rc, o_rc, row_max, row_sum, sl2);
+        Tensor rP = convert_frag<Element>(acc_s);
+        Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));  // (MMA, MMA_M, kBN/16)
+        pipe_v.consumer_wait(rd);
+        wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, rd.index()), acc_o);      // O += P V
+        pipe_v.consumer_release(rd);
+        ++rd;
+      }
+    } else {
+      // Software pipeline, one key block deep: iteration n issues S(n) = Q K(n)^T, rescales O by
+      // block n-1's correction, issues O += P(n-1) V(n-1), waits for S(n) only (wait<1>), runs
+      // the softmax of S(n) while P(n-1) V(n-1) runs, then waits for it before P(n-1)'s registers
+      // are overwritten by P(n). V's read state lags K's by one block.
+      // Pingpong (head_dim <= 128, as FA3): warpgroup w issues its GEMMs only while holding the
+      // token: sync on named barrier 1 + w (256 threads: its own 128 + the other's arrive), hand
+      // it over by arriving on the other's barrier. The first consumer pre-arrives on its own
+      // barrier so that it goes first. Both consumers run the same n_block_max iterations, so
+      // the hand-overs pair up.
+      constexpr bool kPingpong = kD <= 128;
+      const int wg = warp_group - 1;  // consumer 0 or 1
+      auto token_wait = [&] {
+        if constexpr (kPingpong) cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 1 + wg);
+      };
+      auto token_pass = [&] {
+        if constexpr (kPingpong) cutlass::arch::NamedBarrier::arrive(Tr::kConsumerThreads, 2 - wg);
+      };
+      if constexpr (kPingpong) {
+        if (wg == 0) cutlass::arch::NamedBarrier::arrive(Tr::kConsumerThreads, 1);
+      }
+      float corr[kRows];
+      Tensor rP = make_tensor<Element>(acc_s.layout());  // P(n-1), 16-bit, live across S(n)
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));
+      auto to_p = [&] {
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) rP(i) = static_cast<Element>(acc_s(i));
+      };
+      // read state of block n in either pipeline, from n alone (consumer start phase 0): no
+      // second state object live across the loop (d256 runs at the 240-register limit)
+      constexpr int kS = Tr::kStages;
+      auto at = [](int n) {
+        return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1), uint32_t(n));
+      };
 
-      Tensor rP = convert_frag<Element>(acc_s);
-      Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));  // (MMA, MMA_M, kBN/16)
-      pipe_v.consumer_wait(rd);
-      wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, rd.index()), acc_o);      // O += P V
-      pipe_v.consumer_release(rd);
-      ++rd;
+      // block 0: S(0) alone
+      {
+        const auto rk = at(0);
+        pipe_k.consumer_wait(rk);
+        token_wait();
+        wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), acc_s);
+        token_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        pipe_k.consumer_release(rk);
+      }
+      mask(0);
+      softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);  // corr: 0 (O is still 0)
+      to_p();
+
+      for (int n_block = 1; n_block < n_block_max; ++n_block) {
+        const auto rk = at(n_block), rv = at(n_block - 1);
+        pipe_k.consumer_wait(rk);
+        token_wait();
+        wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), acc_s);         // S(n)
+        rescale_rows<kRows>(o_rc, corr);
+        pipe_v.consumer_wait(rv);
+        warpgroup_fence_operand(rP);
+        wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);        // O += P V(n-1)
+        token_pass();
+        warpgroup_wait<1>();                                                          // S(n) done
+        warpgroup_fence_operand(acc_s);
+        pipe_k.consumer_release(rk);
+        mask(n_block);
+        softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);
+        warpgroup_wait<0>();                                                          // P V done
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(rP);
+        pipe_v.consumer_release(rv);
+        to_p();
+      }
+
+      // the last block's O += P V, outside the pingpong. The first consumer takes the second's
+      // last hand-over, so that every arrive on both barriers is matched before the CTA ends.
+      if constexpr (kPingpong) {
+        if (wg == 0) cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 1);
+      }
+      rescale_rows<kRows>(o_rc, corr);
+      const auto rv = at(n_block_max - 1);
+      pipe_v.consumer_wait(rv);
+      warpgroup_fence_operand(rP);
+      wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(rP);
+      pipe_v.consumer_release(rv);
     }
 
     // normalise, write lse (one lane per row: the one holding column 0), then O via smem
@@ -324,7 +501,13 @@ cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t st) {
   if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
   FwdSm90Args<Tr> args{Tr::make_tma_q(p), Tr::make_tma_kv(p.k, p, p.k_row, p.k_head),
                        Tr::make_tma_kv(p.v, p, p.v_row, p.v_head), p};
-  dim3 grid((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.q_heads, p.num_seqs);
+  const int m_blocks = (p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM;
+  // sm90_fwd bit 0: the overlap mainloop; bit 1: the longest-first grid (q blocks slowest), where
+  // the q block count fits gridDim.z (65535) and the sequence count gridDim.y
+  const bool overlap = p.sm90_fwd & 1;
+  const bool lpt = (p.sm90_fwd & 2) && m_blocks <= 65535 && p.num_seqs <= 65535;
+  args.p.sm90_fwd = (overlap ? 1 : 0) | (lpt ? 2 : 0);
+  const dim3 grid = lpt ? dim3(p.q_heads, p.num_seqs, m_blocks) : dim3(m_blocks, p.q_heads, p.num_seqs);
   constexpr int smem = Tr::kSmemBytes;
   auto go = [&](auto kernel) -> cudaError_t {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -333,8 +516,13 @@ cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t st) {
     return cudaGetLastError();
   };
   const bool rot = p.rot.num_rot > 0;
-  if (p.causal) return rot ? go(attn_fwd_sm90_kernel<Tr, true, true>) : go(attn_fwd_sm90_kernel<Tr, true, false>);
-  return rot ? go(attn_fwd_sm90_kernel<Tr, false, true>) : go(attn_fwd_sm90_kernel<Tr, false, false>);
+  auto pick = [&](auto ov) -> cudaError_t {
+    constexpr bool kOv = decltype(ov)::value;
+    if (p.causal)
+      return rot ? go(attn_fwd_sm90_kernel<Tr, true, true, kOv>) : go(attn_fwd_sm90_kernel<Tr, true, false, kOv>);
+    return rot ? go(attn_fwd_sm90_kernel<Tr, false, true, kOv>) : go(attn_fwd_sm90_kernel<Tr, false, false, kOv>);
+  };
+  return overlap ? pick(std::true_type{}) : pick(std::false_type{});
 }
 
 }  // namespace prope

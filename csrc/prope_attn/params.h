@@ -38,6 +38,9 @@ struct FwdParams {
   float scale = 1.f;         // softmax scale
   RotTables rot;             // used when num_rot > 0
   bool causal = true;
+  // SM90 forward variant (fwd_sm90.h, csrc/README.md): bit 0 the overlap mainloop (else basic),
+  // bit 1 the longest-first grid order ("lpt"); 0 = the kernel as first validated. SM80: unused.
+  int sm90_fwd = 0;
 };
 
 // Backward on pre-rotated q/k (the caller rotates them into short-lived buffers and applies the

@@ -5,6 +5,8 @@
 //   run:   ./build/test_prope_attn          (the kernels the API picks: SM90 on sm_90 when built)
 //          ./build/test_prope_attn --sm80   (SM80 kernels)
 //          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
+//          ./build/test_prope_attn --sm90 --fwd=overlap+lpt   (an SM90 forward variant:
+//                                   basic, overlap, basic+lpt, overlap+lpt; csrc/README.md)
 // Head dims tested: those compiled in (PROPE_HAS_HD64/128/256, set by CMakeLists.txt).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +35,7 @@ namespace {
 
 int g_sm = 80;
 prope::Family g_family = prope::Family::Auto;
+int g_sm90_fwd = 0;  // AttnProblem::sm90_fwd (--fwd=...)
 
 struct Case {
   bool bf16;
@@ -226,6 +229,7 @@ bool run_case(const Case& c, std::mt19937& gen) {
   pb.scale = float(scale);
   pb.sm = g_sm;
   pb.family = g_family;
+  pb.sm90_fwd = g_sm90_fwd;
   const size_t nq = total * hq * d, nk = total * hkv * d;
   uint16_t *d_out, *d_dq, *d_dk, *d_dv;
   float* d_lse;
@@ -302,6 +306,19 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  const char* fwd_names[] = {"basic", "overlap", "basic+lpt", "overlap+lpt"};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--fwd=", 0) != 0) continue;
+    g_sm90_fwd = -1;
+    for (int v = 0; v < 4; ++v)
+      if (a.substr(6) == fwd_names[v]) g_sm90_fwd = v;
+    if (g_sm90_fwd < 0) {
+      std::printf("--fwd= takes basic, overlap, basic+lpt or overlap+lpt, got %s\n", a.c_str() + 6);
+      return 1;
+    }
+  }
+  std::printf("SM90 forward variant: %s\n", fwd_names[g_sm90_fwd]);
   std::printf("device sm_%d, kernels: %s\n", g_sm,
               prope::resolve_family({.sm = g_sm, .family = g_family}) == prope::Family::Sm90
                   ? "SM90" : "SM80");
