@@ -25,7 +25,8 @@
 # then a summary (bench/gpu_summary.py). Each step must end by a fixed share of the deadline
 # (QUICK_SHARES, default "50 62 95": build and tests 50%, CUDA tests 62%, bench 95%, summary 100%;
 # a step that ends early leaves its time to the next) and is killed at that point, so a slow step
-# cannot eat the others. QUICK_TESTS="tests/test_x.py ..." runs those instead of the GPU suite. Files in
+# cannot eat the others. QUICK_TESTS="tests/test_x.py ..." runs those instead of the GPU suite;
+# QUICK_PROVIDERS="a,b,..." times those instead of bench/gpu_summary.py's list. Files in
 # $OUT: quick.log (every step's output), tests.xml, cuda_tests.xml (junit), bench.json, bench.md
 # (the benchmark's results and report), dispatch.json (auto's table from that run), summary.md.
 #
@@ -184,7 +185,9 @@ quick() {
   # 4. the benchmark: QUICK_PRESETS, our backends and the peers; it stops starting new runs 45 s
   #    before its cap (a run in flight, autotuning included, takes up to about 30 s)
   local budget_min providers tmp
-  if [ "$FAKE" = 1 ]; then
+  if [ -n "${QUICK_PROVIDERS:-}" ]; then
+    providers=$QUICK_PROVIDERS
+  elif [ "$FAKE" = 1 ]; then
     providers=fake
   else
     providers=$("$PY" -m bench.gpu_summary --quick-providers) || providers="prope-*"

@@ -238,7 +238,7 @@ def test_quick_tests_selection_and_shares(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), GPU_CHECK_FAKE="1", QUICK_DEADLINE_S="100",
                PYTHON=sys.executable, QUICK_TESTS="tests/test_hf.py -k gemma",
-               QUICK_SHARES="30 62 95")
+               QUICK_SHARES="30 62 95", QUICK_PROVIDERS="prope-cuda,sdpa-cudnn-norope")
     proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     log = (out / "quick.log").read_text()
@@ -246,4 +246,6 @@ def test_quick_tests_selection_and_shares(tmp_path):
     assert "tests/test_hf.py -k gemma" in line and "--ignore" not in line, line
     cap = int(line.split("cap ")[1].split(" s")[0])
     assert 25 <= cap <= 30, line  # 30% of 100 s, less the seconds already spent
+    bench = next(ln for ln in log.splitlines() if ln.startswith("=== step bench: cap"))
+    assert "prope-cuda,sdpa-cudnn-norope" in bench, bench
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
