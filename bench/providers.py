@@ -72,7 +72,11 @@ def _all_providers():
             Provider("prope-cuda-sm90", "prope", "cuda", "fused",
                      "prope_attention (cuda, SM90 wgmma/TMA kernels)"),
             Provider("prope-cuda-sm80", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM80 mma.sync kernels)")]
+                     "prope_attention (cuda, SM80 mma.sync kernels)"),
+            # the SM90 backward's old single kernel (dQ by fp32 atomics), to compare with the
+            # split backward (PROPE_CUDA_SM90_BWD=atomic)
+            Provider("prope-cuda-sm90-atomic", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM90 kernels, atomic-dQ backward)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -95,7 +99,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
-    "prope-cuda-sm90", "prope-cuda-sm80",
+    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-atomic",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -280,21 +284,28 @@ def _triton_kernel_set(prov, call, dev, notes, features):
 
 def _cuda_kernel_family(prov, call, dev, notes):
     """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
-    PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced. Set at each call, like the
-    Triton switch above, so a backward sees its own provider's setting."""
+    PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced; prope-cuda-sm90-atomic: the
+    SM90 kernels with the backward's atomic-dQ path (PROPE_CUDA_SM90_BWD=atomic; the others get
+    the user's PROPE_CUDA_SM90_BWD, default split). Set at each call, like the Triton switch
+    above, so a backward sees its own provider's setting."""
     user = os.environ.get("PROPE_CUDA_SM90")
-    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0"}.get(prov.name, user)
+    user_bwd = os.environ.get("PROPE_CUDA_SM90_BWD")
+    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0",
+            "prope-cuda-sm90-atomic": "1"}.get(prov.name, user)
+    want_bwd = "atomic" if prov.name == "prope-cuda-sm90-atomic" else user_bwd
     if want == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
 
     def fn(q, k, v):
-        if want is None:
-            os.environ.pop("PROPE_CUDA_SM90", None)
-        else:
-            os.environ["PROPE_CUDA_SM90"] = want
+        for name, val in (("PROPE_CUDA_SM90", want), ("PROPE_CUDA_SM90_BWD", want_bwd)):
+            if val is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = val
         return call(q, k, v)
-    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want if want is not None else 'unset'}"])
+    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want if want is not None else 'unset'}",
+                                   f"PROPE_CUDA_SM90_BWD={want_bwd or 'split'}"])
 
 
 def _sdpa_backend(name):

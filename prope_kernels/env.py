@@ -21,6 +21,9 @@ whether it is set.
                        kernels (wgmma, TMA) where the build has the 9.0a target, else the SM80
                        ones; 1 = the SM90 kernels or an error; 0 = the SM80 kernels (validated on
                        an H100 on 2026-11-26, bench/results; csrc/README.md)
+  PROPE_CUDA_SM90_BWD  the SM90 backward: split (default: a dK/dV kernel and a dQ kernel, no
+                       atomics, deterministic) or atomic (one kernel summing dQ with fp32
+                       atomics, the first design, kept to compare)
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -81,6 +84,14 @@ def cuda_sm90():
     if v:
         raise ValueError(f"PROPE_CUDA_SM90 must be 1 or 0 (or unset), got {v!r}")
     return None
+
+
+def cuda_sm90_bwd() -> str:
+    """PROPE_CUDA_SM90_BWD: "split" (default, also when unset or empty) or "atomic"."""
+    v = _get("PROPE_CUDA_SM90_BWD", "").strip().lower() or "split"
+    if v not in ("split", "atomic"):
+        raise ValueError(f"PROPE_CUDA_SM90_BWD must be 'split' or 'atomic' (or unset), got {v!r}")
+    return v
 
 
 def cache_dir() -> str:
