@@ -34,12 +34,16 @@
 
 namespace prope {
 
-template <int kHeadDim_, bool kBF16>
+// kSplitBwd: the tiles of the split backward's dK/dV kernel (no dQ); else the atomic-dQ kernel's.
+// head_dim 128 split: 64 keys per CTA with d split over the warpgroups (as at 256), since at 128
+// keys the kernel without the dQ GEMM spilled (ptxas, nvcc 13.0) at the 240-register limit.
+template <int kHeadDim_, bool kBF16, bool kSplitBwd = false>
 struct BwdSm90Traits {
   using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;                           // q rows per step
-  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;   // keys per CTA (stationary)
+  // keys per CTA (stationary)
+  static constexpr int kBlockN = (kHeadDim == 256 || (kSplitBwd && kHeadDim == 128)) ? 64 : 128;
   static constexpr int kStages = 2;
   static constexpr int kConsumerWGs = 2;
   static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
@@ -56,7 +60,7 @@ struct BwdSm90Traits {
       cute::Layout<cute::Shape<_1, _2, _1>>{}));
   // dK, dV (kBlockN x d), contraction over the q rows: A = P^T / dS^T and B = dO^T / Q^T, both
   // read MN-major from smem. d <= 128: key rows split over the warpgroups; d = 256: d split.
-  static constexpr bool kSplitD = kHeadDim == 256;
+  static constexpr bool kSplitD = kBlockN == 64;
   using AtomKV = std::conditional_t<kSplitD, cute::Layout<cute::Shape<_1, _2, _1>>, cute::Layout<cute::Shape<_2, _1, _1>>>;
   using MmadKV = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
@@ -130,6 +134,33 @@ struct BwdSm90Traits {
   using TmaQ = decltype(make_tma_q(nullptr, 0, 0, 0, 0));
   using TmaK = decltype(make_tma_k(nullptr, 0, 0, 0, 0));
 };
+
+// c1 = a1 * b1 and c2 = a2 * b2 (zero-initialised, both SS) as one warpgroup-wide wgmma batch,
+// waited for here: the second GEMM is issued before the first one's result is waited for.
+template <class Mma, class TA1, class TB1, class TC1, class TA2, class TB2, class TC2>
+__device__ __forceinline__ void wg_gemm2_ss(Mma& mma, const TA1& a1, const TB1& b1, TC1& c1,
+                                            const TA2& a2, const TB2& b2, TC2& c2) {
+  using namespace cute;
+  warpgroup_fence_operand(c1);
+  warpgroup_fence_operand(c2);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a1); ++k) {
+    gemm(mma, a1(_, _, k), b1(_, _, k), c1);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a2); ++k) {
+    gemm(mma, a2(_, _, k), b2(_, _, k), c2);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c1);
+  warpgroup_fence_operand(c2);
+}
 
 template <class Tr>
 struct BwdSm90Args {
@@ -534,26 +565,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       pipe_k.consumer_wait(rd);
       pipe_v.consumer_wait(rd);
-      // S = Q K^T and dP = dO V^T as one wgmma batch
-      warpgroup_fence_operand(acc_s);
-      warpgroup_fence_operand(acc_dp);
-      warpgroup_arrive();
-      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tSrQ); ++k) {
-        gemm(mma_sdp, tSrQ(_, _, k), tSrK(_, _, k, st), acc_s);
-        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
-      }
-      mma_sdp.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tdPrdO); ++k) {
-        gemm(mma_sdp, tdPrdO(_, _, k), tdPrV(_, _, k, st), acc_dp);
-        mma_sdp.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_s);
-      warpgroup_fence_operand(acc_dp);
+      wg_gemm2_ss(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP
       pipe_v.consumer_release(rd);
 
       // dS = P (dP - delta) in place of dP; keys past the sequence and the causal upper
@@ -607,7 +619,8 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
 template <bool kBF16, int kD>
 int attn_bwd_sm90_smem_bytes() {
   constexpr int a = BwdSm90Traits<kD, kBF16>::kSmemBytes, b = BwdDqSm90Traits<kD, kBF16>::kSmemBytes;
-  return a > b ? a : b;
+  constexpr int c = BwdSm90Traits<kD, kBF16, true>::kSmemBytes;
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 
 template <class Kernel, class Args>
@@ -637,8 +650,15 @@ cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
   if (p.dq_atomic)
     return p.causal ? launch_sm90(attn_bwd_sm90_kernel<Tr, true, true>, grid, T, smem, args, st)
                     : launch_sm90(attn_bwd_sm90_kernel<Tr, false, true>, grid, T, smem, args, st);
-  cudaError_t e = p.causal ? launch_sm90(attn_bwd_sm90_kernel<Tr, true, false>, grid, T, smem, args, st)
-                           : launch_sm90(attn_bwd_sm90_kernel<Tr, false, false>, grid, T, smem, args, st);
+  using TrS = BwdSm90Traits<kD, kBF16, true>;
+  BwdSm90Args<TrS> sargs{TrS::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
+                         TrS::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
+                         TrS::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
+                         TrS::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
+  const dim3 sgrid((p.max_seqlen + TrS::kBlockN - 1) / TrS::kBlockN, p.kv_heads, p.num_seqs);
+  constexpr int ssmem = TrS::kSmemBytes;
+  cudaError_t e = p.causal ? launch_sm90(attn_bwd_sm90_kernel<TrS, true, false>, sgrid, T, ssmem, sargs, st)
+                           : launch_sm90(attn_bwd_sm90_kernel<TrS, false, false>, sgrid, T, ssmem, sargs, st);
   if (e != cudaSuccess) return e;
   BwdDqSm90Args<TrQ> qargs{TrQ::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
                            TrQ::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),

@@ -279,6 +279,7 @@ int check_sm90(const char* name) {
 template <class Tr>
 int check_sm90_dq(const char* name) {
   static_assert(Tr::kSmemBytes <= 227 * 1024, "dQ kernel over the sm_90 shared memory limit");
+  std::printf("%-12s smem %d bytes (%d keys per step)\n", name, Tr::kSmemBytes, Tr::kBlockN);
   return check_sm90_views<Tr, typename Tr::MmaSdP, typename Tr::MmadQ, typename Tr::SmemLayoutK,
                           typename Tr::SmemLayoutKt>(name);
 }
@@ -300,6 +301,9 @@ int main() {
   e += check_sm90<prope::FwdSm90Traits<256, true>>("sm90 bf16 256");
   e += check_sm90_bwd<prope::BwdSm90Traits<64, false>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true>>();
   e += check_sm90_bwd<prope::BwdSm90Traits<256, false>>();
+  // the split backward's dK/dV tiles (head_dim 128: 64 keys, d split over the warpgroups)
+  e += check_sm90_bwd<prope::BwdSm90Traits<64, true, true>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true, true>>();
+  e += check_sm90_bwd<prope::BwdSm90Traits<256, true, true>>();
   e += check_sm90_dq<prope::BwdDqSm90Traits<64, false>>("sm90 dQ f16 64");
   e += check_sm90_dq<prope::BwdDqSm90Traits<128, true>>("sm90 dQ bf16 128");
   e += check_sm90_dq<prope::BwdDqSm90Traits<256, true>>("sm90 dQ bf16 256");
