@@ -247,9 +247,10 @@ def test_sm90_deterministic_mode_refuses_atomic_backward(sm90, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_sm90_split_backward_is_deterministic(sm90, d):
+def test_sm90_split_backward_is_deterministic(sm90, monkeypatch, d):
     # The split backward (default) has no atomics: deterministic mode lets it run, and two
     # backward passes give bitwise equal gradients (MQA, several key and q blocks, ragged tail).
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "split")
     gen = torch.Generator().manual_seed(29)
     q = rand((2, 1000, 8, d), torch.bfloat16, "cuda", gen).requires_grad_()
     k, v = (rand((2, 1000, 1, d), torch.bfloat16, "cuda", gen).requires_grad_() for _ in range(2))
