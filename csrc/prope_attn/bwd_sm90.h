@@ -135,22 +135,23 @@ struct BwdSm90Traits {
   using TmaK = decltype(make_tma_k(nullptr, 0, 0, 0, 0));
 };
 
-// c1 = a1 * b1 and c2 = a2 * b2 (zero-initialised, both SS) as one warpgroup-wide wgmma batch,
-// waited for here: the second GEMM is issued before the first one's result is waited for.
-template <class Mma, class TA1, class TB1, class TC1, class TA2, class TB2, class TC2>
+// c1 (+)= a1 * b1 and c2 (+)= a2 * b2 (both SS; kZeroInit: = instead of +=) as one
+// warpgroup-wide wgmma batch, waited for here: the second GEMM is issued before the first one's
+// result is waited for (one pipeline drain instead of two).
+template <bool kZeroInit, class Mma, class TA1, class TB1, class TC1, class TA2, class TB2, class TC2>
 __device__ __forceinline__ void wg_gemm2_ss(Mma& mma, const TA1& a1, const TB1& b1, TC1& c1,
                                             const TA2& a2, const TB2& b2, TC2& c2) {
   using namespace cute;
   warpgroup_fence_operand(c1);
   warpgroup_fence_operand(c2);
   warpgroup_arrive();
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a1); ++k) {
     gemm(mma, a1(_, _, k), b1(_, _, k), c1);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a2); ++k) {
     gemm(mma, a2(_, _, k), b2(_, _, k), c2);
@@ -293,8 +294,12 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
-      wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
-      wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+      if constexpr (kAtomicDQ) {
+        wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
+        wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+      } else {  // the split kernel: both as one batch
+        wg_gemm2_ss<true>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s, tdPrdO(_, _, _, st), tdPrV, acc_dp);
+      }
 
       // P = exp(S * scale - lse), dS = P * (dP - delta); rows past the sequence, keys past it
       // and the causal upper triangle get P = dS = 0 (their Q/dO rows may hold another
@@ -321,8 +326,12 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
 
-      wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
-      wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      if constexpr (kAtomicDQ) {
+        wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
+        wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      } else {  // dV += P^T dO, dK += dS^T Q as one batch
+        wg_gemm2_ss<false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);
+      }
       pipe.consumer_release(rd);
       ++rd;
 
@@ -565,7 +574,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       pipe_k.consumer_wait(rd);
       pipe_v.consumer_wait(rd);
-      wg_gemm2_ss(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP
+      wg_gemm2_ss<true>(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP
       pipe_v.consumer_release(rd);
 
       // dS = P (dP - delta) in place of dP; keys past the sequence and the causal upper
