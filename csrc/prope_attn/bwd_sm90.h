@@ -12,6 +12,7 @@
 //     P, dS -> smem (16 bits), fence.proxy.async, named barrier
 //     dV += P^T dO, dK += dS^T Q      (SS wgmma, transposed smem views; the key rows split over
 //                                      the warpgroups, or d at head_dim 256)
+//     (the split kernel issues S and dP as one wgmma batch, and dV and dK as one batch)
 //     kAtomicDQ only (the old path, PROPE_CUDA_SM90_BWD=atomic):
 //     dQ = dS K -> fp32 atomics       (SS wgmma, d split over the warpgroups)
 //
@@ -386,8 +387,8 @@ struct BwdDqSm90Traits {
   using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 q rows
-  // keys per step: fp32 registers per consumer thread are dQ d/2 + S kBN/4 + dP kBN/4
-  // (d=256: 128 + 8 + 8 ... at kBN=32; d=128: 64 + 16 + 16; d=64: 32 + 32 + 32), and smem
+  // keys per step: fp32 registers per consumer thread are dQ d/2 + S kBN/2 + dP kBN/2
+  // (d=256: 128 + 16 + 16 at kBN=32; d=128: 64 + 32 + 32; d=64: 32 + 64 + 64), and smem
   // Q + dO (128 x d each) + 2 stages of K and V must stay under 227 KiB (d=256: 192 KiB).
   static constexpr int kBlockN = kHeadDim == 256 ? 32 : kHeadDim == 128 ? 64 : 128;
   static constexpr int kStages = 2;
