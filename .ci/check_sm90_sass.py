@@ -6,7 +6,9 @@ For every kernel function in the sm_90a SASS of the given object files (cuobjdum
   UTMALDG     TMA tensor loads (cp.async.bulk.tensor)
   USETMAXREG  register reallocation between producer and consumer warpgroups (setmaxnreg)
   no STL/LDL  no local memory at all: neither register spills nor local arrays
-and at least one forward and one backward SM90 kernel per object. Exit status 1 with the reasons otherwise.
+and at least one kernel of each SM90 kind per object: the forward, the backward's dK/dV kernel
+(attn_bwd_sm90_kernel: the split variant and the atomic-dQ one) and its dQ kernel
+(attn_bwd_dq_sm90_kernel). Exit status 1 with the reasons otherwise.
 
 Usage: python .ci/check_sm90_sass.py CUOBJDUMP OBJECT.o [OBJECT.o ...]
 """
@@ -18,6 +20,7 @@ import subprocess
 import sys
 
 REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
+KINDS = ("attn_fwd_sm90_kernel", "attn_bwd_sm90_kernel", "attn_bwd_dq_sm90_kernel")
 FORBIDDEN = ("STL", "LDL")
 
 
@@ -67,9 +70,8 @@ def main(argv: list[str]) -> int:
     for obj in objects:
         sass = subprocess.run([cuobjdump, "--dump-sass", obj], capture_output=True, text=True,
                               check=True).stdout
-        kernels = {k: v for k, v in functions(sass).items()
-                   if "attn_fwd_sm90_kernel" in k or "attn_bwd_sm90_kernel" in k}
-        for kind in ("attn_fwd_sm90_kernel", "attn_bwd_sm90_kernel"):
+        kernels = {k: v for k, v in functions(sass).items() if any(kind in k for kind in KINDS)}
+        for kind in KINDS:
             if not any(kind in k for k in kernels):
                 failures.append(f"{obj}: no sm_90a {kind} in its SASS (built without the 9.0a "
                                 "target?)")

@@ -77,7 +77,11 @@ def _all_providers():
             Provider("prope-cuda-sm90-lpt", "prope", "cuda", "fused",
                      "prope_attention (cuda, SM90, forward basic+lpt)"),
             Provider("prope-cuda-sm90-overlap", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM90, forward overlap+lpt)")]
+                     "prope_attention (cuda, SM90, forward overlap+lpt)"),
+            # the SM90 backward's old single kernel (dQ by fp32 atomics), to compare with the
+            # split backward (PROPE_CUDA_SM90_BWD=atomic)
+            Provider("prope-cuda-sm90-atomic", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM90 kernels, atomic-dQ backward)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -100,7 +104,8 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
-    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-lpt", "prope-cuda-sm90-overlap",
+    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-atomic", "prope-cuda-sm90-lpt",
+    "prope-cuda-sm90-overlap",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -286,27 +291,34 @@ def _triton_kernel_set(prov, call, dev, notes, features):
 def _cuda_kernel_family(prov, call, dev, notes):
     """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
     PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced; prope-cuda-sm90-lpt /
-    -overlap: the SM90 kernels with that forward variant (PROPE_CUDA_SM90_FWD). Set at each call,
-    like the Triton switch above, so a backward sees its own provider's setting."""
+    -overlap: the SM90 kernels with that forward variant (PROPE_CUDA_SM90_FWD);
+    prope-cuda-sm90-atomic: the SM90 kernels with the backward's atomic-dQ path
+    (PROPE_CUDA_SM90_BWD=atomic; the others get the user's PROPE_CUDA_SM90_BWD, default split).
+    Set at each call, like the Triton switch above, so a backward sees its own provider's
+    setting."""
     user = os.environ.get("PROPE_CUDA_SM90")
     want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0", "prope-cuda-sm90-lpt": "1",
-            "prope-cuda-sm90-overlap": "1"}.get(prov.name, user)
+            "prope-cuda-sm90-overlap": "1", "prope-cuda-sm90-atomic": "1"}.get(prov.name, user)
     user_fwd = os.environ.get("PROPE_CUDA_SM90_FWD")
     want_fwd = {"prope-cuda-sm90": "basic", "prope-cuda-sm90-lpt": "basic+lpt",
                 "prope-cuda-sm90-overlap": "overlap+lpt"}.get(prov.name, user_fwd)
+    user_bwd = os.environ.get("PROPE_CUDA_SM90_BWD")
+    want_bwd = "atomic" if prov.name == "prope-cuda-sm90-atomic" else user_bwd
     if want == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
 
     def fn(q, k, v):
-        for var, val in (("PROPE_CUDA_SM90", want), ("PROPE_CUDA_SM90_FWD", want_fwd)):
+        for var, val in (("PROPE_CUDA_SM90", want), ("PROPE_CUDA_SM90_FWD", want_fwd),
+                         ("PROPE_CUDA_SM90_BWD", want_bwd)):
             if val is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = val
         return call(q, k, v)
     return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want if want is not None else 'unset'}",
-                                   f"PROPE_CUDA_SM90_FWD={want_fwd or 'unset'}"])
+                                   f"PROPE_CUDA_SM90_FWD={want_fwd or 'unset'}",
+                                   f"PROPE_CUDA_SM90_BWD={want_bwd or 'unset'}"])
 
 
 def _sdpa_backend(name):

@@ -266,19 +266,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen,
     const at::Tensor& pair_a, const at::Tensor& pair_b, const at::Tensor& pair_freq,
-    const at::Tensor& identity, bool causal, double scale, int64_t family) {
+    const at::Tensor& identity, bool causal, double scale, int64_t family, int64_t sm90_bwd) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
-  // dQ is summed with float atomics (order varies run to run): under
-  // torch.use_deterministic_algorithms(True) this raises (warns with warn_only), as torch's own
-  // atomic kernels do; the Triton backend has a deterministic path.
-  at::globalContext().alertNotDeterministic(
-      "prope_cuda::attn_bwd (backend='cuda'; backend='triton' is deterministic in this mode)");
+  TORCH_CHECK(sm90_bwd == 0 || sm90_bwd == 1, op, ": sm90_bwd must be 0 (split) or 1 (atomic), got ",
+              sm90_bwd);
   c10::cuda::CUDAGuard guard(q.device());
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
   prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
+  pb.sm90_dq_atomic = sm90_bwd == 1;
+  // The SM80 backward and the SM90 atomic path sum dQ with float atomics (order varies run to
+  // run): under torch.use_deterministic_algorithms(True) they raise (warn with warn_only), as
+  // torch's own atomic kernels do. The SM90 split backward (the default on sm_90) sums every
+  // gradient element in one thread in a fixed order: deterministic.
+  if (!prope::attn_bwd_deterministic(pb))
+    at::globalContext().alertNotDeterministic(
+        "prope_cuda::attn_bwd (backend='cuda' with the SM80 kernels or PROPE_CUDA_SM90_BWD=atomic; "
+        "the SM90 split backward and backend='triton' are deterministic in this mode)");
   check_device(op, "dout", dout, dev);
   check_device(op, "out", out, dev);
   check_device(op, "lse", lse, dev);
@@ -334,8 +340,8 @@ TORCH_LIBRARY(prope_cuda, m) {
         "bool causal, float scale, int family=0, int sm90_fwd=0) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
-        "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0, "
+        "int sm90_bwd=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prope_cuda, CUDA, m) {

@@ -42,7 +42,7 @@ def _register_fakes() -> None:
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
-            family=0):
+            family=0, sm90_bwd=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def rope_(x, pos, pa, pb, pf, ident, conjugate):
@@ -97,6 +97,15 @@ def _sm90_fwd() -> int:
     return {"basic": 0, "overlap": 1, "basic+lpt": 2, "overlap+lpt": 3}[mode]
 
 
+# SM90 backward passed to attn_bwd: 0 split (a dK/dV kernel and a dQ kernel, deterministic),
+# 1 atomic (one kernel, dQ summed with fp32 atomics). Ignored by the SM80 kernels.
+SM90_BWD_SPLIT, SM90_BWD_ATOMIC = 0, 1
+
+
+def _sm90_bwd() -> int:
+    return SM90_BWD_ATOMIC if env.cuda_sm90_bwd() == "atomic" else SM90_BWD_SPLIT
+
+
 def _require() -> None:
     if not _load():
         raise RuntimeError(f"the CUDA backend (prope_kernels._C) is not available: {_LOAD_ERROR}")
@@ -124,7 +133,8 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     refuse_features("cuda", window, softcap, causal)
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
-        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), _family())
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), _family(),
+        _sm90_bwd())
     return dq, dk, dv
 
 

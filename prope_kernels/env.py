@@ -26,6 +26,9 @@ whether it is set.
                        GEMMs inside each consumer warpgroup, plus pingpong of the two consumers
                        at head_dim <= 128), and either with "+lpt" (longest-first launch order
                        over the whole grid); csrc/README.md
+  PROPE_CUDA_SM90_BWD  the SM90 backward: split (default: a dK/dV kernel and a dQ kernel, no
+                       atomics, deterministic) or atomic (one kernel summing dQ with fp32
+                       atomics, the first design, kept to compare)
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -98,6 +101,14 @@ def cuda_sm90_fwd() -> str:
     if v not in CUDA_SM90_FWD_MODES:
         raise ValueError(f"PROPE_CUDA_SM90_FWD must be one of {', '.join(CUDA_SM90_FWD_MODES)}, "
                          f"got {v!r}")
+    return v
+
+
+def cuda_sm90_bwd() -> str:
+    """PROPE_CUDA_SM90_BWD: "split" (default, also when unset or empty) or "atomic"."""
+    v = _get("PROPE_CUDA_SM90_BWD", "").strip().lower() or "split"
+    if v not in ("split", "atomic"):
+        raise ValueError(f"PROPE_CUDA_SM90_BWD must be 'split' or 'atomic' (or unset), got {v!r}")
     return v
 
 

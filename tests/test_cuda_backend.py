@@ -130,11 +130,7 @@ def test_misaligned_contiguous_inputs():
     assert torch.equal(got, want)
 
 
-@pytest.mark.gpu
-def test_deterministic_mode_refuses_atomic_backward():
-    # dQ is summed with float atomics: torch's deterministic mode must refuse it, not let it
-    # through silently (the Triton backend is the deterministic choice there).
-    _need_cuda_ext()
+def _refuses_in_deterministic_mode():
     gen = torch.Generator().manual_seed(23)
     q, k, v = (rand((1, 33, 2, 64), torch.bfloat16, "cuda", gen).requires_grad_()
                for _ in range(3))
@@ -145,6 +141,15 @@ def test_deterministic_mode_refuses_atomic_backward():
             out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_refuses_atomic_backward(monkeypatch):
+    # The SM80 backward sums dQ with float atomics: torch's deterministic mode must refuse it, not
+    # let it through silently (the SM90 split backward and the Triton backend are deterministic).
+    _need_cuda_ext()
+    monkeypatch.setenv("PROPE_CUDA_SM90", "0")
+    _refuses_in_deterministic_mode()
 
 
 # --- the SM90 kernels (wgmma + TMA): the default on sm_90, forced with PROPE_CUDA_SM90=1 ----------
@@ -166,6 +171,19 @@ def test_sm90_switch(monkeypatch):
     monkeypatch.setenv("PROPE_CUDA_SM90", "maybe")
     with pytest.raises(ValueError, match="PROPE_CUDA_SM90"):
         cuda_backend._family()
+
+
+def test_sm90_bwd_switch(monkeypatch):
+    # PROPE_CUDA_SM90_BWD: unset / split -> the split backward (0); atomic -> 1; anything else raises
+    monkeypatch.delenv("PROPE_CUDA_SM90_BWD", raising=False)
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT == 0
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "split")
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "Atomic")
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_ATOMIC == 1
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "fast")
+    with pytest.raises(ValueError, match="PROPE_CUDA_SM90_BWD"):
+        cuda_backend._sm90_bwd()
 
 
 @pytest.fixture
@@ -221,8 +239,44 @@ def test_sm90_varlen_explicit_positions(sm90, d):
 
 
 @pytest.mark.gpu
-def test_sm90_deterministic_mode_refuses_atomic_backward(sm90):
-    test_deterministic_mode_refuses_atomic_backward()
+def test_sm90_deterministic_mode_refuses_atomic_backward(sm90, monkeypatch):
+    # the SM90 backward's atomic-dQ path (PROPE_CUDA_SM90_BWD=atomic) is refused like SM80's
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "atomic")
+    _refuses_in_deterministic_mode()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sm90_split_backward_is_deterministic(sm90, monkeypatch, d):
+    # The split backward (default) has no atomics: deterministic mode lets it run, and two
+    # backward passes give bitwise equal gradients (MQA, several key and q blocks, ragged tail).
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "split")
+    gen = torch.Generator().manual_seed(29)
+    q = rand((2, 1000, 8, d), torch.bfloat16, "cuda", gen).requires_grad_()
+    k, v = (rand((2, 1000, 1, d), torch.bfloat16, "cuda", gen).requires_grad_() for _ in range(2))
+    do = rand((2, 1000, 8, d), torch.bfloat16, "cuda", gen)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            out = prope_attention(q, k, v, p=0.75, causal=True, backend="cuda")
+            grads.append(torch.autograd.grad(out, (q, k, v), do))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for g0, g1 in zip(*grads):
+        assert torch.isfinite(g0).all()
+        assert torch.equal(g0, g1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d,heads", [(64, "mha"), (128, "gqa"), (256, "mqa")])
+def test_sm90_atomic_backward(sm90, monkeypatch, d, heads, causal):
+    # the old single-kernel backward (dQ by atomics), kept to compare: still vs the reference
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "atomic")
+    hq, hkv = HEADS[heads]
+    _run_dense(torch.bfloat16 if d != 128 else torch.float16, 2, 300, hq, hkv, d, p=0.5,
+               causal=causal)
 
 
 @pytest.mark.gpu

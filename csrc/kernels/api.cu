@@ -123,6 +123,10 @@ int attn_bwd_smem_bytes(const AttnProblem& pb) {
   return bytes;
 }
 
+bool attn_bwd_deterministic(const AttnProblem& pb) {
+  return resolve_family(pb) == Family::Sm90 && !pb.sm90_dq_atomic;
+}
+
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb) { return fwd_ws(pb, nullptr).bytes; }
 size_t attn_bwd_workspace_bytes(const AttnProblem& pb) { return bwd_ws(pb, nullptr).bytes; }
 
@@ -227,6 +231,8 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
     q = Mat{ws.q_rot, q_row, d};
     k = Mat{ws.k_rot, k_row, d};
   }
+  // zeroed for the atomic paths; the SM90 split path stores every row of every sequence (rows
+  // outside cu_seqlens, if any, stay 0)
   PROPE_TRY(cudaMemsetAsync(ws.dq_accum, 0, size_t(pb.total) * pb.q_heads * d * sizeof(float), st));
 
   BwdParams p;
@@ -247,6 +253,7 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   p.kv_heads = pb.kv_heads;
   p.scale = pb.scale;
   p.causal = pb.causal;
+  p.dq_atomic = pb.sm90_dq_atomic;
   const Family fam = resolve_family(pb);
   PROPE_TRY(dispatch(pb.dtype, d, [&](auto B, auto D) {
 #ifdef PROPE_HAS_SM90

@@ -1,4 +1,5 @@
-// SM90 forward (causal x rotate: 4 kernels) and backward (causal: 2 kernels), one
+// SM90 forward (causal x rotate: 4 kernels) and backward (dK/dV, causal x atomic-dQ: 4 kernels;
+// dQ, causal: 2 kernels), one
 // (dtype, head_dim) instantiation per file.
 // Compiled only in builds with an sm_90a target; the kernel bodies are empty for other targets.
 #include "prope_attn/bwd_sm90.h"

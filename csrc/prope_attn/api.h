@@ -36,6 +36,10 @@ struct AttnProblem {
   int sm = 80;                   // compute capability of the device, major * 10 + minor
   Family family = Family::Auto;
   int sm90_fwd = 0;              // SM90 forward variant, FwdParams::sm90_fwd (forward only)
+  // SM90 backward only: false (default) = the split backward (dK/dV kernel + dQ kernel, no
+  // atomics, deterministic); true = the single kernel summing dQ with fp32 atomics (kept to
+  // compare, PROPE_CUDA_SM90_BWD=atomic). The SM80 backward always uses atomics.
+  bool sm90_dq_atomic = false;
 };
 
 // (total, heads, d) tensor: unit stride in d; row and head strides in elements.
@@ -69,6 +73,9 @@ Family resolve_family(const AttnProblem& pb);
 // against the device's opt-in limit); -1 for an unsupported head_dim.
 int attn_fwd_smem_bytes(const AttnProblem& pb);
 int attn_bwd_smem_bytes(const AttnProblem& pb);
+// Whether attn_bwd's result is bitwise reproducible run to run: only the SM90 split backward
+// (every dQ, dK, dV element summed by one thread in a fixed order); the others sum dQ by atomics.
+bool attn_bwd_deterministic(const AttnProblem& pb);
 
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb);
 size_t attn_bwd_workspace_bytes(const AttnProblem& pb);

@@ -1,8 +1,9 @@
-// Backward for sm_90 (Hopper), FlashAttention-3 style: one CTA per (key block, kv head, sequence)
-// keeps dK and dV in registers (stationary) while it streams the q blocks of every q head of its
-// GQA group; dQ is summed in fp32 with atomics into dq_accum (a later pass converts it, applies
-// the softmax scale and rotates it back). Inputs q and k are the short-lived ROTATED buffers (as
-// for the SM80 backward); dK is written w.r.t. the rotated k and rotated back by a later pass.
+// Backward for sm_90 (Hopper). Two kernels by default (the "split" backward), no atomics:
+//
+// attn_bwd_sm90_kernel (dK, dV), FlashAttention-3 style: one CTA per (key block, kv head,
+// sequence) keeps dK and dV in registers (stationary) while it streams the q blocks of every q
+// head of its GQA group. Inputs q and k are the short-lived ROTATED buffers (as for the SM80
+// backward); dK is written w.r.t. the rotated k and rotated back by a later pass.
 //   warpgroup 0 (producer, 24 registers): one thread loads K, V once (TMA, one transaction
 //     barrier), then Q[i] and dO[i] of every (q head, q block) into a 2-stage ring;
 //   warpgroups 1, 2 (consumers, 240 registers), per q block of 64 rows:
@@ -11,20 +12,39 @@
 //     P, dS -> smem (16 bits), fence.proxy.async, named barrier
 //     dV += P^T dO, dK += dS^T Q      (SS wgmma, transposed smem views; the key rows split over
 //                                      the warpgroups, or d at head_dim 256)
+//     (the split kernel issues S and dP as one wgmma batch, and dV and dK as one batch)
+//     kAtomicDQ only (the old path, PROPE_CUDA_SM90_BWD=atomic):
 //     dQ = dS K -> fp32 atomics       (SS wgmma, d split over the warpgroups)
-// Everything goes through shared memory (no register re-views): simple first, overlap later.
+//
+// attn_bwd_dq_sm90_kernel (dQ), q-stationary like the forward: one CTA per (q block of 128 rows,
+// q head, sequence); the producer loads Q and dO once, then streams K[n], V[n] (2-stage rings);
+// each consumer warpgroup owns 64 q rows and, per key block, recomputes
+//     S = Q K^T, dP = dO V^T          (SS wgmma, issued as one batch)
+//     P = exp2(S*scale*log2e - lse*log2e), dS = P (dP - delta)   (lse, delta: 2 rows per thread,
+//                                      loaded once per CTA)
+//     dQ += dS K                      (RS wgmma: dS re-viewed in registers as the A operand, as
+//                                      P in the forward; B = K^T, an MN-major view of the K stage)
+// and stores its fp32 dQ rows once into dq_accum (plain 8-byte stores: every row is owned by one
+// CTA, so the sum order is fixed and the result deterministic); the existing postprocess pass
+// multiplies by the softmax scale, rotates back and converts.
+// Everything goes through shared memory in the dK/dV kernel (no register re-views): simple
+// first, overlap later.
 #pragma once
 
 #include "fwd_sm90.h"
 
 namespace prope {
 
-template <int kHeadDim_, bool kBF16>
+// kSplitBwd: the tiles of the split backward's dK/dV kernel (no dQ); else the atomic-dQ kernel's.
+// head_dim 128 split: 64 keys per CTA with d split over the warpgroups (as at 256), since at 128
+// keys the kernel without the dQ GEMM spilled (ptxas, nvcc 13.0) at the 240-register limit.
+template <int kHeadDim_, bool kBF16, bool kSplitBwd = false>
 struct BwdSm90Traits {
   using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;                           // q rows per step
-  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;   // keys per CTA (stationary)
+  // keys per CTA (stationary)
+  static constexpr int kBlockN = (kHeadDim == 256 || (kSplitBwd && kHeadDim == 128)) ? 64 : 128;
   static constexpr int kStages = 2;
   static constexpr int kConsumerWGs = 2;
   static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
@@ -41,7 +61,7 @@ struct BwdSm90Traits {
       cute::Layout<cute::Shape<_1, _2, _1>>{}));
   // dK, dV (kBlockN x d), contraction over the q rows: A = P^T / dS^T and B = dO^T / Q^T, both
   // read MN-major from smem. d <= 128: key rows split over the warpgroups; d = 256: d split.
-  static constexpr bool kSplitD = kHeadDim == 256;
+  static constexpr bool kSplitD = kBlockN == 64;
   using AtomKV = std::conditional_t<kSplitD, cute::Layout<cute::Shape<_1, _2, _1>>, cute::Layout<cute::Shape<_2, _1, _1>>>;
   using MmadKV = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
@@ -116,6 +136,34 @@ struct BwdSm90Traits {
   using TmaK = decltype(make_tma_k(nullptr, 0, 0, 0, 0));
 };
 
+// c1 (+)= a1 * b1 and c2 (+)= a2 * b2 (both SS; kZeroInit: = instead of +=) as one
+// warpgroup-wide wgmma batch, waited for here: the second GEMM is issued before the first one's
+// result is waited for (one pipeline drain instead of two).
+template <bool kZeroInit, class Mma, class TA1, class TB1, class TC1, class TA2, class TB2, class TC2>
+__device__ __forceinline__ void wg_gemm2_ss(Mma& mma, const TA1& a1, const TB1& b1, TC1& c1,
+                                            const TA2& a2, const TB2& b2, TC2& c2) {
+  using namespace cute;
+  warpgroup_fence_operand(c1);
+  warpgroup_fence_operand(c2);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a1); ++k) {
+    gemm(mma, a1(_, _, k), b1(_, _, k), c1);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a2); ++k) {
+    gemm(mma, a2(_, _, k), b2(_, _, k), c2);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c1);
+  warpgroup_fence_operand(c2);
+}
+
 template <class Tr>
 struct BwdSm90Args {
   typename Tr::TmaQ tma_q, tma_do;
@@ -123,7 +171,7 @@ struct BwdSm90Args {
   BwdParams p;
 };
 
-template <class Tr, bool kCausal>
+template <class Tr, bool kCausal, bool kAtomicDQ>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
 attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -247,8 +295,12 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
-      wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
-      wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+      if constexpr (kAtomicDQ) {
+        wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
+        wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+      } else {  // the split kernel: both as one batch
+        wg_gemm2_ss<true>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s, tdPrdO(_, _, _, st), tdPrV, acc_dp);
+      }
 
       // P = exp(S * scale - lse), dS = P * (dP - delta); rows past the sequence, keys past it
       // and the causal upper triangle get P = dS = 0 (their Q/dO rows may hold another
@@ -275,18 +327,24 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
 
-      wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
-      wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      if constexpr (kAtomicDQ) {
+        wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
+        wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      } else {  // dV += P^T dO, dK += dS^T Q as one batch
+        wg_gemm2_ss<false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);
+      }
       pipe.consumer_release(rd);
       ++rd;
 
-      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
-      wg_gemm<true, false>(mma_dq, tdQrdS, tdQrKt, acc_dq);                   // dQ = dS K
-      float* dq = p.dq_accum + int64_t(seq_start) * dq_row + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dq); ++i) {
-        const int row = m_block * kBM + get<0>(tdQcdQ(i));
-        if (row < seqlen) atomicAdd(dq + int64_t(row) * dq_row + get<1>(tdQcdQ(i)), acc_dq(i));
+      if constexpr (kAtomicDQ) {
+        Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
+        wg_gemm<true, false>(mma_dq, tdQrdS, tdQrKt, acc_dq);                 // dQ = dS K
+        float* dq = p.dq_accum + int64_t(seq_start) * dq_row + int64_t(h) * kD;
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_dq); ++i) {
+          const int row = m_block * kBM + get<0>(tdQcdQ(i));
+          if (row < seqlen) atomicAdd(dq + int64_t(row) * dq_row + get<1>(tdQcdQ(i)), acc_dq(i));
+        }
       }
     }
 
@@ -322,12 +380,274 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 #endif
 }
 
-template <bool kBF16, int kD>
-int attn_bwd_sm90_smem_bytes() { return BwdSm90Traits<kD, kBF16>::kSmemBytes; }
+// ---------------------------------------------------------------------------------------------
+// dQ kernel (split backward): q-stationary, like the forward.
+template <int kHeadDim_, bool kBF16>
+struct BwdDqSm90Traits {
+  using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 q rows
+  // keys per step: fp32 registers per consumer thread are dQ d/2 + S kBN/2 + dP kBN/2
+  // (d=256: 128 + 16 + 16 at kBN=32; d=128: 64 + 32 + 32; d=64: 32 + 64 + 64), and smem
+  // Q + dO (128 x d each) + 2 stages of K and V must stay under 227 KiB (d=256: 192 KiB).
+  static constexpr int kBlockN = kHeadDim == 256 ? 32 : kHeadDim == 128 ? 64 : 128;
+  static constexpr int kStages = 2;
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kNThreads = 128 * (1 + kConsumerWGs);
+  static constexpr int kConsumerThreads = 128 * kConsumerWGs;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256);
 
+  using AtomLayout = cute::Layout<cute::Shape<cute::Int<kConsumerWGs>, cute::_1, cute::_1>>;
+  // S, dP (kBlockM x kBlockN): one warpgroup per 64 q rows.
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kHeadDim>>>(),
+      AtomLayout{}));
+  // dQ (kBlockM x d) += dS K: A = dS from registers (K-major), B = K^T read MN-major from smem.
+  using MmadQ = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutKStage = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // K^T (d, kBlockN, stages): the same bytes as K, the MN-major B operand of dS K.
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutK{}, cute::make_ordered_layout(
+                         cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
+                         cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  using PipelineKV = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier barrier_q;
+    typename PipelineKV::SharedStorage pipe_k;
+    typename PipelineKV::SharedStorage pipe_v;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static constexpr uint32_t kQdOBytes = 2u * kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+
+  static auto gmem(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                       make_shape(total, int(kHeadDim), heads), make_stride(row, _1{}, head));
+  }
+  static auto make_tma_q(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(ptr, total, heads, row, head), SmemLayoutQ{},
+                         Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{});
+  }
+  static auto make_tma_k(const void* ptr, int total, int heads, int64_t row, int64_t head) {
+    using namespace cute;
+    return make_tma_copy(SM90_TMA_LOAD{}, gmem(ptr, total, heads, row, head), SmemLayoutKStage{},
+                         Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{});
+  }
+  using TmaQ = decltype(make_tma_q(nullptr, 0, 0, 0, 0));
+  using TmaK = decltype(make_tma_k(nullptr, 0, 0, 0, 0));
+};
+
+template <class Tr>
+struct BwdDqSm90Args {
+  typename Tr::TmaQ tma_q, tma_do;
+  typename Tr::TmaK tma_k, tma_v;
+  BwdParams p;
+};
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using Pipeline = typename Tr::PipelineKV;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  const BwdParams& p = args.p;
+
+  // last q blocks first: under a causal mask they have the most keys (better tail balance)
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int seq_start = p.cu_seqlens[b];
+  const int seqlen = p.cu_seqlens[b + 1] - seq_start;
+  if (m_block * kBM >= seqlen) return;  // uniform over the CTA, before any barrier
+  const int hk = h / (p.q_heads / p.kv_heads);
+  const int m_rows = seqlen - m_block * kBM;
+  int n_block_max = (seqlen + kBN - 1) / kBN;
+  if (kCausal) n_block_max = min(n_block_max, ((m_block + 1) * kBM + kBN - 1) / kBN);
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
+
+  const int warp_group = threadIdx.x / 128;
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = Tr::kKVBytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Tr::kConsumerThreads;
+  if (threadIdx.x == 0) ss.barrier_q.init(1);
+  Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
+  Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialised (and fenced) before anyone uses them
+
+  if (warp_group == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(int(p.total), kD, p.q_heads));
+      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(int(p.total), kD, p.q_heads));
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
+      Tensor gQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mQ(_, _, h)),
+                             Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));  // (kBM, kD)
+      Tensor gdO = local_tile(domain_offset(make_coord(seq_start, _0{}), mdO(_, _, h)),
+                              Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));
+      Tensor gK = local_tile(domain_offset(make_coord(seq_start, _0{}), mK(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));        // (kBN, kD, n)
+      Tensor gV = local_tile(domain_offset(make_coord(seq_start, _0{}), mV(_, _, hk)),
+                             Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+      auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+      ss.barrier_q.arrive_and_expect_tx(Tr::kQdOBytes);
+      copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
+      copy(args.tma_do.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tdOg, tdOs);
+      auto wr = cutlass::make_producer_start_state<Pipeline>();
+      for (int n = 0; n < n_block_max; ++n) {
+        pipe_k.producer_acquire(wr);
+        copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
+        pipe_v.producer_acquire(wr);
+        copy(args.tma_v.with(*pipe_v.producer_get_barrier(wr), 0), tVg(_, n), tVs(_, wr.index()));
+        ++wr;
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+    const int ctid = threadIdx.x - 128;
+    typename Tr::MmaSdP mma_sdp;
+    typename Tr::MmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(ctid);
+    auto thr_dq = mma_dq.get_thread_slice(ctid);
+    Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);     // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = thr_sdp.partition_fragment_B(sK);     // (MMA, MMA_N, MMA_K, stages)
+    Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);
+    Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
+    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);   // (MMA, MMA_D, MMA_KN, stages)
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
+    clear(acc_dq);
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol_sm90(tScS.layout()));
+    constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+
+    // this thread's rows: lse (log2 domain) and delta, once per CTA; rows past the sequence get
+    // lse = +inf (P = 0) and delta = 0, so nothing of them reaches dQ
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float sl2 = p.scale * kLog2e;
+    float lse2[kRows], dlt[kRows];
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int row = get<0>(tScS_rc(i, 0));
+      const int64_t at = int64_t(h) * p.total + seq_start + int64_t(m_block) * kBM + row;
+      lse2[i] = row < m_rows ? __ldg(p.lse + at) * kLog2e : INFINITY;
+      dlt[i] = row < m_rows ? __ldg(p.delta + at) : 0.f;
+    }
+
+    ss.barrier_q.wait(0);
+    cutlass::PipelineState<Tr::kStages> rd;
+    for (int n_block = 0; n_block < n_block_max; ++n_block) {
+      const int st = rd.index();
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
+      pipe_k.consumer_wait(rd);
+      pipe_v.consumer_wait(rd);
+      wg_gemm2_ss<true>(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP
+      pipe_v.consumer_release(rd);
+
+      // dS = P (dP - delta) in place of dP; keys past the sequence and the causal upper
+      // triangle get P = 0 (their K/V rows may hold another sequence's data)
+      Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
+      Tensor dp_rc = make_tensor(acc_dp.data(), acc_rowcol_sm90(acc_dp.layout()));
+      const bool need_mask = (n_block + 1) * kBN > seqlen ||
+                             (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s_rc); ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s_rc); ++j) {
+          float pv = fast_exp2(fmaf(s_rc(i, j), sl2, -lse2[i]));
+          if (need_mask) {
+            const int row = m_block * kBM + get<0>(tScS_rc(i, j));
+            const int col = n_block * kBN + get<1>(tScS_rc(i, j));
+            if (col >= seqlen || (kCausal && col > row)) pv = 0.f;
+          }
+          dp_rc(i, j) = pv * (dp_rc(i, j) - dlt[i]);
+        }
+      }
+      Tensor rdS = convert_frag<Element>(acc_dp);
+      Tensor tdQrdS = make_tensor(rdS.data(), acc_to_a_sm90(rdS.layout()));  // (MMA, MMA_M, kBN/16)
+      wg_gemm<false, true>(mma_dq, tdQrdS, tdQrKt(_, _, _, st), acc_dq);       // dQ += dS K
+      pipe_k.consumer_release(rd);
+      ++rd;
+    }
+
+    // rows < m_rows of fp32 dQ (unscaled) -> dq_accum (total, q_heads, d), two columns per store
+    Tensor tdQc = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+    Tensor tdQc_rc = make_tensor(tdQc.data(), acc_rowcol_sm90(tdQc.layout()));
+    Tensor dq_rc = make_tensor(acc_dq.data(), acc_rowcol_sm90(acc_dq.layout()));
+    const int64_t dq_row = int64_t(p.q_heads) * kD;
+    float* dq = p.dq_accum + (int64_t(seq_start) + int64_t(m_block) * kBM) * dq_row + int64_t(h) * kD;
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(dq_rc); ++i) {
+      const int row = get<0>(tdQc_rc(i, 0));
+      if (row < m_rows) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(dq_rc); j += 2) {
+          *reinterpret_cast<float2*>(dq + int64_t(row) * dq_row + get<1>(tdQc_rc(i, j))) =
+              make_float2(dq_rc(i, j), dq_rc(i, j + 1));
+        }
+      }
+    }
+  }
+#endif
+}
+
+// The larger of the two kernels' dynamic shared memory (the binding checks it against the limit).
+template <bool kBF16, int kD>
+int attn_bwd_sm90_smem_bytes() {
+  constexpr int a = BwdSm90Traits<kD, kBF16>::kSmemBytes, b = BwdDqSm90Traits<kD, kBF16>::kSmemBytes;
+  constexpr int c = BwdSm90Traits<kD, kBF16, true>::kSmemBytes;
+  return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
+template <class Kernel, class Args>
+cudaError_t launch_sm90(Kernel kernel, dim3 grid, int threads, int smem, const Args& args, cudaStream_t st) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, threads, smem, st>>>(args);
+  return cudaGetLastError();
+}
+
+// p.dq_atomic: the dK/dV kernel also sums dQ with fp32 atomics (the old path, kept to compare);
+// else the dK/dV kernel without dQ, then the dQ kernel. Either way dq_accum holds the unscaled
+// fp32 dQ w.r.t. the rotated q (zeroed by the caller beforehand).
 template <bool kBF16, int kD>
 cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
   using Tr = BwdSm90Traits<kD, kBF16>;
+  using TrQ = BwdDqSm90Traits<kD, kBF16>;
   if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
   if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
   const int total = int(p.total);
@@ -335,15 +655,29 @@ cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
                        Tr::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
                        Tr::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
                        Tr::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
-  dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.kv_heads, p.num_seqs);
-  constexpr int smem = Tr::kSmemBytes;
-  auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    kernel<<<grid, Tr::kNThreads, smem, st>>>(args);
-    return cudaGetLastError();
-  };
-  return p.causal ? go(attn_bwd_sm90_kernel<Tr, true>) : go(attn_bwd_sm90_kernel<Tr, false>);
+  const dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.kv_heads, p.num_seqs);
+  constexpr int smem = Tr::kSmemBytes, T = Tr::kNThreads;
+  if (p.dq_atomic)
+    return p.causal ? launch_sm90(attn_bwd_sm90_kernel<Tr, true, true>, grid, T, smem, args, st)
+                    : launch_sm90(attn_bwd_sm90_kernel<Tr, false, true>, grid, T, smem, args, st);
+  using TrS = BwdSm90Traits<kD, kBF16, true>;
+  BwdSm90Args<TrS> sargs{TrS::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
+                         TrS::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
+                         TrS::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
+                         TrS::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
+  const dim3 sgrid((p.max_seqlen + TrS::kBlockN - 1) / TrS::kBlockN, p.kv_heads, p.num_seqs);
+  constexpr int ssmem = TrS::kSmemBytes;
+  cudaError_t e = p.causal ? launch_sm90(attn_bwd_sm90_kernel<TrS, true, false>, sgrid, T, ssmem, sargs, st)
+                           : launch_sm90(attn_bwd_sm90_kernel<TrS, false, false>, sgrid, T, ssmem, sargs, st);
+  if (e != cudaSuccess) return e;
+  BwdDqSm90Args<TrQ> qargs{TrQ::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
+                           TrQ::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
+                           TrQ::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
+                           TrQ::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
+  const dim3 qgrid((p.max_seqlen + TrQ::kBlockM - 1) / TrQ::kBlockM, p.q_heads, p.num_seqs);
+  constexpr int qsmem = TrQ::kSmemBytes, QT = TrQ::kNThreads;
+  return p.causal ? launch_sm90(attn_bwd_dq_sm90_kernel<TrQ, true>, qgrid, QT, qsmem, qargs, st)
+                  : launch_sm90(attn_bwd_dq_sm90_kernel<TrQ, false>, qgrid, QT, qsmem, qargs, st);
 }
 
 }  // namespace prope

@@ -62,6 +62,8 @@ struct BwdParams {
   int num_seqs = 0, max_seqlen = 0, q_heads = 0, kv_heads = 0;
   float scale = 1.f;
   bool causal = true;
+  bool dq_atomic = false;        // SM90 only: dQ by fp32 atomics in the dK/dV kernel (the old
+                                 // path) instead of the separate dQ kernel
 };
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };

@@ -9,6 +9,8 @@
 //  * the SM90 backward: each tiled MMA's accumulator covers its tile exactly once over the 256
 //    consumer threads (S/dP, dK/dV in both splits, dQ), the transposed smem views address the
 //    element of the original at (j, i), the dK/dV store;
+//  * the SM90 backward's dQ kernel: the same views as the forward's (S and dQ accumulators, dS
+//    re-viewed as the A operand of dS K, the K^T view of the K stages) and its float2 dQ stores;
 //  * copy_rows/store_rows: each (CPY, m, :) slice of the gmem<->smem tiled copies is one tile row
 //    (the row predicate is taken from its first element), forward and backward.
 #include <cstdio>
@@ -181,13 +183,15 @@ int check_sm90_bwd() {
   return e;
 }
 
-// SM90 forward: the wgmma accumulator views over the consumer warpgroups' threads.
-template <class Tr>
-int check_sm90(const char* name) {
+// SM90 forward, and the SM90 backward's dQ kernel (same structure: S = Q K^T SS, then an RS
+// wgmma whose A is S's accumulator re-viewed, B the transposed view of the staged K or V): the
+// wgmma accumulator views over the consumer warpgroups' threads.
+template <class Tr, class MmaS, class MmaO, class LK, class LKt>
+int check_sm90_views(const char* name) {
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
   constexpr int kThreads = Tr::kConsumerThreads;
-  typename Tr::MmaQK mma_qk;
-  typename Tr::MmaPV mma_pv;
+  MmaS mma_qk;
+  MmaO mma_pv;
   int errors = 0;
   auto check_rowcol = [&](auto& mma, auto shape_mn, const char* what) {
     constexpr int M = decltype(size<0>(shape_mn))::value, N = decltype(size<1>(shape_mn))::value;
@@ -237,19 +241,47 @@ int check_sm90(const char* name) {
                       int(get<0>(x)), int(get<1>(x)), int(get<0>(y)), int(get<1>(y)));
       }
   }
-  // V^T view: element (d, key, stage) is V's (key, d, stage)
+  // V^T (K^T) view: element (d, key, stage) is V's (key, d, stage)
   {
-    typename Tr::SmemLayoutK lv;
-    typename Tr::SmemLayoutVt lt;
+    LK lv;
+    LKt lt;
     for (int st = 0; st < Tr::kStages; ++st)
       for (int i = 0; i < kBN; ++i)
         for (int j = 0; j < kD; ++j)
           if (lv(i, j, st) != lt(j, i, st) && errors++ < 5)
             std::printf("%s: Vt (%d,%d,%d) differs\n", name, j, i, st);
   }
+  // the dQ kernel's fp32 store: row-view columns j, j+1 (j even) are the columns c, c+1 of one
+  // row with c even (8-byte aligned float2)
+  for (int tid = 0; tid < kThreads; ++tid) {
+    Tensor c = mma_pv.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+    Tensor rc = make_tensor(c.data(), prope::acc_rowcol_sm90(c.layout()));
+    for (int i = 0; i < size<0>(rc); ++i)
+      for (int j = 0; j + 1 < size<1>(rc); j += 2)
+        if ((get<0>(rc(i, j)) != get<0>(rc(i, j + 1)) || get<1>(rc(i, j + 1)) != get<1>(rc(i, j)) + 1 ||
+             get<1>(rc(i, j)) % 2 != 0) && errors++ < 5)
+          std::printf("%s: tid %d (%d,%d) is not a column pair\n", name, tid, i, j);
+  }
   std::printf("%-12s %s\n", name, errors ? "FAILED" : "ok");
-  errors += check_rows<typename Tr::GmemTiledCopyO, kThreads>("sm90 store O", Shape<Int<kBM>, Int<kD>>{});
   return errors;
+}
+
+template <class Tr>
+int check_sm90(const char* name) {
+  int errors = check_sm90_views<Tr, typename Tr::MmaQK, typename Tr::MmaPV, typename Tr::SmemLayoutK,
+                                typename Tr::SmemLayoutVt>(name);
+  errors += check_rows<typename Tr::GmemTiledCopyO, Tr::kConsumerThreads>(
+      "sm90 store O", Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{});
+  return errors;
+}
+
+// SM90 backward's dQ kernel: S/dP and dQ accumulators, dS re-viewed as dQ's A, K^T of the K stages
+template <class Tr>
+int check_sm90_dq(const char* name) {
+  static_assert(Tr::kSmemBytes <= 227 * 1024, "dQ kernel over the sm_90 shared memory limit");
+  std::printf("%-12s smem %d bytes (%d keys per step)\n", name, Tr::kSmemBytes, Tr::kBlockN);
+  return check_sm90_views<Tr, typename Tr::MmaSdP, typename Tr::MmadQ, typename Tr::SmemLayoutK,
+                          typename Tr::SmemLayoutKt>(name);
 }
 
 int main() {
@@ -269,6 +301,13 @@ int main() {
   e += check_sm90<prope::FwdSm90Traits<256, true>>("sm90 bf16 256");
   e += check_sm90_bwd<prope::BwdSm90Traits<64, false>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true>>();
   e += check_sm90_bwd<prope::BwdSm90Traits<256, false>>();
+  // the split backward's dK/dV tiles (head_dim 128: 64 keys, d split over the warpgroups)
+  e += check_sm90_bwd<prope::BwdSm90Traits<64, true, true>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true, true>>();
+  e += check_sm90_bwd<prope::BwdSm90Traits<256, true, true>>();
+  e += check_sm90_dq<prope::BwdDqSm90Traits<64, false>>("sm90 dQ f16 64");
+  e += check_sm90_dq<prope::BwdDqSm90Traits<128, true>>("sm90 dQ bf16 128");
+  e += check_sm90_dq<prope::BwdDqSm90Traits<256, true>>("sm90 dQ bf16 256");
+  e += check_sm90_dq<prope::BwdDqSm90Traits<256, false>>("sm90 dQ f16 256");
   std::printf("%s\n", e ? "FAILED" : "PASSED");
   return e ? 1 : 0;
 }

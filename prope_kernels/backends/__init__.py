@@ -218,8 +218,9 @@ register(Backend(
 ))
 
 # Not picked by auto until its kernels have been validated and timed on a GPU against Triton
-# (prope_kernels.cuda.preferred_over_triton). Its backward sums dQ with float atomics: under
-# torch.use_deterministic_algorithms(True) it raises.
+# (prope_kernels.cuda.preferred_over_triton). Its SM80 backward (and the SM90 one with
+# PROPE_CUDA_SM90_BWD=atomic) sums dQ with float atomics: under
+# torch.use_deterministic_algorithms(True) it raises; the SM90 split backward is deterministic.
 register(Backend(
     name="cuda", module="prope_kernels.cuda",
     description="CUDA C++ kernels (csrc/, CUTLASS/CuTe), built into prope_kernels._C",
