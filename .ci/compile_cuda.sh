@@ -76,7 +76,7 @@ CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
 print(pathlib.Path(triton.__file__).parent / 'backends/nvidia/bin/cuobjdump')")"
 [[ -x "$CUOBJDUMP" ]] || { echo "compile_cuda: no cuobjdump (CUDA_HOME or Triton's wheel)" >&2; exit 1; }
 mapfile -t SM90_OBJS < <(find "$BUILD/temp" -name 'attn_sm90_*.o' | sort)
-[[ ${#SM90_OBJS[@]} -eq 6 ]] || { echo "compile_cuda: expected 6 SM90 objects, found ${#SM90_OBJS[@]}" \
+[[ ${#SM90_OBJS[@]} -eq 12 ]] || { echo "compile_cuda: expected 12 SM90 objects, found ${#SM90_OBJS[@]}" \
   "(PROPE_CUDA_ARCHS must contain 9.0a)" >&2; exit 1; }
 "$PY" "$ROOT/.ci/check_sm90_sass.py" "$CUOBJDUMP" "${SM90_OBJS[@]}"
 
