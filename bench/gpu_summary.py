@@ -30,7 +30,7 @@ def quick_providers() -> list:
     budget, or a crash (which takes the process's CUDA context with it), costs only their rows."""
     from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
     late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80", "prope-cuda-sm90-atomic",
-            "prope-cuda-sm90-lpt", "prope-cuda-sm90-overlap"]
+            "prope-cuda-sm90-basic"]
     # prope-triton runs the portable kernels by default, prope-cuda the SM90 ones on sm_90: the
     # forced variants would time the same kernels twice
     ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"

@@ -73,11 +73,10 @@ def _all_providers():
                      "prope_attention (cuda, SM90 wgmma/TMA kernels)"),
             Provider("prope-cuda-sm80", "prope", "cuda", "fused",
                      "prope_attention (cuda, SM80 mma.sync kernels)"),
-            # the SM90 forward's variants (PROPE_CUDA_SM90_FWD; the backward is the same)
-            Provider("prope-cuda-sm90-lpt", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM90, forward basic+lpt)"),
-            Provider("prope-cuda-sm90-overlap", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM90, forward overlap+lpt)"),
+            # the SM90 forward's first mainloop (PROPE_CUDA_SM90_FWD=basic; the default is
+            # overlap+lpt), to compare
+            Provider("prope-cuda-sm90-basic", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM90 kernels, basic forward)"),
             # the SM90 backward's old single kernel (dQ by fp32 atomics), to compare with the
             # split backward (PROPE_CUDA_SM90_BWD=atomic)
             Provider("prope-cuda-sm90-atomic", "prope", "cuda", "fused",
@@ -104,8 +103,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
-    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-atomic", "prope-cuda-sm90-lpt",
-    "prope-cuda-sm90-overlap",
+    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-atomic", "prope-cuda-sm90-basic",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -259,13 +257,20 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     return _triton_kernel_set(prov, call, dev, notes, bool(case.has_window or case.softcap))
 
 
+# The kernel switches as the user set them when the benchmark started. The providers below set
+# them at each call; reading os.environ when a later provider is built would pick up the setting
+# an earlier provider left behind (that made every CUDA provider of one run time the same kernels).
+_USER_ENV = {var: os.environ.get(var) for var in (
+    prope_env.TRITON_KERNELS, "PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD")}
+
+
 def _triton_kernel_set(prov, call, dev, notes, features):
     """prope-triton: the kernels the dispatch picks (the user's PROPE_TRITON_KERNELS, default
     auto); prope-triton-hopper / -portable: that kernel set forced. The switch is read at each
     forward and backward call, so every call re-sets it: the backward that follows a forward of
     one provider sees that provider's setting."""
     from prope_kernels.triton import hopper
-    user = os.environ.get(prope_env.TRITON_KERNELS)
+    user = _USER_ENV[prope_env.TRITON_KERNELS]
     want = {"prope-triton-hopper": "hopper", "prope-triton-portable": "portable"}.get(prov.name,
                                                                                      user)
     if want == "hopper":
@@ -290,19 +295,17 @@ def _triton_kernel_set(prov, call, dev, notes, features):
 
 def _cuda_kernel_family(prov, call, dev, notes):
     """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
-    PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced; prope-cuda-sm90-lpt /
-    -overlap: the SM90 kernels with that forward variant (PROPE_CUDA_SM90_FWD);
-    prope-cuda-sm90-atomic: the SM90 kernels with the backward's atomic-dQ path
-    (PROPE_CUDA_SM90_BWD=atomic; the others get the user's PROPE_CUDA_SM90_BWD, default split).
-    Set at each call, like the Triton switch above, so a backward sees its own provider's
-    setting."""
-    user = os.environ.get("PROPE_CUDA_SM90")
-    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0", "prope-cuda-sm90-lpt": "1",
-            "prope-cuda-sm90-overlap": "1", "prope-cuda-sm90-atomic": "1"}.get(prov.name, user)
-    user_fwd = os.environ.get("PROPE_CUDA_SM90_FWD")
-    want_fwd = {"prope-cuda-sm90": "basic", "prope-cuda-sm90-lpt": "basic+lpt",
-                "prope-cuda-sm90-overlap": "overlap+lpt"}.get(prov.name, user_fwd)
-    user_bwd = os.environ.get("PROPE_CUDA_SM90_BWD")
+    PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced (with the user's variants);
+    prope-cuda-sm90-basic: the SM90 kernels with the first forward mainloop
+    (PROPE_CUDA_SM90_FWD=basic); prope-cuda-sm90-atomic: the SM90 kernels with the backward's
+    atomic-dQ path (PROPE_CUDA_SM90_BWD=atomic). Set at each call, like the Triton switch above,
+    so a backward sees its own provider's setting."""
+    user = _USER_ENV["PROPE_CUDA_SM90"]
+    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0", "prope-cuda-sm90-basic": "1",
+            "prope-cuda-sm90-atomic": "1"}.get(prov.name, user)
+    user_fwd = _USER_ENV["PROPE_CUDA_SM90_FWD"]
+    want_fwd = "basic" if prov.name == "prope-cuda-sm90-basic" else user_fwd
+    user_bwd = _USER_ENV["PROPE_CUDA_SM90_BWD"]
     want_bwd = "atomic" if prov.name == "prope-cuda-sm90-atomic" else user_bwd
     if want == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):

@@ -190,14 +190,17 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
 
 def entries_from_rows(rows: list, meta: dict) -> list:
     """Table entries from benchmark rows: per case, the fastest of our kernel backends in
-    forward+backward (``ok`` rows only). Cases where fewer than two backends ran give no entry:
-    there was nothing to choose between."""
+    forward+backward (``ok`` rows only). Only each backend's own provider counts (``prope-cuda``,
+    not ``prope-cuda-sm90-atomic``): a provider that forces a kernel variant times something auto
+    does not run. Cases where fewer than two backends ran give no entry: there was nothing to
+    choose between."""
     cap = str(meta.get("capability") or "").replace(".", "")
     arch_ = f"sm_{cap}" if cap else "cpu"
     by_case = {}
     for r in rows:
         if (r.get("kind") == "ours" and r.get("family") == "prope" and r["status"] == "ok"
-                and r["mode"] == "fwd_bwd" and r["backend"] in ("triton", "cuda", "sdpa")):
+                and r["mode"] == "fwd_bwd" and r["backend"] in ("triton", "cuda", "sdpa")
+                and r.get("provider", f"prope-{r['backend']}") == f"prope-{r['backend']}"):
             by_case.setdefault(r["case"], []).append(r)
     out = []
     for case, rs in by_case.items():

@@ -21,11 +21,11 @@ whether it is set.
                        kernels (wgmma, TMA) where the build has the 9.0a target, else the SM80
                        ones; 1 = the SM90 kernels or an error; 0 = the SM80 kernels (validated on
                        an H100 on 2026-11-26, bench/results; csrc/README.md)
-  PROPE_CUDA_SM90_FWD  the CUDA backend's SM90 forward variant: basic (default: the kernel
-                       validated on an H100 on 2026-11-26), overlap (softmax overlapped with the
-                       GEMMs inside each consumer warpgroup, plus pingpong of the two consumers
-                       at head_dim <= 128), and either with "+lpt" (longest-first launch order
-                       over the whole grid); csrc/README.md
+  PROPE_CUDA_SM90_FWD  the CUDA backend's SM90 forward variant: overlap+lpt (default; softmax
+                       overlapped with the GEMMs inside each consumer warpgroup, pingpong of the
+                       two consumers at head_dim <= 128, longest-first launch order over the
+                       whole grid: 554 TFLOP/s at gemma-2b on an H100), overlap, basic+lpt,
+                       basic (the first mainloop: 480 TFLOP/s there); csrc/README.md
   PROPE_CUDA_SM90_BWD  the SM90 backward: split (default: a dK/dV kernel and a dQ kernel, no
                        atomics, deterministic) or atomic (one kernel summing dQ with fp32
                        atomics, the first design, kept to compare)
@@ -96,8 +96,9 @@ CUDA_SM90_FWD_MODES = ("basic", "overlap", "basic+lpt", "overlap+lpt")
 
 def cuda_sm90_fwd() -> str:
     """PROPE_CUDA_SM90_FWD: which SM90 forward mainloop / launch order runs (CUDA_SM90_FWD_MODES);
-    unset or empty: "basic"."""
-    v = _get("PROPE_CUDA_SM90_FWD", "").strip().lower() or "basic"
+    unset or empty: "overlap+lpt" (measured on an H100, 2026-11-26: 0.993 ms against 1.145 for
+    basic at the gemma-2b shape)."""
+    v = _get("PROPE_CUDA_SM90_FWD", "").strip().lower() or "overlap+lpt"
     if v not in CUDA_SM90_FWD_MODES:
         raise ValueError(f"PROPE_CUDA_SM90_FWD must be one of {', '.join(CUDA_SM90_FWD_MODES)}, "
                          f"got {v!r}")

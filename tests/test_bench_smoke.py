@@ -249,3 +249,26 @@ def test_bars_of_issue_10():
                                   causal=True, p=0.75, dtype="bf16", varlen=False, reason="",
                                   notes="", ms_p20=1, ms_p80=1) for r in rows])
     assert "| 10 | llama-gqa | prope-auto | must |" in md
+
+
+def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
+    # Each provider sets the CUDA kernel switches at every call; a provider built after another
+    # one ran must still get the user's settings (here: unset), not the earlier provider's.
+    sys.path.insert(0, str(REPO))
+    from bench import providers as P
+    for var in ("PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setitem(P._USER_ENV, var, None)
+    seen = []
+
+    def call(q, k, v):
+        seen.append({var: os.environ.get(var) for var in P._USER_ENV if "CUDA" in var})
+
+    cpu = torch.device("cpu")
+    forced = P._cuda_kernel_family(P.PROVIDERS["prope-cuda-sm80"], call, cpu, [])
+    forced.fn(None, None, None)
+    default = P._cuda_kernel_family(P.PROVIDERS["prope-cuda"], call, cpu, [])
+    default.fn(None, None, None)
+    assert seen[0]["PROPE_CUDA_SM90"] == "0"
+    assert seen[1] == {"PROPE_CUDA_SM90": None, "PROPE_CUDA_SM90_FWD": None,
+                       "PROPE_CUDA_SM90_BWD": None}, seen

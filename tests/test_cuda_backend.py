@@ -305,11 +305,11 @@ def test_sm90_misaligned_contiguous_inputs(sm90):
 # --- the SM90 forward's variants (PROPE_CUDA_SM90_FWD): overlap mainloop, longest-first order ---
 
 def test_sm90_fwd_switch(monkeypatch):
-    # unset or empty: basic (0); bit 0 = overlap, bit 1 = longest-first launch order
+    # unset or empty: overlap+lpt (3); bit 0 = overlap, bit 1 = longest-first launch order
     monkeypatch.delenv("PROPE_CUDA_SM90_FWD", raising=False)
-    assert cuda_backend._sm90_fwd() == 0
+    assert cuda_backend._sm90_fwd() == 3
     monkeypatch.setenv("PROPE_CUDA_SM90_FWD", "")
-    assert cuda_backend._sm90_fwd() == 0
+    assert cuda_backend._sm90_fwd() == 3
     for mode, bits in (("basic", 0), ("overlap", 1), ("basic+lpt", 2), ("Overlap+LPT", 3)):
         monkeypatch.setenv("PROPE_CUDA_SM90_FWD", mode)
         assert cuda_backend._sm90_fwd() == bits
@@ -319,7 +319,7 @@ def test_sm90_fwd_switch(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["overlap", "basic+lpt", "overlap+lpt"])
+@pytest.mark.parametrize("mode", ["basic", "overlap", "basic+lpt", "overlap+lpt"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_sm90_fwd_variants(sm90, monkeypatch, mode, d):
     # one key block (s = 1, 97: the overlap loop's prologue and tail only), many (1025: masked

@@ -317,6 +317,8 @@ def test_table_written_from_rows_and_read_back(tmp_path, monkeypatch):
                 git_commit="abc")
     rows = [_row("gemma-2b", "triton", 8.7), _row("gemma-2b", "sdpa", 4.9),
             _row("gemma-2b", "auto", 4.8),                        # auto is not a backend to pick
+            _row("gemma-2b", "cuda", 3.0, provider="prope-cuda-sm90-atomic"),  # a forced variant
+            _row("gemma-2b", "cuda", 5.8, provider="prope-cuda"),
             _row("gemma-2b", "sdpa", 1.0, mode="fwd"),            # only fwd+bwd decides
             _row("llama-gqa", "triton", 9.0, head_dim=128, q_heads=32, kv_heads=8,
                  seqlen=4096),                                    # one backend: no entry
@@ -325,7 +327,8 @@ def test_table_written_from_rows_and_read_back(tmp_path, monkeypatch):
     entries = dispatch.entries_from_rows(rows, meta)
     assert len(entries) == 1
     e = entries[0]
-    assert e["backend"] == "sdpa" and e["source"]["fwd_bwd_ms"] == {"triton": 8.7, "sdpa": 4.9}
+    assert e["backend"] == "sdpa"
+    assert e["source"]["fwd_bwd_ms"] == {"triton": 8.7, "sdpa": 4.9, "cuda": 5.8}
     assert dispatch._key_tuple(e) == dispatch._key_tuple(KEY)
     path = tmp_path / "dispatch.json"
     dispatch.write(path, entries)
