@@ -159,6 +159,19 @@ cudaError_t rotate(const void* x, DType x_dtype, int64_t x_row, int64_t x_head, 
     if (e_ != cudaSuccess) return e_;     \
   } while (0)
 
+// The fields FwdParams and BwdParams share with the problem: sequences, heads, scale, mask.
+template <class Params>
+void set_problem(Params& p, const AttnProblem& pb) {
+  p.cu_seqlens = pb.cu_seqlens;
+  p.total = pb.total;
+  p.num_seqs = pb.num_seqs;
+  p.max_seqlen = pb.max_seqlen;
+  p.q_heads = pb.q_heads;
+  p.kv_heads = pb.kv_heads;
+  p.scale = pb.scale;
+  p.causal = pb.causal;
+}
+
 cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   const AttnProblem& pb = a.pb;
   if (!head_dim_supported(pb.head_dim)) return cudaErrorInvalidValue;
@@ -180,16 +193,9 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   p.v = a.v.ptr; p.v_row = a.v.row; p.v_head = a.v.head;
   p.o = a.o.ptr; p.o_row = a.o.row; p.o_head = a.o.head;
   p.lse = a.lse;
-  p.cu_seqlens = pb.cu_seqlens;
+  set_problem(p, pb);
   p.positions = pb.positions;
-  p.total = pb.total;
-  p.num_seqs = pb.num_seqs;
-  p.max_seqlen = pb.max_seqlen;
-  p.q_heads = pb.q_heads;
-  p.kv_heads = pb.kv_heads;
-  p.scale = pb.scale;
   p.rot = pb.rot;
-  p.causal = pb.causal;
   p.sm90_fwd = pb.sm90_fwd;
   const Family fam = resolve_family(pb);
   return dispatch(pb.dtype, d, [&](auto B, auto D) {
@@ -245,14 +251,7 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   p.dq_accum = ws.dq_accum;
   p.dk = a.dk.ptr; p.dk_row = a.dk.row; p.dk_head = a.dk.head;
   p.dv = a.dv.ptr; p.dv_row = a.dv.row; p.dv_head = a.dv.head;
-  p.cu_seqlens = pb.cu_seqlens;
-  p.total = pb.total;
-  p.num_seqs = pb.num_seqs;
-  p.max_seqlen = pb.max_seqlen;
-  p.q_heads = pb.q_heads;
-  p.kv_heads = pb.kv_heads;
-  p.scale = pb.scale;
-  p.causal = pb.causal;
+  set_problem(p, pb);
   p.dq_atomic = pb.sm90_dq_atomic;
   const Family fam = resolve_family(pb);
   PROPE_TRY(dispatch(pb.dtype, d, [&](auto B, auto D) {
