@@ -8,8 +8,9 @@
 #
 # Usage: .ci/compile_cuda.sh            (from anywhere; exit status 0 = everything compiled)
 # Environment (all optional):
-#   PROPE_CI_CUDA_VENV   venv with torch==2.14.1 (CUDA build) + nvidia-cutlass + ninja; created if
-#                        missing, reused if present (default ~/.cache/prope_kernels/venv-cu)
+#   PROPE_CI_CUDA_VENV   venv with a CUDA build of torch + nvidia-cutlass + ninja; created (torch
+#                        2.14.1) if missing, completed with what it lacks if it has a CUDA torch
+#                        (default ~/.cache/prope_kernels/venv-cu)
 #   PROPE_CUDA_ARCHS     archs for the extension build (default "8.0;9.0a", as setup.py; must
 #                        contain 9.0a: the SASS guard inspects the SM90 objects)
 #   PROPE_CI_CMAKE_ARCHS CMAKE_CUDA_ARCHITECTURES for the CMake build (default "80;90a")
@@ -37,9 +38,15 @@ NVCC="$CUDA_HOME/bin/nvcc"
 [[ -x "$NVCC" ]] || { echo "compile_cuda: nvcc not found at $NVCC (set CUDA_HOME)" >&2; exit 1; }
 "$NVCC" --version | tail -n 2
 
-# 1. the build venv (torch with CUDA, CUTLASS headers, ninja), reused when already complete
+# 1. the build venv (torch with CUDA, CUTLASS headers, ninja), reused when already complete; a
+# venv that already holds a CUDA build of torch (.ci/run's test venv) gets only what it lacks
+if "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null \
+   && ! "$VENV/bin/python" -c "import cutlass_library, ninja, setuptools" 2>/dev/null; then
+  step "adding CUTLASS headers and ninja to $VENV"
+  "$VENV/bin/pip" install --quiet "$CUTLASS_PIN" ninja setuptools wheel
+fi
 if ! "$VENV/bin/python" -c "import torch, cutlass_library, ninja, setuptools; \
-assert torch.__version__.startswith('2.14.1') and torch.version.cuda" 2>/dev/null; then
+assert torch.version.cuda" 2>/dev/null; then
   step "creating build venv $VENV (torch CUDA wheel, several GB, a few minutes)"
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"

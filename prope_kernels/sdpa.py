@@ -131,35 +131,45 @@ def _choose_gpu(q, k, num_seqs, max_seqlen, causal, dense, forced) -> Choice:
     # stands in for the expanded k/v: same shape, dtype, device and layout)
     params_expanded = SDPAParams(q4, q4, q4, None, 0.0, bool(causal), False)
     refused = []
+
+    def accepts(kern, check, prm, refusal):
+        # torch's checks also query the device (cuDNN's version, the GPU's arch): where that
+        # query fails (a CUDA build of torch on a machine without a driver) the kernel is
+        # refused with torch's error as the reason, instead of a shape question raising
+        try:
+            if check(prm, False):
+                return True
+        except RuntimeError as e:
+            refusal = (f"torch's check could not run ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0]})")
+        refused.append(f"{kern}: {refusal}")
+        return False
+
     order = (forced,) if forced else GPU_KERNELS
     for kern in order:
         if kern == "cudnn":
             if not dense:
                 refused.append("cudnn: varlen (its packed path is experimental in torch)")
-            elif can_use_cudnn_attention(params, False):
+            elif accepts(kern, can_use_cudnn_attention, params,
+                         "torch.backends.cuda.can_use_cudnn_attention refuses this shape"):
                 return Choice("cudnn", True, False, "cuDNN attention accepts this shape")
-            else:
-                refused.append("cudnn: torch.backends.cuda.can_use_cudnn_attention refuses "
-                               "this shape")
         elif kern == "flash":
-            if can_use_flash_attention(params, False):
+            if accepts(kern, can_use_flash_attention, params,
+                       "torch.backends.cuda.can_use_flash_attention refuses this shape "
+                       f"(head_dim {d}, {q.dtype})"):
                 why = "FlashAttention-2 (torch) accepts this shape"
                 return Choice("flash", dense, False, why + ("" if dense else ", varlen"))
-            refused.append("flash: torch.backends.cuda.can_use_flash_attention refuses "
-                           f"this shape (head_dim {d}, {q.dtype})")
         elif kern == "efficient":
             if not dense:
                 refused.append("efficient: varlen not wired (its lse is padded per sequence)")
-            elif can_use_efficient_attention(params_expanded, False):
+            elif accepts(kern, can_use_efficient_attention, params_expanded,
+                         "torch.backends.cuda.can_use_efficient_attention refuses this shape"):
                 mib = 4 * total * hq * d * q.element_size() / 2**20
                 notes = ((f"efficient kernel has no GQA: k/v expanded from {hkv} to {hq} heads "
                           f"and dk/dv summed back (backward holds 4 expanded (tokens, {hq}, {d}) "
                           f"tensors, {mib:.0f} MiB)",) if hq != hkv else ())
                 return Choice("efficient", True, hq != hkv,
                               "memory-efficient attention accepts this shape", notes)
-            else:
-                refused.append("efficient: torch.backends.cuda.can_use_efficient_attention "
-                               "refuses this shape")
     return Choice(None, dense, False, "; ".join(refused))
 
 

@@ -123,6 +123,16 @@ def test_cpu_run_never_touches_cuda(tmp_path, monkeypatch, fsdp):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("get_rng_state", "set_rng_state", "current_stream", "Stream", "init"):
         monkeypatch.setattr(torch.cuda, name, refuse(name))
+    # torch's own AdamW.step asks the accelerator whether a CUDA graph is being captured
+    # (torch >= 2.12: torch.accelerator.current_stream().is_capturing()), which a CPU machine
+    # with a CUDA build of torch cannot answer: the faked GPU answers "not capturing". That
+    # query is torch's, whatever the run's device; the trainer's own calls are refused above.
+    if torch.cuda.device_count() == 0 and hasattr(torch, "accelerator"):
+        class _NotCapturing:
+            def is_capturing(self):
+                return False
+        monkeypatch.setattr(torch.accelerator, "current_stream", lambda *a, **k: _NotCapturing(),
+                            raising=False)
     if fsdp:  # one rank over gloo, as torchrun would start it
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", str(_free_port()))
