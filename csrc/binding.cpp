@@ -269,21 +269,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& identity, bool causal, double scale, int64_t family, int64_t sm90_bwd) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
-  TORCH_CHECK(sm90_bwd == 0 || sm90_bwd == 1, op, ": sm90_bwd must be 0 (split) or 1 (atomic), got ",
+  TORCH_CHECK(sm90_bwd == 0 || sm90_bwd == 1, op, ": sm90_bwd must be 0 (fused) or 1 (split), got ",
               sm90_bwd);
   c10::cuda::CUDAGuard guard(q.device());
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
   prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
-  pb.sm90_dq_atomic = sm90_bwd == 1;
-  // The SM80 backward and the SM90 atomic path sum dQ with float atomics (order varies run to
+  pb.sm90_split = sm90_bwd == 1;
+  // The SM80 backward and the SM90 fused backward sum dQ with float atomics (order varies run to
   // run): under torch.use_deterministic_algorithms(True) they raise (warn with warn_only), as
-  // torch's own atomic kernels do. The SM90 split backward (the default on sm_90) sums every
-  // gradient element in one thread in a fixed order: deterministic.
+  // torch's own atomic kernels do. The SM90 split backward sums every gradient element in one
+  // thread in a fixed order: deterministic (the Python side asks for it in that mode).
   if (!prope::attn_bwd_deterministic(pb))
     at::globalContext().alertNotDeterministic(
-        "prope_cuda::attn_bwd (backend='cuda' with the SM80 kernels or PROPE_CUDA_SM90_BWD=atomic; "
+        "prope_cuda::attn_bwd (backend='cuda' with the SM80 kernels or the SM90 fused backward; "
         "the SM90 split backward and backend='triton' are deterministic in this mode)");
   check_device(op, "dout", dout, dev);
   check_device(op, "out", out, dev);

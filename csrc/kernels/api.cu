@@ -59,14 +59,25 @@ FwdWs fwd_ws(const AttnProblem& pb, void* base) {
   w.bytes = c.off;
   return w;
 }
-struct BwdWs { float* delta; float* dq_accum; void* q_rot; void* k_rot; size_t bytes; };
+// Backward: the SM90 fused path keeps delta, lse * log2(e) and the fp32 dQ accumulator per tile
+// of 64 q rows (bwd_tile(): at most total / 64 + num_seqs tiles per head); the others keep delta
+// (q_heads, total) and dQ (total, q_heads, d).
+bool fused_bwd(const AttnProblem& pb) { return resolve_family(pb) == Family::Sm90 && !pb.sm90_split; }
+struct BwdWs { float* delta; float* lse2; float* dq_accum; void* q_rot; void* k_rot; size_t bytes; };
 BwdWs bwd_ws(const AttnProblem& pb, void* base) {
   Carve c{static_cast<char*>(base)};
   BwdWs w{};
   const size_t nq = size_t(pb.total) * pb.q_heads * pb.head_dim;
   const size_t nk = size_t(pb.total) * pb.kv_heads * pb.head_dim;
-  w.delta = static_cast<float*>(c.take(size_t(pb.q_heads) * pb.total * sizeof(float)));
-  w.dq_accum = static_cast<float*>(c.take(nq * sizeof(float)));
+  if (fused_bwd(pb)) {
+    const size_t tile_rows = size_t(bwd_tiles(pb.total, pb.num_seqs)) * kBwdTileM * pb.q_heads;
+    w.delta = static_cast<float*>(c.take(tile_rows * sizeof(float)));
+    w.lse2 = static_cast<float*>(c.take(tile_rows * sizeof(float)));
+    w.dq_accum = static_cast<float*>(c.take(tile_rows * pb.head_dim * sizeof(float)));
+  } else {
+    w.delta = static_cast<float*>(c.take(size_t(pb.q_heads) * pb.total * sizeof(float)));
+    w.dq_accum = static_cast<float*>(c.take(nq * sizeof(float)));
+  }
   const bool rot = pb.rot.num_rot > 0;
   w.q_rot = rot ? c.take(nq * esize(pb.dtype)) : nullptr;
   w.k_rot = rot ? c.take(nk * esize(pb.dtype)) : nullptr;
@@ -124,7 +135,7 @@ int attn_bwd_smem_bytes(const AttnProblem& pb) {
 }
 
 bool attn_bwd_deterministic(const AttnProblem& pb) {
-  return resolve_family(pb) == Family::Sm90 && !pb.sm90_dq_atomic;
+  return resolve_family(pb) == Family::Sm90 && pb.sm90_split;
 }
 
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb) { return fwd_ws(pb, nullptr).bytes; }
@@ -214,18 +225,20 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   const BwdWs ws = bwd_ws(pb, a.workspace);
   const int d = pb.head_dim;
   const int64_t q_row = int64_t(pb.q_heads) * d, k_row = int64_t(pb.kv_heads) * d;
+  const bool fused = fused_bwd(pb);
 
-  // delta = rowsum(dO * O) - dlse
-  DeltaParams dp;
-  dp.out = a.out.ptr; dp.o_row = a.out.row; dp.o_head = a.out.head;
-  dp.dout = a.dout.ptr; dp.do_row = a.dout.row; dp.do_head = a.dout.head;
-  dp.dlse = a.dlse;
-  dp.delta = ws.delta;
-  dp.dtype = pb.dtype;
-  dp.total = pb.total;
-  dp.heads = pb.q_heads;
-  dp.head_dim = d;
-  PROPE_TRY(run_bwd_delta(dp, st));
+  if (!fused) {  // delta = rowsum(dO * O) - dlse (the fused path's preprocess does its own)
+    DeltaParams dp;
+    dp.out = a.out.ptr; dp.o_row = a.out.row; dp.o_head = a.out.head;
+    dp.dout = a.dout.ptr; dp.do_row = a.dout.row; dp.do_head = a.dout.head;
+    dp.dlse = a.dlse;
+    dp.delta = ws.delta;
+    dp.dtype = pb.dtype;
+    dp.total = pb.total;
+    dp.heads = pb.q_heads;
+    dp.head_dim = d;
+    PROPE_TRY(run_bwd_delta(dp, st));
+  }
 
   // short-lived rotated q and k (nothing rotated was kept from the forward)
   Mat q = a.q, k = a.k;
@@ -237,9 +250,10 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
     q = Mat{ws.q_rot, q_row, d};
     k = Mat{ws.k_rot, k_row, d};
   }
-  // zeroed for the atomic paths; the SM90 split path stores every row of every sequence (rows
-  // outside cu_seqlens, if any, stay 0)
-  PROPE_TRY(cudaMemsetAsync(ws.dq_accum, 0, size_t(pb.total) * pb.q_heads * d * sizeof(float), st));
+  // the atomic (SM80) and stored-once (SM90 split) accumulators start at zero; the fused path's
+  // preprocess zeroes each tile it will add to
+  if (!fused)
+    PROPE_TRY(cudaMemsetAsync(ws.dq_accum, 0, size_t(pb.total) * pb.q_heads * d * sizeof(float), st));
 
   BwdParams p;
   p.q = q.ptr; p.q_row = q.row; p.q_head = q.head;
@@ -252,7 +266,16 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   p.dk = a.dk.ptr; p.dk_row = a.dk.row; p.dk_head = a.dk.head;
   p.dv = a.dv.ptr; p.dv_row = a.dv.row; p.dv_head = a.dv.head;
   set_problem(p, pb);
-  p.dq_atomic = pb.sm90_dq_atomic;
+  p.sm90_split = pb.sm90_split;
+  if (fused) {  // the fused path's pre- and postprocess: delta, dQ out, dK rotated back in-kernel
+    p.out = a.out.ptr; p.o_row = a.out.row; p.o_head = a.out.head;
+    p.dlse = a.dlse;
+    p.lse2_tiled = ws.lse2;
+    p.delta_tiled = ws.delta;
+    p.dq = a.dq.ptr; p.dq_row = a.dq.row; p.dq_head = a.dq.head;
+    p.positions = pb.positions;
+    p.rot = pb.rot;
+  }
   const Family fam = resolve_family(pb);
   PROPE_TRY(dispatch(pb.dtype, d, [&](auto B, auto D) {
 #ifdef PROPE_HAS_SM90
@@ -261,14 +284,26 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
     (void)fam;
     return run_attn_bwd<decltype(B)::value, decltype(D)::value>(p, st);
   }));
-  // dq = inverse-rotate(scale * dq_accum) in the output dtype (with no rotation: the conversion
-  // alone); dk inverse-rotated in place
-  PROPE_TRY(rotate(ws.dq_accum, DType::f32, q_row, d, a.dq.ptr, pb.dtype, a.dq.row, a.dq.head,
-                   pb.total, pb.q_heads, d, pb.positions, pb.rot, true, pb.scale, st));
-  if (pb.rot.num_rot > 0)
-    PROPE_TRY(rotate(a.dk.ptr, pb.dtype, a.dk.row, a.dk.head, a.dk.ptr, pb.dtype, a.dk.row,
-                     a.dk.head, pb.total, pb.kv_heads, d, pb.positions, pb.rot, true, 1.f, st));
-  return cudaSuccess;
+  if (!fused) {
+    // dq = inverse-rotate(scale * dq_accum) in the output dtype (with no rotation: the
+    // conversion alone); dk inverse-rotated in place
+    PROPE_TRY(rotate(ws.dq_accum, DType::f32, q_row, d, a.dq.ptr, pb.dtype, a.dq.row, a.dq.head,
+                     pb.total, pb.q_heads, d, pb.positions, pb.rot, true, pb.scale, st));
+    if (pb.rot.num_rot > 0)
+      PROPE_TRY(rotate(a.dk.ptr, pb.dtype, a.dk.row, a.dk.head, a.dk.ptr, pb.dtype, a.dk.row,
+                       a.dk.head, pb.total, pb.kv_heads, d, pb.positions, pb.rot, true, 1.f, st));
+  }
+  // the gradients of rows outside every sequence (padding before cu_seqlens[0] or after
+  // cu_seqlens[-1]) are zero; no kernel above writes them
+  ZeroRowsParams z;
+  z.x[0] = a.dq.ptr; z.row[0] = a.dq.row; z.head[0] = a.dq.head; z.heads[0] = pb.q_heads;
+  z.x[1] = a.dk.ptr; z.row[1] = a.dk.row; z.head[1] = a.dk.head; z.heads[1] = pb.kv_heads;
+  z.x[2] = a.dv.ptr; z.row[2] = a.dv.row; z.head[2] = a.dv.head; z.heads[2] = pb.kv_heads;
+  z.head_dim = d;
+  z.total = pb.total;
+  z.cu_seqlens = pb.cu_seqlens;
+  z.num_seqs = pb.num_seqs;
+  return run_zero_outside_rows(z, st);
 }
 
 }  // namespace prope

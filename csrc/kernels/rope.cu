@@ -47,4 +47,10 @@ cudaError_t run_bwd_delta(const DeltaParams& p, cudaStream_t st) {
   return cudaGetLastError();
 }
 
+cudaError_t run_zero_outside_rows(const ZeroRowsParams& p, cudaStream_t st) {
+  if (p.total == 0 || p.num_seqs == 0) return cudaSuccess;
+  zero_outside_rows_kernel<<<64, 256, 0, st>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace prope

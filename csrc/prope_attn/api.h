@@ -20,7 +20,7 @@ namespace prope {
 
 // Which attention kernels run. Sm80 (mma.sync + cp.async) runs on every sm_80+ device; Sm90
 // (wgmma + TMA, warp-specialized) only on sm_90 devices and only when the library was built with
-// sm_90a (sm90_built()). Auto = Sm80 today: the SM90 kernels are opt-in until a GPU validates them.
+// sm_90a (sm90_built()). Auto = Sm90 on an sm_90 device when built, else Sm80 (resolve_family).
 enum class Family : int { Auto = 0, Sm80 = 1, Sm90 = 2 };
 
 struct AttnProblem {
@@ -36,10 +36,11 @@ struct AttnProblem {
   int sm = 80;                   // compute capability of the device, major * 10 + minor
   Family family = Family::Auto;
   int sm90_fwd = 0;              // SM90 forward variant, FwdParams::sm90_fwd (forward only)
-  // SM90 backward only: false (default) = the split backward (dK/dV kernel + dQ kernel, no
-  // atomics, deterministic); true = the single kernel summing dQ with fp32 atomics (kept to
-  // compare, PROPE_CUDA_SM90_BWD=atomic). The SM80 backward always uses atomics.
-  bool sm90_dq_atomic = false;
+  // SM90 backward only: false (default) = the fused backward (one 5-GEMM kernel, dQ summed with
+  // float4 atomics, plus a pre- and postprocess); true = the split backward (a dK/dV kernel and
+  // a dQ kernel, 7 GEMMs, no atomics: deterministic; PROPE_CUDA_SM90_BWD=split or torch's
+  // deterministic mode). The SM80 backward always sums dQ with atomics.
+  bool sm90_split = false;
 };
 
 // (total, heads, d) tensor: unit stride in d; row and head strides in elements.
@@ -75,6 +76,7 @@ int attn_fwd_smem_bytes(const AttnProblem& pb);
 int attn_bwd_smem_bytes(const AttnProblem& pb);
 // Whether attn_bwd's result is bitwise reproducible run to run: only the SM90 split backward
 // (every dQ, dK, dV element summed by one thread in a fixed order); the others sum dQ by atomics.
+// The gradients of rows outside every sequence are zero, whatever the family.
 bool attn_bwd_deterministic(const AttnProblem& pb);
 
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb);

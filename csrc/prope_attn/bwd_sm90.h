@@ -1,41 +1,43 @@
-// Backward for sm_90 (Hopper). Two kernels by default (the "split" backward), no atomics:
+// Backward for sm_90 (Hopper). Two designs (BwdParams::sm90_split picks one):
 //
-// attn_bwd_sm90_kernel (dK, dV), FlashAttention-3 style: one CTA per (key block, kv head,
-// sequence) keeps dK and dV in registers (stationary) while it streams the q blocks of every q
-// head of its GQA group. Inputs q and k are the short-lived ROTATED buffers (as for the SM80
-// backward); dK is written w.r.t. the rotated k and rotated back by a later pass.
-//   warpgroup 0 (producer, 24 registers): one thread loads K, V once (TMA, one transaction
-//     barrier), then Q[i] and dO[i] of every (q head, q block) into a 2-stage ring;
-//   warpgroups 1, 2 (consumers, 240 registers), per q block of 64 rows:
-//     S = Q K^T, dP = dO V^T          (SS wgmma, the key columns split over the 2 warpgroups)
-//     P = exp(S*scale - lse), dS = P (dP - delta)   (elementwise: no row reduction needed)
-//     P, dS -> smem (16 bits), fence.proxy.async, named barrier
-//     dV += P^T dO, dK += dS^T Q      (SS wgmma, transposed smem views; the key rows split over
-//                                      the warpgroups, or d at head_dim 256)
-//     (the split kernel issues S and dP as one wgmma batch, and dV and dK as one batch)
-//     kAtomicDQ only (the old path, PROPE_CUDA_SM90_BWD=atomic):
-//     dQ = dS K -> fp32 atomics       (SS wgmma, d split over the warpgroups)
-//
-// attn_bwd_dq_sm90_kernel (dQ), q-stationary like the forward: one CTA per (q block of 128 rows,
-// q head, sequence); the producer loads Q and dO once, then streams K[n], V[n] (2-stage rings);
-// each consumer warpgroup owns 64 q rows and, per key block, recomputes
-//     S = Q K^T, dP = dO V^T          (SS wgmma, issued as one batch)
-//     P = exp2(S*scale*log2e - lse*log2e), dS = P (dP - delta)   (lse, delta: 2 rows per thread,
-//                                      loaded once per CTA)
-//     dQ += dS K                      (RS wgmma: dS re-viewed in registers as the A operand, as
-//                                      P in the forward; B = K^T, an MN-major view of the K stage)
-// and stores its fp32 dQ rows once into dq_accum (plain 8-byte stores: every row is owned by one
-// CTA, so the sum order is fixed and the result deterministic); the existing postprocess pass
-// multiplies by the softmax scale, rotates back and converts.
-// Everything goes through shared memory in the dK/dV kernel (no register re-views): simple
-// first, overlap later.
+// FUSED (default): 5 GEMMs per (q block, key block), FlashAttention-3's recipe.
+//   bwd_preprocess_sm90_kernel, per (q block of 64 rows, q head, sequence) "tile" (bwd_tile()):
+//     delta = rowsum(dO * O) - dlse and lse * log2(e) into tiled arrays (0 / +inf past the
+//     sequence), the tile's fp32 dQ accumulator zeroed (no memset of the whole buffer);
+//   attn_bwd_fused_sm90_kernel, one CTA per (kv head, sequence, key block), key blocks slowest
+//     in the grid (longest first under a causal mask): dK, dV stationary in registers while it
+//     streams the q blocks of every q head of its GQA group;
+//     warpgroup 0 (producer, 24 registers): one thread loads K, V once (TMA), then per step
+//       Q, dO (TMA) and the step's 64 lse / delta values (bulk copies) into a 2-stage ring;
+//     warpgroups 1, 2 (consumers, 240 registers), per step:
+//       S = Q K^T and dP = dO V^T issued back to back; P = exp2(S*scale*log2e - lse2) while dP
+//       still runs; dS = P (dP - delta); the mask only on edge and diagonal blocks;
+//       P, dS -> smem (16 bits); dQ = dS K issued first, then dV += P^T dO, dK += dS^T Q; once
+//       dQ is done (wgmma wait<2>) its fp32 values go out as float4 atomics straight from the
+//       registers, in MMA-fragment order (a warp instruction = 512 contiguous bytes) into the
+//       tile's accumulator, while dV and dK still run on the tensor cores;
+//     epilogue: dK scaled and, with p-RoPE, rotated back in shared memory, then dK, dV stored;
+//   bwd_postprocess_sm90_kernel, per tile: the accumulator un-permuted through shared memory,
+//     times the softmax scale, rotated back, converted: dq.
+// SPLIT (deterministic mode): no atomics, 7 GEMMs per tile pair.
+//   attn_bwd_sm90_kernel (dK, dV): the loop above without the dQ GEMM; lse, delta from the
+//     (q_heads, total) arrays api.cu's delta pass writes; S, dP as one batch, dV, dK as one;
+//   attn_bwd_dq_sm90_kernel (dQ), q-stationary like the forward: one CTA per (q block of 128
+//     rows, q head, sequence) recomputes S and dP per key block and sums dQ += dS K (RS wgmma,
+//     dS re-viewed as the A operand) in registers; each fp32 dQ row is stored once, so the sum
+//     order is fixed; api.cu's rotation passes scale, rotate back and convert dQ and dK.
+// Inputs q and k are the short-lived ROTATED buffers (api.cu); dK is computed w.r.t. the
+// rotated k. Rows of a tile past the end of the sequence (the next sequence's, or whatever lies
+// past cu_seqlens[-1]) are zeroed in shared memory before any GEMM multiplies them.
 #pragma once
+
+#include <cute/arch/copy_sm90_tma.hpp>
 
 #include "fwd_sm90.h"
 
 namespace prope {
 
-// kSplitBwd: the tiles of the split backward's dK/dV kernel (no dQ); else the atomic-dQ kernel's.
+// kSplitBwd: the tiles of the split backward's dK/dV kernel; else the fused kernel's.
 // head_dim 128 split: 64 keys per CTA with d split over the warpgroups (as at 256), since at 128
 // keys the kernel without the dQ GEMM spilled (ptxas, nvcc 13.0) at the 240-register limit.
 template <int kHeadDim_, bool kBF16, bool kSplitBwd = false>
@@ -43,6 +45,7 @@ struct BwdSm90Traits {
   using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;                           // q rows per step
+  static_assert(kBlockM == kBwdTileM, "a step is one tile of the fused backward's buffers");
   // keys per CTA (stationary)
   static constexpr int kBlockN = (kHeadDim == 256 || (kSplitBwd && kHeadDim == 128)) ? 64 : 128;
   static constexpr int kStages = 2;
@@ -68,12 +71,19 @@ struct BwdSm90Traits {
                                  cute::Shape<cute::Int<64>, cute::Int<kSplitD ? kHeadDim / 2 : kHeadDim>, cute::Int<kBlockM>>,
                                  cute::GMMA::Major::MN, cute::GMMA::Major::MN>(),
       AtomKV{}));
-  // dQ (kBlockM x d), contraction over the keys: A = dS (K-major), B = K^T (MN-major); d split.
+  // dQ (kBlockM x d), contraction over the keys: A = dS (K-major), B = K^T (MN-major), issued
+  // in kDqSlices column slices of d (d = 256: 2, so that dQ holds 32 fp32 registers per thread
+  // next to dK and dV, and each slice's atomics overlap the dV or dK GEMM); each slice's d split
+  // over the 2 warpgroups. A slice accumulator's thread/register order is the fused backward's
+  // dQ accumulator layout (bwd_postprocess_sm90_kernel reads it back through the same MMA).
+  static constexpr int kDqSlices = kHeadDim == 256 ? 2 : 1;
+  static constexpr int kDqCols = kHeadDim / kDqSlices;  // d columns per slice
   using MmadQ = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim / 2>, cute::Int<kBlockN>>,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kDqCols / 2>, cute::Int<kBlockN>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<_1, _2, _1>>{}));
+  static constexpr int kDqPerThread = kBlockM * kDqCols / kConsumerThreads;  // fp32 values a slice
 
   using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
@@ -85,10 +95,13 @@ struct BwdSm90Traits {
                          cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>, cute::Int<kStages>>{},
                          cute::Step<cute::_2, cute::_1, cute::_3>{})));
   using SmemLayoutK = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
-  // K^T (d, kBlockN): MN-major B of dQ.
-  using SmemLayoutKt = decltype(cute::composition(
-      SmemLayoutK{}, cute::make_ordered_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{},
-                                               cute::Step<cute::_2, cute::_1>{})));
+  // K^T of one dQ slice (kDqCols, kBlockN): MN-major B of dQ. The K tile is laid out atom
+  // column after atom column (64 d columns each), so slice s is the same layout at element
+  // offset s * kBlockN * kDqCols of the K tile (test_layouts checks it).
+  using SmemLayoutKSlice = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kDqCols>>{}));
+  using SmemLayoutKtSlice = decltype(cute::composition(
+      SmemLayoutKSlice{}, cute::make_ordered_layout(cute::Shape<cute::Int<kDqCols>, cute::Int<kBlockN>>{},
+                                                    cute::Step<cute::_2, cute::_1>{})));
   using SmemLayoutP = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}));
   // P^T / dS^T (kBlockN, kBlockM): MN-major A of dV / dK.
   using SmemLayoutPt = decltype(cute::composition(
@@ -104,12 +117,16 @@ struct BwdSm90Traits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> p;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> ds;
+    // the fused kernel's per-step lse * log2(e) and delta, staged with Q and dO (bulk copies)
+    cute::array_aligned<float, kBlockM * kStages, 128> lse2;
+    cute::array_aligned<float, kBlockM * kStages, 128> delta;
     cutlass::arch::ClusterTransactionBarrier barrier_kv;
     typename PipelineQdO::SharedStorage pipe;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static constexpr uint32_t kKVBytes = 2u * kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kQdOBytes = 2u * kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kRowBytes = kBlockM * sizeof(float);  // one bulk copy of lse2 / delta
 
   // epilogue: dK, dV staged in smem (over K, V), 16-byte stores, 8 threads per 64 columns
   using GmemThr = cute::Layout<cute::Shape<cute::Int<kConsumerThreads / 8>, cute::_8>, cute::Stride<cute::_8, cute::_1>>;
@@ -171,17 +188,18 @@ struct BwdSm90Args {
   BwdParams p;
 };
 
-template <class Tr, bool kCausal, bool kAtomicDQ>
-__global__ void __launch_bounds__(Tr::kNThreads, 1)
-attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The dK/dV-stationary loop of both designs. kFused: also dQ (atomics), lse/delta from the
+// tiled arrays, dK rotated back in the epilogue (kRotate). Split: kRotate is false.
+template <class Tr, bool kCausal, bool kFused, bool kRotate>
+__device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const int n_block,
+                                              const int hk, const int b) {
   using namespace cute;
   using Element = typename Tr::Element;
   using Pipeline = typename Tr::PipelineQdO;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
+  static_assert(kFused || !kRotate, "the split backward rotates dK back in api.cu");
   const BwdParams& p = args.p;
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int seq_start = p.cu_seqlens[b];
   const int seqlen = p.cu_seqlens[b + 1] - seq_start;
   if (n_block * kBN >= seqlen) return;  // uniform over the CTA, before any barrier
@@ -201,7 +219,6 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutQt{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutK{});
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});
   Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutP{});
   Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutP{});
   Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutPt{});
@@ -209,7 +226,7 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 
   const int warp_group = threadIdx.x / 128;
   typename Pipeline::Params pp;
-  pp.transaction_bytes = Tr::kQdOBytes;
+  pp.transaction_bytes = Tr::kQdOBytes + (kFused ? 2 * Tr::kRowBytes : 0u);
   pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.is_leader = threadIdx.x == 0;
   pp.num_consumers = Tr::kConsumerThreads;
@@ -248,6 +265,12 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
         pipe.producer_acquire(wr);
         copy(args.tma_q.with(*pipe.producer_get_barrier(wr), 0), tQg, tQs(_, wr.index()));
         copy(args.tma_do.with(*pipe.producer_get_barrier(wr), 0), tdOg, tdOs(_, wr.index()));
+        if constexpr (kFused) {  // the step's 64 lse2 / delta values: 256 contiguous bytes each
+          const int64_t t = (bwd_tile(seq_start, b, m_block) * p.q_heads + h) * kBM;
+          uint64_t* bar = reinterpret_cast<uint64_t*>(pipe.producer_get_barrier(wr));
+          SM90_BULK_COPY_G2S::copy(p.lse2_tiled + t, bar, ss.lse2.data() + wr.index() * kBM, Tr::kRowBytes);
+          SM90_BULK_COPY_G2S::copy(p.delta_tiled + t, bar, ss.delta.data() + wr.index() * kBM, Tr::kRowBytes);
+        }
         ++wr;
       }
     }
@@ -255,6 +278,7 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
     // ---------------- consumers ----------------
     cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
     const int ctid = threadIdx.x - 128;
+    const int wg = warp_group - 1, wg_tid = ctid % 128;
     typename Tr::MmaSdP mma_sdp;
     typename Tr::MmadKV mma_dkv;
     typename Tr::MmadQ mma_dq;
@@ -271,84 +295,163 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
     Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
     Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
     Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);   // (MMA, MMA_M, MMA_K(keys))
-    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);   // (MMA, MMA_D, MMA_K)
+    constexpr int kSl = Tr::kDqSlices, kSlElems = kBN * Tr::kDqCols;
+    Tensor tdQrKt0 = thr_dq.partition_fragment_B(   // K^T of dQ slice 0 / 1: (MMA, MMA_D, MMA_K)
+        make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKtSlice{}));
+    Tensor tdQrKt1 = thr_dq.partition_fragment_B(
+        make_tensor(make_smem_ptr(ss.k.data() + (kSl - 1) * kSlElems), typename Tr::SmemLayoutKtSlice{}));
 
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBN>, Int<kD>>{});
     Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBN>, Int<kD>>{});
     clear(acc_dk);
     clear(acc_dv);
-    // (row, col) of each S / dP accumulator element and of each dQ element
+    // (row, col) of each S / dP accumulator element
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
-    Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol_sm90(tScS.layout()));
     Tensor tPsP = thr_sdp.partition_C(sP);
     Tensor tdSsdS = thr_sdp.partition_C(sdS);
 
-    const float sl2 = p.scale * 1.4426950408889634f;
-    const int64_t dq_row = int64_t(p.q_heads) * kD;  // dq_accum is contiguous (total, q_heads, d)
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float sl2 = p.scale * kLog2e;
     ss.barrier_kv.wait(0);
+    if (kFused && n_rows < kBN) {  // key rows past the sequence: dQ = dS K multiplies them
+      zero_rows_from<Element>(sK, n_rows, wg_tid);
+      zero_rows_from<Element>(sV, n_rows, wg_tid);
+      zero_rows_done(wg);
+    }
     cutlass::PipelineState<Tr::kStages> rd;
     for (int step = 0; step < steps; ++step) {
       const int h = hk * group + step / m_steps;
       const int m_block = m_block_min + step % m_steps;
+      const int m_rows = seqlen - m_block * kBM;  // valid q rows of this block (may exceed kBM)
       const int st = rd.index();
       pipe.consumer_wait(rd);
+      if (m_rows < kBM) {  // the sequence's last q block: dV += P^T dO and dK += dS^T Q multiply
+        zero_rows_from<Element>(sQ(_, _, st), m_rows, wg_tid);   // its rows past the sequence
+        zero_rows_from<Element>(sdO(_, _, st), m_rows, wg_tid);
+        zero_rows_done(wg);
+      }
 
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
-      if constexpr (kAtomicDQ) {
-        wg_gemm<true, false>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
-        wg_gemm<true, false>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
-      } else {  // the split kernel: both as one batch
-        wg_gemm2_ss<true>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s, tdPrdO(_, _, _, st), tdPrV, acc_dp);
-      }
-
-      // P = exp(S * scale - lse), dS = P * (dP - delta); rows past the sequence, keys past it
-      // and the causal upper triangle get P = dS = 0 (their Q/dO rows may hold another
-      // sequence's data: nothing of it may reach dK, dV or dQ).
-      const float* lse = p.lse + int64_t(h) * p.total + seq_start;
-      const float* delta = p.delta + int64_t(h) * p.total + seq_start;
-      Tensor rP = make_tensor<Element>(acc_s.layout());
-      Tensor rdS = make_tensor<Element>(acc_s.layout());
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        const int row = m_block * kBM + get<0>(tScS(i));
-        const int col = n_block * kBN + get<1>(tScS(i));
-        float pv = 0.f, ds = 0.f;
-        if (row < seqlen && col < seqlen && !(kCausal && col > row)) {
-          pv = fast_exp2(fmaf(acc_s(i), sl2, -__ldg(lse + row) * 1.4426950408889634f));
-          ds = pv * (acc_dp(i) - __ldg(delta + row));
+      if constexpr (kFused) {
+        wg_gemm_issue<true>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s);      // S = Q K^T
+        wg_gemm_issue<true>(mma_sdp, tdPrdO(_, _, _, st), tdPrV, acc_dp);  // dP = dO V^T
+        // P = exp2(S * scale * log2e - lse2) while dP runs, stored to smem at once (registers:
+        // fp32 P stays for dS, its 16-bit copy does not); lse2 and delta of this thread's rows
+        // come from the step's stage. Rows past the sequence have lse2 = +inf (P = 0); keys
+        // past it and the causal upper triangle are masked here.
+        Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
+        Tensor dp_rc = make_tensor(acc_dp.data(), acc_rowcol_sm90(acc_dp.layout()));
+        const bool need_mask = n_rows < kBN || (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc_s);
+        if (need_mask) {
+          CUTE_UNROLL
+          for (int i = 0; i < size<0>(s_rc); ++i) {
+            CUTE_UNROLL
+            for (int j = 0; j < size<1>(s_rc); ++j) {
+              const int row = m_block * kBM + get<0>(tScS_rc(i, j));
+              const int col = n_block * kBN + get<1>(tScS_rc(i, j));
+              if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
+            }
+          }
         }
-        rP(i) = Element(pv);
-        rdS(i) = Element(ds);
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s_rc); ++i) {
+          const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(s_rc); ++j) s_rc(i, j) = fast_exp2(fmaf(s_rc(i, j), sl2, -lse2));
+        }
+        {
+          Tensor rP = convert_frag<Element>(acc_s);
+          cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
+          copy(rP, tPsP);
+        }
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_dp);
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s_rc); ++i) {  // dS = P (dP - delta) in place of dP
+          const float dlt = ss.delta[st * kBM + get<0>(tScS_rc(i, 0))];
+          CUTE_UNROLL
+          for (int j = 0; j < size<1>(s_rc); ++j) dp_rc(i, j) = s_rc(i, j) * (dp_rc(i, j) - dlt);
+        }
+        Tensor rdS = convert_frag<Element>(acc_dp);
+        copy(rdS, tdSsdS);
+      } else {  // split: S and dP as one batch; lse, delta from the (q_heads, total) arrays
+        wg_gemm2_ss<true>(mma_sdp, tSrQ(_, _, _, st), tSrK, acc_s, tdPrdO(_, _, _, st), tdPrV, acc_dp);
+        // P = exp(S * scale - lse), dS = P * (dP - delta); rows past the sequence, keys past it
+        // and the causal upper triangle get P = dS = 0.
+        const float* lse = p.lse + int64_t(h) * p.total + seq_start;
+        const float* delta = p.delta + int64_t(h) * p.total + seq_start;
+        Tensor rP = make_tensor<Element>(acc_s.layout());
+        Tensor rdS = make_tensor<Element>(acc_s.layout());
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int row = m_block * kBM + get<0>(tScS(i));
+          const int col = n_block * kBN + get<1>(tScS(i));
+          float pv = 0.f, ds = 0.f;
+          if (row < seqlen && col < seqlen && !(kCausal && col > row)) {
+            pv = fast_exp2(fmaf(acc_s(i), sl2, -__ldg(lse + row) * kLog2e));
+            ds = pv * (acc_dp(i) - __ldg(delta + row));
+          }
+          rP(i) = Element(pv);
+          rdS(i) = Element(ds);
+        }
+        cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
+        copy(rP, tPsP);
+        copy(rdS, tdSsdS);
       }
-      cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
-      copy(rP, tPsP);
-      copy(rdS, tdSsdS);
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
 
-      if constexpr (kAtomicDQ) {
-        wg_gemm<false, false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);   // dV += P^T dO
-        wg_gemm<false, false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);   // dK += dS^T Q
+      if constexpr (kFused) {
+        // dQ = dS K issued before dV += P^T dO and dK += dS^T Q; once a dQ slice is done its
+        // values go out as float4 atomics while dV or dK still runs on the tensor cores. The
+        // tile's accumulator in fragment order: value 4j..4j+3 of consumer thread t of slice s
+        // at float4 index s * (kBM * kDqCols / 4) + j * 256 + t (rows past the sequence add
+        // zeros that nothing reads).
+        float4* dqa = reinterpret_cast<float4*>(p.dq_accum) +
+                      (bwd_tile(seq_start, b, m_block) * p.q_heads + h) * (kBM * kD / 4);
+        Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<Tr::kDqCols>>{});
+        static_assert(decltype(size(acc_dq))::value == Tr::kDqPerThread && Tr::kDqPerThread % 4 == 0);
+        auto dq_atomics = [&](int slice) {
+          CUTE_UNROLL
+          for (int j = 0; j < Tr::kDqPerThread / 4; ++j)
+            atomicAdd(dqa + slice * (kBM * Tr::kDqCols / 4) + j * Tr::kConsumerThreads + ctid,
+                      make_float4(acc_dq(4 * j), acc_dq(4 * j + 1), acc_dq(4 * j + 2), acc_dq(4 * j + 3)));
+        };
+        if constexpr (kSl == 1) {
+          wg_gemm_issue<true>(mma_dq, tdQrdS, tdQrKt0, acc_dq);                   // dQ
+          wg_gemm_issue<false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);    // dV
+          wg_gemm_issue<false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);    // dK
+          warpgroup_wait<2>();
+          warpgroup_fence_operand(acc_dq);
+          dq_atomics(0);
+        } else {
+          wg_gemm_issue<true>(mma_dq, tdQrdS, tdQrKt0, acc_dq);                   // dQ, slice 0
+          wg_gemm_issue<false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv);    // dV
+          warpgroup_wait<1>();
+          warpgroup_fence_operand(acc_dq);
+          dq_atomics(0);
+          wg_gemm_issue<true>(mma_dq, tdQrdS, tdQrKt1, acc_dq);                   // dQ, slice 1
+          wg_gemm_issue<false>(mma_dkv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);    // dK
+          warpgroup_wait<1>();
+          warpgroup_fence_operand(acc_dq);
+          dq_atomics(1);
+        }
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_fence_operand(acc_dk);
       } else {  // dV += P^T dO, dK += dS^T Q as one batch
         wg_gemm2_ss<false>(mma_dkv, tdVrPt, tdVrdOt(_, _, _, st), acc_dv, tdKrdSt, tdKrQt(_, _, _, st), acc_dk);
       }
       pipe.consumer_release(rd);
       ++rd;
-
-      if constexpr (kAtomicDQ) {
-        Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBM>, Int<kD>>{});
-        wg_gemm<true, false>(mma_dq, tdQrdS, tdQrKt, acc_dq);                 // dQ = dS K
-        float* dq = p.dq_accum + int64_t(seq_start) * dq_row + int64_t(h) * kD;
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_dq); ++i) {
-          const int row = m_block * kBM + get<0>(tdQcdQ(i));
-          if (row < seqlen) atomicAdd(dq + int64_t(row) * dq_row + get<1>(tdQcdQ(i)), acc_dq(i));
-        }
-      }
     }
 
-    // epilogue: dK (scaled), dV -> smem (over K, V) -> gmem rows < n_rows
+    // epilogue: dK (scaled; fused with p-RoPE: rotated back), dV -> smem (over K, V) -> gmem
+    // rows < n_rows
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= p.scale;
     Tensor rdK = convert_frag<Element>(acc_dk);
@@ -361,6 +464,12 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
     copy(rdK, tdKsdK);
     copy(rdV, tdVsdV);
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    if constexpr (kRotate) {  // dK w.r.t. the rotated k -> w.r.t. k (rotated pairs only)
+      rotate_tile_smem<true, true>(sdK, p.positions, int64_t(seq_start) + int64_t(n_block) * kBN, n_rows,
+                                   p.rot.pair_a, p.rot.pair_b, p.rot.pair_freq, p.rot.num_rot, ctid,
+                                   Tr::kConsumerThreads);
+      cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    }
     Element* dkp = static_cast<Element*>(p.dk) + int64_t(seq_start) * p.dk_row + int64_t(hk) * p.dk_head;
     Element* dvp = static_cast<Element*>(p.dv) + int64_t(seq_start) * p.dv_row + int64_t(hk) * p.dv_head;
     Tensor gdK = local_tile(make_tensor(make_gmem_ptr(dkp), make_shape(seqlen, Int<kD>{}), make_stride(p.dk_row, _1{})),
@@ -377,6 +486,24 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
     store_rows(ocopy, tdKs, tdKg, tc, n_rows);
     store_rows(ocopy, tdVs, tdVg, tc, n_rows);
   }
+}
+
+// The split backward's dK/dV kernel: grid (key blocks, kv heads, sequences).
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  bwd_sm90_dkdv<Tr, kCausal, false, false>(args, blockIdx.x, blockIdx.y, blockIdx.z);
+#endif
+}
+
+// The fused backward's kernel: grid (kv heads, sequences, key blocks), the key block slowest so
+// that under a causal mask every CTA of the first (longest) key blocks starts before any other.
+template <class Tr, bool kCausal, bool kRotate>
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
+attn_bwd_fused_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  bwd_sm90_dkdv<Tr, kCausal, true, kRotate>(args, blockIdx.z, blockIdx.x, blockIdx.y);
 #endif
 }
 
@@ -575,6 +702,11 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       pipe_k.consumer_wait(rd);
       pipe_v.consumer_wait(rd);
+      if ((n_block + 1) * kBN > seqlen) {  // key rows past the sequence: dQ += dS K multiplies them
+        zero_rows_from<Element>(sK(_, _, st), seqlen - n_block * kBN, ctid % 128);
+        zero_rows_from<Element>(sV(_, _, st), seqlen - n_block * kBN, ctid % 128);
+        zero_rows_done(threadIdx.x / 128 - 1);
+      }
       wg_gemm2_ss<true>(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP
       pipe_v.consumer_release(rd);
 
@@ -625,7 +757,112 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
 #endif
 }
 
-// The larger of the two kernels' dynamic shared memory (the binding checks it against the limit).
+
+// ---------------------------------------------------------------------------------------------
+// The fused backward's pre- and postprocess: one CTA of 256 threads per (q block of 64 rows,
+// q head, sequence), i.e. per tile of bwd_tile(); grid (q blocks, q heads, sequences).
+
+// delta = rowsum(dO * O) - dlse and lse * log2(e) of the tile's rows into the tiled arrays
+// (rows past the sequence: delta 0, lse2 +inf, so that P = dS = 0 there), and the tile's fp32
+// dQ accumulator zeroed. dO and O rows: 16-byte loads (the binding hands over 16-byte aligned
+// rows), d / 8 lanes per row.
+template <class Element, int kD>
+__global__ void __launch_bounds__(256) bwd_preprocess_sm90_kernel(const BwdParams p) {
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int seq_start = p.cu_seqlens[b];
+  const int seqlen = p.cu_seqlens[b + 1] - seq_start;
+  if (m_block * kBwdTileM >= seqlen) return;
+  const int64_t tile = bwd_tile(seq_start, b, m_block) * p.q_heads + h;
+  constexpr int kLanes = kD / 8, kRowsPerPass = 256 / kLanes;
+  static_assert(kLanes <= 32 && 32 % kLanes == 0);
+  const int lane = threadIdx.x % kLanes;
+  for (int r = threadIdx.x / kLanes; r < kBwdTileM; r += kRowsPerPass) {
+    const int row = m_block * kBwdTileM + r;
+    float acc = 0.f;
+    if (row < seqlen) {  // uniform over the lanes of a row
+      const int64_t t = int64_t(seq_start) + row;
+      const uint4 ov = *reinterpret_cast<const uint4*>(static_cast<const Element*>(p.out) + t * p.o_row +
+                                                       int64_t(h) * p.o_head + lane * 8);
+      const uint4 dv = *reinterpret_cast<const uint4*>(static_cast<const Element*>(p.dout) + t * p.do_row +
+                                                       int64_t(h) * p.do_head + lane * 8);
+      const Element* o8 = reinterpret_cast<const Element*>(&ov);
+      const Element* d8 = reinterpret_cast<const Element*>(&dv);
+      CUTE_UNROLL
+      for (int i = 0; i < 8; ++i) acc += float(o8[i]) * float(d8[i]);
+    }
+    CUTE_UNROLL
+    for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+    if (lane == 0) {
+      float lse2 = INFINITY, delta = 0.f;
+      if (row < seqlen) {
+        const int64_t at = int64_t(h) * p.total + seq_start + row;
+        lse2 = p.lse[at] * 1.4426950408889634f;
+        delta = acc - (p.dlse ? p.dlse[at] : 0.f);
+      }
+      p.lse2_tiled[tile * kBwdTileM + r] = lse2;
+      p.delta_tiled[tile * kBwdTileM + r] = delta;
+    }
+  }
+  float4* dqa = reinterpret_cast<float4*>(p.dq_accum) + tile * (kBwdTileM * kD / 4);
+  for (int i = threadIdx.x; i < kBwdTileM * kD / 4; i += 256) dqa[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// The tile's fp32 accumulator (MMA-fragment order, as the fused kernel's atomics left it) ->
+// shared memory by (row, col) -> dq[row] = scale * inverse rotation, in the output dtype, for the
+// rows of the sequence. Tr::MmadQ's thread partition is the map, the one the atomics used.
+template <class Tr>
+__global__ void __launch_bounds__(256) bwd_postprocess_sm90_kernel(const BwdParams p) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int kBM = Tr::kBlockM, kD = Tr::kHeadDim;
+  constexpr int kLd = kD + 8;  // row stride: a half-warp's float2 stores hit 32 distinct banks
+  static_assert(Tr::kConsumerThreads == 256);
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int seq_start = p.cu_seqlens[b];
+  const int seqlen = p.cu_seqlens[b + 1] - seq_start;
+  if (m_block * kBM >= seqlen) return;
+  const int rows = min(kBM, seqlen - m_block * kBM);
+  extern __shared__ __align__(16) float sdq[];  // (kBM, kLd)
+
+  typename Tr::MmadQ mma_dq;
+  Tensor c = mma_dq.get_thread_slice(threadIdx.x).partition_C(
+      make_identity_tensor(Shape<Int<kBM>, Int<Tr::kDqCols>>{}));
+  const float4* dqa = reinterpret_cast<const float4*>(p.dq_accum) +
+                      (bwd_tile(seq_start, b, m_block) * p.q_heads + h) * (kBM * kD / 4);
+  CUTE_UNROLL
+  for (int s = 0; s < Tr::kDqSlices; ++s) {
+    CUTE_UNROLL
+    for (int j = 0; j < Tr::kDqPerThread / 4; ++j) {
+      const float4 v = dqa[s * (kBM * Tr::kDqCols / 4) + j * 256 + threadIdx.x];
+      // values 4j, 4j+1 and 4j+2, 4j+3 are column pairs (c, c+1) of one row (test_layouts)
+      float* at0 = sdq + get<0>(c(4 * j)) * kLd + s * Tr::kDqCols + get<1>(c(4 * j));
+      float* at2 = sdq + get<0>(c(4 * j + 2)) * kLd + s * Tr::kDqCols + get<1>(c(4 * j + 2));
+      *reinterpret_cast<float2*>(at0) = make_float2(v.x, v.y);
+      *reinterpret_cast<float2*>(at2) = make_float2(v.z, v.w);
+    }
+  }
+  __syncthreads();
+
+  Element* dq = static_cast<Element*>(p.dq) + (int64_t(seq_start) + int64_t(m_block) * kBM) * p.dq_row +
+                int64_t(h) * p.dq_head;
+  const int nr = p.rot.num_rot, ni = p.rot.num_id;
+  for (int it = threadIdx.x; it < rows * nr; it += 256) {  // rotated pairs: (row, pair)
+    const int r = it / nr, i = it - r * nr;
+    const int a = __ldg(p.rot.pair_a + i), bb = __ldg(p.rot.pair_b + i);
+    float cs, sn;
+    rot_cos_sin_pi(__ldg(p.positions + seq_start + int64_t(m_block) * kBM + r), __ldg(p.rot.pair_freq + i), cs, sn);
+    const float xa = sdq[r * kLd + a] * p.scale, xb = sdq[r * kLd + bb] * p.scale;
+    dq[int64_t(r) * p.dq_row + a] = Element(xa * cs + xb * sn);  // the inverse rotation
+    dq[int64_t(r) * p.dq_row + bb] = Element(xb * cs - xa * sn);
+  }
+  for (int it = threadIdx.x; it < rows * ni; it += 256) {  // identity dims: scaled copy
+    const int r = it / ni, j = __ldg(p.rot.identity + (it - r * ni));
+    dq[int64_t(r) * p.dq_row + j] = Element(sdq[r * kLd + j] * p.scale);
+  }
+}
+
+// Dynamic shared memory of the larger of the backward's kernels (the binding checks it against
+// the device's limit).
 template <bool kBF16, int kD>
 int attn_bwd_sm90_smem_bytes() {
   constexpr int a = BwdSm90Traits<kD, kBF16>::kSmemBytes, b = BwdDqSm90Traits<kD, kBF16>::kSmemBytes;
@@ -641,34 +878,50 @@ cudaError_t launch_sm90(Kernel kernel, dim3 grid, int threads, int smem, const A
   return cudaGetLastError();
 }
 
-// p.dq_atomic: the dK/dV kernel also sums dQ with fp32 atomics (the old path, kept to compare);
-// else the dK/dV kernel without dQ, then the dQ kernel. Either way dq_accum holds the unscaled
-// fp32 dQ w.r.t. the rotated q (zeroed by the caller beforehand).
+// The fused backward (default): preprocess, the 5-GEMM kernel, postprocess. On return dq holds the
+// final gradient (scaled, rotated back, converted), dk (rotated back) and dv theirs.
 template <bool kBF16, int kD>
-cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
+cudaError_t run_attn_bwd_fused_sm90(const BwdParams& p, cudaStream_t st) {
   using Tr = BwdSm90Traits<kD, kBF16>;
-  using TrQ = BwdDqSm90Traits<kD, kBF16>;
-  if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
-  if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
   const int total = int(p.total);
+  const dim3 tiles((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.q_heads, p.num_seqs);
+  bwd_preprocess_sm90_kernel<typename Tr::Element, kD><<<tiles, 256, 0, st>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
   BwdSm90Args<Tr> args{Tr::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
                        Tr::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
                        Tr::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
                        Tr::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
-  const dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.kv_heads, p.num_seqs);
+  const dim3 grid(p.kv_heads, p.num_seqs, (p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN);
   constexpr int smem = Tr::kSmemBytes, T = Tr::kNThreads;
-  if (p.dq_atomic)
-    return p.causal ? launch_sm90(attn_bwd_sm90_kernel<Tr, true, true>, grid, T, smem, args, st)
-                    : launch_sm90(attn_bwd_sm90_kernel<Tr, false, true>, grid, T, smem, args, st);
+  const bool rot = p.rot.num_rot > 0;
+  if (p.causal)
+    e = rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, true>, grid, T, smem, args, st)
+            : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, false>, grid, T, smem, args, st);
+  else
+    e = rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, true>, grid, T, smem, args, st)
+            : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, false>, grid, T, smem, args, st);
+  if (e != cudaSuccess) return e;
+  constexpr int post_smem = Tr::kBlockM * (kD + 8) * int(sizeof(float));
+  return launch_sm90(bwd_postprocess_sm90_kernel<Tr>, tiles, 256, post_smem, p, st);
+}
+
+// The split backward (deterministic mode): the dK/dV kernel, then the dQ kernel. dq_accum then
+// holds the unscaled fp32 dQ w.r.t. the rotated q in (total, q_heads, d), for api.cu's passes.
+template <bool kBF16, int kD>
+cudaError_t run_attn_bwd_split_sm90(const BwdParams& p, cudaStream_t st) {
   using TrS = BwdSm90Traits<kD, kBF16, true>;
+  using TrQ = BwdDqSm90Traits<kD, kBF16>;
+  const int total = int(p.total);
+  constexpr int T = TrS::kNThreads;
   BwdSm90Args<TrS> sargs{TrS::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
                          TrS::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
                          TrS::make_tma_k(p.k, total, p.kv_heads, p.k_row, p.k_head),
                          TrS::make_tma_k(p.v, total, p.kv_heads, p.v_row, p.v_head), p};
   const dim3 sgrid((p.max_seqlen + TrS::kBlockN - 1) / TrS::kBlockN, p.kv_heads, p.num_seqs);
   constexpr int ssmem = TrS::kSmemBytes;
-  cudaError_t e = p.causal ? launch_sm90(attn_bwd_sm90_kernel<TrS, true, false>, sgrid, T, ssmem, sargs, st)
-                           : launch_sm90(attn_bwd_sm90_kernel<TrS, false, false>, sgrid, T, ssmem, sargs, st);
+  cudaError_t e = p.causal ? launch_sm90(attn_bwd_sm90_kernel<TrS, true>, sgrid, T, ssmem, sargs, st)
+                           : launch_sm90(attn_bwd_sm90_kernel<TrS, false>, sgrid, T, ssmem, sargs, st);
   if (e != cudaSuccess) return e;
   BwdDqSm90Args<TrQ> qargs{TrQ::make_tma_q(p.q, total, p.q_heads, p.q_row, p.q_head),
                            TrQ::make_tma_q(p.dout, total, p.q_heads, p.do_row, p.do_head),
@@ -678,6 +931,14 @@ cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
   constexpr int qsmem = TrQ::kSmemBytes, QT = TrQ::kNThreads;
   return p.causal ? launch_sm90(attn_bwd_dq_sm90_kernel<TrQ, true>, qgrid, QT, qsmem, qargs, st)
                   : launch_sm90(attn_bwd_dq_sm90_kernel<TrQ, false>, qgrid, QT, qsmem, qargs, st);
+}
+
+template <bool kBF16, int kD>
+cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
+  if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
+  if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
+  if (p.num_seqs > 65535) return cudaErrorInvalidValue;  // gridDim.y / gridDim.z
+  return p.sm90_split ? run_attn_bwd_split_sm90<kBF16, kD>(p, st) : run_attn_bwd_fused_sm90<kBF16, kD>(p, st);
 }
 
 }  // namespace prope

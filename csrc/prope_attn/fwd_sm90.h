@@ -58,6 +58,24 @@ CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
   return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l), get<0, 1>(v));
 }
 
+// A tile that runs past the end of its sequence holds the next sequence's rows in shared memory
+// (or whatever lies past cu_seqlens[-1]); a masked P or dS of 0 times an Inf or NaN there is
+// still NaN inside the MMA. Each consumer warpgroup that multiplies such a tile sets its rows
+// [first, rows) to zero itself (both may write the same zeros), then zero_rows_done() fences
+// the stores for its own wgmmas and syncs its 128 threads (named barrier 3 + wg; ids 0-2 are the
+// kernels' consumer-wide and pingpong barriers). Only edge tiles pay for this.
+template <class Element, class STensor>
+__device__ __forceinline__ void zero_rows_from(STensor&& s, int first, int wg_tid) {
+  using namespace cute;
+  constexpr int kRows = decltype(size<0>(s))::value, kCols = decltype(size<1>(s))::value;
+  for (int it = (first < 0 ? 0 : first) * kCols + wg_tid; it < kRows * kCols; it += 128)
+    s(it / kCols, it % kCols) = Element(0);
+}
+__device__ __forceinline__ void zero_rows_done(int wg) {
+  cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> this warpgroup's wgmma reads
+  cutlass::arch::NamedBarrier::sync(128, 3 + wg);
+}
+
 template <int kHeadDim_, bool kBF16>
 struct FwdSm90Traits {
   using Element = std::conditional_t<kBF16, cutlass::bfloat16_t, cutlass::half_t>;
@@ -365,6 +383,10 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         Tensor rP = convert_frag<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));  // (MMA, MMA_M, kBN/16)
         pipe_v.consumer_wait(rd);
+        if ((n_block + 1) * kBN > seqlen) {  // V rows past the sequence: zero (see zero_rows_from)
+          zero_rows_from<Element>(sV(_, _, rd.index()), seqlen - n_block * kBN, ctid % 128);
+          zero_rows_done(warp_group - 1);
+        }
         wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, rd.index()), acc_o);      // O += P V
         pipe_v.consumer_release(rd);
         ++rd;
@@ -449,6 +471,11 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       rescale_rows<kRows>(o_rc, corr);
       const auto rv = at(n_block_max - 1);
       pipe_v.consumer_wait(rv);
+      // only the last block can run past the sequence: its V rows there are zeroed
+      if (n_block_max * kBN > seqlen) {
+        zero_rows_from<Element>(sV(_, _, rv.index()), seqlen - (n_block_max - 1) * kBN, ctid % 128);
+        zero_rows_done(wg);
+      }
       warpgroup_fence_operand(rP);
       wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);
       warpgroup_wait<0>();

@@ -44,15 +44,16 @@ struct FwdParams {
 };
 
 // Backward on pre-rotated q/k (the caller rotates them into short-lived buffers and applies the
-// inverse rotation to dq and dk afterwards).
+// inverse rotation to dq and dk afterwards, except where a field below says the kernels do it).
 struct BwdParams {
   const void* q = nullptr;   // rotated q
   const void* k = nullptr;   // rotated k
   const void* v = nullptr;
   const void* dout = nullptr;
   const float* lse = nullptr;    // (q_heads, total)
-  const float* delta = nullptr;  // (q_heads, total): rowsum(dO * O) - dlse
+  const float* delta = nullptr;  // (q_heads, total): rowsum(dO * O) - dlse (SM80, SM90 split)
   float* dq_accum = nullptr;     // (total, q_heads, d) float32, zero-initialised, contiguous
+                                 // (SM90 fused: the tiled layout of bwd_tiles(), see below)
   void* dk = nullptr;            // (total, kv_heads, d) w.r.t. the rotated k, scale included
   void* dv = nullptr;            // (total, kv_heads, d)
   int64_t q_row, q_head, k_row, k_head, v_row, v_head, do_row, do_head;
@@ -62,9 +63,36 @@ struct BwdParams {
   int num_seqs = 0, max_seqlen = 0, q_heads = 0, kv_heads = 0;
   float scale = 1.f;
   bool causal = true;
-  bool dq_atomic = false;        // SM90 only: dQ by fp32 atomics in the dK/dV kernel (the old
-                                 // path) instead of the separate dQ kernel
+  // SM90 only: true = the split backward (a dK/dV kernel and a q-stationary dQ kernel, no
+  // atomics, deterministic; 7 GEMMs per tile pair), false = the fused backward (one kernel, 5
+  // GEMMs, dQ by float4 atomics into the tiled accumulator; run_attn_bwd_sm90 then also runs
+  // the pre- and postprocess, so the fields below are its inputs and outputs).
+  bool sm90_split = false;
+  // SM90 fused only:
+  const void* out = nullptr;     // forward output, for delta = rowsum(dO * O) - dlse
+  int64_t o_row = 0, o_head = 0;
+  const float* dlse = nullptr;   // (q_heads, total) or null
+  float* lse2_tiled = nullptr;   // bwd_tiles() x q_heads x kBwdTileM: lse * log2(e), +inf past the sequence
+  float* delta_tiled = nullptr;  // the same layout: delta, 0 past the sequence
+  void* dq = nullptr;            // (total, q_heads, d) output dtype: scale * inverse-rotated dQ
+  int64_t dq_row = 0, dq_head = 0;
+  const int64_t* positions = nullptr;  // (total,)
+  RotTables rot;                 // num_rot > 0: dK and dQ are rotated back in the kernels
 };
+
+// The SM90 fused backward's per-(q block, q head) buffers: q block m of sequence b (64 rows) is
+// tile cu_seqlens[b] / 64 + b + m. Tiles of different sequences never overlap (sequence b's
+// first tile is past sequence b-1's last), and there are at most total / 64 + num_seqs of them.
+#if defined(__CUDACC__)
+#define PROPE_HOST_DEVICE __host__ __device__
+#else
+#define PROPE_HOST_DEVICE
+#endif
+constexpr int kBwdTileM = 64;
+inline int64_t bwd_tiles(int64_t total, int num_seqs) { return total / kBwdTileM + num_seqs; }
+PROPE_HOST_DEVICE inline int64_t bwd_tile(int32_t seq_start, int b, int m_block) {
+  return int64_t(seq_start / kBwdTileM) + b + m_block;
+}
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
@@ -95,6 +123,18 @@ struct DeltaParams {
   int64_t o_row, o_head, do_row, do_head;
 };
 
+// Rows outside every sequence (t < cu_seqlens[0] or t >= cu_seqlens[num_seqs]) of up to three
+// 16-bit (total, heads[i], d) tensors set to zero: the gradients of padding rows.
+struct ZeroRowsParams {
+  void* x[3] = {nullptr, nullptr, nullptr};  // null: unused
+  int64_t row[3] = {0, 0, 0}, head[3] = {0, 0, 0};
+  int heads[3] = {0, 0, 0};
+  int head_dim = 0;
+  int64_t total = 0;
+  const int32_t* cu_seqlens = nullptr;
+  int num_seqs = 0;
+};
+
 // Defined in csrc/kernels/attn_<dtype>_hd<d>.cu (one file per instantiation).
 template <bool kBF16, int kHeadDim> cudaError_t run_attn_fwd(const FwdParams& p, cudaStream_t s);
 template <bool kBF16, int kHeadDim> cudaError_t run_attn_bwd(const BwdParams& p, cudaStream_t s);
@@ -112,5 +152,6 @@ template <bool kBF16, int kHeadDim> int attn_bwd_sm90_smem_bytes();
 // Defined in csrc/kernels/rope.cu.
 cudaError_t run_rope(const RopeParams& p, cudaStream_t s);
 cudaError_t run_bwd_delta(const DeltaParams& p, cudaStream_t s);
+cudaError_t run_zero_outside_rows(const ZeroRowsParams& p, cudaStream_t s);
 
 }  // namespace prope

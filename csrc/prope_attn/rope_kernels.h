@@ -81,4 +81,22 @@ __global__ void bwd_delta_kernel(const DeltaParams p) {
   }
 }
 
+// Rows of no sequence: the c0 = cu_seqlens[0] rows before the first one and the rows from
+// c1 = cu_seqlens[num_seqs] on. Usually none: then every thread returns after two loads.
+__global__ void zero_outside_rows_kernel(const ZeroRowsParams p) {
+  const int64_t c0 = p.cu_seqlens[0], c1 = p.cu_seqlens[p.num_seqs];
+  const int64_t rows = c0 + (p.total - c1);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int k = 0; k < 3; ++k) {
+    if (p.x[k] == nullptr) continue;
+    const int64_t per_row = int64_t(p.heads[k]) * p.head_dim;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * per_row; i += stride) {
+      const int64_t r = i / per_row, rest = i - r * per_row;
+      const int64_t t = r < c0 ? r : c1 + (r - c0);
+      const int64_t h = rest / p.head_dim, j = rest - h * p.head_dim;
+      static_cast<uint16_t*>(p.x[k])[t * p.row[k] + h * p.head[k] + j] = 0;
+    }
+  }
+}
+
 }  // namespace prope

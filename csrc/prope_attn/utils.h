@@ -145,7 +145,8 @@ __device__ __forceinline__ void online_softmax_block(TensorS& s_rc, TensorO& o_r
 // Rotate a (rows, d) smem tile in place by the rotation at positions[row0 + r] (rows < nrows).
 // Only the rotated pairs are touched; each (row, pair) is one work item of the CTA's threads.
 // kPi: angles through rot_cos_sin_pi (no local memory; the SM90 kernels), else rot_cos_sin.
-template <bool kPi = false, class STensor>
+// kConj: the inverse rotation (the backward's dK, w.r.t. the rotated k -> w.r.t. k).
+template <bool kPi = false, bool kConj = false, class STensor>
 __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* positions,
                                                  int64_t row0, int nrows, const int32_t* pair_a,
                                                  const int32_t* pair_b, const double* pair_freq,
@@ -163,6 +164,7 @@ __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* posi
     } else {
       rot_cos_sin(__ldg(positions + row0 + r), __ldg(pair_freq + i), c, sn);
     }
+    if constexpr (kConj) sn = -sn;
     const float xa = to_f(s(r, a)), xb = to_f(s(r, b));
     using E = typename STensor::value_type;
     s(r, a) = E(xa * c - xb * sn);

@@ -9,11 +9,14 @@
 //  * the SM90 backward: each tiled MMA's accumulator covers its tile exactly once over the 256
 //    consumer threads (S/dP, dK/dV in both splits, dQ), the transposed smem views address the
 //    element of the original at (j, i), the dK/dV store;
+//  * the fused backward's dQ: the K^T slices' offsets, the fragment-order accumulator (what the
+//    atomics write and the postprocess reads back) covering the (64, d) tile once, bwd_tile();
 //  * the SM90 backward's dQ kernel: the same views as the forward's (S and dQ accumulators, dS
 //    re-viewed as the A operand of dS K, the K^T view of the K stages) and its float2 dQ stores;
 //  * copy_rows/store_rows: each (CPY, m, :) slice of the gmem<->smem tiled copies is one tile row
 //    (the row predicate is taken from its first element), forward and backward.
 #include <cstdio>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -175,11 +178,87 @@ int check_sm90_bwd() {
   int e = 0;
   e += check_cover<typename Tr::MmaSdP>("bwd90 S", T, Shape<Int<kBM>, Int<kBN>>{});
   e += check_cover<typename Tr::MmadKV>("bwd90 dKV", T, Shape<Int<kBN>, Int<kD>>{});
-  e += check_cover<typename Tr::MmadQ>("bwd90 dQ", T, Shape<Int<kBM>, Int<kD>>{});
   e += check_transpose_staged<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt>("bwd90 Qt");
-  e += check_transpose_staged<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt>("bwd90 Kt");
   e += check_transpose_staged<typename Tr::SmemLayoutP, typename Tr::SmemLayoutPt>("bwd90 Pt");
   e += check_rows<typename Tr::GmemTiledCopyO, T>("bwd90 dK", Shape<Int<kBN>, Int<kD>>{});
+  return e;
+}
+
+// The fused backward's dQ: its slices' MMA covers a (kBM, kDqCols) slice once; K^T of slice s is
+// the slice layout at offset s * kBN * kDqCols of the K tile (the kernel's B descriptors); the
+// accumulator order the atomics write and the postprocess reads back (values 4j, 4j+1 and
+// 4j+2, 4j+3 of a thread: column pairs (c, c+1), c even, of one row) covers the whole
+// (kBM, d) tile of fp32 exactly once.
+template <class Tr>
+int check_sm90_fused_dq(const char* name) {
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim, T = Tr::kConsumerThreads;
+  constexpr int kCols = Tr::kDqCols, kSl = Tr::kDqSlices;
+  int e = check_cover<typename Tr::MmadQ>("bwd90 dQ", T, Shape<Int<kBM>, Int<kCols>>{});
+  typename Tr::SmemLayoutK lk;
+  typename Tr::SmemLayoutKtSlice lkt;
+  for (int sl = 0; sl < kSl; ++sl)
+    for (int n = 0; n < kBN; ++n)
+      for (int c = 0; c < kCols; ++c)
+        if (lk(n, sl * kCols + c) != sl * kBN * kCols + lkt(c, n) && e++ < 5)
+          std::printf("%s: K^T slice %d (%d,%d) is not at the slice offset\n", name, sl, c, n);
+  typename Tr::MmadQ mma;
+  std::vector<int> seen(kBM * kD, 0), slot(size_t(kBM) * kD, -1);
+  for (int sl = 0; sl < kSl; ++sl)
+    for (int tid = 0; tid < T; ++tid) {
+      Tensor c = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kCols>>{}));
+      if (int(size(c)) != Tr::kDqPerThread && e++ < 5) std::printf("%s: %d values a thread\n", name, int(size(c)));
+      for (int j = 0; j < Tr::kDqPerThread / 4; ++j)
+        for (int v = 0; v < 4; ++v) {
+          const int row = get<0>(c(4 * j + v)), col = sl * kCols + get<1>(c(4 * j + v));
+          seen[row * kD + col]++;
+          slot[row * kD + col] = (sl * (kBM * kCols / 4) + j * T + tid) * 4 + v;  // float index
+          if (v % 2 == 1) {
+            const int r0 = get<0>(c(4 * j + v - 1)), c0 = sl * kCols + get<1>(c(4 * j + v - 1));
+            if ((r0 != row || c0 + 1 != col || c0 % 2 != 0) && e++ < 5)
+              std::printf("%s: thread %d values %d,%d are not a column pair\n", name, tid, 4 * j + v - 1, 4 * j + v);
+          }
+        }
+    }
+  std::vector<int> used(kBM * kD, 0);
+  for (int i = 0; i < kBM * kD; ++i) {
+    if (seen[i] != 1 && e++ < 5) std::printf("%s: dQ element %d written %d times\n", name, i, seen[i]);
+    if (slot[i] >= 0 && slot[i] < kBM * kD) used[slot[i]]++;
+    else if (e++ < 5) std::printf("%s: dQ element %d at float %d, outside the tile\n", name, i, slot[i]);
+  }
+  for (int i = 0; i < kBM * kD; ++i)
+    if (used[i] != 1 && e++ < 5) std::printf("%s: accumulator float %d used %d times\n", name, i, used[i]);
+  std::printf("%-12s %s\n", name, e ? "FAILED" : "ok");
+  return e;
+}
+
+// bwd_tile: the tiles of different sequences never overlap and stay below bwd_tiles(), for
+// random packings (empty sequences, lengths around multiples of 64, a start past 0).
+int check_bwd_tiles() {
+  std::mt19937 rng(7);
+  int e = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = 1 + int(rng() % 9);
+    std::vector<int> cu(n + 1);
+    cu[0] = int(rng() % 3) * 37;
+    for (int b = 0; b < n; ++b) {
+      const int pick = int(rng() % 5);
+      const int len = pick == 0 ? 0 : pick == 1 ? 64 * int(1 + rng() % 4) + int(rng() % 3) - 1 : int(rng() % 300);
+      cu[b + 1] = cu[b] + (len < 0 ? 0 : len);
+    }
+    const int64_t total = cu[n] + int(rng() % 100);
+    const int64_t limit = prope::bwd_tiles(total, n);
+    int64_t prev_last = -1;
+    for (int b = 0; b < n; ++b) {
+      const int len = cu[b + 1] - cu[b];
+      if (len == 0) continue;
+      const int64_t first = prope::bwd_tile(cu[b], b, 0), last = prope::bwd_tile(cu[b], b, (len + 63) / 64 - 1);
+      if ((first <= prev_last || last >= limit) && e++ < 5)
+        std::printf("bwd_tile: trial %d sequence %d tiles [%lld, %lld] (previous last %lld, limit %lld)\n",
+                    trial, b, (long long)first, (long long)last, (long long)prev_last, (long long)limit);
+      prev_last = last;
+    }
+  }
+  std::printf("%-12s %s\n", "bwd tiles", e ? "FAILED" : "ok");
   return e;
 }
 
@@ -304,6 +383,11 @@ int main() {
   // the split backward's dK/dV tiles (head_dim 128: 64 keys, d split over the warpgroups)
   e += check_sm90_bwd<prope::BwdSm90Traits<64, true, true>>() + check_sm90_bwd<prope::BwdSm90Traits<128, true, true>>();
   e += check_sm90_bwd<prope::BwdSm90Traits<256, true, true>>();
+  e += check_sm90_fused_dq<prope::BwdSm90Traits<64, false>>("fused dQ 64");
+  e += check_sm90_fused_dq<prope::BwdSm90Traits<128, true>>("fused dQ 128");
+  e += check_sm90_fused_dq<prope::BwdSm90Traits<256, true>>("fused dQ 256");
+  e += check_sm90_fused_dq<prope::BwdSm90Traits<256, false>>("fused dQ f16 256");
+  e += check_bwd_tiles();
   e += check_sm90_dq<prope::BwdDqSm90Traits<64, false>>("sm90 dQ f16 64");
   e += check_sm90_dq<prope::BwdDqSm90Traits<128, true>>("sm90 dQ bf16 128");
   e += check_sm90_dq<prope::BwdDqSm90Traits<256, true>>("sm90 dQ bf16 256");

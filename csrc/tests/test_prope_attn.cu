@@ -7,7 +7,8 @@
 //          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
 //          ./build/test_prope_attn --sm90 --fwd=overlap+lpt   (an SM90 forward variant:
 //                                   basic, overlap, basic+lpt, overlap+lpt; csrc/README.md)
-//          ./build/test_prope_attn --sm90-atomic   (SM90, the backward's old atomic-dQ path)
+//          ./build/test_prope_attn --sm90-split    (SM90, the split (deterministic) backward;
+//                                   --sm90 runs the fused one)
 // Head dims tested: those compiled in (PROPE_HAS_HD64/128/256, set by CMakeLists.txt).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,7 +38,7 @@ namespace {
 int g_sm = 80;
 prope::Family g_family = prope::Family::Auto;
 int g_sm90_fwd = 0;  // AttnProblem::sm90_fwd (--fwd=...)
-bool g_dq_atomic = false;  // --sm90-atomic: the SM90 backward with dQ by atomics (the old path)
+bool g_split = false;  // --sm90-split: the SM90 split backward (deterministic) instead of the fused one
 
 struct Case {
   bool bf16;
@@ -232,7 +233,7 @@ bool run_case(const Case& c, std::mt19937& gen) {
   pb.sm = g_sm;
   pb.family = g_family;
   pb.sm90_fwd = g_sm90_fwd;
-  pb.sm90_dq_atomic = g_dq_atomic;
+  pb.sm90_split = g_split;
   const size_t nq = total * hq * d, nk = total * hkv * d;
   uint16_t *d_out, *d_dq, *d_dk, *d_dv;
   float* d_lse;
@@ -301,9 +302,9 @@ int main(int argc, char** argv) {
   g_sm = major * 10 + minor;
   // --sm80 / --sm90: force a family (--sm90 fails when this build or device cannot run it)
   if (argc > 1 && std::string(argv[1]) == "--sm80") g_family = prope::Family::Sm80;
-  if (argc > 1 && (std::string(argv[1]) == "--sm90" || std::string(argv[1]) == "--sm90-atomic")) {
+  if (argc > 1 && (std::string(argv[1]) == "--sm90" || std::string(argv[1]) == "--sm90-split")) {
     g_family = prope::Family::Sm90;
-    g_dq_atomic = std::string(argv[1]) == "--sm90-atomic";
+    g_split = std::string(argv[1]) == "--sm90-split";
     if (prope::resolve_family({.sm = g_sm, .family = g_family}) != prope::Family::Sm90) {
       std::printf("--sm90: not available (built with sm_90a: %d, device sm_%d)\n",
                   int(prope::sm90_built()), g_sm);
