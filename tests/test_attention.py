@@ -236,3 +236,11 @@ def test_gpu_64bit_offsets(backend):
     check_against_reference(("out", "dq", "dk", "dv"), got,
                             lambda q, k, v: ref.prope_attention(q, k, v, spec), small[:3],
                             small[3:])
+
+
+def test_64bit_offsets_skips_under_xdist_with_its_reason(monkeypatch):
+    # the skip comes first, before any CUDA call: a worker of pytest-xdist never allocates the
+    # 50 GiB (the check runs on a CPU too); alone, the test goes on to its memory check
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    with pytest.raises(pytest.skip.Exception, match="needs about 50 GiB of GPU memory alone"):
+        test_gpu_64bit_offsets("triton")
