@@ -2,12 +2,16 @@
 
 The script runs with GPU_CHECK_FAKE=1, which swaps each step's command for a stand-in (sleeps,
 echoes, copies of synthetic results) so that its argument handling, deadline arithmetic, file
-count and summary are exercised in seconds on any machine; bench/gpu_summary.py is also checked
-directly on synthetic junit XML and benchmark JSON.
+count, summary and coverage report (which tests did not run) are exercised in seconds on any
+machine; bench/gpu_summary.py is also checked directly on synthetic junit XML and benchmark JSON.
+Its `plan` stage prints the steps' commands: the pytest selections of its three test steps are
+collected here and must hold, between them, every test of tests/ exactly once.
 """
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -69,7 +73,7 @@ def _quick(tmp_path, deadline, **fakes):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), GPU_CHECK_FAKE="1", QUICK_DEADLINE_S=str(deadline),
                PYTHON=sys.executable)
-    env.update({f"GPU_CHECK_FAKE_{k.upper()}": v for k, v in fakes.items()})
+    env.update({k if k.isupper() else f"GPU_CHECK_FAKE_{k.upper()}": v for k, v in fakes.items()})
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -78,6 +82,29 @@ def _quick(tmp_path, deadline, **fakes):
 
 def _files(out):
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+OFFSETS = "tests/test_attention.py::test_gpu_64bit_offsets"
+BACKENDS = ("triton", "cuda")
+
+
+def _junit(results):
+    """A junit file of {test id: passed | failed | skipped:REASON}."""
+    cases = []
+    for tid, st in results.items():
+        path, _, name = tid.partition("::")
+        cls = path[:-len(".py")].replace("/", ".")
+        body = ('<failure message="x">x</failure>' if st == "failed" else
+                f'<skipped message="{st.partition(":")[2]}"/>' if st.startswith("skipped")
+                else "")
+        cases.append(f'<testcase classname="{cls}" name="{name}" time="0.1">{body}</testcase>')
+    return ('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
+            + "".join(cases) + "</testsuite></testsuites>")
+
+
+def _collected(ids):
+    """What `pytest --collect-only -q` prints."""
+    return "\n".join(ids) + f"\n\n{len(ids)} tests collected in 1.00s\n"
 
 
 def test_unknown_stage_exits_2(tmp_path):
@@ -118,19 +145,32 @@ def test_quick_overrunning_step_is_killed_and_the_next_runs(tmp_path):
 def test_quick_green_run(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(BENCH))
     (tmp_path / "t.xml").write_text(JUNIT_GREEN)
+    (tmp_path / "c.xml").write_text(_junit({"tests/test_cuda_backend.py::test_c": "passed"}))
+    (tmp_path / "o.xml").write_text(_junit({f"{OFFSETS}[{b}]": "passed" for b in BACKENDS}))
+    (tmp_path / "ids.txt").write_text(_collected(
+        ["tests/test_c.py::test_one", "tests/test_c.py::test_two",
+         "tests/test_cuda_backend.py::test_c"] + [f"{OFFSETS}[{b}]" for b in BACKENDS]))
     proc, out, secs = _quick(
-        tmp_path, 470,
+        tmp_path, 470, QUICK_TESTS="tests/test_c.py",
+        collect=f"cat {tmp_path / 'ids.txt'}",
         tests=f"cp {tmp_path / 't.xml'} \"$OUT/tests.xml\"",
-        cuda_tests=f"cp {tmp_path / 't.xml'} \"$OUT/cuda_tests.xml\"",
+        cuda_tests=f"cp {tmp_path / 'c.xml'} \"$OUT/cuda_tests.xml\"",
+        offsets64=f"cp {tmp_path / 'o.xml'} \"$OUT/offsets64.xml\"",
         bench=f"cp {tmp_path / 'bench.json'} \"$OUT/bench.json\"")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert secs < 30, secs  # nothing waits for the deadline
     files = _files(out)
-    assert len(files) <= 8 and {"quick.log", "summary.md", "tests.xml", "bench.json"} <= set(files)
+    assert len(files) <= 8 and {"quick.log", "summary.md", "tests.xml", "offsets64.xml",
+                                "bench.json"} <= set(files)
     md = (out / "summary.md").read_text()
     assert "tests: **2 passed, 0 failed, 0 errors**" in md
-    assert "cuda_tests: **2 passed, 0 failed, 0 errors**" in md
-    assert md.rstrip().endswith("**PASS**")
+    assert "cuda_tests: **1 passed, 0 failed, 0 errors**" in md
+    assert "offsets64: **2 passed, 0 failed, 0 errors**" in md
+    assert "- tests: 2 of 2 tests ran (2 passed, 0 failed, 0 errors, 0 skipped)" in md
+    assert "- offsets64: 2 of 2 tests ran (2 passed" in md
+    assert "- the suite: 5 tests in tests/, every one in a step of this run" in md
+    assert "did not run" not in md
+    assert md.rstrip().endswith("**PASS**")  # the coverage goes in before the verdict
     assert "# GPU check (quick)" in proc.stdout  # printed at the end of the call
 
 
@@ -143,6 +183,140 @@ def test_quick_build_failure_skips_cuda_tests(tmp_path):
     md = (out / "summary.md").read_text()
     assert "| cuda_build | **FAILED** (exit 3) |" in md and "| cuda_tests | **NOT RUN** |" in md
     assert "no results (the bench step did not finish)" in md
+    # no ids collected (the fake collection prints none): said, not passed over
+    assert "the suite's collection gave no test ids" in md
+
+
+def test_quick_names_every_test_a_cut_step_did_not_run(tmp_path):
+    # the tests step is killed at its cap after one result: the other tests of its selection are
+    # named as not run (quick.log: all of them; summary.md: before the verdict), the offsets64
+    # step's skip is shown with its reason, and a build failure leaves cuda_tests' tests not run
+    configs = [f"tests/test_triton_configs.py::test_every_tuned_config[fwd-64-{i}]"
+               for i in range(3)]
+    rest = ["tests/test_train.py::test_gloo", "tests/test_rope.py::test_r[a b]",
+            "tests/test_gpu_check.py::test_plan"]
+    cuda = ["tests/test_cuda_backend.py::test_basic[basic]"]
+    offsets = [f"{OFFSETS}[{b}]" for b in BACKENDS]
+    (tmp_path / "ids.txt").write_text(_collected(configs + rest + cuda + offsets))
+    (tmp_path / "o.xml").write_text(_junit({offsets[0]: "passed",
+                                            offsets[1]: "skipped:backend unavailable"}))
+    proc, out, secs = _quick(
+        tmp_path, 20, QUICK_SHARES="25 30 60 90",
+        collect=f"cat {tmp_path / 'ids.txt'}",
+        cuda_build="echo nvcc error; exit 3",
+        tests=f"echo '[gw0] [ 10%] PASSED {configs[0]} '; "
+              f"echo '[gw1] [ 20%] SKIPPED {configs[1]} '; sleep 60",
+        offsets64=f"cp {tmp_path / 'o.xml'} \"$OUT/offsets64.xml\"")
+    log = (out / "quick.log").read_text()
+    md = (out / "summary.md").read_text()
+    assert proc.returncode == 1
+    assert secs < 20 + 15, secs
+    assert "=== step tests: exit 124" in log
+    for text in (log, md):
+        assert ("- tests: 2 of 6 tests ran (1 passed, 0 failed, 0 errors, 1 skipped); **4 did not "
+                "run**: the step was cut at its cap") in text, text[-3000:]
+        for t in configs[2:] + rest:
+            assert f"  - {t}\n" in text, t
+        assert ("- cuda_tests: 0 of 1 tests ran (0 passed, 0 failed, 0 errors, 0 skipped); "
+                "**1 did not run**: the step did not start") in text
+        assert f"  - {cuda[0]}\n" in text
+        assert "- offsets64: 2 of 2 tests ran (1 passed, 0 failed, 0 errors, 1 skipped)" in text
+        assert "  - skipped 1: backend unavailable" in text
+        assert "- the suite: 9 tests in tests/, every one in a step of this run" in text
+    assert md.rstrip().endswith("**FAIL**")
+    assert md.index("## Coverage of the test suite") > md.index("## Benchmark")
+
+
+def _plan(**env):
+    proc = subprocess.run(["bash", str(SCRIPT), "plan"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, PYTHON=sys.executable, OUT="/nonexistent", **env))
+    assert proc.returncode == 0, proc.stderr
+    steps = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"step (\w+): (?:background, )?(?:[^:]*?ends by (\d+) s[^:]*)?[^:]*: (.*)$",
+                     line)
+        if m:
+            steps[m.group(1)] = (int(m.group(2)) if m.group(2) else None, m.group(3))
+    return proc.stdout, steps
+
+
+def _selection(cmd):
+    """The arguments of a pytest command line that choose its tests."""
+    args = shlex.split(cmd)
+    args = args[args.index("pytest") + 1:]
+    sel, skip_next = [], False
+    for a in args:
+        if skip_next:
+            skip_next = False
+        elif a in ("-n", "-p"):
+            skip_next = True
+        elif a in ("-v", "-q", "--collect-only") or a.startswith(("-r", "--junitxml=")):
+            continue
+        else:
+            sel.append(a)
+    return sel
+
+
+def _collect(args):
+    return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                             "-p", "no:cacheprovider", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _ids(proc):
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return [ln for ln in out.splitlines() if ln.startswith("tests/") and "::" in ln]
+
+
+def test_quick_plan_runs_the_whole_suite():
+    # quick's three pytest steps, collected with their own selections, hold every test of tests/
+    # exactly once: a file or test dropped from the plan fails here
+    text, steps = _plan()
+    assert {"collect", "cuda_build", "tests", "cuda_tests", "offsets64", "bench"} <= set(steps)
+    sels = {n: _selection(steps[n][1]) for n in ("tests", "cuda_tests", "offsets64")}
+    procs = {n: _collect(sel) for n, sel in sels.items()}
+    procs["suite"] = _collect(_selection(steps["collect"][1]))
+    ids = {n: _ids(p) for n, p in procs.items()}
+    suite = ids.pop("suite")
+    assert len(suite) > 800 and _selection(steps["collect"][1]) == ["tests/"]
+    together = [t for n in ids for t in ids[n]]
+    assert sorted(together) == sorted(suite), (set(suite) ^ set(together))
+    # the 64-bit offsets test alone, without xdist; the CUDA backend's file after the build
+    assert sorted(ids["offsets64"]) == [f"{OFFSETS}[{b}]" for b in sorted(BACKENDS)]
+    assert " -n " not in steps["offsets64"][1] and " -n " not in steps["cuda_tests"][1]
+    assert {t.split("::")[0] for t in ids["cuda_tests"]} == {"tests/test_cuda_backend.py"}
+    # every tuned config, the CPU-only checks and this file are in the xdist step
+    files = {t.split("::")[0] for t in ids["tests"]}
+    assert {"tests/test_triton_configs.py", "tests/test_train.py", "tests/test_attention.py",
+            "tests/test_triton_gpu_compile.py", "tests/test_bench_smoke.py",
+            "tests/test_gpu_check.py"} <= files
+    assert sum(t.startswith("tests/test_triton_configs.py::test_every_tuned_config")
+               for t in ids["tests"]) >= 60
+    # the files most worth a GPU first: a step cut at its cap loses the end of the list
+    order = [a for a in sels["tests"] if a.endswith(".py")]
+    assert order[0] == "tests/test_triton_configs.py", order
+    assert order.index("tests/test_attention.py") < order.index("tests/test_rope.py")
+    assert order[-1] == "tests/test_gpu_check.py"
+
+
+def test_quick_plan_xdist_and_budget():
+    pytest.importorskip("xdist")
+    text, steps = _plan(PYTEST_WORKERS="16")
+    assert " -n 16 " in steps["tests"][1]  # every core of the lent machine
+    # the default deadline and shares: rising step ends; the summary and the coverage (15 s at
+    # least each) and a step's 10 s kill grace still end inside the device tool's 600 s a call
+    deadline = int(re.search(r"deadline (\d+) s", text).group(1))
+    ends = [steps[n][0] for n in ("tests", "cuda_tests", "offsets64", "bench")]
+    assert ends == sorted(ends) and ends[-1] < deadline
+    assert steps["cuda_build"][0] == steps["tests"][0]
+    assert deadline + 15 + 15 + 10 <= 580, deadline
+    # enough for what the committed H100 run took (bench/results/2026-11-26_*/quick.log):
+    # cuda_tests 57 s, the bench 153 s at most
+    assert ends[1] - ends[0] >= 60 and ends[3] - ends[2] >= 100
+    text, steps = _plan(QUICK_DEADLINE_S="100", QUICK_SHARES="10 20 30 40")
+    assert [steps[n][0] for n in ("tests", "cuda_tests", "offsets64", "bench")] == [10, 20, 30, 40]
 
 
 # --- the summary script on synthetic inputs ------------------------------------------------------
@@ -238,7 +412,7 @@ def test_quick_tests_selection_and_shares(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), GPU_CHECK_FAKE="1", QUICK_DEADLINE_S="100",
                PYTHON=sys.executable, QUICK_TESTS="tests/test_hf.py -k gemma",
-               QUICK_SHARES="30 62 95", QUICK_PROVIDERS="prope-cuda,sdpa-cudnn-norope")
+               QUICK_SHARES="30 62 70 95", QUICK_PROVIDERS="prope-cuda,sdpa-cudnn-norope")
     proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     log = (out / "quick.log").read_text()
@@ -249,3 +423,14 @@ def test_quick_tests_selection_and_shares(tmp_path):
     bench = next(ln for ln in log.splitlines() if ln.startswith("=== step bench: cap"))
     assert "prope-cuda,sdpa-cudnn-norope" in bench, bench
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    # -k is not reproduced by the coverage report: it says so rather than guess
+    assert "tests/test_hf.py -k gemma) is not only paths" in log, log[-3000:]
+
+
+def test_quick_shares_must_be_four_rising_percentages(tmp_path):
+    for shares in ("50 62 95", "55 67 77 97 99", "55 50 77 97", "55 67 77 101", "a b c d"):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECK_FAKE="1",
+                   PYTHON=sys.executable, QUICK_SHARES=shares)
+        proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "four rising percentages" in proc.stderr, shares
