@@ -23,7 +23,7 @@ import torch
 from . import backends
 from . import reference as ref
 from .rotary import PRoPESpec
-from .validation import (check_attention, check_cu_seqlens, check_positions,
+from .validation import (check_attention, check_cu_seqlens, check_cu_values, check_positions,
                          check_rope_input, check_window_softcap, features_needed)
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +57,9 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
                  layout: str, causal: bool, softmax_scale: float, window_left: int,
                  window_right: int, softcap: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens.device.type == "cpu":
+        # free here (no device sync): the check torch.compile skips when tracing the public call
+        check_cu_values(cu_seqlens, q.shape[0], max_seqlen, padding=False)
     spec = _spec(q.shape[-1], p, theta, variant, layout)
     m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
                      softcap)
@@ -215,11 +218,24 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softcap: Optional[float] = None):
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
-    Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64, starts at 0, non-decreasing,
-    ends at total) and attends only within itself. ``max_seqlen`` bounds the longest sequence
-    (the kernels size their grids by it). Eager calls check these values (once per unmodified
-    ``cu_seqlens`` tensor); inside ``torch.compile`` the check would need a host sync and is
-    skipped, so there they are the caller's contract, as in flash-attn's varlen API.
+    Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64 on q's device, starts at
+    0, non-decreasing) and attends only within itself: its rows of out, lse and of the gradients
+    depend on no other row, whatever those rows hold (NaN/Inf included).
+    cu_seqlens[-1] <= total: rows past ``cu_seqlens[-1]`` are padding (e.g. a fixed-size buffer):
+    their out and lse rows are 0 and their dq, dk, dv rows 0; no kernel reads them (the call
+    runs on the first ``cu_seqlens[-1]`` rows, views; with padding, out and lse are copied into
+    zero-padded tensors, and the backward copies dq, dk, dv likewise).
+    max_seqlen: at least the longest sequence (the kernels size their grids by it; an
+    understated value would leave the rows past it unwritten); an overstated one only launches
+    idle programs. Checks: eager calls check every value above (``ValueError`` naming the
+    argument), which costs a device->host copy of cu_seqlens once per unmodified cu_seqlens
+    tensor (cached: the layers of a model that share one cu_seqlens pay it once). Inside
+    ``torch.compile`` the trace cannot read the values: there cu_seqlens[-1] must equal total
+    (no padding) and max_seqlen must hold; the op checks both when cu_seqlens is a CPU tensor
+    (free) and the reference backend checks max_seqlen on any device (it reads cu_seqlens on the
+    host anyway); nothing checks them on CUDA tensors, where the check would be a host sync per
+    call (flash-attn does not check either): there they are the caller's contract (see the
+    README's API section for what breaking it does).
     positions: (total,) integers; default restarts at 0 in each sequence.
     window, softcap: as in :func:`prope_attention`; the window is over indices inside each
     sequence (it never crosses a sequence boundary).
@@ -230,19 +246,27 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   return_lse=return_lse)
     window, softcap, needs = check_window_softcap(window, softcap, causal)
     total = q.shape[0]
-    check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)
+    used = check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)   # None inside compile
     if positions is not None:
         check_positions(positions, [(total,)], q.device)
+    pad = 0 if used is None else total - used
+    if pad:  # padding rows: never handed to a backend (views of the rows inside sequences)
+        q, k, v = q[:used], k[:used], v[:used]
+        if positions is not None:
+            positions = positions[:used]
     num_seqs = cu_seqlens.numel() - 1
     backend = backends.resolve(backend, q, needs, attn=(k, num_seqs, int(max_seqlen), causal))
 
     if positions is None:
-        pos = ref.varlen_positions(cu_seqlens, total)
+        pos = ref.varlen_positions(cu_seqlens, q.shape[0])
     else:
         pos = positions.to(torch.int64)
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
                             spec.theta, variant, layout, causal, scale, *window, softcap,
                             backend)
+    if pad:
+        out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad))
+        lse = torch.nn.functional.pad(lse, (0, pad))
     return (out, lse) if return_lse else out
 
 
@@ -266,9 +290,11 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if packed:
         if max_seqlen is None:
             raise TypeError("explain: max_seqlen is required with cu_seqlens")
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+        used = check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
         if positions is not None:
             check_positions(positions, [(q.shape[0],)], q.device)
+        if used is not None and used < q.shape[0]:   # the op runs without the padding rows
+            q, k = q[:used], k[:used]
         attn = (k, cu_seqlens.numel() - 1, int(max_seqlen), causal)
     else:
         b, s = q.shape[:2]

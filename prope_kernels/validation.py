@@ -150,6 +150,9 @@ def check_bool(name, x):
 
 
 def check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
+    """The varlen call's ``cu_seqlens`` and ``max_seqlen``. Returns ``cu_seqlens[-1]`` (the rows
+    inside sequences; rows past it, up to ``total``, are padding) as a host int, or None inside
+    ``torch.compile``, where the value checks are skipped (they need a device->host copy)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be an int32/int64 torch.Tensor, got "
                         f"{type(cu_seqlens).__name__}")
@@ -164,30 +167,49 @@ def check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
-        return  # value checks need a host sync; the eager path has made them
+        return None  # value checks need a host sync; the op checks CPU tensors when it runs
+    return check_cu_values(cu_seqlens, total, max_seqlen, padding=True)
+
+
+def check_cu_values(cu_seqlens, total, max_seqlen, padding):
+    """The value checks of ``cu_seqlens`` (int tensor, any device) against ``total`` rows and
+    ``max_seqlen``: starts at 0, non-decreasing, ``cu_seqlens[-1] <= total`` (``== total`` when
+    not ``padding``), every length <= ``max_seqlen``. Returns ``cu_seqlens[-1]``.
+
+    Costs a device->host copy of ``cu_seqlens`` (a sync for a CUDA tensor), once per unmodified
+    tensor: the result is cached (a model calls the op once per layer with one cu_seqlens)."""
     key = id(cu_seqlens)
     seen = CU_CHECKED.get(key)
     if (seen is not None and seen[0]() is cu_seqlens
-            and seen[1:] == (cu_seqlens._version, total, max_seqlen)):
-        return  # same tensor, unmodified, already checked (e.g. by the previous layer)
+            and seen[1:4] == (cu_seqlens._version, total, max_seqlen)
+            and (padding or seen[4] == total)):
+        return seen[4]  # same tensor, unmodified, already checked (e.g. by the previous layer)
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
     lens = cu[1:] - cu[:-1]
     if (lens < 0).any():
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}...")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens[-1] ({cu[-1].item()}) must equal the number of tokens in "
-                         f"q ({total})")
-    if lens.max().item() > max_seqlen:
+    end = cu[-1].item()
+    if end > total:
+        raise ValueError(f"cu_seqlens[-1] ({end}) exceeds the number of tokens in q ({total})")
+    if end != total and not padding:
+        raise ValueError(
+            f"cu_seqlens[-1] ({end}) must equal the number of tokens in q ({total}) here: rows "
+            f"past cu_seqlens[-1] (padding) are taken by eager prope_attention_varlen calls only; "
+            f"inside torch.compile pass q[:cu_seqlens[-1]] (and k, v, positions likewise)")
+    longest = lens.max().item()
+    if longest > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
-                         f"cu_seqlens ({lens.max().item()})")
+                         f"cu_seqlens ({longest}); the kernels size their grids by max_seqlen "
+                         f"and would leave the rows past it unwritten")
     if len(CU_CHECKED) > 64:
         CU_CHECKED.clear()
-    CU_CHECKED[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
+    CU_CHECKED[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen, end)
+    return end
 
 
-# cu_seqlens tensors whose values were checked: id -> (weakref, version, total, max_seqlen).
-# The value checks cost a device->host copy; a model calls the op once per layer with the same
-# cu_seqlens, so only the first call pays it.
+# cu_seqlens tensors whose values were checked: id -> (weakref, version, total, max_seqlen,
+# cu_seqlens[-1]). The value checks cost a device->host copy; a model calls the op once per layer
+# with the same cu_seqlens, so only the first call pays it.
 CU_CHECKED: dict = {}

@@ -87,7 +87,7 @@ def _packed(device, lens=(3, 5), hq=2, hkv=1, d=16):
 
 @pytest.mark.parametrize("cu,ms,exc,msg", [
     (torch.tensor([0, 5, 3, 8]), 5, ValueError, "non-decreasing"),
-    (torch.tensor([0, 3, 7]), 5, ValueError, "must equal the number of tokens"),
+    (torch.tensor([0, 3, 9]), 6, ValueError, "exceeds the number of tokens"),
     (torch.tensor([1, 3, 8]), 5, ValueError, "must start at 0"),
     (torch.tensor([0, 3, 8]), 4, ValueError, "max_seqlen"),
     (torch.tensor([0.0, 3.0, 8.0]), 5, TypeError, "int32 or int64"),

@@ -17,6 +17,16 @@ sees key j iff i - left <= j <= i + right); ``softcap`` a float, 0.0 = off. A ba
 passes it over). Outputs are
 new tensors (never views of the inputs), in the inputs' dtype (lse float32).
 
+Isolation: sequence j's rows of out, lse, dq, dk, dv depend on sequence j's rows of q, k, v,
+dout (and lse, dlse) alone, bit for bit, whatever the other rows hold (NaN/Inf included): a
+tile that reaches past the sequence (a ragged tail, a TMA box) must zero those operand rows
+(masked loads with 0, zero-filled boxes) before they enter a product; a probability of 0 is
+not enough (0 * NaN = NaN). The public API gives backends ``cu_seqlens[-1] == total`` and
+``max_seqlen`` >= every length (it drops padding rows past ``cu_seqlens[-1]`` before the op),
+but q, k, v may be views into larger buffers, so nothing past ``total`` may be read either.
+Rows past ``cu_seqlens[-1]``, if a direct caller passes them, are unspecified in the outputs
+(tests/test_padding_poison.py checks all of this for every backend).
+
 Adding a backend = one module with those functions + one :func:`register` call below (a
 :class:`Backend` entry: module path, imported on first use, and its capabilities). The public
 API, the Gemma model's ``attn`` choices, the trainer's ``--attn`` and the benchmark's providers

@@ -20,11 +20,16 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _runs(cu_seqlens):
+def _runs(cu_seqlens, max_seqlen):
     """(first token, number of sequences n, length L) for each run of consecutive non-empty
-    sequences of one length: tokens [first, first + n*L) are an (n, L) batch."""
+    sequences of one length: tokens [first, first + n*L) are an (n, L) batch. This backend reads
+    cu_seqlens on the host anyway, so it checks max_seqlen for free (the kernels' contract; an
+    understated value is a ValueError here too, not a silently different result)."""
     cu = cu_seqlens.tolist()
     lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
+                         f"cu_seqlens ({max(lens)})")
     i = 0
     while i < len(lens):
         j = i
@@ -59,7 +64,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     kr = ref.apply_prope(k.to(cd), positions, spec)
     out = q.new_zeros(q.shape)
     lse = q.new_zeros((hq, total), dtype=torch.float32)
-    for t0, n, L in _runs(cu_seqlens):
+    for t0, n, L in _runs(cu_seqlens, max_seqlen):
         rows = slice(t0, t0 + n * L)
         o, l = ref.attention(qr[rows].view(n, L, hq, d), kr[rows].view(n, L, hkv, d),
                              v[rows].to(cd).view(n, L, hkv, d), causal, scale, return_lse=True,
@@ -80,7 +85,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     dqr = torch.zeros(q.shape, dtype=cd, device=q.device)
     dkr = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
-    for t0, n, L in _runs(cu_seqlens):
+    for t0, n, L in _runs(cu_seqlens, max_seqlen):
         rows = slice(t0, t0 + n * L)
         qg = qr[rows].view(n, L, hkv, group, d)      # q head h reads kv head h // group
         kg, vg = kr[rows].view(n, L, hkv, d), v[rows].to(cd).view(n, L, hkv, d)
