@@ -88,10 +88,14 @@ def parser():
                         "bench/results/tmp_<date>_..., git-ignored)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--write-dispatch", nargs="?", const=str(DISPATCH_TABLE), metavar="PATH",
-                   help="write backend='auto' dispatch entries (per case, the fastest of our "
-                        "backends in fwd+bwd) into PATH (default: the package's table "
-                        "prope_kernels/dispatch.json; a GPU run only). Alone it runs every "
-                        "preset with our backends, fwd+bwd")
+                   help="write the backend='auto' dispatch table (per case, the fastest of our "
+                        "backends in fwd+bwd) from this run alone into PATH, replacing it "
+                        "(default: the package's table prope_kernels/dispatch.json; a GPU run "
+                        "from a clean tree only). Alone it runs every preset with our "
+                        "backends, fwd+bwd")
+    g.add_argument("--allow-dirty", action="store_true",
+                   help="let --write-dispatch write the package's table from a run of "
+                        "uncommitted code (the table then says so)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
     g.add_argument("--list", action="store_true", help="list presets, sweeps, providers; exit")
@@ -372,8 +376,14 @@ def main(argv=None):
         print(f"  {p}", file=sys.stderr)
     if args.write_dispatch:
         from prope_kernels import dispatch
-        entries = dispatch.entries_from_rows(rows, meta)
-        dispatch.write(args.write_dispatch, entries)
+        package = Path(args.write_dispatch).resolve() == DISPATCH_TABLE.resolve()
+        if package and not env.clean(meta) and not args.allow_dirty:
+            print(f"--write-dispatch: not written: {out.name} ran uncommitted code (commit "
+                  f"{meta.get('git_commit')}, diff {meta.get('git_diff_sha256')}); commit it "
+                  "and rerun, or pass --allow-dirty", file=sys.stderr)
+            return 1
+        table = dispatch.write(args.write_dispatch, dispatch.table_from_rows(rows, meta, out.name))
+        entries = table["entries"]
         print(f"dispatch: {len(entries)} entries -> {args.write_dispatch}", file=sys.stderr)
         for e in entries:
             print(f"  {e['arch']} d{e['head_dim']} group {e['group']} "
