@@ -13,8 +13,9 @@
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh sdpa      # the sdpa backend's tests, then every preset timed for our
-#                                   # backends -> $OUT/dispatch.json (the package's table plus the
-#                                   # new entries: copy it to prope_kernels/ and commit it)
+#                                   # backends -> $OUT/dispatch_run/ and $OUT/dispatch.json (the
+#                                   # table from that run alone: commit the run under bench/results/
+#                                   # and write the package's table from it, bench/README.md)
 #   bash .ci/gpu_check.sh all       # tests, configs, then bench (a longer machine session)
 #
 # quick, against one deadline (QUICK_DEADLINE_S, default 470 s from the start): the CUDA extension
@@ -252,7 +253,6 @@ stage() {
       run breakdown "$PY" -m bench.breakdown --preset "${PRESET:-gemma-2b}" ;;
     sdpa)
       run sdpa_tests "$PY" -m pytest -q -rs tests/test_sdpa_backend.py tests/test_compile.py
-      cp prope_kernels/dispatch.json "$OUT/dispatch.json"
       run sdpa_dispatch "$PY" -m bench --write-dispatch "$OUT/dispatch.json" --no-progress \
           --out "$OUT/dispatch_run" ;;
     all)

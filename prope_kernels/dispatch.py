@@ -2,9 +2,10 @@
 
 The table ``prope_kernels/dispatch.json`` maps a problem key to the backend that was fastest
 (forward+backward) in one benchmark run on that GPU architecture. It is written whole by
-``python -m bench --write-dispatch`` from that one run (every preset, our backends), never by
-hand and never merged from several runs; it names the run (``bench/results/<run>/``), and a
-test re-derives the committed table from that run's raw rows (tests/test_sdpa_backend.py).
+``python -m bench --write-dispatch`` from that one run (every preset, our backends; or
+``--render bench/results/<run>/results.json --write-dispatch`` from a committed run's raw file),
+never by hand and never merged from several runs; it names the run (``bench/results/<run>/``),
+and a test re-derives the committed table from that run's raw rows (tests/test_sdpa_backend.py).
 Only rows that ran a backend's defaults count (its own provider, no kernel switch set): a
 provider that forces a kernel variant times something auto does not run.
 

@@ -203,6 +203,25 @@ def test_write_dispatch(tmp_path):
     assert proc.returncode != 0 and "only GPU runs" in proc.stderr
 
 
+def test_write_dispatch_from_a_committed_run(tmp_path):
+    # `--render RUN --write-dispatch`: the table of a committed run from its raw file alone; the
+    # package's table is exactly what its run gives, and a dirty run needs --allow-dirty there
+    table = json.loads((REPO / "prope_kernels" / "dispatch.json").read_text())
+    raw = REPO / "bench" / "results" / table["run"]["name"] / "bench.json"
+    out = tmp_path / "dispatch.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--render", str(raw),
+                           "--write-dispatch", str(out)], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text()) == table
+    if not table["run"]["git_dirty"]:
+        return
+    proc = subprocess.run([sys.executable, "-m", "bench", "--render", str(raw),
+                           "--write-dispatch"], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "uncommitted code" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_spot_check_rejects_a_wrong_provider():
     """The guard: a provider that rotates the wrong fraction of pairs is caught before timing."""
     sys.path.insert(0, str(REPO))
