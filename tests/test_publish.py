@@ -109,6 +109,8 @@ def test_read_back_switches_are_shown_as_recorded():
 def test_clean_means_the_commit_ran():
     assert benv.clean({"git_diff_sha256": ""})
     head = benv.tree_sha256("HEAD")
+    if head is None:
+        pytest.skip("no git checkout here (a copy of the tree): commits cannot be read")
     assert head and benv.clean({"git_diff_sha256": None, "source_sha256": head,
                                 "git_commit": "HEAD"})
     assert not benv.clean({"git_diff_sha256": "ab" * 32, "source_sha256": "0" * 64,
