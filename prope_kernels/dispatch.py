@@ -16,7 +16,9 @@ of two (at least 128).
 Each entry records the version of every compared backend's kernels
 (:func:`prope_kernels.backends.kernel_hash`, a hash of their sources). An entry whose versions
 differ from the installed package's, or that has none (runs from before they were recorded),
-has expired: auto ignores it (``explain()`` says so) until a new run replaces the table.
+has expired: auto ignores it (``explain()`` says so) until a new run replaces the table. (An
+installed package without csrc/ cannot identify its CUDA kernels: there, entries that timed the
+cuda backend count as expired.)
 
 Where no current entry applies, the documented default prefers what has been validated on a GPU:
 
