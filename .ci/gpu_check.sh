@@ -17,8 +17,9 @@
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh sdpa      # the sdpa backend's tests, then every preset timed for our
-#                                   # backends -> $OUT/dispatch.json (the package's table plus the
-#                                   # new entries: copy it to prope_kernels/ and commit it)
+#                                   # backends -> $OUT/dispatch_run/ and $OUT/dispatch.json (the
+#                                   # table from that run alone: commit the run under bench/results/
+#                                   # and write the package's table from it, bench/README.md)
 #   bash .ci/gpu_check.sh all       # tests, then bench (a longer machine session)
 #
 # quick runs the whole test suite on the GPU, in three pytest steps that between them hold every
@@ -527,7 +528,6 @@ stage() {
       run breakdown "$PY" -m bench.breakdown --preset "${PRESET:-gemma-2b}" ;;
     sdpa)
       run sdpa_tests "$PY" -m pytest -q -rs tests/test_sdpa_backend.py tests/test_compile.py
-      cp prope_kernels/dispatch.json "$OUT/dispatch.json"
       run sdpa_dispatch "$PY" -m bench --write-dispatch "$OUT/dispatch.json" --no-progress \
           --out "$OUT/dispatch_run" ;;
     all)

@@ -88,10 +88,14 @@ def parser():
                         "bench/results/tmp_<date>_..., git-ignored)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--write-dispatch", nargs="?", const=str(DISPATCH_TABLE), metavar="PATH",
-                   help="write backend='auto' dispatch entries (per case, the fastest of our "
-                        "backends in fwd+bwd) into PATH (default: the package's table "
-                        "prope_kernels/dispatch.json; a GPU run only). Alone it runs every "
-                        "preset with our backends, fwd+bwd")
+                   help="write the backend='auto' dispatch table (per case, the fastest of our "
+                        "backends in fwd+bwd) from this run alone into PATH, replacing it "
+                        "(default: the package's table prope_kernels/dispatch.json; a GPU run "
+                        "from a clean tree only). Alone it runs every preset with our "
+                        "backends, fwd+bwd")
+    g.add_argument("--allow-dirty", action="store_true",
+                   help="let --write-dispatch write the package's table from a run of "
+                        "uncommitted code (the table then says so)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log missing providers too")
     g.add_argument("--list", action="store_true", help="list presets, sweeps, providers; exit")
@@ -265,6 +269,32 @@ def _default_out(meta):
     return out
 
 
+def write_dispatch(args, meta, rows, run: str) -> int:
+    """The backend="auto" table from one run's rows alone, into args.write_dispatch (replaced);
+    the package's table takes only a GPU run of committed code (or --allow-dirty)."""
+    from prope_kernels import dispatch
+
+    from . import env
+    if Path(args.write_dispatch).resolve() == DISPATCH_TABLE.resolve():
+        if meta.get("run_kind") != "gpu":
+            raise SystemExit("--write-dispatch: the package's table takes only GPU runs (not "
+                             "smoke runs); give a PATH to write a smoke run's entries elsewhere")
+        if not env.clean(meta) and not args.allow_dirty:
+            print(f"--write-dispatch: not written: {run} ran uncommitted code (commit "
+                  f"{meta.get('git_commit')}, diff {meta.get('git_diff_sha256')}); commit it and "
+                  "rerun, or pass --allow-dirty", file=sys.stderr)
+            return 1
+    table = dispatch.write(args.write_dispatch, dispatch.table_from_rows(rows, meta, run))
+    print(f"dispatch: {len(table['entries'])} entries from {run} -> {args.write_dispatch}",
+          file=sys.stderr)
+    for e in table["entries"]:
+        print(f"  {e['arch']} d{e['head_dim']} group {e['group']} "
+              f"{'causal' if e['causal'] else 'non-causal'}{' varlen' if e['varlen'] else ''}"
+              f" seqlen<={e['seqlen']}: {e['backend']} {e['source']['fwd_bwd_ms']}",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.list:
@@ -276,9 +306,11 @@ def main(argv=None):
         return 0
 
     if args.render:
-        from . import output
         src = Path(args.render)
         data = json.loads(src.read_text())
+        if args.write_dispatch:  # the table of a committed run, from its raw file alone
+            return write_dispatch(args, data["meta"], data["results"], src.parent.name)
+        from . import output
         out = Path(args.out) if args.out else src.parent
         files = output.write_all(out, data["meta"], data["settings"], data["results"],
                                  plots=not args.no_plots)
@@ -370,16 +402,8 @@ def main(argv=None):
         print(f"  {files[kind]}", file=sys.stderr)
     for p in files["png"]:
         print(f"  {p}", file=sys.stderr)
-    if args.write_dispatch:
-        from prope_kernels import dispatch
-        entries = dispatch.entries_from_rows(rows, meta)
-        dispatch.write(args.write_dispatch, entries)
-        print(f"dispatch: {len(entries)} entries -> {args.write_dispatch}", file=sys.stderr)
-        for e in entries:
-            print(f"  {e['arch']} d{e['head_dim']} group {e['group']} "
-                  f"{'causal' if e['causal'] else 'non-causal'}{' varlen' if e['varlen'] else ''}"
-                  f" seqlen<={e['seqlen']}: {e['backend']} {e['source']['fwd_bwd_ms']}",
-                  file=sys.stderr)
+    if args.write_dispatch and write_dispatch(args, meta, rows, out.name):
+        return 1
     bad = [r for r in rows if r["kind"] == "ours" and r["status"] == "wrong"]
     for r in bad:
         print(f"WRONG: {r['provider']} on {r['case']}: {r['reason']}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import re
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from prope_kernels.backends import kernel_hashes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,11 +34,84 @@ def _version(mod):
     return getattr(m, "__version__", "unknown")
 
 
+CODE = ("prope_kernels", "csrc", "bench")  # the code a run measures
+_EXCLUDE = ("bench/results/",)
+
+
 def _dirty():
     """Uncommitted changes in the code being measured; None without a git checkout."""
     if not _run(["git", "rev-parse", "HEAD"]):
         return None
-    return bool(_run(["git", "status", "--porcelain", "--", "prope_kernels", "csrc", "bench"]))
+    return bool(_run(["git", "status", "--porcelain", "--", *CODE, *(f":!{x}" for x in _EXCLUDE)]))
+
+
+def _git_bytes(cmd):
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def diff_sha256():
+    """sha256 of `git diff HEAD` over the measured code, untracked files included ("" when the
+    tree is clean); None without a git checkout."""
+    if not _run(["git", "rev-parse", "HEAD"]):
+        return None
+    paths = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
+    diff = _git_bytes(["git", "diff", "HEAD", "--binary", *paths])
+    new = _git_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z", *paths])
+    if diff is None or new is None:
+        return None
+    if not diff and not new:
+        return ""
+    h = hashlib.sha256(diff)
+    for name in sorted(n for n in new.split(b"\0") if n):
+        h.update(b"\0" + name + b"\0" + (REPO / name.decode()).read_bytes())
+    return h.hexdigest()
+
+
+_SUFFIXES = (".py", ".json", ".cu", ".h", ".cpp")
+
+
+def _measured(path: str) -> bool:
+    return path.endswith(_SUFFIXES) and not path.startswith(_EXCLUDE) and "__pycache__" not in path
+
+
+def tree_sha256(commit=None):
+    """sha256 over the path and bytes of every source file of the measured code (CODE, by
+    suffix, bench/results aside): of the files on disk (commit None; no git needed, as on a
+    lent machine), or of those committed at ``commit`` (None when git cannot read it). A run
+    whose hash equals its commit's ran that commit's code exactly."""
+    files = {}
+    if commit is None:
+        for top in CODE:
+            for f in (REPO / top).rglob("*"):
+                rel = f.relative_to(REPO).as_posix()
+                if f.is_file() and _measured(rel):
+                    files[rel] = f
+    else:
+        names = _git_bytes(["git", "ls-tree", "-r", "-z", "--name-only", commit, "--", *CODE])
+        if names is None:
+            return None
+        files = {n: n for n in names.decode().split("\0") if n and _measured(n)}
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        data = (files[rel].read_bytes() if commit is None
+                else _git_bytes(["git", "show", f"{commit}:{rel}"]))
+        if data is None:
+            return None
+        h.update(rel.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
+def clean(meta: dict) -> bool:
+    """Whether a run ran committed code: `git diff HEAD` was empty, or the hash of its source
+    files equals that of the commit it names (runs without .git record only the latter)."""
+    if meta.get("git_diff_sha256") == "":
+        return True
+    src, commit = meta.get("source_sha256"), meta.get("git_commit")
+    return bool(src and commit and tree_sha256(commit) == src)
 
 
 def run_kind(smoke: bool) -> str:
@@ -63,6 +139,10 @@ def collect(smoke: bool) -> dict:
         "git_commit": (_run(["git", "rev-parse", "HEAD"])
                        or os.environ.get("PROPE_BENCH_COMMIT") or None),
         "git_dirty": _dirty(),
+        "git_diff_sha256": diff_sha256(),
+        "source_sha256": tree_sha256(),
+        # each backend's kernels as they ran (prope_kernels.backends.kernel_hash)
+        "kernel_hashes": kernel_hashes(),
         "command": " ".join([Path(sys.executable).name, "-m", "bench"] + sys.argv[1:]),
     }
     if torch.cuda.is_available():

@@ -49,6 +49,7 @@ class Provider:
 class Impl:
     fn: Callable          # fn(q, k, v) -> out
     notes: List[str] = field(default_factory=list)
+    switches_set: dict = field(default_factory=dict)  # ours: the kernel switches it sets
 
 
 _SDPA_LABEL = {"cudnn": "cuDNN SDPA", "flash": "FlashAttention-2 (SDPA flash)",
@@ -217,9 +218,9 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
         kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
         if case.varlen:
             cu, max_s = ctx["cu_seqlens"], case.seqlen
-            return Impl(lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw),
-                        notes)
-        return Impl(lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
+            return _with_switches(
+                prov, lambda q, k, v: api.prope_attention_varlen(q, k, v, cu, max_s, **kw), notes)
+        return _with_switches(prov, lambda q, k, v: api.prope_attention(q, k, v, **kw), notes)
     entry = backends.get(be)
     missing = sorted(set(feat) - set(entry.features))
     if missing:
@@ -253,27 +254,54 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     if be == "cuda":
         return _cuda_kernel_family(prov, call, dev, notes)
     if be != "triton":
-        return Impl(call, notes)
+        return _with_switches(prov, call, notes)
     return _triton_kernel_set(prov, call, dev, notes, bool(case.has_window or case.softcap))
 
 
-# The kernel switches as the user set them when the benchmark started. The providers below set
-# them at each call; reading os.environ when a later provider is built would pick up the setting
-# an earlier provider left behind (that made every CUDA provider of one run time the same kernels).
-_USER_ENV = {var: os.environ.get(var) for var in (
-    prope_env.TRITON_KERNELS, "PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD")}
+# The kernel switches as the user set them when the benchmark started, and the ones each
+# forcing provider sets over them. Every prope provider sets all of them at each call (a
+# backward sees the setting of the forward's provider): reading os.environ when a later provider
+# is built would pick up what an earlier one left behind (that made every CUDA provider of one
+# run time the same kernels). What really ran is read back from the backend after each call
+# (prope_kernels.backends.launched: the row's `switches`).
+SWITCHES = (prope_env.TRITON_KERNELS, "PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD",
+            "PROPE_CUDA_SM90_BWD")
+_USER_ENV = {var: os.environ.get(var) for var in SWITCHES}
+FORCED = {
+    "prope-triton-hopper": {prope_env.TRITON_KERNELS: "hopper"},
+    "prope-triton-portable": {prope_env.TRITON_KERNELS: "portable"},
+    "prope-cuda-sm90": {"PROPE_CUDA_SM90": "1"},
+    "prope-cuda-sm80": {"PROPE_CUDA_SM90": "0"},
+    "prope-cuda-sm90-basic": {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_FWD": "basic"},
+    "prope-cuda-sm90-atomic": {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_BWD": "atomic"},
+}
+
+
+def switches_set(name: str) -> dict:
+    """The kernel switches provider ``name`` runs with: {var: value} of those set (the user's,
+    then its own forced ones); {} = the package's defaults."""
+    want = {**_USER_ENV, **FORCED.get(name, {})}
+    return {var: val for var, val in want.items() if val is not None}
+
+
+def _with_switches(prov, call, notes) -> Impl:
+    want = switches_set(prov.name)
+
+    def fn(q, k, v):
+        for var in SWITCHES:
+            if var in want:
+                os.environ[var] = want[var]
+            else:
+                os.environ.pop(var, None)
+        return call(q, k, v)
+    return Impl(fn, list(notes), want)
 
 
 def _triton_kernel_set(prov, call, dev, notes, features):
-    """prope-triton: the kernels the dispatch picks (the user's PROPE_TRITON_KERNELS, default
-    auto); prope-triton-hopper / -portable: that kernel set forced. The switch is read at each
-    forward and backward call, so every call re-sets it: the backward that follows a forward of
-    one provider sees that provider's setting."""
+    """prope-triton: the kernels the backend picks (the user's PROPE_TRITON_KERNELS, default
+    portable); prope-triton-hopper / -portable: that kernel set forced."""
     from prope_kernels.triton import hopper
-    user = _USER_ENV[prope_env.TRITON_KERNELS]
-    want = {"prope-triton-hopper": "hopper", "prope-triton-portable": "portable"}.get(prov.name,
-                                                                                     user)
-    if want == "hopper":
+    if switches_set(prov.name).get(prope_env.TRITON_KERNELS) == "hopper":
         if features:
             raise Unavailable("the Hopper kernels have no sliding window or softcap yet (the "
                               "triton backend runs such calls on its portable kernels)")
@@ -283,45 +311,18 @@ def _triton_kernel_set(prov, call, dev, notes, features):
         if cap != (9, 0) or not hopper.triton_supports():
             raise Unavailable(f"needs an sm_90 GPU and a Triton with tensor descriptors (have "
                               f"sm_{cap[0]}{cap[1]}, Triton {__import__('triton').__version__})")
-
-    def fn(q, k, v):
-        if want is None:
-            os.environ.pop(prope_env.TRITON_KERNELS, None)
-        else:
-            os.environ[prope_env.TRITON_KERNELS] = want
-        return call(q, k, v)
-    return Impl(fn, list(notes) + [f"{prope_env.TRITON_KERNELS}={want or 'auto'}"])
+    return _with_switches(prov, call, notes)
 
 
 def _cuda_kernel_family(prov, call, dev, notes):
     """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
     PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced (with the user's variants);
-    prope-cuda-sm90-basic: the SM90 kernels with the first forward mainloop
-    (PROPE_CUDA_SM90_FWD=basic); prope-cuda-sm90-atomic: the SM90 kernels with the backward's
-    atomic-dQ path (PROPE_CUDA_SM90_BWD=atomic). Set at each call, like the Triton switch above,
-    so a backward sees its own provider's setting."""
-    user = _USER_ENV["PROPE_CUDA_SM90"]
-    want = {"prope-cuda-sm90": "1", "prope-cuda-sm80": "0", "prope-cuda-sm90-basic": "1",
-            "prope-cuda-sm90-atomic": "1"}.get(prov.name, user)
-    user_fwd = _USER_ENV["PROPE_CUDA_SM90_FWD"]
-    want_fwd = "basic" if prov.name == "prope-cuda-sm90-basic" else user_fwd
-    user_bwd = _USER_ENV["PROPE_CUDA_SM90_BWD"]
-    want_bwd = "atomic" if prov.name == "prope-cuda-sm90-atomic" else user_bwd
-    if want == "1":
+    prope-cuda-sm90-basic: the SM90 kernels with the first forward mainloop;
+    prope-cuda-sm90-atomic: the SM90 kernels with the backward's atomic-dQ path (FORCED)."""
+    if switches_set(prov.name).get("PROPE_CUDA_SM90") == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
-
-    def fn(q, k, v):
-        for var, val in (("PROPE_CUDA_SM90", want), ("PROPE_CUDA_SM90_FWD", want_fwd),
-                         ("PROPE_CUDA_SM90_BWD", want_bwd)):
-            if val is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = val
-        return call(q, k, v)
-    return Impl(fn, list(notes) + [f"PROPE_CUDA_SM90={want if want is not None else 'unset'}",
-                                   f"PROPE_CUDA_SM90_FWD={want_fwd or 'unset'}",
-                                   f"PROPE_CUDA_SM90_BWD={want_bwd or 'unset'}"])
+    return _with_switches(prov, call, notes)
 
 
 def _sdpa_backend(name):

@@ -19,6 +19,8 @@ from typing import List, Optional
 
 import torch
 
+from prope_kernels.backends import launched
+
 from . import check as _check
 from .cases import Case
 from .providers import PROVIDERS, Unavailable, _short, build
@@ -79,7 +81,8 @@ def make_inputs(case: Case, device, seed: int):
     return mk(case.q_heads), mk(case.kv_heads), mk(case.kv_heads)
 
 
-def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, notes=()):
+def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, notes=(),
+         ran=None, switches_set=None):
     r = dict(case=case.name, group=case.group, provider=prov.name, label=prov.label,
              kind=prov.kind, family=prov.family, backend=prov.backend, rope=prov.rope,
              mode=mode, status=status, reason=reason)
@@ -98,7 +101,17 @@ def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, n
     r["check_err_out"] = c.get("err_out")
     r["check_err_grad"] = c.get("err_grad")
     r["notes"] = "; ".join(notes)
+    # ours: what the backend launched, read back after the timed calls ("fwd: cuda sm90
+    # overlap+lpt; bwd: cuda sm90 split"), and the kernel switches the provider set ({}: none)
+    r["switches"] = switches_text(ran) if ran else ""
+    r["switches_set"] = switches_set if prov.family == "prope" else None
     return r
+
+
+def switches_text(ran: dict) -> str:
+    """prope_kernels.backends.launched() as text: "fwd: triton portable; bwd: triton portable"."""
+    return "; ".join(f"{p}: " + " ".join(str(v) for v in ran[p].values() if v)
+                     for p in ("fwd", "bwd") if p in ran)
 
 
 def _cleanup(device, full=False):
@@ -202,20 +215,20 @@ def _why(e, caught, n=300):
     return reason if len(reason) <= n else reason[: n - 3] + "..."
 
 
-def _triton_configs(prov, mode) -> list:
-    """The configs the Triton kernels ran this case with (as chosen by the autotuner)."""
-    if prov.family != "prope" or prov.backend != "triton":
+def _triton_configs(ran, mode) -> list:
+    """The configs the Triton kernels launched in this mode ran with (as chosen by the
+    autotuner), of the kernel set each pass launched (``ran``: backends.launched())."""
+    passes = [p for p in (("fwd",) if mode == "fwd" else ("bwd",) if mode == "bwd" else
+                          ("fwd", "bwd")) if ran.get(p, {}).get("backend") == "triton"]
+    if not passes:
         return []
     from prope_kernels.triton import hopper
     from prope_kernels.triton.configs import chosen_configs
-    chosen = {}
-    if prov.name != "prope-triton-hopper":
-        chosen.update(chosen_configs())
-    if prov.name != "prope-triton-portable":
-        chosen.update(hopper.chosen_configs())
-    names = {"fwd": ("fwd", "hfwd"), "bwd": ("dkdv", "dq", "hbwd", "hdkdv", "hdq")}.get(
-        mode, ("fwd", "dkdv", "dq", "hfwd", "hbwd", "hdkdv", "hdq"))
-    return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names if n in chosen)]
+    names = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
+             ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
+    chosen = {**chosen_configs(), **hopper.chosen_configs()}
+    names = [n for p in passes for n in names[p, ran[p]["kernels"]] if n in chosen]
+    return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names)] if names else []
 
 
 def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
@@ -260,9 +273,12 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
     dout = torch.randn_like(q)  # out has q's shape in every layout
     for mode in modes:
         try:
+            launched(clear=True)
             timing, mem = _measure(impl, case, mode, q, k, v, dout, st)
+            ran = launched(clear=True)
             rows.append(_row(case, prov, mode, "ok", timing=timing, mem=mem, chk=chk,
-                             notes=impl.notes + _triton_configs(prov, mode)))
+                             notes=impl.notes + _triton_configs(ran, mode), ran=ran,
+                             switches_set=impl.switches_set))
         except Exception as e:  # noqa: BLE001
             reason = ("out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
                       else _short(e))

@@ -330,9 +330,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   return {dq, dk, dv};
 }
 
+// The kernel family attn_fwd / attn_bwd launch on a device of compute capability sm (major * 10 +
+// minor) for a requested family (0 auto, 1 SM80, 2 SM90): 1 (SM80) or 2 (SM90), from the
+// resolve_family the launches use. The Python side reads it back after each launch (what ran).
+int64_t resolve_family_op(int64_t sm, int64_t family) {
+  TORCH_CHECK(family >= 0 && family <= 2, "prope_cuda::resolve_family: family must be 0 (auto), "
+              "1 (sm80) or 2 (sm90), got ", family);
+  prope::AttnProblem pb;
+  pb.sm = static_cast<int>(sm);
+  pb.family = static_cast<prope::Family>(family);
+  return static_cast<int64_t>(prope::resolve_family(pb));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(prope_cuda, m) {
+  m.def("resolve_family(int sm, int family) -> int", &resolve_family_op);
   m.def("rope(Tensor x, Tensor positions, Tensor pair_a, Tensor pair_b, Tensor pair_freq, "
         "Tensor identity, bool conjugate) -> Tensor");
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "

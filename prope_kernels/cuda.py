@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import env
-from .backends import refuse_features
+from .backends import record_launch, refuse_features
 
 _LOADED = None
 _LOAD_ERROR = None
@@ -90,11 +90,13 @@ def _family() -> int:
     return FAMILY_AUTO if want is None else FAMILY_SM90 if want else FAMILY_SM80
 
 
+SM90_FWD_CODES = {"basic": 0, "overlap": 1, "basic+lpt": 2, "overlap+lpt": 3}
+
+
 def _sm90_fwd() -> int:
     """The SM90 forward's variant (PROPE_CUDA_SM90_FWD, see env.cuda_sm90_fwd): bit 0 the overlap
     mainloop, bit 1 the longest-first launch order; ignored by the SM80 kernels."""
-    mode = env.cuda_sm90_fwd()
-    return {"basic": 0, "overlap": 1, "basic+lpt": 2, "overlap+lpt": 3}[mode]
+    return SM90_FWD_CODES[env.cuda_sm90_fwd()]
 
 
 # SM90 backward passed to attn_bwd: 0 split (a dK/dV kernel and a dQ kernel, deterministic),
@@ -104,6 +106,24 @@ SM90_BWD_SPLIT, SM90_BWD_ATOMIC = 0, 1
 
 def _sm90_bwd() -> int:
     return SM90_BWD_ATOMIC if env.cuda_sm90_bwd() == "atomic" else SM90_BWD_SPLIT
+
+
+def resolved_family(device, family: int) -> str:
+    """"sm90" or "sm80": the family the extension launches on ``device`` for the requested
+    ``family`` code, read back from its own resolution (csrc resolve_family); a build from before
+    that op can only say what was requested."""
+    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        fam = int(torch.ops.prope_cuda.resolve_family(major * 10 + minor, int(family)))
+    except (AttributeError, RuntimeError):
+        return {FAMILY_SM80: "sm80", FAMILY_SM90: "sm90"}.get(family, "unresolved (old build)")
+    return "sm90" if fam == FAMILY_SM90 else "sm80"
+
+
+def _record(pass_, device, family, variant) -> None:
+    """What this launch ran (prope_kernels.backends.launched): the family, and the SM90 variant."""
+    fam = resolved_family(device, family)
+    record_launch(pass_, "cuda", family=fam, variant=variant if fam == "sm90" else "")
 
 
 def _require() -> None:
@@ -120,9 +140,11 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
              softcap=0.0):
     _require()
     refuse_features("cuda", window, softcap, causal)
+    family, fwd = _family(), _sm90_fwd()
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale), _family(), _sm90_fwd())
+        *_tables(spec, q.device), bool(causal), float(scale), family, fwd)
+    _record("fwd", q.device, family, {c: m for m, c in SM90_FWD_CODES.items()}[fwd])
     return out, lse
 
 
@@ -131,10 +153,11 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse."""
     _require()
     refuse_features("cuda", window, softcap, causal)
+    family, bwd = _family(), _sm90_bwd()
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
-        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), _family(),
-        _sm90_bwd())
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), family, bwd)
+    _record("bwd", q.device, family, "atomic" if bwd == SM90_BWD_ATOMIC else "split")
     return dq, dk, dv
 
 

@@ -1,16 +1,26 @@
 """``backend="auto"``: which backend runs an input, from measurements where there are any.
 
 The table ``prope_kernels/dispatch.json`` maps a problem key to the backend that was fastest
-(forward+backward) in a benchmark run on that GPU architecture. It is written by
-``python -m bench --write-dispatch`` from a GPU run, never by hand; each entry records the run it
-came from (GPU, date, commit, the ms of every backend it compared).
+(forward+backward) in one benchmark run on that GPU architecture. It is written whole by
+``python -m bench --write-dispatch`` from that one run (every preset, our backends; or
+``--render bench/results/<run>/results.json --write-dispatch`` from a committed run's raw file),
+never by hand and never merged from several runs; it names the run (``bench/results/<run>/``),
+and a test re-derives the committed table from that run's raw rows (tests/test_sdpa_backend.py).
+Only rows that ran a backend's defaults count (its own provider, no kernel switch set): a
+provider that forces a kernel variant times something auto does not run.
 
 Key: GPU architecture (``sm_90``), head_dim, GQA group (q_heads // kv_heads), causal, varlen
 (sequences of unequal length), and the seqlen bucket: the longest sequence rounded up to a power
 of two (at least 128).
 
-Where the table has no entry for a key (including every key today: no GPU run has written the
-table yet), the documented default applies. It prefers what has been validated on a GPU:
+Each entry records the version of every compared backend's kernels
+(:func:`prope_kernels.backends.kernel_hash`, a hash of their sources). An entry whose versions
+differ from the installed package's, or that has none (runs from before they were recorded),
+has expired: auto ignores it (``explain()`` says so) until a new run replaces the table. (An
+installed package without csrc/ cannot identify its CUDA kernels: there, entries that timed the
+cuda backend count as expired.)
+
+Where no current entry applies, the documented default prefers what has been validated on a GPU:
 
 1. ``cuda`` where the CUDA extension declares itself preferred (never today);
 2. ``triton`` (any even head_dim <= 256, and 512; fp16/bf16 on CUDA): the fused kernels, whose
@@ -19,11 +29,8 @@ table yet), the documented default applies. It prefers what has been validated o
    kernels cannot take;
 4. else ``reference`` (pure PyTorch; also every CPU input).
 
-The ``sdpa`` backend is expected to be the faster one where PyTorch has a cuDNN or FlashAttention
-kernel (cuDNN + a compiled user RoPE measured 4.73 ms fwd+bwd against 11.5 ms for the fused Triton
-op at the Gemma 2B shape, H100, 2026-11-22), but it has not run on a GPU yet: it becomes auto's
-choice through a table entry, which only a GPU benchmark run writes, after its correctness check
-(``python -m bench --write-dispatch``), never by guess.
+``sdpa`` and ``cuda`` become auto's choice for an input the Triton kernels take only through a
+current table entry, which only a GPU benchmark run writes, after its correctness check.
 
 ``prope_kernels.explain(q, k, v, ...)`` says which one runs and why.
 """
@@ -31,6 +38,7 @@ choice through a table entry, which only a GPU benchmark run writes, after its c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +49,11 @@ import torch
 from . import env
 
 TABLE = Path(__file__).with_name("dispatch.json")
-SCHEMA = 1
+SCHEMA = 2
+ABOUT = ("backend='auto' dispatch table: written whole by `python -m bench --write-dispatch` "
+         "from the one benchmark run it names; see prope_kernels/dispatch.py")
+# the backends auto chooses between by measurement
+TIMED = ("triton", "cuda", "sdpa")
 _LOWP = (torch.float16, torch.bfloat16)
 
 
@@ -163,6 +175,11 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
     """The policy, on facts alone: runnable backends (name -> what), the sdpa backend's
     :class:`prope_kernels.sdpa.Choice`, the dispatch key and its table entry (or None)."""
     notes = list(notes or [])
+    why = expired(entry) if entry is not None else None
+    if why:
+        notes.append(f"table entry ignored ({entry['backend']}, run "
+                     f"{entry.get('source', {}).get('date_utc', '?')}): {why}")
+        entry = None
     if entry is not None:
         be = entry["backend"]
         if be in runnable:
@@ -176,7 +193,7 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
         return Decision("cuda", "default: the CUDA extension is preferred here", "default",
                         k_, None, None, notes)
     if "triton" in runnable:
-        why = "default (no table entry): the fused Triton kernels, validated on GPUs"
+        why = "default (no current table entry): the fused Triton kernels, validated on GPUs"
         if ch.kernel in ("cudnn", "flash"):
             notes.append(f"sdpa (PyTorch's {ch.kernel} kernel) could run this input; a GPU "
                          "benchmark run (python -m bench --write-dispatch) decides between them")
@@ -188,19 +205,54 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
                     k_, None, None, notes)
 
 
+@lru_cache(maxsize=1)
+def installed_kernels() -> dict:
+    """The installed package's kernel versions, {backend: hash} (read once per process)."""
+    from .backends import kernel_hashes
+    return kernel_hashes()
+
+
+def expired(entry: dict) -> Optional[str]:
+    """None when every backend the entry compared still has the kernels it was timed with, else
+    why the entry no longer holds."""
+    rec = entry.get("kernels")
+    if not rec:
+        return "its run recorded no kernel versions"
+    have = installed_kernels()
+    changed = sorted(b for b in entry.get("source", {}).get("fwd_bwd_ms", rec)
+                     if rec.get(b) is None or rec.get(b) != have.get(b))
+    if changed:
+        return f"the kernels of {', '.join(changed)} differ from the ones it timed"
+    return None
+
+
+def ran_defaults(row: dict) -> bool:
+    """Whether a benchmark row timed its backend as auto runs it: no kernel switch set. Rows of
+    runs from before ``switches_set`` was recorded name their switches in ``notes``
+    ("PROPE_CUDA_SM90=unset"; that code wrote an unset PROPE_TRITON_KERNELS as "auto")."""
+    if "switches_set" in row:
+        return not row["switches_set"]
+    for var, val in re.findall(r"(PROPE_[A-Z0-9_]+)=([^;\s]+)", row.get("notes") or ""):
+        if val != "unset" and (var, val) != ("PROPE_TRITON_KERNELS", "auto"):
+            return False
+    return True
+
+
 def entries_from_rows(rows: list, meta: dict) -> list:
-    """Table entries from benchmark rows: per case, the fastest of our kernel backends in
+    """Table entries from one run's rows: per case, the fastest of our kernel backends in
     forward+backward (``ok`` rows only). Only each backend's own provider counts (``prope-cuda``,
-    not ``prope-cuda-sm90-atomic``): a provider that forces a kernel variant times something auto
-    does not run. Cases where fewer than two backends ran give no entry: there was nothing to
-    choose between."""
+    not ``prope-cuda-sm90-atomic``), and only when it ran with no kernel switch set
+    (:func:`ran_defaults`). Cases where fewer than two backends ran give no entry: there was
+    nothing to choose between."""
     cap = str(meta.get("capability") or "").replace(".", "")
     arch_ = f"sm_{cap}" if cap else "cpu"
+    hashes = meta.get("kernel_hashes") or {}
     by_case = {}
     for r in rows:
         if (r.get("kind") == "ours" and r.get("family") == "prope" and r["status"] == "ok"
-                and r["mode"] == "fwd_bwd" and r["backend"] in ("triton", "cuda", "sdpa")
-                and r.get("provider", f"prope-{r['backend']}") == f"prope-{r['backend']}"):
+                and r["mode"] == "fwd_bwd" and r["backend"] in TIMED
+                and r.get("provider", f"prope-{r['backend']}") == f"prope-{r['backend']}"
+                and ran_defaults(r)):
             by_case.setdefault(r["case"], []).append(r)
     out = []
     for case, rs in by_case.items():
@@ -213,22 +265,22 @@ def entries_from_rows(rows: list, meta: dict) -> list:
             case=case, gpu=meta.get("gpu"), run_kind=meta.get("run_kind"),
             date_utc=meta.get("date_utc"), git_commit=meta.get("git_commit"),
             torch=meta.get("torch"), cudnn=meta.get("cudnn"), triton=meta.get("triton"),
-            fwd_bwd_ms={r["backend"]: round(r["ms_median"], 4) for r in rs})))
-    return out
+            fwd_bwd_ms={r["backend"]: round(r["ms_median"], 4) for r in rs}),
+            kernels={r["backend"]: hashes.get(r["backend"]) for r in rs} if hashes else None))
+    return sorted(out, key=lambda e: tuple(str(x) for x in _key_tuple(e)))
 
 
-def write(path, new_entries: list) -> dict:
-    """Merge entries into the table at ``path`` (same key: replaced), keeping the others."""
-    p = Path(path)
-    data = json.loads(p.read_text()) if p.is_file() else {"schema": SCHEMA}
-    data.setdefault("about", "backend='auto' dispatch table: written by `python -m bench "
-                             "--write-dispatch` from GPU benchmark runs; see "
-                             "prope_kernels/dispatch.py")
-    merged = {_key_tuple(e): e for e in data.get("entries", [])}
-    for e in new_entries:
-        merged[_key_tuple(e)] = e
-    data["schema"] = SCHEMA
-    data["entries"] = sorted(merged.values(), key=lambda e: tuple(str(x) for x in
-                                                                   _key_tuple(e)))
-    p.write_text(json.dumps(data, indent=1) + "\n")
-    return data
+def table_from_rows(rows: list, meta: dict, run: Optional[str]) -> dict:
+    """The whole table from one run: its entries, and the run they come from (the folder name
+    under bench/results/, and whether the tree it ran from was dirty)."""
+    return {"schema": SCHEMA, "about": ABOUT,
+            "run": dict(name=run, date_utc=meta.get("date_utc"), gpu=meta.get("gpu"),
+                        git_commit=meta.get("git_commit"), git_dirty=meta.get("git_dirty"),
+                        git_diff_sha256=meta.get("git_diff_sha256")),
+            "entries": entries_from_rows(rows, meta)}
+
+
+def write(path, table: dict) -> dict:
+    """Write a whole table (:func:`table_from_rows`) to ``path``, replacing what was there."""
+    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+    return table

@@ -375,12 +375,13 @@ def _cpu_bwd(dout, q, k, v, out, lse, b, causal, scale):
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0):
-    from .backends import refuse_features
+    from .backends import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     total, hq, d = q.shape
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), q.new_zeros((hq, total), dtype=torch.float32)
     ch = check(q, k, cu_seqlens.numel() - 1, max_seqlen, causal)
+    record_launch("fwd", "sdpa", kernel=ch.kernel)
     qr = _rotate(q, positions, spec, False)  # short-lived: freed when this function returns
     kr = _rotate(k, positions, spec, False)
     out, lse = _fwd(ch, qr, kr, v, cu_seqlens, max_seqlen, causal, scale)
@@ -389,12 +390,13 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
              scale, window=(-1, -1), softcap=0.0):
-    from .backends import refuse_features
+    from .backends import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     total = q.shape[0]
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     ch = check(q, k, cu_seqlens.numel() - 1, max_seqlen, causal)
+    record_launch("bwd", "sdpa", kernel=ch.kernel)
     dout = dout.contiguous()
     qr = _rotate(q, positions, spec, False)
     kr = _rotate(k, positions, spec, False)

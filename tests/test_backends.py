@@ -64,3 +64,27 @@ def test_cuda_not_built_is_a_clear_error(monkeypatch):
         monkeypatch.undo()
         assert cuda_backend.available() is False
         assert backends.get("cuda").unavailable() is not None
+
+
+def test_launches_are_recorded_as_resolved(monkeypatch):
+    # what ran, read back from the backend: the reference here, and the CUDA backend's family as
+    # the extension resolves it (faked: no GPU) with the SM90 variant the call passed
+    from prope_kernels import prope_attention
+    q, k, v = (torch.randn(1, 8, h, 16) for h in (2, 1, 1))
+    backends.launched(clear=True)
+    prope_attention(q.requires_grad_(), k, v, backend="reference").sum().backward()
+    assert backends.launched() == {"fwd": {"backend": "reference"},
+                                   "bwd": {"backend": "reference"}}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    fake = types.SimpleNamespace(resolve_family=lambda sm, fam: fam or (2 if sm == 90 else 1))
+    monkeypatch.setattr(torch.ops, "prope_cuda", fake, raising=False)
+    cuda_backend._record("fwd", "cuda", cuda_backend.FAMILY_AUTO, "overlap+lpt")
+    cuda_backend._record("bwd", "cuda", cuda_backend.FAMILY_SM80, "split")
+    assert backends.launched(clear=True) == {
+        "fwd": {"backend": "cuda", "family": "sm90", "variant": "overlap+lpt"},
+        "bwd": {"backend": "cuda", "family": "sm80", "variant": ""}}
+    assert backends.launched() == {}
+    # an extension built before resolve_family: only what was requested is known
+    monkeypatch.setattr(torch.ops, "prope_cuda", types.SimpleNamespace(), raising=False)
+    assert cuda_backend.resolved_family("cuda", cuda_backend.FAMILY_AUTO).startswith("unresolved")
+    assert cuda_backend.resolved_family("cuda", cuda_backend.FAMILY_SM90) == "sm90"

@@ -73,6 +73,14 @@ def test_json_labels_cpu_smoke_and_records_versions(smoke_run):
     assert meta["run_kind"] == "cpu-smoke"
     assert meta["gpu"] is None and meta["torch"] == torch.__version__
     assert data["settings"]["smoke"] is True
+    # what code ran: the diff against the commit ("" when clean), a hash of the sources as they
+    # ran (checkable against the commit without .git), each backend's kernel version
+    sys.path.insert(0, str(REPO))
+    from bench import env as benv
+    from prope_kernels.backends import kernel_hashes
+    assert meta["git_diff_sha256"] is None or len(meta["git_diff_sha256"]) in (0, 64)
+    assert meta["source_sha256"] == benv.tree_sha256()
+    assert meta["kernel_hashes"] == kernel_hashes()
 
 
 def test_json_rows(smoke_run):
@@ -91,6 +99,18 @@ def test_json_rows(smoke_run):
             assert "PyTorch kernel: cpu_flash" in r["notes"], r["notes"]
         if r["provider"] == "prope-auto":
             assert "auto -> reference (default)" in r["notes"], r["notes"]
+    # ours: what the backend launched, read back after the timed calls; the switches set ({}:
+    # the defaults); peers have neither
+    ran = {"prope-triton": "triton portable", "prope-sdpa": "sdpa cpu_flash",
+           "prope-reference": "reference", "prope-auto": "reference"}
+    for r in ok:
+        if r["kind"] != "ours":
+            assert r["switches"] == "" and r["switches_set"] is None, r
+            continue
+        assert r["switches_set"] == {} and "PROPE_" not in r["notes"], r
+        want = ran[r["provider"]]
+        assert r["switches"] == {"fwd": f"fwd: {want}", "bwd": f"fwd: {want}; bwd: {want}",
+                                 "fwd_bwd": f"fwd: {want}; bwd: {want}"}[r["mode"]], r
     assert {r["mode"] for r in ok} == {"fwd", "bwd", "fwd_bwd"}
     assert {r["group"] for r in ok} >= {"preset", "seqlen", "p", "varlen"}
     assert {r["p"] for r in ok if r["group"] == "p"} == {0.0, 0.25, 0.75, 1.0}
@@ -165,7 +185,11 @@ def test_write_dispatch(tmp_path):
     # one entry per preset without window/softcap (the table's key has no features)
     plain = [c for c in SMOKE_PRESETS.values() if not (c.has_window or c.softcap)]
     assert len(data["entries"]) == len(plain) < len(SMOKE_PRESETS)
+    # the whole table from this run alone, naming it; each entry with its kernels' versions
+    meta = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]
+    assert data["run"]["name"] == "run" and data["run"]["date_utc"] == meta["date_utc"]
     for e in data["entries"]:
+        assert e["kernels"] == {b: meta["kernel_hashes"][b] for b in e["source"]["fwd_bwd_ms"]}
         ran = {r["backend"]: r["ms_median"] for r in rows
                if r["case"] == e["source"]["case"] and r["status"] == "ok"
                and r["backend"] in ("triton", "sdpa", "cuda")}
@@ -177,6 +201,25 @@ def test_write_dispatch(tmp_path):
                            "--out", str(tmp_path / "refused")], cwd=REPO, env=_bench_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "only GPU runs" in proc.stderr
+
+
+def test_write_dispatch_from_a_committed_run(tmp_path):
+    # `--render RUN --write-dispatch`: the table of a committed run from its raw file alone; the
+    # package's table is exactly what its run gives, and a dirty run needs --allow-dirty there
+    table = json.loads((REPO / "prope_kernels" / "dispatch.json").read_text())
+    raw = REPO / "bench" / "results" / table["run"]["name"] / "bench.json"
+    out = tmp_path / "dispatch.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--render", str(raw),
+                           "--write-dispatch", str(out)], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text()) == table
+    if not table["run"]["git_dirty"]:
+        return
+    proc = subprocess.run([sys.executable, "-m", "bench", "--render", str(raw),
+                           "--write-dispatch"], cwd=REPO, env=_bench_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "uncommitted code" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_spot_check_rejects_a_wrong_provider():
@@ -272,3 +315,8 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     assert seen[0]["PROPE_CUDA_SM90"] == "0"
     assert seen[1] == {"PROPE_CUDA_SM90": None, "PROPE_CUDA_SM90_FWD": None,
                        "PROPE_CUDA_SM90_BWD": None}, seen
+    assert forced.switches_set == {"PROPE_CUDA_SM90": "0"} and default.switches_set == {}
+    # every prope provider sets them, auto and sdpa included (auto may run the CUDA backend)
+    forced.fn(None, None, None)
+    P._with_switches(P.PROVIDERS["prope-auto"], call, []).fn(None, None, None)
+    assert seen[-1] == seen[1], seen

@@ -274,6 +274,16 @@ def _choice(kernel, dense=True):
 KEY = dispatch.key("sm_90", 256, 8, True, False, 8192)
 
 
+def _entry(backend, kernels="current"):
+    """A table entry that compared triton and sdpa; kernels: the installed versions ("current"),
+    others ("old") or none (a run from before they were recorded)."""
+    have = dispatch.installed_kernels()
+    rec = {"current": {b: have[b] for b in ("triton", "sdpa")},
+           "old": {"triton": "0" * 16, "sdpa": have["sdpa"]}, None: None}[kernels]
+    return {"backend": backend, "kernels": rec,
+            "source": {"date_utc": "2026-11-26", "fwd_bwd_ms": {"triton": 8.7, "sdpa": 5.5}}}
+
+
 @pytest.mark.parametrize("runnable,kernel,entry,want,source", [
     # no table entry: the documented default
     ({"sdpa": 1, "triton": 1}, "cudnn", None, "triton", "default"),  # sdpa: by table entry only
@@ -282,10 +292,13 @@ KEY = dispatch.key("sm_90", 256, 8, True, False, 8192)
     ({"triton": 1}, None, None, "triton", "default"),                   # sdpa unsupported
     ({"sdpa": 1}, "efficient", None, "sdpa", "default"),
     ({}, None, None, "reference", "default"),
-    # a measured entry wins when its backend can run, else the default applies
-    ({"sdpa": 1, "triton": 1}, "cudnn", {"backend": "triton"}, "triton", "table"),
-    ({"sdpa": 1, "triton": 1}, "cudnn", {"backend": "sdpa"}, "sdpa", "table"),
-    ({"triton": 1}, None, {"backend": "sdpa"}, "triton", "default"),
+    # a current entry wins when its backend can run, else the default applies
+    ({"sdpa": 1, "triton": 1}, "cudnn", _entry("triton"), "triton", "table"),
+    ({"sdpa": 1, "triton": 1}, "cudnn", _entry("sdpa"), "sdpa", "table"),
+    ({"triton": 1}, None, _entry("sdpa"), "triton", "default"),
+    # an expired entry (a compared backend's kernels changed, or no versions) is ignored
+    ({"sdpa": 1, "triton": 1}, "cudnn", _entry("sdpa", "old"), "triton", "default"),
+    ({"sdpa": 1, "triton": 1}, "cudnn", _entry("sdpa", None), "triton", "default"),
 ])
 def test_auto_policy(runnable, kernel, entry, want, source):
     dec = dispatch.pick(runnable, _choice(kernel), KEY, entry)
@@ -293,8 +306,26 @@ def test_auto_policy(runnable, kernel, entry, want, source):
     if source == "default":
         assert "default" in dec.reason
     if entry and source == "default":
-        assert any("cannot run here" in n for n in dec.notes)
+        assert any("cannot run here" in n or "table entry ignored" in n for n in dec.notes)
+    if entry and entry["kernels"] != _entry("x")["kernels"]:
+        assert any("table entry ignored" in n for n in dec.notes), str(dec)
     assert f"backend: {want}" in str(dec)
+
+
+def test_kernel_versions_follow_the_sources(tmp_path):
+    # a backend's version is a hash of its kernel sources: an edit changes it, and so expires
+    # the table entries that timed it; a backend whose sources are absent has none
+    from prope_kernels import backends
+    root = tmp_path / "repo"
+    for name in ("prope_kernels/triton/ops.py", "prope_kernels/rotary.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x = 1\n")
+    before = backends.kernel_hash("triton", root)
+    assert before and backends.kernel_hash("triton", root) == before
+    (root / "prope_kernels/triton/ops.py").write_text("x = 2\n")
+    assert backends.kernel_hash("triton", root) not in (None, before)
+    assert backends.kernel_hash("cuda", root) is None          # no csrc/ here
+    assert set(dispatch.installed_kernels()) == {"triton", "sdpa", "cuda"}
 
 
 def test_seqlen_bucket_and_key():
@@ -307,47 +338,84 @@ def test_seqlen_bucket_and_key():
 def _row(case, backend, ms, **kw):
     r = dict(case=case, kind="ours", family="prope", status="ok", mode="fwd_bwd",
              backend=backend, ms_median=ms, head_dim=256, q_heads=8, kv_heads=1, causal=True,
-             varlen=False, seqlen=8192)
+             varlen=False, seqlen=8192, switches_set={})
     r.update(kw)
     return r
 
 
 def test_table_written_from_rows_and_read_back(tmp_path, monkeypatch):
+    hashes = dispatch.installed_kernels()
     meta = dict(capability="9.0", gpu="NVIDIA H100", run_kind="gpu", date_utc="2026-11-26",
-                git_commit="abc")
+                git_commit="abc", kernel_hashes=hashes)
     rows = [_row("gemma-2b", "triton", 8.7), _row("gemma-2b", "sdpa", 4.9),
             _row("gemma-2b", "auto", 4.8),                        # auto is not a backend to pick
             _row("gemma-2b", "cuda", 3.0, provider="prope-cuda-sm90-atomic"),  # a forced variant
+            _row("gemma-2b", "cuda", 2.0, provider="prope-cuda",  # a switch set by the user
+                 switches_set={"PROPE_CUDA_SM90_FWD": "basic"}),
             _row("gemma-2b", "cuda", 5.8, provider="prope-cuda"),
             _row("gemma-2b", "sdpa", 1.0, mode="fwd"),            # only fwd+bwd decides
             _row("llama-gqa", "triton", 9.0, head_dim=128, q_heads=32, kv_heads=8,
                  seqlen=4096),                                    # one backend: no entry
             _row("mha-d64", "sdpa", 2.0, status="failed", head_dim=64, q_heads=32,
                  kv_heads=32, seqlen=4096)]
-    entries = dispatch.entries_from_rows(rows, meta)
-    assert len(entries) == 1
-    e = entries[0]
+    table = dispatch.table_from_rows(rows, meta, "2026-11-26_run")
+    assert table["run"]["name"] == "2026-11-26_run" and len(table["entries"]) == 1
+    e = table["entries"][0]
     assert e["backend"] == "sdpa"
     assert e["source"]["fwd_bwd_ms"] == {"triton": 8.7, "sdpa": 4.9, "cuda": 5.8}
+    assert e["kernels"] == {b: hashes[b] for b in ("triton", "sdpa", "cuda")}
     assert dispatch._key_tuple(e) == dispatch._key_tuple(KEY)
     path = tmp_path / "dispatch.json"
-    dispatch.write(path, entries)
-    dispatch.write(path, [dict(entries[0], backend="triton")])   # same key: replaced
+    dispatch.write(path, table)
+    # a second run replaces the whole table: nothing of the first is merged in
+    dispatch.write(path, dispatch.table_from_rows(rows[-2:], meta, "other"))
     data = json.loads(path.read_text())
-    assert len(data["entries"]) == 1 and data["entries"][0]["backend"] == "triton"
+    assert data["entries"] == [] and data["run"]["name"] == "other"
+    dispatch.write(path, table)
     monkeypatch.setenv("PROPE_DISPATCH_TABLE", str(path))
-    assert dispatch.lookup(KEY)["backend"] == "triton"
+    assert dispatch.lookup(KEY)["backend"] == "sdpa"
+    assert dispatch.expired(dispatch.lookup(KEY)) is None
     assert dispatch.lookup(dict(KEY, arch="sm_80")) is None
 
 
-def test_committed_table_holds_only_measured_entries():
-    # the package's table: every entry comes from a GPU benchmark run that compared backends
+def test_legacy_rows_count_only_at_their_defaults():
+    # runs from before `switches_set` name the switches in notes; a leaked one excludes the row
+    for notes, ok in [("PROPE_CUDA_SM90=unset; PROPE_CUDA_SM90_FWD=unset", True),
+                      ("PROPE_TRITON_KERNELS=auto; configs fwd 64x64 w4 s3 q0", True),
+                      ("PyTorch kernel: cudnn", True),
+                      ("PROPE_CUDA_SM90=1; PROPE_CUDA_SM90_BWD=atomic", False),
+                      ("PROPE_TRITON_KERNELS=hopper; configs hfwd 128x64 w8 s2", False),
+                      ("PROPE_CUDA_SM90=0", False)]:
+        assert dispatch.ran_defaults({"notes": notes}) is ok, notes
+
+
+def test_committed_table_is_its_run():
+    # prope_kernels/dispatch.json is exactly what its one committed run gives through the code
+    # that writes it: no hand-edited or merged entry survives this
+    from pathlib import Path
     data = json.loads(dispatch.TABLE.read_text())
     assert data["schema"] == dispatch.SCHEMA
-    for e in data["entries"]:
-        src = e["source"]
-        assert src["run_kind"] == "gpu" and src["gpu"] and len(src["fwd_bwd_ms"]) >= 2, e
-        assert e["backend"] == min(src["fwd_bwd_ms"], key=src["fwd_bwd_ms"].get), e
+    run = data["run"]["name"]
+    folder = Path(__file__).resolve().parent.parent / "bench" / "results" / run
+    raw = next(folder / n for n in ("results.json", "bench.json") if (folder / n).is_file())
+    rawd = json.loads(raw.read_text())
+    assert rawd["meta"]["run_kind"] == "gpu"
+    assert data == dispatch.table_from_rows(rawd["results"], rawd["meta"], run)
+
+
+def test_table_of_the_2026_11_26_validation_run():
+    # what that run measured at the backends' defaults: gemma-2b only (llama-gqa's CUDA row ran
+    # switches leaked from the provider before it, its sdpa row never ran); it recorded no kernel
+    # versions, so its entry has expired
+    from pathlib import Path
+    raw = (Path(__file__).resolve().parent.parent / "bench" / "results" /
+           "2026-11-26_nvidia-h100-80gb-hbm3_validate" / "bench.json")
+    rawd = json.loads(raw.read_text())
+    entries = dispatch.table_from_rows(rawd["results"], rawd["meta"], "v")["entries"]
+    assert [(e["source"]["case"], e["backend"]) for e in entries] == [("gemma-2b", "sdpa")]
+    assert entries[0]["source"]["fwd_bwd_ms"] == {"cuda": 5.8371, "triton": 8.7819,
+                                                  "sdpa": 5.5261}
+    assert dispatch.expired(entries[0]) == "its run recorded no kernel versions"
 
 
 def test_explain_on_cpu(device):

@@ -38,8 +38,10 @@ accepts it, else ``"reference"``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -129,6 +131,63 @@ def refuse_features(name: str, window, softcap, causal) -> None:
 REGISTRY: dict = {}
 # the backends ``auto`` considers, in order; "reference" when none of them takes the input
 AUTO_ORDER: list = []
+
+
+# ----------------------------------------------------------------------------------------------
+# what ran: the settings each backend resolved at its latest attention launch, and a version of
+# each backend's kernels (the benchmark records both; the dispatch table keys its entries' expiry
+# on the versions)
+# ----------------------------------------------------------------------------------------------
+
+# "fwd" / "bwd" -> {"backend": name, ...the settings that backend resolved for the launch}
+LAUNCHES: dict = {}
+
+
+def record_launch(pass_: str, backend: str, **settings) -> None:
+    """Called by a backend when it launches its attention forward ("fwd") or backward ("bwd"),
+    with what it resolved for that call (kernel set, family, variant, vendor kernel)."""
+    LAUNCHES[pass_] = dict(backend=backend, **settings)
+
+
+def launched(clear: bool = False) -> dict:
+    """{"fwd": {...}, "bwd": {...}}: the settings of the latest attention launches (a pass that
+    did not run since the last ``clear`` is absent)."""
+    out = {k: dict(v) for k, v in LAUNCHES.items()}
+    if clear:
+        LAUNCHES.clear()
+    return out
+
+
+_PKG = Path(__file__).resolve().parent.parent
+# the files that make each backend's kernels, relative to the repository root (the package's
+# parent); csrc/ exists in a source checkout only
+KERNEL_SOURCES = {
+    "triton": ("prope_kernels/triton/*.py", "prope_kernels/rotary.py"),
+    "sdpa": ("prope_kernels/sdpa.py", "prope_kernels/triton/rope.py",
+             "prope_kernels/triton/common.py", "prope_kernels/rotary.py"),
+    "cuda": ("prope_kernels/cuda.py", "prope_kernels/rotary.py", "csrc/binding.cpp",
+             "csrc/kernels/*.cu", "csrc/prope_attn/*.h"),
+}
+
+
+def kernel_hash(name: str, root=None) -> Optional[str]:
+    """A version of backend ``name``'s kernels: sha256 (first 16 hex digits) over the path and
+    bytes of each of its :data:`KERNEL_SOURCES`; None when a pattern matches no file (csrc/ is
+    absent from an installed package: its CUDA kernels cannot be identified)."""
+    root = Path(root) if root is not None else _PKG.parent
+    h = hashlib.sha256()
+    for pattern in KERNEL_SOURCES[name]:
+        files = sorted(root.glob(pattern))
+        if not files:
+            return None
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def kernel_hashes(root=None) -> dict:
+    """{backend: kernel_hash} for every backend with kernels to time."""
+    return {name: kernel_hash(name, root) for name in KERNEL_SOURCES}
 
 
 def register(backend: Backend, auto_rank: Optional[int] = None) -> Backend:

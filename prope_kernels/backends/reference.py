@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
+from . import record_launch
 
 
 def _compute_dtype(dtype):
@@ -57,6 +58,7 @@ def _scores(q, k, causal, scale, window=(-1, -1), softcap=0.0):
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0):
+    record_launch("fwd", "reference")
     total, hq, d = q.shape
     hkv = k.shape[1]
     cd = _compute_dtype(q.dtype)
@@ -76,6 +78,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
              scale, window=(-1, -1), softcap=0.0):
+    record_launch("bwd", "reference")
     total, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv

@@ -11,6 +11,7 @@ import torch
 import triton
 
 from .. import env
+from ..backends import record_launch
 from . import hopper
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
     _bwd_preprocess_kernel
@@ -81,8 +82,10 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     meta = _common(q, k, spec)
     meta.update(_mask_args(causal, window, softcap, scale, max_seqlen))
     # sm_90: the Hopper kernels where they support the call (no window/softcap there yet)
-    if hopper.selected(q, k, v, window=window if meta["WINDOW"] else None,
-                       softcap=softcap if meta["SOFTCAP"] else None):
+    use_hopper = hopper.selected(q, k, v, window=window if meta["WINDOW"] else None,
+                                 softcap=softcap if meta["SOFTCAP"] else None)
+    record_launch("fwd", "triton", kernels="hopper" if use_hopper else "portable")
+    if use_hopper:
         return hopper.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, meta["CAUSAL"],
                                scale, seq_bucket=seq_bucket(max_seqlen), rotate=meta["ROTATE"],
                                emulate=meta["EMULATE"])
@@ -131,8 +134,11 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
     )
 
-    if hopper.selected(q, k, v, backward=True, window=window if meta["WINDOW"] else None,
-                       softcap=softcap if meta["SOFTCAP"] else None):
+    use_hopper = hopper.selected(q, k, v, backward=True,
+                                 window=window if meta["WINDOW"] else None,
+                                 softcap=softcap if meta["SOFTCAP"] else None)
+    record_launch("bwd", "triton", kernels="hopper" if use_hopper else "portable")
+    if use_hopper:
         kv_programs = triton.cdiv(max_seqlen, hopper.bwd_max_block_n(d)) * num_seqs * hkv
         return hopper.attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen,
                                spec, meta["CAUSAL"], scale, seq_bucket=seq_bucket(max_seqlen),
