@@ -12,8 +12,8 @@
 #   bash .ci/gpu_check.sh configs   # every tuned Triton config once (tests/test_triton_configs.py)
 #   bash .ci/gpu_check.sh cuda      # build prope_kernels._C (sm_90a) and run its GPU tests (the SM80
 #                                   # kernels, and the SM90 kernels forced with PROPE_CUDA_SM90=1),
-#                                   # then GPU time per kernel at gemma-2b: SM80, SM90 (split
-#                                   # backward), SM90 with PROPE_CUDA_SM90_BWD=atomic
+#                                   # then GPU time per kernel at gemma-2b: SM80, SM90 (fused
+#                                   # backward), SM90 with PROPE_CUDA_SM90_BWD=split
 #   bash .ci/gpu_check.sh bench     # the standard benchmark report + GPU time per kernel
 #   bash .ci/gpu_check.sh breakdown # GPU time per kernel only (PRESET=gemma-2b by default)
 #   bash .ci/gpu_check.sh sdpa      # the sdpa backend's tests, then every preset timed for our
@@ -512,10 +512,10 @@ stage() {
       run cuda_build env PROPE_FORCE_CUDA_BUILD=1 PROPE_CUDA_ARCHS="${PROPE_CUDA_ARCHS:-9.0a}" \
           MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
       run cuda_tests "$PY" -m pytest -q -rs tests/test_cuda_backend.py
-      # SM80, SM90 (split backward), SM90 with the atomic-dQ backward, at gemma-2b; SM90 at llama-gqa
+      # SM80, SM90 (fused backward), SM90 with the split backward, at gemma-2b; SM90 at llama-gqa
       run cuda_breakdown bash -c "PROPE_CUDA_SM90=0 '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
           && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
-          && PROPE_CUDA_SM90=1 PROPE_CUDA_SM90_BWD=atomic '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
+          && PROPE_CUDA_SM90=1 PROPE_CUDA_SM90_BWD=split '$PY' -m bench.breakdown --preset gemma-2b --backend cuda \
           && PROPE_CUDA_SM90=1 '$PY' -m bench.breakdown --preset llama-gqa --backend cuda" ;;
     bench)
       # the standard report (6 files), then the GPU time per kernel at the gemma-2b shape, both

@@ -29,7 +29,7 @@ def quick_providers() -> list:
     (Triton's Hopper kernels, the CUDA SM80 kernels on an sm_90 GPU) and auto last, so a spent
     budget, or a crash (which takes the process's CUDA context with it), costs only their rows."""
     from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
-    late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80", "prope-cuda-sm90-atomic",
+    late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80", "prope-cuda-sm90-split",
             "prope-cuda-sm90-basic"]
     # prope-triton runs the portable kernels by default, prope-cuda the SM90 ones on sm_90: the
     # forced variants would time the same kernels twice

@@ -78,10 +78,10 @@ def _all_providers():
             # overlap+lpt), to compare
             Provider("prope-cuda-sm90-basic", "prope", "cuda", "fused",
                      "prope_attention (cuda, SM90 kernels, basic forward)"),
-            # the SM90 backward's old single kernel (dQ by fp32 atomics), to compare with the
-            # split backward (PROPE_CUDA_SM90_BWD=atomic)
-            Provider("prope-cuda-sm90-atomic", "prope", "cuda", "fused",
-                     "prope_attention (cuda, SM90 kernels, atomic-dQ backward)")]
+            # the SM90 split backward (deterministic mode's: dK/dV kernel + dQ kernel, 7 GEMMs),
+            # to compare with the fused default (PROPE_CUDA_SM90_BWD=split)
+            Provider("prope-cuda-sm90-split", "prope", "cuda", "fused",
+                     "prope_attention (cuda, SM90 kernels, split backward)")]
     for be in ("cudnn", "flash", "efficient", "math"):
         for rope in ("none", "eager", "compiled"):
             suffix = "-norope" if rope == "none" else f"+rope-{rope}"
@@ -104,7 +104,7 @@ OUR_BACKENDS = ["prope-triton", "prope-cuda", "prope-sdpa"]
 # machine turn into "missing" rows.
 PRESET_PROVIDERS = [  # in order of importance: a spent time budget cuts the tail
     "prope-triton", "prope-triton-portable", "prope-sdpa", "prope-auto", "prope-cuda",
-    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-atomic", "prope-cuda-sm90-basic",
+    "prope-cuda-sm90", "prope-cuda-sm80", "prope-cuda-sm90-split", "prope-cuda-sm90-basic",
     "sdpa-cudnn-norope", "sdpa-cudnn+rope-compiled", "sdpa-flash+rope-compiled",
     "sdpa-cudnn+rope-eager", "sdpa-flash+rope-eager", "sdpa-flash-norope",
     "flex-norope", "flex+rope-compiled",
@@ -273,7 +273,7 @@ FORCED = {
     "prope-cuda-sm90": {"PROPE_CUDA_SM90": "1"},
     "prope-cuda-sm80": {"PROPE_CUDA_SM90": "0"},
     "prope-cuda-sm90-basic": {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_FWD": "basic"},
-    "prope-cuda-sm90-atomic": {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_BWD": "atomic"},
+    "prope-cuda-sm90-split": {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_BWD": "split"},
 }
 
 
@@ -318,7 +318,7 @@ def _cuda_kernel_family(prov, call, dev, notes):
     """prope-cuda: the kernels the backend picks (SM90 on sm_90 where built, unless the user set
     PROPE_CUDA_SM90); prope-cuda-sm90 / -sm80: that family forced (with the user's variants);
     prope-cuda-sm90-basic: the SM90 kernels with the first forward mainloop;
-    prope-cuda-sm90-atomic: the SM90 kernels with the backward's atomic-dQ path (FORCED)."""
+    prope-cuda-sm90-split: the SM90 kernels with the split (deterministic) backward (FORCED)."""
     if switches_set(prov.name).get("PROPE_CUDA_SM90") == "1":
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")

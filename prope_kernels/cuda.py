@@ -99,13 +99,18 @@ def _sm90_fwd() -> int:
     return SM90_FWD_CODES[env.cuda_sm90_fwd()]
 
 
-# SM90 backward passed to attn_bwd: 0 split (a dK/dV kernel and a dQ kernel, deterministic),
-# 1 atomic (one kernel, dQ summed with fp32 atomics). Ignored by the SM80 kernels.
-SM90_BWD_SPLIT, SM90_BWD_ATOMIC = 0, 1
+# SM90 backward passed to attn_bwd: 0 fused (one 5-GEMM kernel, dQ summed with float4 atomics),
+# 1 split (a dK/dV kernel and a dQ kernel: deterministic). Ignored by the SM80 kernels.
+SM90_BWD_FUSED, SM90_BWD_SPLIT = 0, 1
+SM90_BWD_NAMES = {SM90_BWD_FUSED: "fused", SM90_BWD_SPLIT: "split"}
 
 
-def _sm90_bwd() -> int:
-    return SM90_BWD_ATOMIC if env.cuda_sm90_bwd() == "atomic" else SM90_BWD_SPLIT
+def _sm90_bwd(deterministic: bool = False) -> int:
+    """The split backward when a repeatable result is asked for (deterministic=True or torch's
+    deterministic mode), else PROPE_CUDA_SM90_BWD (default fused)."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return SM90_BWD_SPLIT
+    return SM90_BWD_SPLIT if env.cuda_sm90_bwd() == "split" else SM90_BWD_FUSED
 
 
 def resolved_family(device, family: int) -> str:
@@ -149,15 +154,20 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
-             window=(-1, -1), softcap=0.0):
-    """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse."""
+             window=(-1, -1), softcap=0.0, deterministic=False):
+    """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse.
+    deterministic: the SM90 split backward (the SM80 kernels have no deterministic backward)."""
     _require()
     refuse_features("cuda", window, softcap, causal)
-    family, bwd = _family(), _sm90_bwd()
+    family, bwd = _family(), _sm90_bwd(deterministic)
+    if deterministic and resolved_family(q.device, family) != "sm90":
+        raise ValueError("backend='cuda' with deterministic=True needs its SM90 kernels (an sm_90 "
+                         "GPU and a build with the 9.0a target): the SM80 backward sums dQ with "
+                         "atomics; use backend='triton'")
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
         int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), family, bwd)
-    _record("bwd", q.device, family, "atomic" if bwd == SM90_BWD_ATOMIC else "split")
+    _record("bwd", q.device, family, SM90_BWD_NAMES[bwd])
     return dq, dk, dv
 
 

@@ -26,9 +26,10 @@ whether it is set.
                        two consumers at head_dim <= 128, longest-first launch order over the
                        whole grid: 554 TFLOP/s at gemma-2b on an H100), overlap, basic+lpt,
                        basic (the first mainloop: 480 TFLOP/s there); csrc/README.md
-  PROPE_CUDA_SM90_BWD  the SM90 backward: split (default: a dK/dV kernel and a dQ kernel, no
-                       atomics, deterministic) or atomic (one kernel summing dQ with fp32
-                       atomics, the first design, kept to compare)
+  PROPE_CUDA_SM90_BWD  the SM90 backward: fused (default: one 5-GEMM kernel, dQ summed with
+                       float4 atomics, FlashAttention-3's recipe) or split (a dK/dV kernel and a
+                       dQ kernel, 7 GEMMs, no atomics: deterministic). deterministic=True or
+                       torch.use_deterministic_algorithms(True) always run split
   PROPE_SDPA_KERNEL    cudnn | flash | efficient: the only PyTorch kernel the sdpa backend
                        considers (tests, benchmarks); unset: cuDNN, else flash, else efficient
   PROPE_DISPATCH_TABLE a dispatch table for backend="auto" other than the package's
@@ -106,10 +107,10 @@ def cuda_sm90_fwd() -> str:
 
 
 def cuda_sm90_bwd() -> str:
-    """PROPE_CUDA_SM90_BWD: "split" (default, also when unset or empty) or "atomic"."""
-    v = _get("PROPE_CUDA_SM90_BWD", "").strip().lower() or "split"
-    if v not in ("split", "atomic"):
-        raise ValueError(f"PROPE_CUDA_SM90_BWD must be 'split' or 'atomic' (or unset), got {v!r}")
+    """PROPE_CUDA_SM90_BWD: "fused" (default, also when unset or empty) or "split"."""
+    v = _get("PROPE_CUDA_SM90_BWD", "").strip().lower() or "fused"
+    if v not in ("fused", "split"):
+        raise ValueError(f"PROPE_CUDA_SM90_BWD must be 'fused' or 'split' (or unset), got {v!r}")
     return v
 
 

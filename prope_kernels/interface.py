@@ -24,7 +24,8 @@ from . import backends
 from . import reference as ref
 from .rotary import PRoPESpec
 from .validation import (check_attention, check_cu_seqlens, check_cu_values, check_positions,
-                         check_rope_input, check_window_softcap, features_needed)
+                         check_deterministic, check_rope_input, check_window_softcap,
+                         features_needed)
 
 # ----------------------------------------------------------------------------------------------
 # custom ops (torch.compile sees them as opaque nodes with fake impls; autograd via fwd/bwd ops)
@@ -41,11 +42,11 @@ def _backend_module(name: str):
 
 
 def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, window_right=-1,
-                 softcap=0.0):
+                 softcap=0.0, deterministic=False):
     # "auto" reaches the op only from torch.compile (see backends.resolve); the features the
     # call needs are passed to choose_auto here too.
     if name == "auto":
-        needs = features_needed((window_left, window_right), softcap, causal)
+        needs = features_needed((window_left, window_right), softcap, causal, deterministic)
         name = backends.choose_auto(q, needs,
                                     attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
     return _backend_module(name)
@@ -55,21 +56,21 @@ def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, win
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  positions: torch.Tensor, max_seqlen: int, p: float, theta: float, variant: str,
                  layout: str, causal: bool, softmax_scale: float, window_left: int,
-                 window_right: int, softcap: float, backend: str
+                 window_right: int, softcap: float, backend: str, deterministic: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens.device.type == "cpu":
         # free here (no device sync): the check torch.compile skips when tracing the public call
         check_cu_values(cu_seqlens, q.shape[0], max_seqlen, padding=False)
     spec = _spec(q.shape[-1], p, theta, variant, layout)
     m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
-                     softcap)
+                     softcap, deterministic)
     return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale,
                       (window_left, window_right), softcap)
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, positions, max_seqlen, p, theta, variant, layout, causal,
-      softmax_scale, window_left, window_right, softcap, backend):
+      softmax_scale, window_left, window_right, softcap, backend, deterministic=False):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -78,18 +79,20 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                  cu_seqlens: torch.Tensor, positions: torch.Tensor, max_seqlen: int, p: float,
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
-                 window_left: int, window_right: int, softcap: float, backend: str
+                 window_left: int, window_right: int, softcap: float, backend: str,
+                 deterministic: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
     m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
-                     softcap)
+                     softcap, deterministic)
     return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
-                      causal, softmax_scale, (window_left, window_right), softcap)
+                      causal, softmax_scale, (window_left, window_right), softcap,
+                      deterministic=deterministic)
 
 
 @_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, p, theta, variant, layout,
-      causal, softmax_scale, window_left, window_right, softcap, backend):
+      causal, softmax_scale, window_left, window_right, softcap, backend, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -102,7 +105,9 @@ def _attn_setup_context(ctx, inputs, output):
     # an extra forward and backward on a zero dlse)
     ctx.set_materialize_grads(False)
     # p, theta, variant, layout, causal, scale, window_left, window_right, softcap, backend
+    # (and deterministic, when given)
     ctx.args = (max_seqlen, *args)
+    ctx.n_inputs = len(inputs)
 
 
 def _attn_backward(ctx, dout, dlse):
@@ -110,7 +115,7 @@ def _attn_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu, pos, *ctx.args)
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -152,7 +157,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
                     causal: bool = True, softmax_scale: Optional[float] = None,
                     positions: Optional[torch.Tensor] = None, backend: str = "auto",
                     return_lse: bool = False, window: tuple = (-1, -1),
-                    softcap: Optional[float] = None):
+                    softcap: Optional[float] = None, deterministic: bool = False):
     """Attention with p-RoPE applied to q and k inside the kernel.
 
     Args:
@@ -182,6 +187,11 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
         softcap: Gemma 2's logit softcapping: the scaled scores s = q.k * softmax_scale become
             ``softcap * tanh(s / softcap)`` before the mask and softmax (Gemma 2: 50.0);
             None or 0 = off. The returned lse is over the capped scores.
+        deterministic: a bitwise repeatable backward (flash-attn's name): only backends that
+            have one run the call (reference, triton, and cuda on sm_90 with its split
+            backward; the sdpa backend's kernels follow torch's own setting, so it is refused).
+            ``torch.use_deterministic_algorithms(True)`` asks each backend's kernels for the
+            same. Off by default: the fastest backward sums dQ with atomics.
 
     Returns:
         out (batch, seqlen, q_heads, head_dim) like q, and lse when ``return_lse``.
@@ -190,6 +200,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
                                   return_lse=return_lse)
     window, softcap, needs = check_window_softcap(window, softcap, causal)
+    needs = check_deterministic(deterministic, needs)
     b, s = q.shape[:2]
     if positions is not None:
         check_positions(positions, [(s,), (b, s)], q.device)
@@ -202,7 +213,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
     qf, kf, vf = (x.reshape(b * s, x.shape[2], x.shape[3]) for x in (q, k, v))
     out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, spec.p, spec.theta, variant, layout,
-                            causal, scale, *window, softcap, backend)
+                            causal, scale, *window, softcap, backend, deterministic)
     out = out.view(b, s, q.shape[2], q.shape[3])
     if return_lse:
         return out, lse.view(q.shape[2], b, s).transpose(0, 1)
@@ -215,7 +226,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            causal: bool = True, softmax_scale: Optional[float] = None,
                            positions: Optional[torch.Tensor] = None, backend: str = "auto",
                            return_lse: bool = False, window: tuple = (-1, -1),
-                           softcap: Optional[float] = None):
+                           softcap: Optional[float] = None, deterministic: bool = False):
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
     Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64 on q's device, starts at
@@ -237,14 +248,15 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     call (flash-attn does not check either): there they are the caller's contract (see the
     README's API section for what breaking it does).
     positions: (total,) integers; default restarts at 0 in each sequence.
-    window, softcap: as in :func:`prope_attention`; the window is over indices inside each
-    sequence (it never crosses a sequence boundary).
+    window, softcap, deterministic: as in :func:`prope_attention`; the window is over indices
+    inside each sequence (it never crosses a sequence boundary).
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
     spec, scale = check_attention(q, k, v, packed=True, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
                                   return_lse=return_lse)
     window, softcap, needs = check_window_softcap(window, softcap, causal)
+    needs = check_deterministic(deterministic, needs)
     total = q.shape[0]
     used = check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)   # None inside compile
     if positions is not None:
@@ -263,7 +275,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pos = positions.to(torch.int64)
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
                             spec.theta, variant, layout, causal, scale, *window, softcap,
-                            backend)
+                            backend, deterministic)
     if pad:
         out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad))
         lse = torch.nn.functional.pad(lse, (0, pad))
@@ -275,7 +287,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             p: float = 0.75, theta: float = 10000.0, variant: str = "prope",
             layout: str = "half", causal: bool = True, softmax_scale: Optional[float] = None,
             positions: Optional[torch.Tensor] = None, backend: str = "auto",
-            return_lse: bool = False, window: tuple = (-1, -1), softcap: Optional[float] = None):
+            return_lse: bool = False, window: tuple = (-1, -1), softcap: Optional[float] = None,
+            deterministic: bool = False):
     """Which backend :func:`prope_attention` (or, with ``cu_seqlens`` and ``max_seqlen``,
     :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
     entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
@@ -287,6 +300,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,
                     causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
     _, _, needs = check_window_softcap(window, softcap, causal)
+    needs = check_deterministic(deterministic, needs)
     if packed:
         if max_seqlen is None:
             raise TypeError("explain: max_seqlen is required with cu_seqlens")

@@ -389,9 +389,12 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0):
+             scale, window=(-1, -1), softcap=0.0, deterministic=False):
     from .backends import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
+    if deterministic:  # its kernels follow torch's own setting (the registry refuses it first)
+        raise ValueError("backend='sdpa' has no deterministic=True mode (torch's kernels follow "
+                         "torch.use_deterministic_algorithms); use backend='triton'")
     total = q.shape[0]
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -25,6 +25,14 @@ def check_attention(q, k, v, *, packed, p, theta, variant, layout, causal, softm
     return spec, check_scale(softmax_scale, q.shape[-1])
 
 
+def check_deterministic(deterministic, needs: frozenset) -> frozenset:
+    """``deterministic=True`` (flash-attn's name): the backward must be bitwise repeatable, so
+    only backends with that feature run it (torch.use_deterministic_algorithms(True) asks the
+    same of each backend's own kernels)."""
+    check_bool("deterministic", deterministic)
+    return needs | {"deterministic"} if deterministic else needs
+
+
 def check_window_softcap(window, softcap, causal):
     """window=(left, right): ints >= -1 (-1 = unbounded); softcap: None/0 (off) or a positive
     finite float. Returns (window with the right side capped at 0 when causal, softcap as a
@@ -50,9 +58,9 @@ def check_window_softcap(window, softcap, causal):
     return (left, right), float(softcap), features_needed((left, right), softcap, causal)
 
 
-def features_needed(window, softcap, causal) -> frozenset:
+def features_needed(window, softcap, causal, deterministic=False) -> frozenset:
     """The optional features a call uses, as backend registry entries name them."""
-    needs = set()
+    needs = {"deterministic"} if deterministic else set()
     if window[0] >= 0 or (window[1] >= 0 and not causal):  # (-1, 0) + causal is plain causal
         needs.add("window")
     if softcap:

@@ -93,6 +93,47 @@ def test_gqa_gradient_split_deterministic(device, monkeypatch, deterministic, sp
         assert torch.equal(a, b)
 
 
+def test_deterministic_keyword_takes_the_repeatable_path(device, monkeypatch):
+    # deterministic=True (flash-attn's keyword) without torch's flag: the dK/dV split programs
+    # write partial sums instead of atomics, the launch says so, and the result is repeatable.
+    from prope_kernels import backends
+    from prope_kernels.triton import ops
+    monkeypatch.setenv("PROPE_KV_SPLIT", "2")
+    real, seen = ops._attn_bwd_dkdv_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["ATOMIC"])
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(ops, "_attn_bwd_dkdv_kernel", Spy())
+    gen = torch.Generator().manual_seed(5)
+    q = rand((1, 37, 8, 32), torch.bfloat16, device, gen)
+    k, v = (rand((1, 37, 2, 32), torch.bfloat16, device, gen) for _ in range(2))
+    dout = rand((1, 37, 8, 32), torch.bfloat16, device, gen)
+    assert not torch.are_deterministic_algorithms_enabled()
+    for det, atomic in ((False, True), (True, False)):
+        fn = lambda q, k, v: prope_attention(q, k, v, backend="triton", deterministic=det)  # noqa: E731,E501
+        seen.clear()
+        first, again = grads(fn, (q, k, v), [dout]), grads(fn, (q, k, v), [dout])
+        assert seen == [atomic, atomic]
+        assert backends.launched()["bwd"].get("mode") == ("deterministic" if det else None)
+        if det:
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+
+
+def test_deterministic_keyword_is_refused_where_no_backend_has_it():
+    q = torch.randn(1, 8, 2, 32)
+    with pytest.raises(ValueError, match="backend='sdpa' does not implement deterministic"):
+        prope_attention(q, q, q, backend="sdpa", deterministic=True)
+    with pytest.raises(TypeError, match="deterministic"):
+        prope_attention(q, q, q, backend="reference", deterministic="yes")
+    out = prope_attention(q, q, q, backend="reference", deterministic=True)  # it has one
+    assert torch.isfinite(out).all()
+
+
 def test_softmax_scale_and_theta(device):
     run_dense(device, torch.bfloat16, 1, 50, 2, 2, 64, p=0.25, theta=1e6, scale=0.3)
 

@@ -152,6 +152,17 @@ def test_deterministic_mode_refuses_atomic_backward(monkeypatch):
     _refuses_in_deterministic_mode()
 
 
+@pytest.mark.gpu
+def test_deterministic_keyword_refused_by_the_sm80_kernels(monkeypatch):
+    _need_cuda_ext()
+    monkeypatch.setenv("PROPE_CUDA_SM90", "0")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (rand((1, 33, 2, 64), torch.bfloat16, "cuda", gen).requires_grad_() for _ in range(3))
+    out = prope_attention(q, k, v, backend="cuda", deterministic=True)
+    with pytest.raises(ValueError, match="deterministic=True needs its SM90 kernels"):
+        out.sum().backward()
+
+
 # --- the SM90 kernels (wgmma + TMA): the default on sm_90, forced with PROPE_CUDA_SM90=1 ----------
 # Each case runs the SM90 forward and the SM90 backward (out, dq, dk, dv vs the float64 reference).
 
@@ -174,16 +185,24 @@ def test_sm90_switch(monkeypatch):
 
 
 def test_sm90_bwd_switch(monkeypatch):
-    # PROPE_CUDA_SM90_BWD: unset / split -> the split backward (0); atomic -> 1; anything else raises
+    # PROPE_CUDA_SM90_BWD: unset / fused -> the fused backward (0); split -> 1; anything else
+    # raises. deterministic=True or torch's deterministic mode: split, whatever the switch says.
     monkeypatch.delenv("PROPE_CUDA_SM90_BWD", raising=False)
-    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT == 0
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_FUSED == 0
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "Fused")
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_FUSED
+    assert cuda_backend._sm90_bwd(deterministic=True) == cuda_backend.SM90_BWD_SPLIT
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT
+    finally:
+        torch.use_deterministic_algorithms(False)
     monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "split")
-    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT
-    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "Atomic")
-    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_ATOMIC == 1
-    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "fast")
-    with pytest.raises(ValueError, match="PROPE_CUDA_SM90_BWD"):
-        cuda_backend._sm90_bwd()
+    assert cuda_backend._sm90_bwd() == cuda_backend.SM90_BWD_SPLIT == 1
+    for old in ("atomic", "fast"):
+        monkeypatch.setenv("PROPE_CUDA_SM90_BWD", old)
+        with pytest.raises(ValueError, match="PROPE_CUDA_SM90_BWD"):
+            cuda_backend._sm90_bwd()
 
 
 @pytest.fixture
@@ -239,28 +258,27 @@ def test_sm90_varlen_explicit_positions(sm90, d):
 
 
 @pytest.mark.gpu
-def test_sm90_deterministic_mode_refuses_atomic_backward(sm90, monkeypatch):
-    # the SM90 backward's atomic-dQ path (PROPE_CUDA_SM90_BWD=atomic) is refused like SM80's
-    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "atomic")
-    _refuses_in_deterministic_mode()
-
-
-@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["torch", "keyword"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_sm90_split_backward_is_deterministic(sm90, monkeypatch, d):
-    # The split backward (default) has no atomics: deterministic mode lets it run, and two
-    # backward passes give bitwise equal gradients (MQA, several key and q blocks, ragged tail).
-    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "split")
+def test_sm90_deterministic_backward(sm90, monkeypatch, d, how):
+    # torch's deterministic mode, or deterministic=True, runs the split backward (no atomics)
+    # even with PROPE_CUDA_SM90_BWD=fused: two backward passes give bitwise equal gradients
+    # (MQA, several key and q blocks, ragged tail) and the launch says split.
+    from prope_kernels import backends
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "fused")
     gen = torch.Generator().manual_seed(29)
     q = rand((2, 1000, 8, d), torch.bfloat16, "cuda", gen).requires_grad_()
     k, v = (rand((2, 1000, 1, d), torch.bfloat16, "cuda", gen).requires_grad_() for _ in range(2))
     do = rand((2, 1000, 8, d), torch.bfloat16, "cuda", gen)
-    torch.use_deterministic_algorithms(True)
+    if how == "torch":
+        torch.use_deterministic_algorithms(True)
     try:
         grads = []
         for _ in range(2):
-            out = prope_attention(q, k, v, p=0.75, causal=True, backend="cuda")
+            out = prope_attention(q, k, v, p=0.75, causal=True, backend="cuda",
+                                  deterministic=how == "keyword")
             grads.append(torch.autograd.grad(out, (q, k, v), do))
+            assert backends.launched()["bwd"]["variant"] == "split"
     finally:
         torch.use_deterministic_algorithms(False)
     for g0, g1 in zip(*grads):
@@ -271,12 +289,16 @@ def test_sm90_split_backward_is_deterministic(sm90, monkeypatch, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d,heads", [(64, "mha"), (128, "gqa"), (256, "mqa")])
-def test_sm90_atomic_backward(sm90, monkeypatch, d, heads, causal):
-    # the old single-kernel backward (dQ by atomics), kept to compare: still vs the reference
-    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", "atomic")
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_sm90_backward_designs(sm90, monkeypatch, bwd, d, heads, causal):
+    # both SM90 backwards against the reference, named explicitly (the other SM90 tests run the
+    # default, fused), with the launch read back
+    from prope_kernels import backends
+    monkeypatch.setenv("PROPE_CUDA_SM90_BWD", bwd)
     hq, hkv = HEADS[heads]
     _run_dense(torch.bfloat16 if d != 128 else torch.float16, 2, 300, hq, hkv, d, p=0.5,
                causal=causal)
+    assert backends.launched()["bwd"]["variant"] == bwd
 
 
 @pytest.mark.gpu

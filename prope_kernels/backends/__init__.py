@@ -287,13 +287,14 @@ register(Backend(
 ))
 
 # Not picked by auto until its kernels have been validated and timed on a GPU against Triton
-# (prope_kernels.cuda.preferred_over_triton). Its SM80 backward (and the SM90 one with
-# PROPE_CUDA_SM90_BWD=atomic) sums dQ with float atomics: under
-# torch.use_deterministic_algorithms(True) it raises; the SM90 split backward is deterministic.
+# (prope_kernels.cuda.preferred_over_triton). Its SM80 backward and its SM90 fused one (the
+# default) sum dQ with float atomics; deterministic=True or torch's deterministic mode run the
+# SM90 split backward (the SM80 kernels then raise).
 register(Backend(
     name="cuda", module="prope_kernels.cuda",
     description="CUDA C++ kernels (csrc/, CUTLASS/CuTe), built into prope_kernels._C",
     head_dims="head_dim 64, 128 or 256", head_dim_ok=lambda d: d in (64, 128, 256),
+    features=frozenset({"varlen", "lse", "rope", "deterministic"}),
     unavailable=_cuda_unavailable, auto=_cuda_preferred,
 ))
 

@@ -77,8 +77,8 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0):
-    record_launch("bwd", "reference")
+             scale, window=(-1, -1), softcap=0.0, deterministic=False):
+    record_launch("bwd", "reference")  # deterministic whatever is asked (no atomics)
     total, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv

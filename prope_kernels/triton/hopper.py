@@ -448,19 +448,21 @@ def requested() -> str:
     return env.triton_kernels()
 
 
-def selected(q, k, v, *, backward=False, window=None, softcap=None) -> bool:
+def selected(q, k, v, *, backward=False, window=None, softcap=None, deterministic=False) -> bool:
     """Whether this call runs on these kernels (the dispatch of ops.attn_fwd / attn_bwd)."""
     mode = requested()
     if mode == "portable" or (mode == "auto" and not q.is_cuda):
         return False
-    why = unsupported_reason(q, k, v, backward=backward, window=window, softcap=softcap)
+    why = unsupported_reason(q, k, v, backward=backward, window=window, softcap=softcap,
+                             deterministic=deterministic)
     if why is not None and mode == "hopper":
         raise ValueError(f"{KERNELS_ENV}=hopper, but the Hopper kernels cannot run this call: "
                          f"{why}")
     return why is None
 
 
-def unsupported_reason(q, k, v, *, backward=False, window=None, softcap=None):
+def unsupported_reason(q, k, v, *, backward=False, window=None, softcap=None,
+                       deterministic=False):
     """None when the Hopper kernels take this call, else why not (the portable kernels run).
 
     Called by the dispatch in ops.py for every call. Device: sm_90 only (CUDA), or the CPU
@@ -482,7 +484,7 @@ def unsupported_reason(q, k, v, *, backward=False, window=None, softcap=None):
         return "sliding window"
     if softcap is not None:
         return "softcap"
-    if backward and torch.are_deterministic_algorithms_enabled():
+    if backward and (deterministic or torch.are_deterministic_algorithms_enabled()):
         return "deterministic mode (dQ is summed by atomics)"
     # TMA: 16-byte aligned bases and row strides
     for x in (q, k, v):

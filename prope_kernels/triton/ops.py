@@ -108,7 +108,8 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0):
+             scale, window=(-1, -1), softcap=0.0, deterministic=False):
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     total, hq, d = q.shape
     hkv = k.shape[1]
     if dout.stride(-1) != 1:
@@ -136,8 +137,10 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
 
     use_hopper = hopper.selected(q, k, v, backward=True,
                                  window=window if meta["WINDOW"] else None,
-                                 softcap=softcap if meta["SOFTCAP"] else None)
-    record_launch("bwd", "triton", kernels="hopper" if use_hopper else "portable")
+                                 softcap=softcap if meta["SOFTCAP"] else None,
+                                 deterministic=deterministic)
+    record_launch("bwd", "triton", kernels="hopper" if use_hopper else "portable",
+                  **({"mode": "deterministic"} if deterministic else {}))
     if use_hopper:
         kv_programs = triton.cdiv(max_seqlen, hopper.bwd_max_block_n(d)) * num_seqs * hkv
         return hopper.attn_bwd(dout, q, k, v, delta, lse, cu_seqlens, positions, max_seqlen,
@@ -157,9 +160,9 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     kv_programs = triton.cdiv(max_seqlen, dkdv_max_block_n(d)) * num_seqs * hkv
     split = kv_split(meta["GROUP"], kv_programs, q.device)
     # split > 1: the split programs of a key block reduce into fp32 dk/dv. By default with atomic
-    # adds into one zeroed buffer; under torch.use_deterministic_algorithms(True) as partial sums
+    # adds into one zeroed buffer; deterministic (the keyword or torch's setting): as partial sums
     # added in a fixed order (split x the fp32 size of k and v: more memory, bitwise repeatable).
-    atomic = split > 1 and not torch.are_deterministic_algorithms_enabled()
+    atomic = split > 1 and not deterministic
     if split == 1:
         dk, dv = _new(k), _new(v)
     elif atomic:
