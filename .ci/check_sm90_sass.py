@@ -6,10 +6,13 @@ For every kernel function in the sm_90a SASS of the given object files (cuobjdum
   UTMALDG     TMA tensor loads (cp.async.bulk.tensor)
   USETMAXREG  register reallocation between producer and consumer warpgroups (setmaxnreg)
   no STL/LDL  no local memory at all: neither register spills nor local arrays
-and at least one kernel of each SM90 kind an object is named for: attn_sm90_fwd_* objects the
-forward, attn_sm90_bwd_* objects the backward's dK/dV kernel (attn_bwd_sm90_kernel: the split
-variant and the atomic-dQ one) and its dQ kernel (attn_bwd_dq_sm90_kernel); any other object all
-three. Exit status 1 with the reasons otherwise.
+and, in the fused backward kernel (attn_bwd_fused_sm90_kernel), also
+  REDG ... F32x4  dQ summed with vector (float4) reduction atomics, not scalar ones
+  UBLKCP      the bulk copies that stage lse and delta with Q and dO
+At least one kernel of each SM90 kind an object is named for: attn_sm90_fwd_* objects the
+forward, attn_sm90_bwd_* objects the fused backward and the split backward's dK/dV kernel
+(attn_bwd_sm90_kernel) and dQ kernel (attn_bwd_dq_sm90_kernel); any other object all four.
+Exit status 1 with the reasons otherwise.
 
 Usage: python .ci/check_sm90_sass.py CUOBJDUMP OBJECT.o [OBJECT.o ...]
 """
@@ -21,8 +24,12 @@ import subprocess
 import sys
 
 REQUIRED = ("HGMMA", "UTMALDG", "USETMAXREG")
-KINDS = ("attn_fwd_sm90_kernel", "attn_bwd_sm90_kernel", "attn_bwd_dq_sm90_kernel")
+KINDS = ("attn_fwd_sm90_kernel", "attn_bwd_fused_sm90_kernel", "attn_bwd_sm90_kernel",
+         "attn_bwd_dq_sm90_kernel")
 FORBIDDEN = ("STL", "LDL")
+# kind -> (what the check calls it, a regex over its instruction lines)
+REQUIRED_BY_KIND = {"attn_bwd_fused_sm90_kernel": (("REDG.F32x4", r"\bREDG\.[A-Z0-9.]*F32x4"),
+                                                   ("UBLKCP", r"\bUBLKCP\b"))}
 
 
 def functions(sass: str) -> dict[str, list[str]]:
@@ -89,6 +96,10 @@ def main(argv: list[str]) -> int:
         for name, lines in sorted(kernels.items()):
             ops = opcodes(lines)
             missing = [op for op in REQUIRED if op not in ops]
+            for kind, extra in REQUIRED_BY_KIND.items():
+                if kind in name:
+                    missing += [what for what, pat in extra
+                                if not any(re.search(pat, line) for line in lines)]
             local = [op for op in FORBIDDEN if op in ops]
             status = "ok"
             if missing or local:

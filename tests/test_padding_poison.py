@@ -85,13 +85,14 @@ def _run_backend(backend, cu, max_seqlen, positions, kw):
 def _exact_grads(backend):
     """Whether the backward is bitwise repeatable here (CPU: always; GPU: the portable Triton
     kernels in torch's deterministic mode and the CUDA SM90 split backward; a sum by atomics, as
-    the Hopper Triton kernels' dQ, is not)."""
+    the Hopper Triton kernels' dQ and the CUDA SM90 fused backward's, is not)."""
     if not ON_GPU:
         return True
     if backend == "triton":
         return env.triton_kernels() == "portable" and torch.are_deterministic_algorithms_enabled()
     if backend == "cuda":
-        return SM90 and env.cuda_sm90() is not False and env.cuda_sm90_bwd() != "atomic"
+        return SM90 and env.cuda_sm90() is not False and (
+            env.cuda_sm90_bwd() == "split" or torch.are_deterministic_algorithms_enabled())
     return False                 # sdpa: torch's GPU backward kernels
 
 
@@ -311,11 +312,19 @@ def _gpu_backend_ok(name, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["sm90-fused", "sm90-split", "sm80"])
 @pytest.mark.parametrize("level", ["api", "backend"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal,p", [(True, 0.75), (False, 1.0), (True, 0.0)])
-def test_gpu_cuda(level, d, causal, p):
+def test_gpu_cuda(monkeypatch, kernels, level, d, causal, p):
     _gpu_backend_ok("cuda", d)
+    if kernels.startswith("sm90"):
+        if not SM90:
+            pytest.skip("the SM90 kernels run on sm_90 only")
+        monkeypatch.setenv("PROPE_CUDA_SM90", "1")
+        monkeypatch.setenv("PROPE_CUDA_SM90_BWD", kernels.split("-")[1])
+    else:
+        monkeypatch.setenv("PROPE_CUDA_SM90", "0")
     check_isolation("cuda", GPU_LENS, GPU_PAD, 8, 2, d, causal=causal, p=p, level=level,
                     device="cuda")
 
