@@ -315,8 +315,8 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
     const float sl2 = p.scale * kLog2e;
     ss.barrier_kv.wait(0);
     if (kFused && n_rows < kBN) {  // key rows past the sequence: dQ = dS K multiplies them
-      zero_rows_from<Element>(sK, n_rows, wg_tid);
-      zero_rows_from<Element>(sV, n_rows, wg_tid);
+      zero_rows_from<kBN, kD>(ss.k.data(), n_rows, wg_tid);
+      zero_rows_from<kBN, kD>(ss.v.data(), n_rows, wg_tid);
       zero_rows_done(wg);
     }
     cutlass::PipelineState<Tr::kStages> rd;
@@ -327,8 +327,8 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
       const int st = rd.index();
       pipe.consumer_wait(rd);
       if (m_rows < kBM) {  // the sequence's last q block: dV += P^T dO and dK += dS^T Q multiply
-        zero_rows_from<Element>(sQ(_, _, st), m_rows, wg_tid);   // its rows past the sequence
-        zero_rows_from<Element>(sdO(_, _, st), m_rows, wg_tid);
+        zero_rows_from<kBM, kD>(ss.q.data() + st * kBM * kD, m_rows, wg_tid);  // its rows past
+        zero_rows_from<kBM, kD>(ss.dout.data() + st * kBM * kD, m_rows, wg_tid);  // the sequence
         zero_rows_done(wg);
       }
 
@@ -703,8 +703,8 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       pipe_k.consumer_wait(rd);
       pipe_v.consumer_wait(rd);
       if ((n_block + 1) * kBN > seqlen) {  // key rows past the sequence: dQ += dS K multiplies them
-        zero_rows_from<Element>(sK(_, _, st), seqlen - n_block * kBN, ctid % 128);
-        zero_rows_from<Element>(sV(_, _, st), seqlen - n_block * kBN, ctid % 128);
+        zero_rows_from<kBN, kD>(ss.k.data() + st * kBN * kD, seqlen - n_block * kBN, ctid % 128);
+        zero_rows_from<kBN, kD>(ss.v.data() + st * kBN * kD, seqlen - n_block * kBN, ctid % 128);
         zero_rows_done(threadIdx.x / 128 - 1);
       }
       wg_gemm2_ss<true>(mma_sdp, tSrQ, tSrK(_, _, _, st), acc_s, tdPrdO, tdPrV(_, _, _, st), acc_dp);  // S, dP

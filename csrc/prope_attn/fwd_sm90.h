@@ -60,16 +60,29 @@ CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
 
 // A tile that runs past the end of its sequence holds the next sequence's rows in shared memory
 // (or whatever lies past cu_seqlens[-1]); a masked P or dS of 0 times an Inf or NaN there is
-// still NaN inside the MMA. Each consumer warpgroup that multiplies such a tile sets its rows
-// [first, rows) to zero itself (both may write the same zeros), then zero_rows_done() fences
-// the stores for its own wgmmas and syncs its 128 threads (named barrier 3 + wg; ids 0-2 are the
-// kernels' consumer-wide and pingpong barriers). Only edge tiles pay for this.
-template <class Element, class STensor>
-__device__ __forceinline__ void zero_rows_from(STensor&& s, int first, int wg_tid) {
-  using namespace cute;
-  constexpr int kRows = decltype(size<0>(s))::value, kCols = decltype(size<1>(s))::value;
-  for (int it = (first < 0 ? 0 : first) * kCols + wg_tid; it < kRows * kCols; it += 128)
-    s(it / kCols, it % kCols) = Element(0);
+// still NaN inside the MMA. So its rows [first, kRows) are set to zero before a GEMM multiplies
+// them: in the backward each consumer warpgroup zeroes them itself (both may write the same
+// zeros), then zero_rows_done() fences the stores for its own wgmmas and syncs its 128 threads
+// (named barrier 3 + wg; ids 0-2 are the kernels' consumer-wide and pingpong barriers); in the
+// forward the producer does it (its consumers have no register to spare at d 256). Only edge
+// tiles pay for this.
+// tile: one (kRows, kCols) 16-bit tile (one stage) in the layout of tile_to_shape(
+// Layout_K_SW128_Atom, (kRows, kCols)): the 64 columns of atom column a of row r are the 128
+// bytes at element (a * kRows + r) * 64 (the swizzle only permutes 16-byte chunks inside them),
+// so whole rows are zeroed with 16-byte stores and few registers (test_layouts checks the
+// formula on every tile this is used on).
+template <int kRows, int kCols, int kThreads = 128>
+__device__ __forceinline__ void zero_rows_from(const void* tile, int first, int tid) {
+  static_assert(kCols % 64 == 0 && kThreads % (kCols / 8) == 0);
+  constexpr int kChunks = kCols / 8, kRowStep = kThreads / kChunks;  // 16-byte chunks a row
+  // thread tid: chunk c = tid % kChunks of rows first + tid / kChunks + k * kRowStep (one
+  // address register, stepping by kRowStep rows of 128 bytes)
+  const int c = tid % kChunks;
+  int r = first + tid / kChunks;
+  uint32_t at = cute::cast_smem_ptr_to_uint(tile) + uint32_t(((c / 8) * kRows + r) * 128 + (c % 8) * 16);
+#pragma unroll 1
+  for (; r < kRows; r += kRowStep, at += kRowStep * 128)
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0u) : "memory");
 }
 __device__ __forceinline__ void zero_rows_done(int wg) {
   cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> this warpgroup's wgmma reads
@@ -117,6 +130,10 @@ struct FwdSm90Traits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
     cutlass::arch::ClusterTransactionBarrier barrier_q;
+    // read where no register is to spare (the overlap mainloop's tail and the epilogue, d 256):
+    int v_tail_first;  // rows of the last V block inside the sequence (kBlockN: all of them)
+    int m_rows;        // rows of the q block inside the sequence
+    int seq_start, h;  // the epilogue's addresses
     typename PipelineKV::SharedStorage pipe_k;
     typename PipelineKV::SharedStorage pipe_v;
   };
@@ -266,7 +283,13 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
   pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.is_leader = threadIdx.x == 0;
   pp.num_consumers = Tr::kConsumerThreads;
-  if (threadIdx.x == 0) ss.barrier_q.init(1);
+  if (threadIdx.x == 0) {
+    ss.barrier_q.init(1);
+    ss.v_tail_first = seqlen - (n_block_max - 1) * kBN;
+    ss.m_rows = m_rows;
+    ss.seq_start = seq_start;
+    ss.h = h;
+  }
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialised (and fenced) before anyone uses them
@@ -290,7 +313,24 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
 
       ss.barrier_q.arrive_and_expect_tx(Tr::kQBytes);
       copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
-      if constexpr (!kOverlap) {
+      // Block n is the n-th load of either pipeline, so its write state follows from n alone
+      // (the producer's start state has phase 1), which keeps the 24-register producer unspilled.
+      constexpr int kS = Tr::kStages;
+      auto at = [](int n) {
+        return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1) ^ 1u, uint32_t(n));
+      };
+      auto load_k = [&](int n) {
+        const auto w = at(n);
+        pipe_k.producer_acquire(w);
+        copy(args.tma_k.with(*pipe_k.producer_get_barrier(w), 0), tKg(_, n), tKs(_, w.index()));
+      };
+      auto load_v = [&](int n) {
+        const auto w = at(n);
+        pipe_v.producer_acquire(w);
+        copy(args.tma_v.with(*pipe_v.producer_get_barrier(w), 0), tVg(_, n), tVs(_, w.index()));
+      };
+      const int n_last = n_block_max - 1;
+      if constexpr (!kOverlap) {  // the consumers' order: K(n), V(n)
         auto wr = cutlass::make_producer_start_state<Pipeline>();
         for (int n = 0; n < n_block_max; ++n) {
           pipe_k.producer_acquire(wr);
@@ -300,26 +340,10 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
           ++wr;
         }
       } else {
-        // the consumers' order: K(n) is needed before V(n-1), whose stage is freed later. Block
-        // n is the n-th load of either pipeline, so its write state follows from n alone (the
-        // producer's start state has phase 1), which keeps the 24-register producer unspilled.
-        constexpr int kS = Tr::kStages;
-        auto at = [](int n) {
-          return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1) ^ 1u, uint32_t(n));
-        };
-        auto load_k = [&](int n) {
-          const auto w = at(n);
-          pipe_k.producer_acquire(w);
-          copy(args.tma_k.with(*pipe_k.producer_get_barrier(w), 0), tKg(_, n), tKs(_, w.index()));
-        };
-        auto load_v = [&](int n) {
-          const auto w = at(n);
-          pipe_v.producer_acquire(w);
-          copy(args.tma_v.with(*pipe_v.producer_get_barrier(w), 0), tVg(_, n), tVs(_, w.index()));
-        };
+        // the consumers' order: K(n) is needed before V(n-1), whose stage is freed later
         load_k(0);
-        for (int n = 1; n < n_block_max; ++n) { load_k(n); load_v(n - 1); }
-        load_v(n_block_max - 1);
+        for (int n = 1; n <= n_last; ++n) { load_k(n); load_v(n - 1); }
+        load_v(n_last);
       }
     }
   } else {
@@ -383,8 +407,8 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         Tensor rP = convert_frag<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_sm90(rP.layout()));  // (MMA, MMA_M, kBN/16)
         pipe_v.consumer_wait(rd);
-        if ((n_block + 1) * kBN > seqlen) {  // V rows past the sequence: zero (see zero_rows_from)
-          zero_rows_from<Element>(sV(_, _, rd.index()), seqlen - n_block * kBN, ctid % 128);
+        if ((n_block + 1) * kBN > seqlen) {  // V rows past the sequence (see zero_rows_from)
+          zero_rows_from<kBN, kD>(ss.v.data() + rd.index() * kBN * kD, seqlen - n_block * kBN, ctid % 128);
           zero_rows_done(warp_group - 1);
         }
         wg_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, rd.index()), acc_o);      // O += P V
@@ -471,10 +495,12 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       rescale_rows<kRows>(o_rc, corr);
       const auto rv = at(n_block_max - 1);
       pipe_v.consumer_wait(rv);
-      // only the last block can run past the sequence: its V rows there are zeroed
-      if (n_block_max * kBN > seqlen) {
-        zero_rows_from<Element>(sV(_, _, rv.index()), seqlen - (n_block_max - 1) * kBN, ctid % 128);
-        zero_rows_done(wg);
+      if (const int first = ss.v_tail_first; first < kBN) {  // only the last block can run
+        // past the sequence; both consumers share the zeroing (a 256-thread barrier, no
+        // warpgroup index: this tail has no register to spare at d 256)
+        zero_rows_from<kBN, kD, Tr::kConsumerThreads>(ss.v.data() + rv.index() * (kBN * kD), first, ctid);
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
       }
       warpgroup_fence_operand(rP);
       wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, rv.index()), acc_o);
@@ -485,6 +511,8 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     }
 
     // normalise, write lse (one lane per row: the one holding column 0), then O via smem
+    // (m_rows, seq_start, h from shared memory: not held in registers through the mainloop)
+    const int m_rows_ = ss.m_rows, seq_start_ = ss.seq_start, h_ = ss.h;
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const float sum = quad_sum(row_sum[i]);
@@ -493,9 +521,9 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
       if (get<1>(tScS_rc(i, 0)) == 0) {
         const int row = get<0>(tScS_rc(i, 0));
-        if (row < m_rows) {
+        if (row < m_rows_) {
           const float lse = sum == 0.f ? INFINITY : row_max[i] * p.scale + logf(sum);
-          p.lse[int64_t(h) * p.total + seq_start + int64_t(m_block) * kBM + row] = lse;
+          p.lse[int64_t(h_) * p.total + seq_start_ + int64_t(m_block) * kBM + row] = lse;
         }
       }
     }
@@ -505,7 +533,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     Tensor tOsO = thr_pv.partition_C(sO);
     copy(rO, tOsO);
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
-    Element* op = static_cast<Element*>(p.o) + int64_t(seq_start) * p.o_row + int64_t(h) * p.o_head;
+    Element* op = static_cast<Element*>(p.o) + int64_t(seq_start_) * p.o_row + int64_t(h_) * p.o_head;
     Tensor gO = local_tile(make_tensor(make_gmem_ptr(op), make_shape(seqlen, Int<kD>{}), make_stride(p.o_row, _1{})),
                            Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, 0));
     typename Tr::GmemTiledCopyO ocopy;
@@ -513,7 +541,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     Tensor tOsO2 = othr.partition_S(sO);
     Tensor tOgO = othr.partition_D(gO);
     Tensor tOcO = othr.partition_S(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
-    store_rows(ocopy, tOsO2, tOgO, tOcO, m_rows);
+    store_rows(ocopy, tOsO2, tOgO, tOcO, m_rows_);
   }
 #endif
 }

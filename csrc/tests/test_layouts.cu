@@ -231,6 +231,34 @@ int check_sm90_fused_dq(const char* name) {
   return e;
 }
 
+// zero_rows_from's address formula. The tiles are tile_to_shape of the 128-byte K-major swizzle
+// atom: an unswizzled layout (checked here) under the hardware's 128-byte swizzle of the byte
+// address, which XORs the 16-byte chunk bits [4:6] with the bits [7:9] above them and so keeps
+// every 128-byte span in place. If element (r, c, s) is at unswizzled offset
+// s * rows * cols + ((c / 64) * rows + r) * 64 + c % 64, the 128 bytes of row r in atom column
+// c / 64 are one span, and zeroing those spans zeroes exactly rows r.
+template <class L>
+int check_row_spans(const char* name) {
+  static_assert(std::is_same_v<decltype(L{}.layout_a()), cute::Swizzle<3, 4, 3>>,
+                "the 128-byte swizzle (16-byte chunks within 128-byte spans)");
+  auto l = L{}.layout_b();  // the layout under the swizzle
+  constexpr int R = decltype(size<0>(l))::value, C = decltype(size<1>(l))::value;
+  int S = 1;
+  if constexpr (decltype(rank(l))::value == 3) S = size<2>(l);
+  int e = 0;
+  for (int st = 0; st < S; ++st)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        int off;
+        if constexpr (decltype(rank(l))::value == 3) off = l(r, c, st);
+        else off = l(r, c);
+        if (off != st * R * C + ((c / 64) * R + r) * 64 + c % 64 && e++ < 5)
+          std::printf("%s: (%d,%d,%d) at unswizzled offset %d\n", name, r, c, st, off);
+      }
+  std::printf("%-12s %s\n", name, e ? "FAILED" : "ok");
+  return e;
+}
+
 // bwd_tile: the tiles of different sequences never overlap and stay below bwd_tiles(), for
 // random packings (empty sequences, lengths around multiples of 64, a start past 0).
 int check_bwd_tiles() {
@@ -388,6 +416,16 @@ int main() {
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, true>>("fused dQ 256");
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, false>>("fused dQ f16 256");
   e += check_bwd_tiles();
+  e += check_row_spans<prope::FwdSm90Traits<64, true>::SmemLayoutK>("zero fwd V 64");
+  e += check_row_spans<prope::FwdSm90Traits<128, true>::SmemLayoutK>("zero fwd V 128");
+  e += check_row_spans<prope::FwdSm90Traits<256, true>::SmemLayoutK>("zero fwd V 256");
+  e += check_row_spans<prope::BwdSm90Traits<64, true>::SmemLayoutQ>("zero bwd Q 64");
+  e += check_row_spans<prope::BwdSm90Traits<256, true>::SmemLayoutQ>("zero bwd Q 256");
+  e += check_row_spans<prope::BwdSm90Traits<128, true>::SmemLayoutK>("zero bwd K 128");
+  e += check_row_spans<prope::BwdSm90Traits<256, true>::SmemLayoutK>("zero bwd K 256");
+  e += check_row_spans<prope::BwdSm90Traits<128, true, true>::SmemLayoutQ>("zero split Q 128");
+  e += check_row_spans<prope::BwdDqSm90Traits<64, true>::SmemLayoutK>("zero dQ K 64");
+  e += check_row_spans<prope::BwdDqSm90Traits<256, true>::SmemLayoutK>("zero dQ K 256");
   e += check_sm90_dq<prope::BwdDqSm90Traits<64, false>>("sm90 dQ f16 64");
   e += check_sm90_dq<prope::BwdDqSm90Traits<128, true>>("sm90 dQ bf16 128");
   e += check_sm90_dq<prope::BwdDqSm90Traits<256, true>>("sm90 dQ bf16 256");
