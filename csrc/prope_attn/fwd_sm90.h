@@ -61,11 +61,10 @@ CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
 // A tile that runs past the end of its sequence holds the next sequence's rows in shared memory
 // (or whatever lies past cu_seqlens[-1]); a masked P or dS of 0 times an Inf or NaN there is
 // still NaN inside the MMA. So its rows [first, kRows) are set to zero before a GEMM multiplies
-// them: in the backward each consumer warpgroup zeroes them itself (both may write the same
-// zeros), then zero_rows_done() fences the stores for its own wgmmas and syncs its 128 threads
-// (named barrier 3 + wg; ids 0-2 are the kernels' consumer-wide and pingpong barriers); in the
-// forward the producer does it (its consumers have no register to spare at d 256). Only edge
-// tiles pay for this.
+// them: each consumer warpgroup zeroes them itself (both may write the same zeros), then
+// zero_rows_done() fences the stores for its own wgmmas and syncs its 128 threads (named barrier
+// 3 + wg; ids 0-2 are the kernels' consumer-wide and pingpong barriers); or both consumers share
+// the work behind the 256-thread barrier (kThreads = 256). Only edge tiles pay for this.
 // tile: one (kRows, kCols) 16-bit tile (one stage) in the layout of tile_to_shape(
 // Layout_K_SW128_Atom, (kRows, kCols)): the 64 columns of atom column a of row r are the 128
 // bytes at element (a * kRows + r) * 64 (the swizzle only permutes 16-byte chunks inside them),
@@ -130,10 +129,6 @@ struct FwdSm90Traits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> v;
     cutlass::arch::ClusterTransactionBarrier barrier_q;
-    // read where no register is to spare (the overlap mainloop's tail and the epilogue, d 256):
-    int v_tail_first;  // rows of the last V block inside the sequence (kBlockN: all of them)
-    int m_rows;        // rows of the q block inside the sequence
-    int seq_start, h;  // the epilogue's addresses
     typename PipelineKV::SharedStorage pipe_k;
     typename PipelineKV::SharedStorage pipe_v;
   };
@@ -283,13 +278,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
   pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pp.is_leader = threadIdx.x == 0;
   pp.num_consumers = Tr::kConsumerThreads;
-  if (threadIdx.x == 0) {
-    ss.barrier_q.init(1);
-    ss.v_tail_first = seqlen - (n_block_max - 1) * kBN;
-    ss.m_rows = m_rows;
-    ss.seq_start = seq_start;
-    ss.h = h;
-  }
+  if (threadIdx.x == 0) ss.barrier_q.init(1);
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialised (and fenced) before anyone uses them
@@ -495,9 +484,10 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       rescale_rows<kRows>(o_rc, corr);
       const auto rv = at(n_block_max - 1);
       pipe_v.consumer_wait(rv);
-      if (const int first = ss.v_tail_first; first < kBN) {  // only the last block can run
-        // past the sequence; both consumers share the zeroing (a 256-thread barrier, no
-        // warpgroup index: this tail has no register to spare at d 256)
+      // only the last block can run past the sequence: both consumers share the zeroing of its
+      // V rows there behind the 256-thread barrier (one barrier per warpgroup, whose id needs
+      // the warpgroup index, spilled the causal d 256 kernels: no register to spare here)
+      if (const int first = seqlen - (n_block_max - 1) * kBN; first < kBN) {
         zero_rows_from<kBN, kD, Tr::kConsumerThreads>(ss.v.data() + rv.index() * (kBN * kD), first, ctid);
         cutlass::arch::fence_view_async_shared();
         cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
@@ -511,8 +501,6 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     }
 
     // normalise, write lse (one lane per row: the one holding column 0), then O via smem
-    // (m_rows, seq_start, h from shared memory: not held in registers through the mainloop)
-    const int m_rows_ = ss.m_rows, seq_start_ = ss.seq_start, h_ = ss.h;
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const float sum = quad_sum(row_sum[i]);
@@ -521,9 +509,9 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
       if (get<1>(tScS_rc(i, 0)) == 0) {
         const int row = get<0>(tScS_rc(i, 0));
-        if (row < m_rows_) {
+        if (row < m_rows) {
           const float lse = sum == 0.f ? INFINITY : row_max[i] * p.scale + logf(sum);
-          p.lse[int64_t(h_) * p.total + seq_start_ + int64_t(m_block) * kBM + row] = lse;
+          p.lse[int64_t(h) * p.total + seq_start + int64_t(m_block) * kBM + row] = lse;
         }
       }
     }
@@ -533,7 +521,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     Tensor tOsO = thr_pv.partition_C(sO);
     copy(rO, tOsO);
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
-    Element* op = static_cast<Element*>(p.o) + int64_t(seq_start_) * p.o_row + int64_t(h_) * p.o_head;
+    Element* op = static_cast<Element*>(p.o) + int64_t(seq_start) * p.o_row + int64_t(h) * p.o_head;
     Tensor gO = local_tile(make_tensor(make_gmem_ptr(op), make_shape(seqlen, Int<kD>{}), make_stride(p.o_row, _1{})),
                            Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, 0));
     typename Tr::GmemTiledCopyO ocopy;
@@ -541,7 +529,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     Tensor tOsO2 = othr.partition_S(sO);
     Tensor tOgO = othr.partition_D(gO);
     Tensor tOcO = othr.partition_S(make_identity_tensor(Shape<Int<kBM>, Int<kD>>{}));
-    store_rows(ocopy, tOsO2, tOgO, tOcO, m_rows_);
+    store_rows(ocopy, tOsO2, tOgO, tOcO, m_rows);
   }
 #endif
 }
