@@ -79,7 +79,7 @@ def reference_grads(fn, inputs, cotangents, headwise_bytes=None):
     return (*outs, dq, dk, dv)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Reference:
     """A reference attention call (:mod:`prope_kernels.reference`), described by its arguments so
     that the low-precision yardstick can be computed by blocks (:func:`yardstick_grads`).
