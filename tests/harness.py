@@ -1,11 +1,14 @@
-"""The kernel test harness shared by test_attention.py, test_cuda_backend.py and
-test_triton_configs.py: draw random inputs, run a backend forward and backward, and hold it to
-the tolerance rule of tolerance.py against the float64 reference (and, optionally, a second
-backend on the same draw).
+"""The kernel test harness shared by test_attention.py, test_cuda_backend.py,
+test_triton_configs.py and the other kernel tests: draw random inputs, run a backend forward and
+backward, and hold it to the tolerance rule of tolerance.py against the float64 reference (the
+truth, :func:`reference_grads`) with the reference in the kernel's dtype as PyTorch's own error
+(the yardstick, :func:`yardstick_grads`), and optionally a second backend on the same draw.
 """
 
 import itertools
 import zlib
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -37,9 +40,10 @@ def grads(fn, inputs, cotangents):
     return (*outs, *gs)
 
 
-# Reference scores above this many bytes a matrix are computed one query head at a time: the
-# float64 reference keeps several (b, hq, s, s) matrices for its backward (1.5 GiB each at b=2,
-# hq=6, s=4096), and the GPU suite runs 8 pytest-xdist processes on one GPU.
+# Float64 reference scores (the truth) above this many bytes a matrix are computed one query
+# head at a time: the float64 reference keeps several (b, hq, s, s) matrices for its backward
+# (1.5 GiB each at b=2, hq=6, s=4096), and the GPU suite runs 8 pytest-xdist processes on one
+# GPU. In float64 the order of the dk/dv sums over heads does not matter.
 HEADWISE_BYTES = 256 * 2**20
 
 
@@ -75,12 +79,125 @@ def reference_grads(fn, inputs, cotangents, headwise_bytes=None):
     return (*outs, dq, dk, dv)
 
 
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """A reference attention call (:mod:`prope_kernels.reference`), described by its arguments so
+    that the low-precision yardstick can be computed by blocks (:func:`yardstick_grads`).
+    Called as ``fn(q, k, v)``: dense (b, s, h, d) inputs, or packed (t, h, d) ones when
+    ``cu_seqlens`` is given; returns out, or (out, lse) with ``return_lse``."""
+
+    spec: PRoPESpec
+    causal: bool = True
+    scale: Optional[float] = None
+    positions: Optional[torch.Tensor] = None
+    window: tuple = (-1, -1)
+    softcap: Optional[float] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    return_lse: bool = False
+
+    def __call__(self, q, k, v):
+        if self.cu_seqlens is None:
+            return ref.prope_attention(q, k, v, self.spec, self.causal, self.scale,
+                                       self.positions, self.return_lse, self.window, self.softcap)
+        return ref.prope_attention_varlen(q, k, v, self.cu_seqlens, self.spec, self.causal,
+                                          self.scale, self.positions, self.return_lse,
+                                          self.window, self.softcap)
+
+
+# The yardstick (the reference in the kernel's dtype) is the all-heads call, as the kernels
+# compute: q and k rotated once, each kv head's dk and dv summed over its query heads in fp32
+# (autograd's sum over the repeated heads) and rounded once, then dk rotated back once. When its
+# float32 scores would exceed one float64 score matrix of the truth (one head, what
+# reference_grads keeps several of; YARDSTICK_BYTES when that is larger) it is computed by blocks
+# that reproduce it: batch entries, else whole kv-head groups, else single query heads with the
+# group's dk and dv summed in fp32 and rounded once. (Blocks of query rows would not: each
+# block's partial dk and dv is rounded to the dtype; two such blocks gave 1.44x the all-heads
+# error on dv in an MQA draw.) Its memory then stays under the truth's.
+YARDSTICK_BYTES = 256 * 2**20
+
+
+def yardstick_grads(reference, inputs, cotangents, block_bytes=None):
+    """``grads`` of ``reference`` (a :class:`Reference` or any ``fn(q, k, v)``) in the inputs'
+    dtype, over all heads at once: PyTorch's own error. A :class:`Reference` whose float32
+    scores exceed ``block_bytes`` (default: see :data:`YARDSTICK_BYTES`) is computed by blocks
+    with the same result."""
+    q, k = inputs[0], inputs[1]
+    hq, hkv = q.shape[-2], k.shape[-2]
+    rows = q.numel() // (hq * q.shape[-1])          # b * s (dense) or total (packed)
+    s_k = k.shape[-3]
+    limit = max(YARDSTICK_BYTES, rows * s_k * 8) if block_bytes is None else block_bytes
+    if not isinstance(reference, Reference) or rows * s_k * hq * 4 <= limit:
+        return grads(reference, inputs, cotangents)
+    group = hq // hkv
+    entry = rows * s_k * 4                          # float32 scores of one head
+    entries = [slice(None)]
+    if reference.cu_seqlens is None:
+        b = q.shape[0]
+        entry //= b                                 # one head of one batch entry
+        n = max(1, limit // (entry * hq))
+        entries = [slice(i, i + n) for i in range(0, b, n)]
+    if hq * entry <= limit:
+        heads = [slice(None)]
+    elif group * entry <= limit:                    # whole kv-head groups
+        n = limit // (group * entry)
+        heads = [slice(c * group, (c + n) * group) for c in range(0, hkv, n)]
+    else:                                           # one query head at a time
+        heads = [slice(h, h + 1) for h in range(hq)]
+    return _by_blocks(reference, inputs, cotangents, entries, heads)
+
+
+def _by_blocks(r: Reference, inputs, cotangents, entries, heads):
+    """The reference ``r`` by blocks (batch entries x query heads, contiguous, each within one
+    kv-head group or made of whole groups): q and k rotated once; each block attends (``r``
+    without rotation); out, lse and dq per block; dk and dv summed over the blocks in fp32
+    (float64 inputs: float64) and rounded once; dk rotated back once."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in inputs)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    group = hq // hkv
+    if r.positions is not None:
+        positions = r.positions
+    elif r.cu_seqlens is not None:
+        positions = ref.varlen_positions(r.cu_seqlens, q.shape[0])
+    else:
+        positions = ref.default_positions(q.shape[1], q.device)
+    qr = ref.apply_prope(q, positions, r.spec)
+    kr = ref.apply_prope(k, positions, r.spec)
+    qr_, kr_ = qr.detach(), kr.detach().requires_grad_()
+    attend = replace(r, spec=PRoPESpec(q.shape[-1], 0.0), positions=None)  # no rotation
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    dkr = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    outs, dqr = None, torch.empty_like(q)
+    for e, h in itertools.product(entries, heads):
+        first, last = range(hq)[h][0], range(hq)[h][-1]
+        kv = slice(first // group, last // group + 1)
+
+        def part(x):  # a block of q, an output or a cotangent: batch at dim 0, heads at -2
+            return x[e][..., h, :]
+        qb = part(qr_).requires_grad_()
+        o = attend(qb, kr_[e][..., kv, :], v[e][..., kv, :])
+        o = o if isinstance(o, tuple) else (o,)
+        g = torch.autograd.grad(o, (qb, kr_, v),
+                                [part(c).to(x.dtype) for x, c in zip(o, cotangents)])
+        if outs is None:  # shaped as their cotangents
+            outs = [c.new_empty(c.shape, dtype=x.dtype) for x, c in zip(o, cotangents)]
+        for x, y in zip(o, outs):
+            part(y).copy_(x.detach())
+        part(dqr).copy_(g[0])
+        dkr += g[1]
+        dv += g[2]
+        del o, g
+    dq, dk = torch.autograd.grad((qr, kr), (q, k), (dqr, dkr.to(k.dtype)))
+    return (*outs, dq, dk, dv.to(v.dtype))
+
+
 def check_against_reference(names, got, reference, inputs, cotangents):
     """The tolerance rule for each of ``got`` (outputs, then input gradients): the truth is
-    ``reference`` in float64, PyTorch's own error is ``reference`` in the inputs' dtype."""
+    ``reference`` in float64 (:func:`reference_grads`), PyTorch's own error is ``reference`` in
+    the inputs' dtype (:func:`yardstick_grads`)."""
     truth = reference_grads(reference, [x.double() for x in inputs],
                             [c.double() for c in cotangents])
-    lowp = reference_grads(reference, inputs, cotangents)
+    lowp = yardstick_grads(reference, inputs, cotangents)
     for name, g, t, lp in zip(names, got, truth, lowp):
         check(name, g, t, lp)
     return truth, lowp
@@ -118,8 +235,7 @@ def run_dense(device, dtype, b, s, hq, hkv, d, p=0.75, variant="prope", layout="
             q, k, v, p=p, theta=theta, variant=variant, layout=layout, causal=causal,
             positions=positions, backend=be, softmax_scale=scale, return_lse=lse)
 
-    def reference(q, k, v):
-        return ref.prope_attention(q, k, v, spec, causal, scale, positions, return_lse=lse)
+    reference = Reference(spec, causal, scale, positions, return_lse=lse)
 
     names = ("out", "lse", "dq", "dk", "dv") if lse else ("out", "dq", "dk", "dv")
     _run(kernel, reference, (q, k, v), cot, names, also)
@@ -146,7 +262,6 @@ def run_varlen(device, dtype, lens, hq, hkv, d, p=0.75, variant="prope", layout=
             q, k, v, cu, ms, p=p, variant=variant, layout=layout, causal=causal,
             positions=positions, backend=be)
 
-    def reference(q, k, v):
-        return ref.prope_attention_varlen(q, k, v, cu, spec, causal, None, positions)
+    reference = Reference(spec, causal, None, positions, cu_seqlens=cu)
 
     _run(kernel, reference, (q, k, v), [dout], ("out", "dq", "dk", "dv"), also)

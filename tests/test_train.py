@@ -1,7 +1,9 @@
 """The trainer: learning on the bundled corpus, exact resume, the distributed paths (DDP, FSDP2,
-sharded resume), the fused kernels in training, CLI errors. Kept small (tiny presets, short rows):
+sharded resume), the fused kernels in a training step against the float64 reference (and broken
+kernels failing that check), CLI errors. Kept small (tiny presets, short rows):
 about 5 CPU-minutes in all (2.5 minutes on 2 free cores), most of it the two-process runs."""
 
+import contextlib
 import json
 import math
 import os
@@ -205,38 +207,179 @@ def test_gemma2_preset_trains(tmp_path):
     assert m[-1]["loss"] < m[0]["loss"] and math.isfinite(m[-1]["val_loss"])
 
 
-@pytest.mark.parametrize("name", ["gemma-tiny", "gemma4-tiny"])
-def test_triton_attention_trains_like_reference(tmp_path, device, name, monkeypatch):
-    # a few steps with the fused Triton kernels follow the reference attention, on the machine's
-    # device: the CPU (interpreter; fp32 model, the fused run attends in bf16) or the GPU (both
-    # runs under bf16 autocast). gemma4-tiny: sliding windows on packed rows, head_dim 32 local
-    # and 64 global, 0.25-RoPE global layers, and scale-1 scores of unit-RMS q and k (logits up
-    # to head_dim, so bf16 rounding of q and k moves them by ~0.1)
-    kw = dict(steps=3, eval_every=3, seq_len=32, batch_size=4, device=device)
+# --- the fused kernels in the trainer, against the float64 reference -----------------------------
+# One training step of the same model (same weights, same packed batch) three times: attention
+# by the reference in float64 (the truth), by the reference math in bf16 (the unfused baseline:
+# q, k, v rounded to bf16 as the fused path rounds them, then PyTorch's bf16 arithmetic) and by
+# the fused Triton kernels (the interpreter on the CPU: an fp32 model attending in bf16; on a GPU
+# both low-precision runs under bf16 autocast). Each layer's attention output and each parameter
+# gradient of the fused run must be within 2x the baseline's error (Frobenius norms against the
+# truth) plus what storing the truth in the run's dtype costs. On the CPU the unbroken kernels
+# use at most 0.48 of the bound (every tensor's error within 0.96x the baseline's) and each
+# mutation of MUTATIONS fails it by 4.8x (p forced to 1) to 88x (non-causal).
 
-    def losses(attn):
-        m = train(_cfg(tmp_path / attn, name=name, attn=attn, **kw))["metrics"]
-        return [r["loss"] for r in m] + [m[-1]["val_loss"]]
+# name: (preset overrides, q/k gain, seq_len). The trainer's initial weights, with q and k
+# scaled (their projections, or their RMSNorm weights under qk-norm) so that attention logits
+# spread over about +-2: at initialization they are ~0.03 without qk-norm (nearly uniform
+# attention: where the keys sit barely matters, so causality and positions go unchecked) and
+# ~+-8 with Gemma 4's qk-norm and scale 1 (so peaked that bf16 rounding tips near-ties and the
+# runs drift apart over the layers, which hides a wrong global layer). gemma2-tiny: softcaps of
+# 5, which bind at these logits (Gemma 2's 50 would not). gemma4-tiny: rows of 64 tokens, so
+# that the slow pairs its 0.25-RoPE global layer leaves still (theta 1e6) would turn by up to
+# 2 rad if they rotated.
+SHARP = {
+    "gemma-tiny": ({}, 8.0, 32),
+    "gemma4-tiny": ({}, 0.5, 64),
+    "gemma2-tiny": ({"softcap": 5.0, "local_softcap": 5.0}, 8.0, 32),
+}
 
-    ref, fused = losses("reference"), losses("triton")
-    assert len(fused) == len(ref) == kw["steps"] + 1 and all(map(math.isfinite, fused))
-    err = max(abs(a - b) for a, b in zip(ref, fused))
-    # yardstick: the same math with bf16 attention inputs. On a GPU the unfused bf16 baseline
-    # (RoPE, then SDPA) under autocast; on the CPU the reference fed bf16-rounded q, k, v (the
-    # trainer's rows are packed: the varlen op). The fused run must be within 2x of it, plus a
-    # floor of 0.02% of the loss
-    if device == "cpu":
-        from prope_kernels.models import gemma
 
-        exact = gemma.prope_attention_varlen
+def _bf16_reference(q, k, v, cu_seqlens=None, max_seqlen=None, *, p, theta, variant, layout,
+                    causal=True, softmax_scale=None, window=(-1, -1), softcap=None,
+                    backend=None):
+    """The unfused baseline for the model's attention call: the reference math in bf16."""
+    from prope_kernels import reference as ref
+    from prope_kernels.rotary import PRoPESpec
 
-        def rounded(q, k, v, *args, **kwargs):
-            return exact(*(x.bfloat16().float() for x in (q, k, v)), *args, **kwargs)
+    spec = PRoPESpec(q.shape[-1], p, theta, variant, layout)
+    with torch.autocast(q.device.type, enabled=False):
+        x = [t.bfloat16() for t in (q, k, v)]
+        if cu_seqlens is None:
+            o = ref.prope_attention(*x, spec, causal, softmax_scale, window=window,
+                                    softcap=softcap)
+        else:
+            o = ref.prope_attention_varlen(*x, cu_seqlens, spec, causal, softmax_scale,
+                                           window=window, softcap=softcap)
+    return o.to(q.dtype)
 
-        monkeypatch.setattr(gemma, "prope_attention_varlen", rounded)
-        base = losses("reference")
-        monkeypatch.undo()
-    else:
-        base = losses("unfused")
-    bound = 2 * max(abs(a - b) for a, b in zip(ref, base)) + 2e-4 * max(map(abs, ref))
-    assert err <= bound, (err, bound, ref, base, fused)
+
+def _one_step(out, name, device, attn, float64=False, call=None):
+    """The attention output of each layer and the gradient of each parameter in one trainer
+    step (train_step, before the optimizer uses them). ``call(fn)`` wraps the model's attention
+    call (prope_attention / prope_attention_varlen, as models.gemma calls them)."""
+    from prope_kernels.models import gemma
+    from prope_kernels.train import setup, train_step
+
+    overrides, gain, seq_len = SHARP[name]
+    run = setup(TrainConfig(model=preset(name, attn=attn, **overrides), vocab_size=512,
+                            seq_len=seq_len, batch_size=4, steps=1, warmup=1, clip=0.0,
+                            device=device, out=str(out), progress=False))
+    with torch.no_grad():
+        for layer in run.model.layers:
+            a = layer.self_attn
+            if run.model_cfg.qk_norm:  # the norm scales by (1 + w) or w: scale that by gain
+                for w in (a.q_norm.weight, a.k_norm.weight):
+                    w.copy_((1 + w) * gain - 1 if run.model_cfg.norm_unit_offset else w * gain)
+            else:
+                a.q_proj.weight.mul_(gain)
+                a.k_proj.weight.mul_(gain)
+    if float64:
+        run.model.double()
+        run.autocast = contextlib.nullcontext
+    found = {}
+    for i, layer in enumerate(run.model.layers):
+        layer.self_attn.register_forward_hook(
+            lambda m, args, o, i=i: found.__setitem__(f"attention output of layer {i}",
+                                                      o.detach().clone()))
+
+    def snapshot(*args, **kwargs):  # instead of the update
+        for n, p in run.model.named_parameters():
+            found[f"gradient of {n}"] = p.grad.detach().clone()
+    run.opt.step = snapshot
+    with pytest.MonkeyPatch.context() as mp:
+        if call is not None:
+            mp.setattr(gemma, "prope_attention", call(gemma.prope_attention))
+            mp.setattr(gemma, "prope_attention_varlen", call(gemma.prope_attention_varlen))
+        train_step(run)
+    return found
+
+
+_YARDSTICKS = {}
+
+
+def _yardsticks(out, name, device):
+    """(truth, baseline) of :func:`_one_step` for a preset, once per session."""
+    if (name, device) not in _YARDSTICKS:
+        truth = _one_step(out / "float64", name, device, "reference", float64=True)
+        base = _one_step(out / "bf16", name, device, "reference",
+                         call=lambda fn: _bf16_reference)
+        _YARDSTICKS[name, device] = truth, base
+    return _YARDSTICKS[name, device]
+
+
+def check_sharp(truth, base, fused, factor=2.0):
+    """Each tensor of ``fused`` against the float64 ``truth``: ||fused - truth|| <= factor *
+    ||base - truth|| + 2 ||truth rounded to fused's dtype - truth|| (Frobenius norms). Returns
+    the rows (error / bound, name, error, bound), worst first; AssertionError naming the worst
+    tensors when any is over its bound (or not finite)."""
+    assert truth.keys() == base.keys() == fused.keys()
+    rows = []
+    for key, t in truth.items():
+        got = fused[key]
+        assert torch.isfinite(got).all(), f"{key}: non-finite values in the fused run"
+        t = t.double()
+        err = (got.double() - t).norm().item()
+        err_base = (base[key].double() - t).norm().item()
+        floor = 2 * (t.to(got.dtype).double() - t).norm().item()
+        bound = factor * err_base + floor + 1e-30
+        rows.append((err / bound, key, err, bound))
+    rows.sort(reverse=True)
+    over = [r for r in rows if r[0] > 1]
+    assert not over, (f"{len(over)} of {len(rows)} tensors over the bound ({factor}x the bf16 "
+                      "baseline's error + floor): " + "; ".join(
+                          f"{k}: error {e:.3e} > bound {b:.3e} ({r:.2f}x)"
+                          for r, k, e, b in over[:4]))
+    return rows
+
+
+@pytest.mark.parametrize("name", list(SHARP))
+def test_triton_attention_trains_like_reference(tmp_path, device, name):
+    # a trainer step with the fused Triton kernels (gemma-tiny: Gemma 1, p = 0.75; gemma4-tiny:
+    # windows on packed rows, head_dim 32 local and 64 global, 0.25-RoPE global layers, scale 1;
+    # gemma2-tiny: windows and softcaps, GQA) is as close to the float64 reference as the bf16
+    # reference math is, layer by layer and gradient by gradient
+    truth, base = _yardsticks(tmp_path, name, device)
+    fused = _one_step(tmp_path / "triton", name, device, "triton")
+    rows = check_sharp(truth, base, fused)
+    assert len(rows) == len(truth) > 10
+
+
+_MUTATED = []  # per attention call of a mutated run: whether the mutation changed it
+
+
+def _mutation(change):
+    """A ``call`` for :func:`_one_step` that applies ``change`` to the keyword arguments of
+    each attention call."""
+    def call(fn):
+        def mutated(*args, **kw):
+            before = dict(kw)
+            change(kw)
+            _MUTATED.append(kw != before)
+            return fn(*args, **kw)
+        return mutated
+    return call
+
+
+# each mutation of the fused run's attention call, and the preset that guards it
+MUTATIONS = {
+    "non-causal": ("gemma-tiny", lambda kw: kw.update(causal=False)),
+    "p forced to 0": ("gemma-tiny", lambda kw: kw.update(p=0.0)),
+    "p forced to 1": ("gemma4-tiny", lambda kw: kw.update(p=1.0)),   # its global layer: p 0.25
+    "window one key wider": ("gemma2-tiny", lambda kw: "window" in kw and kw.update(
+        window=(kw["window"][0] + 1, kw["window"][1]))),
+    "softcap halved": ("gemma2-tiny", lambda kw: "softcap" in kw and kw.update(
+        softcap=kw["softcap"] / 2)),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_broken_fused_attention_fails_the_check(tmp_path, device, mutation):
+    # the comparison above is sharp: the fused run with one argument of its attention call
+    # broken fails it
+    name, change = MUTATIONS[mutation]
+    truth, base = _yardsticks(tmp_path, name, device)
+    _MUTATED.clear()
+    broken = _one_step(tmp_path / "triton", name, device, "triton", call=_mutation(change))
+    assert any(_MUTATED)  # the mutation changed a call
+    with pytest.raises(AssertionError, match="over the bound"):
+        check_sharp(truth, base, broken)

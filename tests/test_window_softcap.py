@@ -158,7 +158,8 @@ def test_reference_backend_written_out_backward(causal, window, softcap):
 import itertools  # noqa: E402
 import zlib  # noqa: E402
 
-from harness import reference_grads  # noqa: E402
+import harness  # noqa: E402
+from harness import Reference, reference_grads, yardstick_grads  # noqa: E402
 from tolerance import check  # noqa: E402
 
 HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (3, 1), "gqa4": (8, 2), "mqa2": (2, 1)}
@@ -177,9 +178,10 @@ def _compare(fused, reference, inputs, dout, select=slice(None)):
         out = fn(*xs)
         return (out, *torch.autograd.grad(out, xs, do))
     got = grads(fused, inputs, dout)
-    # the references one query head at a time at GPU sizes (harness.reference_grads)
+    # at GPU sizes the truth one query head at a time (harness.reference_grads), the yardstick
+    # by blocks equal to the all-heads call (harness.yardstick_grads)
     truth = reference_grads(reference, [x.double() for x in inputs], [dout.double()])
-    lowp = reference_grads(reference, inputs, [dout])
+    lowp = yardstick_grads(reference, inputs, [dout])
     for name, g, t, lp in zip(("out", "dq", "dk", "dv"), got, truth, lowp):
         check(name, g[..., select, :, :], t[..., select, :, :], lp[..., select, :, :])
     return got
@@ -196,9 +198,7 @@ def run_dense(device, dtype, b, s, heads, d, causal, window=(-1, -1), softcap=No
     return _compare(
         lambda q, k, v: prope_attention(q, k, v, p=p, causal=causal, window=window,
                                         softcap=softcap, backend="triton"),
-        lambda q, k, v: ref.prope_attention(q, k, v, spec, causal, None, None, window=window,
-                                            softcap=softcap),
-        (q, k, v), dout)
+        Reference(spec, causal, window=window, softcap=softcap), (q, k, v), dout)
 
 
 def run_varlen(device, dtype, lens, heads, d, causal, window=(-1, -1), softcap=None,
@@ -214,9 +214,7 @@ def run_varlen(device, dtype, lens, heads, d, causal, window=(-1, -1), softcap=N
     _compare(
         lambda q, k, v: prope_attention_varlen(q, k, v, cu, max(lens), causal=causal,
                                                window=window, softcap=softcap, backend="triton"),
-        lambda q, k, v: ref.prope_attention_varlen(q, k, v, cu, spec, causal, None,
-                                                   window=window, softcap=softcap),
-        (q, k, v), dout)
+        Reference(spec, causal, window=window, softcap=softcap, cu_seqlens=cu), (q, k, v), dout)
 
 
 @pytest.mark.parametrize("s,window,causal,heads,dtype", [
@@ -288,9 +286,8 @@ def test_blocks_outside_the_window_are_not_read(device):
         nan[:, :64] = float("nan")
         return prope_attention(q + nan, k + nan, v + nan, window=window, backend="triton")
 
-    got = _compare(poisoned, lambda q, k, v: ref.prope_attention(q, k, v, spec, True,
-                                                                 window=window),
-                   (q, k, v), dout, select=slice(128, None))
+    got = _compare(poisoned, Reference(spec, True, window=window), (q, k, v), dout,
+                   select=slice(128, None))
     assert torch.isnan(got[0][:, :64]).all()    # the poison did reach the rows that see it
 
 
@@ -324,6 +321,42 @@ def test_headwise_reference_equals_all_heads(device):
         for a, b in zip(whole, split):
             assert a.shape == b.shape
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_yardstick_blocks_equal_the_all_heads_call(dtype):
+    # yardstick_grads computes GPU-size yardsticks by blocks (batch entries, whole kv-head groups
+    # or single query heads): q and k rotated once, dk and dv summed over the blocks in fp32 and
+    # rounded once, dk rotated back once, which is what the all-heads call does, so the results
+    # are the same bits (float64: the same to 1e-12). Dense GQA with lse, window, softcap and
+    # positions per row; dense MQA; packed GQA with lse. (Not float16: the CPU's float16 matmul
+    # rounds differently with the batch size, by one unit in the last place.)
+    spec = PRoPESpec(32, 0.75)
+    q, k, v, do = _inputs(("yardstick", str(dtype)), [(2, 23, 6, 32), (2, 23, 2, 32),
+                                                    (2, 23, 2, 32), (2, 23, 6, 32)], dtype, "cpu")
+    dlse = _inputs("yardstick-lse", [(2, 6, 23)], torch.float32, "cpu")[0]
+    pos = torch.randint(0, 3000, (2, 23), generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0, 9, 9, 23], dtype=torch.int32)
+    one = 23 * 23 * 4                   # float32 scores of one head of one batch entry
+    cases = [  # (reference, inputs, cotangents, block bytes: entries, kv groups, single heads)
+        (Reference(spec, True, None, pos, (6, 0), 10.0, return_lse=True), (q, k, v),
+         [do, dlse], (6 * one, 3 * one, one)),
+        (Reference(spec, False, 0.3), (q, k[..., :1, :], v[..., :1, :]), [do],
+         (6 * one, 6 * one, one)),
+        (Reference(spec, True, cu_seqlens=cu, return_lse=True),
+         tuple(x[0] for x in (q, k, v)), [do[0], dlse[0]], (3 * one, one)),
+    ]
+    for r, xs, cots, sizes in cases:
+        whole = harness.grads(r, xs, cots)
+        for size in sizes:
+            split = yardstick_grads(r, xs, cots, block_bytes=size)
+            assert len(split) == len(whole) == len(cots) + 3
+            for a, b in zip(split, whole):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                if dtype == torch.float64:
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+                else:
+                    assert torch.equal(a, b), (r, size, (a.double() - b.double()).abs().max())
 
 
 # --- GPU sizes (skipped without a GPU) -----------------------------------------------------------
