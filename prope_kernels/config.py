@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         "versions, GPUs, which backends run here and why not, the CUDA extension's build, the "
         "kernel switches, the dispatch table.")
     sub = ap.add_subparsers(dest="command")
-    cfg = sub.add_parser("config", help="what this install can run here (the default command)")
+    cfg = sub.add_parser("config", aliases=["show-config"],
+                         help="what this install can run here (the default command)")
     for p in (ap, cfg):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the facts as JSON")

@@ -149,5 +149,6 @@ def test_cli_text_and_json(capsys):
     assert config.main(["config", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {"versions", "gpus", "backends", "cuda_extension", "switches", "dispatch"} <= set(info)
+    assert config.main(["show-config"]) == 0 and "GPUs" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         config.main(["nonsense"])
