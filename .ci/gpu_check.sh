@@ -429,6 +429,7 @@ quick() {
   } | tee -a "$LOG"
   rm -f "$OUT/cuda_build.log"
   if [ "$brc" -eq 0 ] && [ "$FAKE" != 1 ]; then
+    cp -f "$BUILD_LIB"/prope_kernels/_build_info.json prope_kernels/ 2>/dev/null || true  # the build record
     cp "$BUILD_LIB"/prope_kernels/_C*.so prope_kernels/ \
       || { echo "=== step cuda_build: no _C*.so under $BUILD_LIB" | tee -a "$LOG"; brc=1; }
   fi

@@ -66,6 +66,17 @@ def load_error():
     return _LOAD_ERROR
 
 
+def extension_path():
+    """The file of the compiled extension prope_kernels._C, None when this install has none
+    (found without importing it)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
 def preferred_over_triton(x: torch.Tensor) -> bool:
     """Whether backend='auto' should pick the CUDA kernels for this input. False until the
     kernels have been validated and timed on a GPU against the Triton backend."""

@@ -36,9 +36,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import env
-from .models.gemma import ALIASES, ATTN_BACKENDS, PRESETS, Gemma, GemmaConfig, LayerAttn, \
-    preset
+from . import backends, env
+from .models.gemma import ALIASES, ATTN_BACKENDS, PRESETS, UNFUSED, Gemma, GemmaConfig, \
+    LayerAttn, preset
 from .rotary import LAYOUTS, VARIANTS
 
 
@@ -169,6 +169,12 @@ def parse_args(argv=None) -> TrainConfig:
     for n in ("steps", "seq_len", "batch_size", "grad_accum", "eval_batches"):
         if getattr(cfg, n) <= 0:
             ap.error(f"--{n.replace('_', '-')} must be positive")
+    # before any slow setup: the device asked for, and whether --attn runs there
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available (use --device cpu)")
+    why = attention_problem(cfg.model, _device_type(cfg), cfg.device)
+    if why:
+        ap.error(why)
     return cfg
 
 
@@ -193,8 +199,60 @@ def peak_flops(device: torch.device):
     return None
 
 
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+def _device_type(cfg: TrainConfig) -> str:
+    """"cpu" or "cuda": where the run trains (--device, auto: cuda when present)."""
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda"
+
+
+def attention_problem(model: GemmaConfig, device_type: str, device_flag: str = "auto"):
+    """Why the model's ``attn`` backend cannot train on ``device_type`` ("cpu"/"cuda"; chosen
+    by ``--device device_flag``), as an error naming --attn (None when it can): checked before
+    the data and the model are built."""
+    name = model.attn
+    if name in ("auto", UNFUSED, "reference"):
+        return None
+    be = backends.get(name)
+    dev = torch.device(device_type)
+
+    def others(ok=lambda b: True) -> str:
+        return ", ".join(["auto"] + [n for n in backends.names() if n != name
+                                     and backends.get(n).runs_on(dev) and ok(backends.get(n))])
+
+    if not be.runs_on(dev):
+        hint = ("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slowly), or use "
+                if be.interpreter_cpu else "use ")
+        on = "--device cpu" if device_flag == "cpu" else "no CUDA device is available"
+        return (f"--attn {name}: the {name} kernels need a CUDA GPU, and this run is on the "
+                f"CPU ({on}); {hint}one of --attn {others()}")
+    why = be.unavailable()
+    if why is not None:
+        return f"--attn {name}: backend={name!r} {why}"
+    needs = set()
+    dims = set()
+    for i in range(model.layers):
+        spec = model.layer_attn(i)
+        dims.add(spec.head_dim)
+        if spec.window:
+            needs.add("window")
+        if spec.softcap:
+            needs.add("softcap")
+    missing = sorted(needs - set(be.features))
+    if missing:
+        return (f"--attn {name}: backend={name!r} does not implement {' or '.join(missing)}, "
+                f"which this model's layers use; use one of --attn "
+                + others(lambda b: needs <= b.features))
+    bad = sorted(d for d in dims if not be.head_dim_ok(d))
+    if bad:
+        return (f"--attn {name}: backend={name!r} supports {be.head_dims}; this model's layers "
+                f"use head_dim {', '.join(map(str, bad))}; use one of --attn "
+                + others(lambda b: all(map(b.head_dim_ok, dims))))
+    return None
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if _device_type(cfg) == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA device is available")
@@ -315,6 +373,9 @@ def _wrap(model, cfg: TrainConfig, device, world: int, local_rank: int):
 def setup(cfg: TrainConfig) -> Run:
     """Process group, data, model (sharded or replicated), optimizer, resume, run folder."""
     device, rank, world, local_rank = _init_distributed(cfg)
+    why = attention_problem(cfg.model, device.type, cfg.device)
+    if why:  # before the data and the model (the CLI has already said so)
+        raise UsageError(why)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size ({cfg.batch_size}) must be a multiple of "
                          f"world size x --grad-accum ({world} x {cfg.grad_accum})")
@@ -554,9 +615,75 @@ def _progress(run: Run):
     return tqdm(total=run.cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; returns {"final": last record, "out": folder, "metrics"}."""
+def _count(n: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def header(cfg: TrainConfig) -> str:
+    """What a run is about to do (the CLI prints it before the slow setup: corpus, tokenizer,
+    model): the model and its parameter count, device and dtype, attention backend, tokens per
+    step, steps, data and run folder."""
+    m = cfg.model
+    world = env.distributed()[0]
+    dev = _device_type(cfg)
+    # the vocabulary the model will get (_model_config): a trained tokenizer's, the published
+    # one, or that of --tokenizer (known once it is loaded)
+    if cfg.tokenizer:
+        vocab = m.vocab_size
+        vocab_text = f"at vocabulary {vocab}; --tokenizer's vocabulary replaces it"
+    elif m.vocab_size >= 256000:
+        vocab, vocab_text = m.vocab_size, f"vocabulary {m.vocab_size}"
+    else:
+        vocab, vocab_text = cfg.vocab_size, f"vocabulary {cfg.vocab_size}"
+    params = m.updated(vocab_size=vocab).num_params()
+    g = m.global_attn
+    p = f"p {g.p:g}" + (f" global, {m.local_attn.p:g} local (window {m.local_attn.window})"
+                        if m.local_attn is not None and "L" in m.layer_pattern else "")
+    if dev == "cuda":
+        dtype = "bfloat16 autocast, float32 weights" if torch.cuda.is_bf16_supported() else \
+            "float32"
+        name = torch.cuda.get_device_name(env.distributed()[2])
+        device = f"cuda ({name})"
+    else:
+        dtype, device = "float32", "cpu"
+    attn = m.attn
+    if attn == "auto":
+        attn += (" (the reference on the CPU)" if dev == "cpu" else
+                 " (chosen per call: prope_kernels.explain says which)")
+    elif attn == UNFUSED:
+        attn += " (RoPE, then torch's scaled_dot_product_attention)"
+    elif attn == "triton" and dev == "cpu":
+        attn += " (Triton interpreter: slow)"
+    step = (f"{cfg.batch_size * cfg.seq_len:,} tokens a step ({cfg.batch_size} rows x "
+            f"{cfg.seq_len}" + (f", {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
+            + (f", over {world} processes" if world > 1 else "") + ")")
+    data = cfg.data or "the bundled corpus"
+    tok = cfg.tokenizer or f"a BPE tokenizer trained on the data (cached in {env.cache_dir()})"
+    return "\n".join([
+        f"prope-train: {_count(params)} parameters ({vocab_text}): {m.layers} layers, width "
+        f"{m.hidden}, {m.heads} heads, head_dim {g.head_dim}, {p}",
+        f"  device {device}, {dtype}; attention {attn}",
+        f"  {step}, {cfg.steps} steps" + (f" (stop at {cfg.stop_at})" if cfg.stop_at else "")
+        + (", resuming" if cfg.resume else ""),
+        f"  data: {data}; tokenizer: {tok}",
+        f"  run folder: {cfg.out}",
+        "preparing the data, tokenizer and model ...",
+    ])
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) training; returns {"final": last record, "out": folder, "metrics"}.
+    ``log``: called with a line once the setup is done (the CLI prints it)."""
+    t0 = time.perf_counter()
     run = setup(cfg)
+    if log is not None and run.rank == 0:
+        log(f"ready after {time.perf_counter() - t0:.1f} s: "
+            f"{run.model_cfg.num_params():,} parameters (vocabulary {run.model_cfg.vocab_size}), "
+            f"{len(run.batches.data):,} training rows, {len(run.val):,} validation rows"
+            + (f", resumed at step {run.step}" if run.step else ""))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     peak = peak_flops(run.device)
     flops_token = run.model_cfg.flops_per_token(cfg.seq_len)
@@ -602,8 +729,15 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    first = env.distributed()[1] == 0
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
     try:
-        res = train(cfg)
+        if first:
+            say(header(cfg))
+        res = train(cfg, log=say if first else None)
     except UsageError as e:
         print(f"prope-train: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from prope_kernels import backends
 from prope_kernels.models import preset
 from prope_kernels.train import TrainConfig, main, parse_args, train
 
@@ -167,6 +168,9 @@ def _cli(*args):
     (["--batch-size", "6", "--grad-accum", "4"], "multiple of --grad-accum"),
     (["--steps", "0"], "--steps must be positive"),
     (["--tokenizer", "/nonexistent.model"], "does not exist"),
+    # a backend lacking a feature the preset's layers use: refused before any setup
+    (["--attn", "sdpa", "--preset", "gemma2-tiny"], "--attn sdpa: backend='sdpa' does not "
+                                                    "implement softcap or window"),
 ])
 def test_cli_errors_are_clear(args, msg, capsys, tmp_path):
     # in process (an unexpected exception would fail the test with its traceback)
@@ -177,6 +181,48 @@ def test_cli_errors_are_clear(args, msg, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2, err
     assert msg in err, err
+
+
+@pytest.mark.parametrize("attn", ["triton", "cuda"])
+def test_kernel_backend_on_the_cpu_is_an_argument_error(attn, monkeypatch, capsys, tmp_path):
+    # --attn triton/cuda on a CPU run (no interpreter): an argparse error naming the argument,
+    # exit 2, before the header and any setup (no corpus, tokenizer, model or run folder)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--attn", attn, "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"error: --attn {attn}: the {attn} kernels need a CUDA GPU" in err, err
+    assert "--device cpu" in err and "one of --attn auto, " in err
+    assert ("TRITON_INTERPRET=1" in err) == (attn == "triton")
+    assert out == "" and not (tmp_path / "run").exists()
+    # the Triton interpreter makes --attn triton a valid CPU run (the fused-run test trains it)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if attn == "triton" and backends.get("triton").unavailable() is None:
+        assert parse_args(["--attn", "triton", "--device", "cpu"]).model.attn == "triton"
+
+
+def test_header_comes_before_the_setup(monkeypatch, capsys, tmp_path):
+    # what the run will do is printed first (the setup takes seconds: corpus, tokenizer, model)
+    from prope_kernels import train as train_mod
+
+    seen = {}
+
+    def fake_train(cfg, log=None):
+        seen["out"] = capsys.readouterr().out  # printed before train() was called
+        log("ready")
+        return {"final": {}, "out": cfg.out, "metrics": []}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert main(["--device", "cpu", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    out = " ".join(seen["out"].split())
+    params = preset("gemma-small").updated(vocab_size=4096).num_params()
+    assert f"prope-train: {params / 1e6:.1f}M parameters (vocabulary 4096)" in out, out
+    for text in ("device cpu, float32", "attention auto (the reference on the CPU)",
+                 "2,048 tokens a step (8 rows x 256), 150 steps", "data: the bundled corpus",
+                 f"run folder: {tmp_path / 'r'}", "preparing the data"):
+        assert text in out, (text, out)
+    assert capsys.readouterr().out == "ready\n"  # train's log line goes to the same stream
 
 
 def test_help_comes_from_the_dataclass_fields():

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -253,20 +254,72 @@ def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None)
 # the registered backends
 # ----------------------------------------------------------------------------------------------
 
-def _triton_unavailable():
+# a failed import of an optional dependency, kept: a module whose import failed is not retried
+# (its second try can fail differently, on the half-imported modules the first left behind)
+_IMPORT_ERRORS: dict = {}
+
+
+def import_error(module: str) -> Optional[BaseException]:
+    """The exception that importing ``module`` raises (None when it imports). The exception is
+    the real one (a dependency of the module missing, say), not a guess at what is wrong."""
+    if module in _IMPORT_ERRORS:
+        return _IMPORT_ERRORS[module]
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "needs the triton package; pip install triton, or use backend='reference'"
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001  (anything an import can raise is the reason)
+        _IMPORT_ERRORS[module] = e
+        return e
     return None
+
+
+def describe_error(e: BaseException) -> str:
+    """``ModuleNotFoundError: No module named 'numpy'``: an exception as a reason names it."""
+    return f"{type(e).__name__}: {e}"
+
+
+def _installed(dist: str) -> Optional[str]:
+    """The installed version of distribution ``dist``, None when it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _triton_unavailable():
+    err = import_error("triton")
+    if err is None:
+        return None
+    version = _installed("triton")
+    if version is None and importlib.util.find_spec("triton") is None:
+        return "needs the triton package; pip install triton, or use backend='reference'"
+    hint = ""
+    if isinstance(err, ModuleNotFoundError) and err.name == "numpy":
+        hint = (" (Triton's CPU interpreter, TRITON_INTERPRET=1, imports numpy: pip install "
+                "numpy)" if env.interpreting() else " (pip install numpy)")
+    return (f"cannot import triton{' ' + version if version else ''}, which is installed: "
+            f"{describe_error(err)}{hint}; or use backend='reference'")
 
 
 def _cuda_unavailable():
     from .. import cuda
     if cuda.available():
         return None
-    return ("needs the compiled extension prope_kernels._C, which is not built; reinstall with "
-            "a CUDA toolkit (PROPE_FORCE_CUDA_BUILD=1 pip install .) or use backend='triton'")
+    if not cuda._load():
+        err = cuda.load_error()
+        if cuda.extension_path() is None:
+            return ("needs the compiled extension prope_kernels._C, which this install does not "
+                    "have (`python -m prope_kernels` shows why it was not built); reinstall "
+                    "with a CUDA toolkit (PROPE_FORCE_CUDA_BUILD=1 pip install "
+                    "--no-build-isolation .) or use backend='triton'")
+        return (f"needs the compiled extension prope_kernels._C, which does not load: "
+                f"{describe_error(err)} (built against another torch? rebuild it: "
+                "PROPE_FORCE_CUDA_BUILD=1 pip install --no-build-isolation .); or use "
+                "backend='triton'")
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (prope_kernels._C loads, but torch sees no GPU)"
+    return ("needs the compiled extension prope_kernels._C and a CUDA device, which "
+            "prope_kernels.cuda.available() says are not usable here; use backend='triton'")
 
 
 def _cuda_preferred(x):
