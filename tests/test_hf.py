@@ -47,6 +47,56 @@ FAMILIES = {
                     sliding_window=8, hidden_size_per_layer_input=8,
                     vocab_size_per_layer_input=VOCAB)),
 }
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+TYPES = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5)
+# families whose attention is Llama's shape, or one of the variations hf.ATTENTION_SHAPES knows:
+# a sliding window read from the config (Mistral), a fused qkv_proj and a partial rotary
+# (Phi-3), interleaved pairs (GLM, Helium, ERNIE 4.5), q/k norms over all heads (OLMo 2/3),
+# layers without rotation (SmolLM3, EXAONE 4), a residual dropout after o_proj (Starcoder2)
+LLAMA_SHAPED = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=5)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_hidden_layers=2, sliding_window=6, **MOE)),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_hidden_layers=2)),
+    # a quarter of head_dim 16 rotates (frequencies over those dims): variant "partial"
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM",
+                     dict(num_hidden_layers=2, partial_rotary_factor=0.5, sliding_window=6)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_hidden_layers=2, sliding_window=6,
+                                                         **MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_hidden_layers=2, shared_expert_intermediate_size=24,
+                       use_sliding_window=True, sliding_window=5, max_window_layers=2,
+                       **QWEN_MOE)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=5,
+                       **QWEN_MOE)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
+                   dict(num_hidden_layers=2, sliding_window=6)),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(num_hidden_layers=2)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(num_hidden_layers=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(num_hidden_layers=2, attention_multiplier=0.3)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_hidden_layers=2, attention_multiplier=0.3, **MOE)),
+    "cwm": ("CwmConfig", "CwmForCausalLM",  # its default rope is llama3-scaled (falls back)
+            dict(num_hidden_layers=2, rope_parameters={"rope_type": "default",
+                                                       "rope_theta": 1e6}, **TYPES)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(num_hidden_layers=2, first_k_dense_replace=2, **TYPES)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(num_hidden_layers=2)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_hidden_layers=2)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(num_hidden_layers=2, head_dim=8)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(num_hidden_layers=2)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(num_hidden_layers=2)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(num_hidden_layers=2)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(num_hidden_layers=4, no_rope_layer_interval=2)),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+}
+FAMILIES.update(LLAMA_SHAPED)
 # sliding-window and soft-capped layers: fused when the op has window=/softcap=, else they fall
 # back (with a warning); either way the answer must be the original one
 FEATURE_FAMILIES = {
