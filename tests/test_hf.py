@@ -486,9 +486,10 @@ def test_convert_rope_to_prope_roundtrip(tmp_path, device, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["mistral", "helium", "smollm3"])
-def test_convert_llama_shaped(family, device, monkeypatch):
+def test_convert_llama_shaped(family, tmp_path, device, monkeypatch):
     """p converts half (Mistral) and interleaved (Helium) rotations; layers without rotation
-    (SmolLM3) keep none; the converted model's own path computes the same p-RoPE."""
+    (SmolLM3) keep none; the converted model's own path, and a reloaded one, compute the same
+    p-RoPE."""
     model = build(family, device=device)
     rope = model(make_inputs("padding", device)[0]).logits
     apply_prope_attention(model, p=0.25, backend="reference", verbose=False)
@@ -502,11 +503,21 @@ def test_convert_llama_shaped(family, device, monkeypatch):
     remove_prope_attention(model)
     torch.testing.assert_close(model(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
     assert (model(ids).logits - rope).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).to(device).eval()
+    torch.testing.assert_close(again(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_convert_partial_rotary_refused():
-    with pytest.raises(ValueError, match="partial rotary"):
-        apply_prope_attention(build("phi3-partial"), p=0.5, backend="reference")
+@pytest.mark.parametrize("family", ["phi3", "phi3-partial", "glm"])
+def test_convert_partial_rotary_refused(family):
+    """Phi-3 and GLM configs read partial_rotary_factor as a rotary prefix: no conversion (it
+    could not be saved), and nothing is changed."""
+    model = build(family)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="rotary prefix"):
+        apply_prope_attention(model, p=0.5, backend="reference")
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    assert model.config.rope_parameters.get("rope_type", "default") == "default"
 
 
 def test_convert_per_layer_type_gemma4(device):

@@ -5,7 +5,17 @@
     apply_prope_attention(model)                 # same model, fused rotation + attention
     apply_prope_attention(model, p=0.75)         # convert a RoPE model to 0.75-RoPE
 
-Supported attention classes: Llama, Gemma, Gemma 2, Gemma 3 (text), Qwen2, Qwen3, Gemma 4 (text).
+Supported attention classes (:data:`ATTENTION_SHAPES`, by class name): Llama, Gemma, Gemma 2,
+Gemma 3 (text), Gemma 4 (text), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mistral, Mixtral, Ministral,
+Phi-3, PhiMoE, Starcoder2, Seed-OSS, Arcee, Granite, GraniteMoE, CWM, dots.llm1, OLMo, OLMo 2,
+OLMo 3, Helium, ERNIE 4.5, GLM, GLM-4, SmolLM3, EXAONE 4. Each is the Llama attention or a
+variation of it that :class:`AttentionShape` describes: the sliding window read from the config
+(Mistral, Mixtral, Phi-3, PhiMoE, Starcoder2), one fused ``qkv_proj`` (Phi-3), a rotary over a
+prefix of the head with its own frequencies (Phi-3 and GLM ``partial_rotary_factor``: the op's
+``variant="partial"``), interleaved pairs (GLM, Helium, ERNIE 4.5: ``layout="interleaved"``), q/k
+norms over all heads before the head split (OLMo 2/3), layers without rotation (SmolLM3's
+``no_rope_layers``, EXAONE 4's full-attention layers: p = 0), a residual dropout after ``o_proj``
+(Starcoder2, Seed-OSS: applied in training as the original does), OLMo's ``clip_qkv`` (falls back).
 
 How it works. Each attention layer's ``forward`` is replaced (on the instance) by one that projects
 q, k, v in the model's own ``(batch, seqlen, heads, head_dim)`` layout, applies the model's q/k/v
@@ -37,7 +47,8 @@ and checked against ``rope_theta``: a frequency vector that is not ``theta^(-2k/
 rotated pairs and 0 elsewhere is not p-RoPE, and that layer falls back. Passing ``p`` converts
 the model: its ``inv_freq`` buffers are rewritten (so the original path, generation included,
 computes the same p-RoPE) and its config records ``rope_type="proportional"`` with
-``partial_rotary_factor=p``, so ``save_pretrained`` / ``from_pretrained`` give it back.
+``partial_rotary_factor=p``, so ``save_pretrained`` / ``from_pretrained`` give it back. Classes
+that read ``partial_rotary_factor`` as a rotary prefix (Phi-3, GLM) are not converted.
 """
 
 from __future__ import annotations
@@ -340,8 +351,7 @@ def _convert_rotary(rotary, config, layer_type, head_dim, p, variant):
         if buf is not None:
             if buf.numel() != want.numel():
                 raise ValueError(f"p: the rotary buffer {name} has {buf.numel()} entries, "
-                                 f"expected head_dim/2 = {want.numel()} (a partial rotary, as "
-                                 f"in Phi-3 or GLM, is not converted: patch without p)")
+                                 f"expected head_dim/2 = {want.numel()}")
             if not buf.is_meta:  # meta: transformers fills it from the (updated) config
                 with torch.no_grad():
                     buf.copy_(want.to(buf.dtype))
@@ -708,6 +718,12 @@ def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: st
                 if isinstance(pl, bool) or not isinstance(pl, (int, float)) \
                         or not 0.0 <= pl <= 1.0:
                     raise ValueError(f"p[{lt!r}] must be a float in [0, 1], got {pl!r}")
+                if ATTENTION_SHAPES[type(a).__name__].partial:
+                    raise ValueError(
+                        f"p: {type(a).__name__} reads partial_rotary_factor as a rotary prefix "
+                        f"with its own frequencies (variant 'partial'), so its config cannot "
+                        f"record a p-RoPE conversion; patch it without p (its own rotation is "
+                        f"fused)")
                 _convert_rotary(rotary, config, lt, int(a.head_dim), float(pl), variant)
                 done.add(key)
             if isinstance(p, dict):
