@@ -527,9 +527,12 @@ def test_convert_per_layer_type_gemma4(device):
     assert [x.p for x in s] == [0.25, 0.5, 0.25]
 
 
-def test_patch_class(tmp_path, device, monkeypatch):
-    build("qwen2").save_pretrained(tmp_path)
-    cls = transformers.Qwen2ForCausalLM
+@pytest.mark.parametrize("family", ["qwen2", "phi3-partial", "glm"])
+def test_patch_class(family, tmp_path, device, monkeypatch):
+    """A patched class: from_pretrained builds on the meta device, so the rotation is read
+    from the config (partial rotaries included)."""
+    build(family).save_pretrained(tmp_path)
+    cls = getattr(transformers, ALL[family][1])
     apply_prope_attention(cls, backend="reference")
     try:
         model = cls.from_pretrained(tmp_path).to(device).eval()

@@ -235,7 +235,7 @@ def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float, partial=
     got = inv_freq.detach().to("cpu", torch.float64)
     if partial and 0 < got.numel() < h:
         r = got.numel()
-        want = float(theta) ** (-torch.arange(r, dtype=torch.float64) / r)
+        want = float(theta) ** (-torch.arange(r, dtype=torch.float64, device="cpu") / r)
         if torch.allclose(got, want, rtol=rtol, atol=0):
             return r / h, "partial"
         return None, (f"its rotary frequencies over the first {2 * r} dims are not "
