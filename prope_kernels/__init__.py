@@ -1,6 +1,8 @@
 """prope_kernels: attention with p-RoPE fused into FlashAttention-style kernels.
 
     from prope_kernels import prope_attention, prope_attention_varlen, apply_prope
+    from prope_kernels import flash_attn_func, flash_attn_varlen_func   # flash-attn's arguments
+    from prope_kernels.nn import PRoPEAttention                          # as an nn.Module
 
 See :mod:`prope_kernels.interface` for the API, :mod:`prope_kernels.backends` for the backends,
 :mod:`prope_kernels.reference` for the math.
@@ -8,8 +10,12 @@ See :mod:`prope_kernels.interface` for the API, :mod:`prope_kernels.backends` fo
 
 from .interface import apply_prope, explain, prope_attention, prope_attention_varlen
 from .rotary import PRoPESpec, rotated_pairs
+from .flash_api import flash_attn_func, flash_attn_varlen_func
+from . import nn
+from .nn import PRoPEAttention
 
 __version__ = "0.1.0"
 
 __all__ = ["prope_attention", "prope_attention_varlen", "apply_prope", "explain", "PRoPESpec",
-           "rotated_pairs", "__version__"]
+           "rotated_pairs", "flash_attn_func", "flash_attn_varlen_func", "PRoPEAttention", "nn",
+           "__version__"]

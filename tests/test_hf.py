@@ -47,6 +47,56 @@ FAMILIES = {
                     sliding_window=8, hidden_size_per_layer_input=8,
                     vocab_size_per_layer_input=VOCAB)),
 }
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+TYPES = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=5)
+# families whose attention is Llama's shape, or one of the variations hf.ATTENTION_SHAPES knows:
+# a sliding window read from the config (Mistral), a fused qkv_proj and a partial rotary
+# (Phi-3), interleaved pairs (GLM, Helium, ERNIE 4.5), q/k norms over all heads (OLMo 2/3),
+# layers without rotation (SmolLM3, EXAONE 4), a residual dropout after o_proj (Starcoder2)
+LLAMA_SHAPED = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=5)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_hidden_layers=2, sliding_window=6, **MOE)),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_hidden_layers=2)),
+    # a quarter of head_dim 16 rotates (frequencies over those dims): variant "partial"
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM",
+                     dict(num_hidden_layers=2, partial_rotary_factor=0.5, sliding_window=6)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_hidden_layers=2, sliding_window=6,
+                                                         **MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_hidden_layers=2, shared_expert_intermediate_size=24,
+                       use_sliding_window=True, sliding_window=5, max_window_layers=2,
+                       **QWEN_MOE)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=5,
+                       **QWEN_MOE)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
+                   dict(num_hidden_layers=2, sliding_window=6)),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(num_hidden_layers=2)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(num_hidden_layers=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(num_hidden_layers=2, attention_multiplier=0.3)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_hidden_layers=2, attention_multiplier=0.3, **MOE)),
+    "cwm": ("CwmConfig", "CwmForCausalLM",  # its default rope is llama3-scaled (falls back)
+            dict(num_hidden_layers=2, rope_parameters={"rope_type": "default",
+                                                       "rope_theta": 1e6}, **TYPES)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(num_hidden_layers=2, first_k_dense_replace=2, **TYPES)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(num_hidden_layers=2)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_hidden_layers=2)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(num_hidden_layers=2, head_dim=8)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(num_hidden_layers=2)),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(num_hidden_layers=2)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(num_hidden_layers=2)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(num_hidden_layers=4, no_rope_layer_interval=2)),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(num_hidden_layers=2, **TYPES)),
+}
+FAMILIES.update(LLAMA_SHAPED)
 # sliding-window and soft-capped layers: fused when the op has window=/softcap=, else they fall
 # back (with a warning); either way the answer must be the original one
 FEATURE_FAMILIES = {
@@ -180,6 +230,35 @@ def test_gemma4_per_layer_settings():
     assert sliding.window == (7, 0)  # query i sees keys i-7..i (transformers' sliding_window=8)
 
 
+def test_llama_shaped_settings():
+    """What each variation of the Llama shape reads from the model (rotation, window, scale)."""
+    def settings(family):
+        return [(x.p, x.variant, x.layout, x.window, x.reason)
+                for x in prope_layer_settings(pair(family)[0])]
+    # Mistral's sliding_window is in the config, not on the layer: every layer, i - j < 5
+    assert settings("mistral") == [(1.0, "prope", "half", (4, 0), None)] * 2
+    assert settings("phi3") == [(1.0, "prope", "half", None, None)] * 2
+    # Phi-3, partial_rotary_factor 0.5: the first 8 of 16 dims rotate, frequencies over those 8
+    assert settings("phi3-partial") == [(0.5, "partial", "half", (5, 0), None)] * 2
+    # GLM: the first half of the head, interleaved pairs
+    assert settings("glm") == [(0.5, "partial", "interleaved", None, None)] * 2
+    assert settings("helium") == [(1.0, "prope", "interleaved", None, None)] * 2
+    # SmolLM3 without rotation on every 2nd layer; EXAONE 4: the full-attention layer has none
+    assert [x[0] for x in settings("smollm3")] == [1.0, 0.0, 1.0, 0.0]
+    assert settings("exaone4") == [(1.0, "prope", "half", (4, 0), None),
+                                   (0.0, "prope", "half", None, None)]
+    assert [x.softmax_scale for x in prope_layer_settings(pair("granite")[0])] == [0.3, 0.3]
+
+
+def test_every_supported_class_is_checked():
+    """Each attention class the patch accepts is in a family the parity tests run."""
+    covered = set()
+    for family in FAMILIES:
+        covered |= {type(m).__name__ for m in build(family).modules()}
+    assert set(hf.SUPPORTED_ATTENTION_CLASSES) <= covered, \
+        set(hf.SUPPORTED_ATTENTION_CLASSES) - covered
+
+
 # ----------------------------------------------------------------------------------------------
 # parity: Triton kernels (interpreter on the CPU), fp16/bf16, tolerance from the model's own error
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +279,8 @@ def _truth_and_lowp(family, device, dtype, case):
     ("llama", torch.bfloat16, "plain"), ("llama", torch.float16, "padding"),
     ("gemma", torch.bfloat16, "packed"), ("gemma2", torch.bfloat16, "padding"),
     ("gemma3", torch.float16, "plain"), ("qwen2", torch.bfloat16, "packed"),
+    ("mistral", torch.bfloat16, "padding"), ("phi3-partial", torch.bfloat16, "packed"),
+    ("glm", torch.float16, "plain"),
     ("qwen3", torch.bfloat16, "padding"), ("gemma4", torch.bfloat16, "plain"),
     ("gemma2-sliding-softcap", torch.bfloat16, "padding"),
     ("gemma3-sliding", torch.float16, "packed")])
@@ -253,6 +334,55 @@ def test_window_with_padding_holes_falls_back(device, monkeypatch):
     torch.testing.assert_close(got[keep], base(ids, **kw).logits[keep], rtol=1e-5, atol=1e-5)
 
 
+PHI3_LONGROPE = dict(head_dim=8, rope_parameters={
+    "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 3.0],
+    "long_factor": [2.0] * 4, "original_max_position_embeddings": 64})
+
+
+@pytest.mark.parametrize("family,over,match", [
+    ("olmo", dict(clip_qkv=0.5), "clip_qkv"),
+    ("phi3", PHI3_LONGROPE, "longrope"),
+    ("mistral", {}, "padding inside a row"),
+])
+def test_llama_shaped_fallback_warns_once_and_matches(family, over, match, device, monkeypatch):
+    patched, base = pair(family, device=device, **over)
+    ids, labels, keep, kw = make_inputs("padding", device)
+    if match.startswith("padding"):
+        kw["attention_mask"][0, 7:9] = 0  # a hole inside row 0, with a sliding window
+        keep = kw["attention_mask"].bool()
+    calls = OpCounter(monkeypatch)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", PRoPEFallbackWarning)
+        got = run(patched, ids, labels, kw)
+        run(patched, ids, labels, kw)
+    fallbacks = [str(r.message) for r in rec if issubclass(r.category, PRoPEFallbackWarning)]
+    assert len(fallbacks) == 1 and match in fallbacks[0], fallbacks
+    assert calls.n == 0
+    want = run(base, ids, labels, kw)
+    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-5, atol=1e-5)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_residual_dropout_in_training(device, monkeypatch):
+    """Starcoder2's dropout after o_proj runs in the fused layer too: same masks, same seed."""
+    patched, base = pair("starcoder2", device=device, residual_dropout=0.3)
+    ids, labels, keep, kw = make_inputs("padding", device)
+    results = []
+    for model in (patched, base):
+        model.train()
+        calls = OpCounter(monkeypatch)
+        torch.manual_seed(7)
+        results.append(run(model, ids, labels, kw))
+        assert calls.n == (2 if model is patched else 0)
+    (got, got_g), (want, want_g) = results
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-5, msg=n)
+    base.eval()
+    assert (base(ids, **kw).logits[keep] - want[keep]).abs().max() > 1e-3  # dropout was on
+
+
 def test_fallback_4d_mask_warns_once_and_matches(device):
     patched, base = pair("llama", device=device)
     ids, labels, keep, _ = make_inputs("plain", device)
@@ -274,7 +404,7 @@ def returned_cache(out):
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma4"])
+@pytest.mark.parametrize("family", ["llama", "gemma4", "phi3-partial", "glm"])
 def test_generate_with_cache_matches(family, device):
     """The prompt runs fused and fills the cache with rotated keys; later tokens fall back."""
     patched, base = pair(family, device=device)
@@ -355,6 +485,41 @@ def test_convert_rope_to_prope_roundtrip(tmp_path, device, monkeypatch):
     assert (rope - fused[keep]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family", ["mistral", "helium", "smollm3"])
+def test_convert_llama_shaped(family, tmp_path, device, monkeypatch):
+    """p converts half (Mistral) and interleaved (Helium) rotations; layers without rotation
+    (SmolLM3) keep none; the converted model's own path, and a reloaded one, compute the same
+    p-RoPE."""
+    model = build(family, device=device)
+    rope = model(make_inputs("padding", device)[0]).logits
+    apply_prope_attention(model, p=0.25, backend="reference", verbose=False)
+    want_p = [0.0 if family == "smollm3" and i % 2 else 0.25
+              for i in range(model.config.num_hidden_layers)]
+    assert [x.p for x in prope_layer_settings(model)] == want_p
+    ids, labels, keep, kw = make_inputs("padding", device)
+    calls = OpCounter(monkeypatch)
+    fused = model(ids, **kw).logits
+    assert calls.n == len(want_p)
+    remove_prope_attention(model)
+    torch.testing.assert_close(model(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
+    assert (model(ids).logits - rope).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).to(device).eval()
+    torch.testing.assert_close(again(ids, **kw).logits[keep], fused[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3-partial", "glm"])
+def test_convert_partial_rotary_refused(family):
+    """Phi-3 and GLM configs read partial_rotary_factor as a rotary prefix: no conversion (it
+    could not be saved), and nothing is changed."""
+    model = build(family)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="rotary prefix"):
+        apply_prope_attention(model, p=0.5, backend="reference")
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    assert model.config.rope_parameters.get("rope_type", "default") == "default"
+
+
 def test_convert_per_layer_type_gemma4(device):
     model = build("gemma4", device=device)
     apply_prope_attention(model, p={"sliding_attention": 0.5}, backend="reference")
@@ -362,9 +527,12 @@ def test_convert_per_layer_type_gemma4(device):
     assert [x.p for x in s] == [0.25, 0.5, 0.25]
 
 
-def test_patch_class(tmp_path, device, monkeypatch):
-    build("qwen2").save_pretrained(tmp_path)
-    cls = transformers.Qwen2ForCausalLM
+@pytest.mark.parametrize("family", ["qwen2", "phi3-partial", "glm"])
+def test_patch_class(family, tmp_path, device, monkeypatch):
+    """A patched class: from_pretrained builds on the meta device, so the rotation is read
+    from the config (partial rotaries included)."""
+    build(family).save_pretrained(tmp_path)
+    cls = getattr(transformers, ALL[family][1])
     apply_prope_attention(cls, backend="reference")
     try:
         model = cls.from_pretrained(tmp_path).to(device).eval()

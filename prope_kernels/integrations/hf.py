@@ -5,7 +5,17 @@
     apply_prope_attention(model)                 # same model, fused rotation + attention
     apply_prope_attention(model, p=0.75)         # convert a RoPE model to 0.75-RoPE
 
-Supported attention classes: Llama, Gemma, Gemma 2, Gemma 3 (text), Qwen2, Qwen3, Gemma 4 (text).
+Supported attention classes (:data:`ATTENTION_SHAPES`, by class name): Llama, Gemma, Gemma 2,
+Gemma 3 (text), Gemma 4 (text), Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mistral, Mixtral, Ministral,
+Phi-3, PhiMoE, Starcoder2, Seed-OSS, Arcee, Granite, GraniteMoE, CWM, dots.llm1, OLMo, OLMo 2,
+OLMo 3, Helium, ERNIE 4.5, GLM, GLM-4, SmolLM3, EXAONE 4. Each is the Llama attention or a
+variation of it that :class:`AttentionShape` describes: the sliding window read from the config
+(Mistral, Mixtral, Phi-3, PhiMoE, Starcoder2), one fused ``qkv_proj`` (Phi-3), a rotary over a
+prefix of the head with its own frequencies (Phi-3 and GLM ``partial_rotary_factor``: the op's
+``variant="partial"``), interleaved pairs (GLM, Helium, ERNIE 4.5: ``layout="interleaved"``), q/k
+norms over all heads before the head split (OLMo 2/3), layers without rotation (SmolLM3's
+``no_rope_layers``, EXAONE 4's full-attention layers: p = 0), a residual dropout after ``o_proj``
+(Starcoder2, Seed-OSS: applied in training as the original does), OLMo's ``clip_qkv`` (falls back).
 
 How it works. Each attention layer's ``forward`` is replaced (on the instance) by one that projects
 q, k, v in the model's own ``(batch, seqlen, heads, head_dim)`` layout, applies the model's q/k/v
@@ -37,7 +47,8 @@ and checked against ``rope_theta``: a frequency vector that is not ``theta^(-2k/
 rotated pairs and 0 elsewhere is not p-RoPE, and that layer falls back. Passing ``p`` converts
 the model: its ``inv_freq`` buffers are rewritten (so the original path, generation included,
 computes the same p-RoPE) and its config records ``rope_type="proportional"`` with
-``partial_rotary_factor=p``, so ``save_pretrained`` / ``from_pretrained`` give it back.
+``partial_rotary_factor=p``, so ``save_pretrained`` / ``from_pretrained`` give it back. Classes
+that read ``partial_rotary_factor`` as a rotary prefix (Phi-3, GLM) are not converted.
 """
 
 from __future__ import annotations
@@ -58,14 +69,75 @@ from ..rotary import rotated_pairs
 
 __all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings",
            "unpatch_class", "LayerSettings", "Plan", "PRoPEFallbackWarning", "PLAN_KWARG",
-           "SUPPORTED_ATTENTION_CLASSES"]
+           "SUPPORTED_ATTENTION_CLASSES", "ATTENTION_SHAPES", "AttentionShape"]
 
 PLAN_KWARG = "prope_plan"
 
-# transformers attention classes whose forward we know (q/k/v/o projections, optional q/k norms).
-SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "GemmaAttention", "Gemma2Attention",
-                               "Gemma3Attention", "Qwen2Attention", "Qwen3Attention",
-                               "Gemma4TextAttention")
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the fused forward must reproduce of one transformers attention class: how it computes
+    q, k, v and how its ``apply_rotary_pos_emb`` rotates them. The default is Llama's: separate
+    q/k/v/o projections, optional per-head q/k norms after the head split, rotate_half over the
+    whole head, the layer's own ``sliding_window`` attribute (None: full attention)."""
+
+    layout: str = "half"            # "interleaved": the rotation pairs dims (2k, 2k+1)
+    partial: bool = False           # rotates a prefix of the head when inv_freq is shorter than
+    #                                 head_dim/2, frequencies over that prefix (variant "partial")
+    fused_qkv: bool = False         # one qkv_proj, split q | k | v (Phi-3)
+    flat_qk_norm: bool = False      # q_norm/k_norm over the whole projection, before the split
+    config_window: bool = False     # every layer's mask uses config.sliding_window (Mistral)
+    residual_dropout: bool = False  # dropout(residual_dropout) after o_proj in training
+    window: Optional[object] = None     # attn -> sliding window size or None (overrides)
+    rotates: Optional[object] = None    # attn -> False for a layer without rotation (NoPE)
+    refuse: Optional[object] = None     # attn -> why this layer cannot be fused, or None
+
+
+_LLAMA = AttentionShape()
+
+
+def _olmo_refuse(attn):
+    clip = getattr(attn.config, "clip_qkv", None)
+    return None if clip is None else f"clip_qkv={clip} (q/k/v clamping) is not fused"
+
+
+# transformers attention classes whose forward we know, by class name. Each is checked in
+# tests/test_hf.py (a tiny random model: logits and gradients equal the unpatched model's).
+ATTENTION_SHAPES = {
+    "LlamaAttention": _LLAMA,
+    "GemmaAttention": _LLAMA,
+    "Gemma2Attention": _LLAMA,
+    "Gemma3Attention": _LLAMA,
+    "Gemma4TextAttention": _LLAMA,
+    "Qwen2Attention": _LLAMA,
+    "Qwen3Attention": _LLAMA,
+    "Qwen2MoeAttention": _LLAMA,
+    "Qwen3MoeAttention": _LLAMA,
+    "MistralAttention": AttentionShape(config_window=True),
+    "MixtralAttention": AttentionShape(config_window=True),
+    "MinistralAttention": _LLAMA,
+    "Phi3Attention": AttentionShape(partial=True, fused_qkv=True, config_window=True),
+    "PhimoeAttention": AttentionShape(config_window=True),
+    "Starcoder2Attention": AttentionShape(config_window=True, residual_dropout=True),
+    "SeedOssAttention": AttentionShape(residual_dropout=True),
+    "ArceeAttention": _LLAMA,
+    "GraniteAttention": _LLAMA,
+    "GraniteMoeAttention": _LLAMA,
+    "CwmAttention": _LLAMA,
+    "Dots1Attention": _LLAMA,
+    "OlmoAttention": AttentionShape(refuse=_olmo_refuse),
+    "Olmo2Attention": AttentionShape(flat_qk_norm=True),
+    "Olmo3Attention": AttentionShape(flat_qk_norm=True),
+    "HeliumAttention": AttentionShape(layout="interleaved"),
+    "Ernie4_5Attention": AttentionShape(layout="interleaved"),
+    "GlmAttention": AttentionShape(layout="interleaved", partial=True),
+    "Glm4Attention": AttentionShape(layout="interleaved", partial=True),
+    "SmolLM3Attention": AttentionShape(rotates=lambda a: bool(a.use_rope)),
+    "Exaone4Attention": AttentionShape(
+        rotates=lambda a: a.sliding_window is None or a.is_sliding,
+        window=lambda a: a.sliding_window if a.is_sliding else None),
+}
+SUPPORTED_ATTENTION_CLASSES = tuple(ATTENTION_SHAPES)
 
 _OP_KEYWORDS = set(inspect.signature(prope_attention).parameters)
 _HAS_WINDOW = "window" in _OP_KEYWORDS
@@ -105,6 +177,7 @@ class LayerSettings:
     window: Optional[tuple]       # (left, right), flash-attn convention, or None
     softcap: Optional[float]
     reason: Optional[str] = None
+    layout: str = "half"          # the rotation's pair layout ("interleaved": GLM, Helium, ...)
 
 
 def _rope_params(config, layer_type):
@@ -134,8 +207,14 @@ def _expected_inv_freq(head_dim, p, theta, variant) -> torch.Tensor:
     return torch.where(keep, f, torch.zeros_like(f))
 
 
-def _config_inv_freq(params, head_dim, theta) -> torch.Tensor:
-    """The frequencies transformers computes from a "default"/"proportional" rope config."""
+def _config_inv_freq(params, head_dim, theta, partial=False) -> torch.Tensor:
+    """The frequencies transformers computes from a "default"/"proportional" rope config
+    (``partial``: a class whose default rope covers ``int(head_dim * partial_rotary_factor)``
+    dims, frequencies over those dims, e.g. Phi-3 and GLM)."""
+    if partial and params.get("rope_type", "default") == "default":
+        dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+        k = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")
+        return float(theta) ** (-k / dim)
     if params.get("rope_type", "default") == "default" or params.get("factor", 1.0) != 1.0:
         p = 1.0 if params.get("factor", 1.0) == 1.0 else float("nan")
     else:
@@ -146,12 +225,21 @@ def _config_inv_freq(params, head_dim, theta) -> torch.Tensor:
     return _expected_inv_freq(head_dim, r / (head_dim // 2), theta, "prope")
 
 
-def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float):
-    """(p, variant) if ``inv_freq`` is p-RoPE with this theta, else (None, reason)."""
+def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float, partial=False):
+    """(p, variant) if ``inv_freq`` is p-RoPE with this theta, else (None, reason).
+    partial: the class rotates a prefix of 2 * len(inv_freq) dims (Phi-3, GLM), which is the
+    "partial" variant when the frequencies are theta^(-2k / (2 * len(inv_freq)))."""
     h = head_dim // 2
     # built in float32 (relative error ~1e-7); a model cast with .to(bf16) rounds it further
     rtol = max(1e-5, 4 * torch.finfo(inv_freq.dtype).eps)
     got = inv_freq.detach().to("cpu", torch.float64)
+    if partial and 0 < got.numel() < h:
+        r = got.numel()
+        want = float(theta) ** (-torch.arange(r, dtype=torch.float64, device="cpu") / r)
+        if torch.allclose(got, want, rtol=rtol, atol=0):
+            return r / h, "partial"
+        return None, (f"its rotary frequencies over the first {2 * r} dims are not "
+                      f"theta^(-2k/{2 * r}) with rope_theta={theta} (a scaled rope)")
     if got.numel() != h:
         return None, (f"its rotary frequencies cover {2 * got.numel()} of head_dim {head_dim} "
                       "dims (partial rotary), which is not p-RoPE in the rotate_half layout")
@@ -164,23 +252,49 @@ def _read_rotation(inv_freq: torch.Tensor, head_dim: int, theta: float):
                   f"{theta} (a scaled rope: linear, yarn, llama3, ...)")
 
 
+def _layer_type(attn) -> Optional[str]:
+    """The layer's type ("full_attention", "sliding_attention", ...): it names the rope
+    parameters and rotary buffers of that type (OLMo 3 calls it ``attention_type``)."""
+    lt = getattr(attn, "layer_type", None)
+    if lt is None and type(attn).__name__ == "Olmo3Attention":
+        lt = getattr(attn, "attention_type", None)
+    return lt
+
+
+def _sliding_window(attn, config, shape: AttentionShape):
+    if shape.window is not None:
+        return shape.window(attn)
+    if shape.config_window:
+        return getattr(config, "sliding_window", None)
+    return getattr(attn, "sliding_window", None)
+
+
 def _layer_settings(attn, rotary, config, backend) -> LayerSettings:
-    layer_type = getattr(attn, "layer_type", None)
+    shape = ATTENTION_SHAPES[type(attn).__name__]
+    layer_type = _layer_type(attn)
     head_dim = int(attn.head_dim)
     window = None
-    sw = getattr(attn, "sliding_window", None)
+    sw = _sliding_window(attn, config, shape)
     if sw:
         # transformers' sliding mask: key j visible from query i iff i - sw < j <= i
         window = (int(sw) - 1, 0)
     softcap = getattr(attn, "attn_logit_softcapping", None) or None
     base = dict(layer_idx=attn.layer_idx, layer_type=layer_type, head_dim=head_dim,
                 softmax_scale=float(attn.scaling), window=window,
-                softcap=None if softcap is None else float(softcap))
+                softcap=None if softcap is None else float(softcap), layout=shape.layout)
 
     def fallback(reason):
         return LayerSettings(p=1.0, theta=10000.0, variant="prope", reason=reason, **base)
 
+    refused = shape.refuse(attn) if shape.refuse is not None else None
+    if refused:
+        return fallback(refused)
     params = _rope_params(config, layer_type)
+    if shape.rotates is not None and not shape.rotates(attn):
+        # a layer without rotation (NoPE): p = 0, whatever the rope config says
+        theta = float(params["rope_theta"]) if params and "rope_theta" in params else 10000.0
+        return _causal_and_features(LayerSettings(p=0.0, theta=theta, variant="prope", **base),
+                                    attn, backend)
     if params is None or "rope_theta" not in params:
         return fallback("its config has no rope_parameters with a rope_theta")
     rope_type = params.get("rope_type", "default")
@@ -194,11 +308,18 @@ def _layer_settings(attn, rotary, config, backend) -> LayerSettings:
         return fallback(f"its rope scales cos/sin by {scaling}")
     inv_freq = getattr(rotary, f_name)
     if inv_freq.is_meta:  # built on the meta device: transformers fills it from the config
-        inv_freq = _config_inv_freq(params, head_dim, theta)
-    p, variant = _read_rotation(inv_freq, head_dim, theta)
+        inv_freq = _config_inv_freq(params, head_dim, theta, shape.partial)
+    p, variant = _read_rotation(inv_freq, head_dim, theta, shape.partial)
     if p is None:
         return fallback(variant)
-    s = LayerSettings(p=p, theta=theta, variant=variant, **base)
+    return _causal_and_features(LayerSettings(p=p, theta=theta, variant=variant, **base), attn,
+                                backend)
+
+
+def _causal_and_features(s: LayerSettings, attn, backend) -> LayerSettings:
+    """``s`` with its ``reason``: why a layer with a fusable rotation still falls back (None:
+    it does not)."""
+    window, softcap = s.window, s.softcap
     reason = None
     if not getattr(attn, "is_causal", True):
         reason = "the layer is not causal (bidirectional attention)"
@@ -401,10 +522,8 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
             reason = "the layer was called without the decoder's pre-hook (no plan)"
         elif plan.reason is not None:
             reason = plan.reason
-        elif self.training and getattr(self, "attention_dropout", 0.0):
-            reason = "attention dropout in training"
-        elif plan.holes and st.window is not None:
-            reason = "a sliding window with padding inside a row (not only at its ends)"
+        else:
+            reason = _dynamic_reason(self, st, plan)
     if reason is not None:
         _warn_once((id(self._prope_state), reason),
                    f"prope_kernels: layer {st.layer_idx} ({type(self).__name__}) runs its "
@@ -414,31 +533,47 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
 
     shared = kwargs.get("shared_kv_states", args[0] if args else None)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    shape: AttentionShape = self._prope_shape
     b, s = hidden_states.shape[:2]
     d = st.head_dim
-    q = self.q_proj(hidden_states).view(b, s, -1, d)              # (b, s, hq, d)
-    if getattr(self, "q_norm", None) is not None:
-        q = self.q_norm(q)
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    if shape.fused_qkv:                                            # Phi-3: q | k | v
+        qkv = self.qkv_proj(hidden_states)
+        nq = self.config.num_attention_heads * d
+        q, k, v = qkv.split([nq, (qkv.shape[-1] - nq) // 2, (qkv.shape[-1] - nq) // 2], dim=-1)
+        q, k, v = (t.reshape(b, s, -1, d) for t in (q, k, v))
+    else:
+        q = self.q_proj(hidden_states)
+        if shape.flat_qk_norm and q_norm is not None:              # OLMo 2: over all heads
+            q = q_norm(q)
+        q = q.view(b, s, -1, d)                                    # (b, s, hq, d)
+        if not shape.flat_qk_norm and q_norm is not None:
+            q = q_norm(q)
     if getattr(self, "is_kv_shared_layer", False):
         k, v = shared[self.layer_type]                             # stored (b, hkv, s, d)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     else:
-        k = self.k_proj(hidden_states).view(b, s, -1, d)          # (b, s, hkv, d)
-        v_proj = getattr(self, "v_proj", None)
-        v = v_proj(hidden_states).view(b, s, -1, d) if v_proj is not None else k  # k_eq_v
-        if getattr(self, "k_norm", None) is not None:
-            k = self.k_norm(k)
+        if not shape.fused_qkv:
+            k = self.k_proj(hidden_states)
+            if shape.flat_qk_norm and k_norm is not None:
+                k = k_norm(k)
+            k = k.view(b, s, -1, d)                                # (b, s, hkv, d)
+            v_proj = getattr(self, "v_proj", None)
+            v = v_proj(hidden_states).view(b, s, -1, d) if v_proj is not None else k  # k_eq_v
+            if not shape.flat_qk_norm and k_norm is not None:
+                k = k_norm(k)
         if getattr(self, "v_norm", None) is not None:
             v = self.v_norm(v)
         if cache is not None:
             # the cache holds rotated keys in (b, h, s, d), as the original path writes them
             k_rot = apply_prope(k, plan.rope_positions, p=st.p, theta=st.theta,
-                                variant=st.variant, backend=self._prope_state.rope_backend(k))
+                                variant=st.variant, layout=st.layout,
+                                backend=self._prope_state.rope_backend(k))
             cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
     if getattr(self, "store_full_length_kv", False):
         shared[self.layer_type] = (k.transpose(1, 2), v.transpose(1, 2))  # unrotated, see docs
 
-    opts = dict(p=st.p, theta=st.theta, variant=st.variant, layout="half", causal=True,
+    opts = dict(p=st.p, theta=st.theta, variant=st.variant, layout=st.layout, causal=True,
                 softmax_scale=st.softmax_scale, backend=self._prope_state.backend)
     if st.window is not None:
         opts["window"] = st.window
@@ -455,7 +590,18 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
         if plan.indices is not None:
             out = out.new_zeros(b * s, out.shape[1], d).index_copy(0, plan.indices, out)
     out = self.o_proj(out.reshape(b, s, -1))
+    if shape.residual_dropout and self.training and self.residual_dropout:
+        out = torch.nn.functional.dropout(out, p=self.residual_dropout, training=True)
     return out, None
+
+
+def _dynamic_reason(attn, st: LayerSettings, plan: Plan) -> Optional[str]:
+    """Why a layer whose settings fuse falls back in this forward (None: it runs fused)."""
+    if attn.training and getattr(attn, "attention_dropout", 0.0):
+        return "attention dropout in training"
+    if plan.holes and st.window is not None:
+        return "a sliding window with padding inside a row (not only at its ends)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +655,7 @@ def _plan_hook(state, base, args, kwargs):
 def _all_layers_fused(state, base, plan):
     for a in state.layers:
         st = a._prope_settings
-        if st.reason is not None or (plan.holes and st.window is not None) \
-                or (base.training and getattr(a, "attention_dropout", 0.0)):
+        if st.reason is not None or _dynamic_reason(a, st, plan) is not None:
             return False
     return True
 
@@ -563,7 +708,7 @@ def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: st
         if p is not None:
             done = set()
             for a in attns:
-                lt = getattr(a, "layer_type", None)
+                lt = _layer_type(a)
                 key = _inv_freq_names(rotary, lt)[0]
                 if key in done:
                     continue
@@ -573,15 +718,22 @@ def apply_prope_attention(model, p: Union[float, dict, None] = None, backend: st
                 if isinstance(pl, bool) or not isinstance(pl, (int, float)) \
                         or not 0.0 <= pl <= 1.0:
                     raise ValueError(f"p[{lt!r}] must be a float in [0, 1], got {pl!r}")
+                if ATTENTION_SHAPES[type(a).__name__].partial:
+                    raise ValueError(
+                        f"p: {type(a).__name__} reads partial_rotary_factor as a rotary prefix "
+                        f"with its own frequencies (variant 'partial'), so its config cannot "
+                        f"record a p-RoPE conversion; patch it without p (its own rotation is "
+                        f"fused)")
                 _convert_rotary(rotary, config, lt, int(a.head_dim), float(pl), variant)
                 done.add(key)
             if isinstance(p, dict):
-                unknown = set(p) - {getattr(a, "layer_type", None) for a in attns}
+                unknown = set(p) - {_layer_type(a) for a in attns}
                 if unknown:
                     raise ValueError(f"p: unknown layer types {sorted(map(str, unknown))}")
         state = _State(backend, any(getattr(a, "is_kv_shared_layer", False) for a in attns),
                        skip_mask)
         for a in attns:
+            a._prope_shape = ATTENTION_SHAPES[type(a).__name__]
             a._prope_settings = _layer_settings(a, rotary, config, backend)
             a._prope_state = state
             a._prope_orig_forward = a.forward
@@ -606,7 +758,8 @@ def remove_prope_attention(model):
         state.hook.remove()
         for a in state.layers:
             a.forward = a._prope_orig_forward
-            for name in ("_prope_settings", "_prope_state", "_prope_orig_forward"):
+            for name in ("_prope_settings", "_prope_state", "_prope_orig_forward",
+                         "_prope_shape"):
                 delattr(a, name)
         del mod._prope_state
     return model
