@@ -40,18 +40,20 @@ NVCC="$CUDA_HOME/bin/nvcc"
 
 # 1. the build venv (torch with CUDA, CUTLASS headers, ninja), reused when already complete; a
 # venv that already holds a CUDA build of torch (.ci/run's test venv) gets only what it lacks
+# (setuptools >= 77: pyproject.toml's license expression, read when setup.py runs directly)
 if "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null \
-   && ! "$VENV/bin/python" -c "import cutlass_library, ninja, setuptools" 2>/dev/null; then
+   && ! "$VENV/bin/python" -c "import cutlass_library, ninja, setuptools; \
+assert int(setuptools.__version__.split('.')[0]) >= 77" 2>/dev/null; then
   step "adding CUTLASS headers and ninja to $VENV"
-  "$VENV/bin/pip" install --quiet "$CUTLASS_PIN" ninja setuptools wheel
+  "$VENV/bin/pip" install --quiet "$CUTLASS_PIN" ninja "setuptools>=77" wheel
 fi
 if ! "$VENV/bin/python" -c "import torch, cutlass_library, ninja, setuptools; \
-assert torch.version.cuda" 2>/dev/null; then
+assert torch.version.cuda and int(setuptools.__version__.split('.')[0]) >= 77" 2>/dev/null; then
   step "creating build venv $VENV (torch CUDA wheel, several GB, a few minutes)"
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "$TORCH_PIN" "$CUTLASS_PIN" ninja setuptools wheel numpy
+  "$VENV/bin/pip" install --quiet "$TORCH_PIN" "$CUTLASS_PIN" ninja "setuptools>=77" wheel numpy
 else
   step "reusing build venv $VENV"
 fi
