@@ -246,7 +246,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (free) and the reference backend checks max_seqlen on any device (it reads cu_seqlens on the
     host anyway); nothing checks them on CUDA tensors, where the check would be a host sync per
     call (flash-attn does not check either): there they are the caller's contract (see the
-    README's API section for what breaking it does).
+    docs/api.md, "Input checks", for what breaking it does).
     positions: (total,) integers; default restarts at 0 in each sequence.
     window, softcap, deterministic: as in :func:`prope_attention`; the window is over indices
     inside each sequence (it never crosses a sequence boundary).
