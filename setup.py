@@ -2,7 +2,7 @@
 and extras are in pyproject.toml).
 
 ``pip install .`` installs the pure-Python package (reference + Triton backends; needs only torch
-and triton; extras: ``[train]`` for prope-train, ``[bench]``, ``[test]``). When a
+and triton; extras: ``[train]`` for prope-train, ``[bench]`` for prope-bench, ``[test]``). When a
 CUDA-enabled torch, nvcc and the nvidia-cutlass headers are importable in the build environment,
 it also builds the CUDA backend ``prope_kernels._C`` from ``csrc/`` with ninja (pip's isolated
 build env has no torch, so use ``pip install --no-build-isolation .`` for the CUDA build). A

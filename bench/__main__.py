@@ -1,3 +1,4 @@
-from .cli import main
+"""`python -m bench` from the repository root: the same command as `prope-bench`."""
+from prope_kernels.bench.cli import main
 
 raise SystemExit(main())

@@ -20,15 +20,15 @@ else:
 def pytest_addoption(parser):
     g = parser.getgroup("prope bench")
     g.addoption("--bench-presets", default="gemma-2b,llama-gqa,mha-d64",
-                help="presets to time (comma-separated; see python -m bench --list)")
-    from bench.providers import PYTEST_BENCH_PROVIDERS
+                help="presets to time (comma-separated; see prope-bench --list)")
+    from prope_kernels.bench.providers import PYTEST_BENCH_PROVIDERS
     g.addoption("--bench-providers", default=",".join(PYTEST_BENCH_PROVIDERS),
                 help="providers to time (names or shell patterns)")
     g.addoption("--bench-modes", default="fwd,fwd_bwd", help="fwd, bwd, fwd_bwd")
 
 
 def pytest_generate_tests(metafunc):
-    from bench.providers import select
+    from prope_kernels.bench.providers import select
     opt = metafunc.config.getoption
     if "gpu_preset" in metafunc.fixturenames:
         metafunc.parametrize("gpu_preset", [x for x in opt("--bench-presets").split(",") if x])

@@ -28,7 +28,7 @@ def quick_providers() -> list:
     not a kernel) and the peers. The default kernels and the peers first; the opt-in kernel sets
     (Triton's Hopper kernels, the CUDA SM80 kernels on an sm_90 GPU) and auto last, so a spent
     budget, or a crash (which takes the process's CUDA context with it), costs only their rows."""
-    from bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
+    from prope_kernels.bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
     late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80", "prope-cuda-sm90-split",
             "prope-cuda-sm90-basic"]
     # prope-triton runs the portable kernels by default, prope-cuda the SM90 ones on sm_90: the
@@ -160,9 +160,11 @@ def bench_tables(data: dict) -> tuple:
 
     bars = data.get("bars") or []
     if bars:
-        lines += ["", "Speed and memory bars (bench/check.py):", ""]
+        lines += ["", "Speed and memory bars (the benchmark's, from this run's rows):", ""]
         for b in bars:
-            lines.append(f"- {'pass' if b.get('passed') else 'FAIL'} ({b.get('level')}) "
+            verdict = {True: "pass", False: "FAIL"}.get(b.get("passed"),
+                                                         b.get("verdict") or "n/a")
+            lines.append(f"- {verdict} ({b.get('level')}) "
                          f"{b.get('provider')}: {b.get('bar')}: {b.get('value', 0):.3g} vs "
                          f"{b.get('target', 0):.3g} {b.get('unit', '')}")
     wrong = [r for r in data.get("results", []) if r.get("kind") == "ours"

@@ -11,10 +11,10 @@ Every figure comes from that raw row; each row names its run. A table lives betw
 
 in the files the spec lists. Refused (an error, nothing written): a run that is not committed
 (or differs from its commit), a row that did not run, and a run recorded from a dirty tree
-(bench.env.clean) unless publish.json's ``dirty_runs`` lets it in with a reason: its rows then
-say "dirty tree". What ran is the row's ``switches``, read back from the backend at run time;
-runs from before that field (legacy) have none, and publish.json states what their rows ran
-together with the text of the row's own notes that shows it (checked to be there).
+(prope_kernels.bench.env.clean) unless publish.json's ``dirty_runs`` lets it in with a reason:
+its rows then say "dirty tree". What ran is the row's ``switches``, read back from the backend
+at run time; runs from before that field (legacy) have none, and publish.json states what their
+rows ran together with the text of the row's own notes that shows it (checked to be there).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .env import REPO, clean
+from prope_kernels.bench.env import clean
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout: this tool works on its files
 SPEC = REPO / "bench" / "publish.json"
 RESULTS = REPO / "bench" / "results"
 RAW_NAMES = ("results.json", "bench.json")

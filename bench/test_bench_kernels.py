@@ -23,11 +23,11 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
-from bench.check import spot_check  # noqa: E402
-from bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS, Unavailable,  # noqa: E402
-                             _short, build)
-from bench.runner import make_ctx, make_inputs  # noqa: E402
+from prope_kernels.bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
+from prope_kernels.bench.check import spot_check  # noqa: E402
+from prope_kernels.bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS,  # noqa: E402
+                                           Unavailable, _short, build)
+from prope_kernels.bench.runner import make_ctx, make_inputs  # noqa: E402
 
 GPU = torch.cuda.is_available()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # bench/ is not an installed package
+sys.path.insert(0, str(REPO))  # the repository's bench/ (gpu_summary) is not installed
 
 from bench.gpu_summary import junit_counts, log_counts, main as summary_main  # noqa: E402
 from bench.gpu_summary import quick_providers  # noqa: E402
@@ -374,6 +374,17 @@ def test_summary_content(tmp_path):
     assert md.rstrip().endswith("**FAIL**")
 
 
+def test_summary_of_bars_a_cpu_run_did_not_judge(tmp_path):
+    # a CPU smoke run's bars carry passed None: the summary says n/a, never FAIL
+    bar = dict(BENCH["bars"][0], passed=None, verdict="n/a (CPU timings)")
+    (tmp_path / "b.json").write_text(json.dumps(dict(BENCH, bars=[bar])))
+    out = tmp_path / "s.md"
+    summary_main(["--out", str(out), "--bench", str(tmp_path / "b.json")])
+    md = out.read_text()
+    assert "- n/a (CPU timings) (must) prope-triton: fwd+bwd faster than X" in md
+    assert "FAIL (must)" not in md
+
+
 def test_summary_passes_a_green_run(tmp_path):
     (tmp_path / "t.xml").write_text(JUNIT_GREEN)
     out = tmp_path / "s.md"
@@ -393,7 +404,7 @@ def test_summary_flags_wrong_kernels(tmp_path):
 
 def test_quick_benchmarks_every_backend_of_ours():
     pytest.importorskip("torch")
-    from bench.providers import PROVIDERS
+    from prope_kernels.bench.providers import PROVIDERS
     provs = quick_providers()
     ours = {n for n, p in PROVIDERS.items() if p.kind == "ours"}
     # the default kernel sets are timed once (prope-triton = portable, prope-cuda = SM90 on sm_90)

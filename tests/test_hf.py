@@ -668,12 +668,11 @@ def test_no_mask_built_when_all_layers_fused(device, monkeypatch):
 
 
 def test_bench_hf_throughput_smoke(tmp_path):
-    """bench/hf_throughput.py end to end at the tiny size (CPU: a smoke check, not figures)."""
+    """prope_kernels/bench/hf_throughput.py end to end at the tiny size (CPU: a smoke check, not
+    figures)."""
     import json
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench import hf_throughput
+
+    from prope_kernels.bench import hf_throughput
     assert hf_throughput.main(["--smoke", "--families", "llama", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "hf_throughput.json").read_text())
     assert res["meta"]["run_kind"] in ("cpu-smoke", "gpu-smoke")

@@ -78,7 +78,11 @@ def test_pyproject_metadata():
     assert {"transformers", "accelerate", "pytest"} <= set(extras["test"])
     assert proj["scripts"] == {"prope-train": "prope_kernels.train:main",
                                "prope-experiment": "prope_kernels.experiments:main",
-                               "prope-kernels": "prope_kernels.config:main"}
+                               "prope-kernels": "prope_kernels.config:main",
+                               "prope-bench": "prope_kernels.bench.cli:main"}
+    # the benchmark ships inside the package (no generic top-level `bench` in site-packages)
+    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["prope_kernels",
+                                                                         "prope_kernels.*"]
     data = meta["tool"]["setuptools"]["package-data"]["prope_kernels"]
     assert {"dispatch.json", "py.typed"} <= set(data)
     assert all((ROOT / "prope_kernels" / f).is_file() for f in data)
@@ -124,3 +128,6 @@ def test_wheel_without_cuda_carries_the_record_and_metadata(tmp_path):
     for extra in ("train", "bench", "test"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "prope-kernels = prope_kernels.config:main" in scripts
+    assert "prope-bench = prope_kernels.bench.cli:main" in scripts
+    assert "prope_kernels/bench/cli.py" in names
+    assert not [n for n in names if n.startswith("bench/")]

@@ -2,8 +2,8 @@
 
 Every provider turns (q, k, v) into ``out`` in the layout the case uses: dense
 ``(batch, seqlen, heads, head_dim)`` or packed ``(total_tokens, heads, head_dim)`` for varlen.
-Peers get their p-RoPE from :mod:`bench.user_rope` (eager, or the same function compiled);
-"norope" rows skip it (the floor a fused op has to meet).
+Peers get their p-RoPE from :mod:`prope_kernels.bench.user_rope` (eager, or the same function
+compiled); "norope" rows skip it (the floor a fused op has to meet).
 
 ``build`` raises :class:`Unavailable` when a provider cannot run here (not installed, no GPU, no
 such backend in this torch): the report lists it as missing with that reason, it is never faked.

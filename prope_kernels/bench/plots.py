@@ -25,43 +25,88 @@ def _label(prov):
     return PROVIDERS[prov].label if prov in PROVIDERS else prov
 
 
+LEGEND_FONT = 8  # points
+GAP_IN = 0.12  # inches between the panels and the legend, and around the title
+
+
 def _plot(out_dir: Path, meta, name, what, panels, draw, panel_size=(6.5, 4.8)):
     """The one plot helper: a row of panels (one per item of ``panels``), ``draw(ax, item)``
-    fills each; titled with the machine and versions, a watermark on smoke runs, saved as
-    ``name``. Returns the PNG's path."""
+    fills each; titled with the machine and versions, one legend for all panels below them
+    (never over the data: the figure grows by its height, as many columns as fit its width), a
+    watermark on smoke runs, saved as ``name``. A CPU smoke run's y axes are logarithmic: its
+    interpreter timings are orders of magnitude apart, and a linear axis would flatten the slow
+    ones to zero. Returns the PNG's path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cpu = meta.get("run_kind") == "cpu-smoke"
     w, h = panel_size
-    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), h), squeeze=False)
+    width = w * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, h), squeeze=False)
     for ax, item in zip(axes[0], panels):
         draw(ax, item)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6 if len(panels) == 1 else 7,
-                      ncol=2 if len(panels) == 1 else 1)
+        if cpu:
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{ax.get_ylabel()}, log scale")
     gpu = meta.get("gpu") or "CPU"
-    fig.suptitle(f"{what}: {gpu}, torch {meta['torch']}, triton {meta.get('triton')}, "
-                 f"{meta['date_utc'][:10]}", fontsize=10)
-    if banner(meta):
-        fig.text(0.5, 0.5, "CPU SMOKE RUN\nnot GPU figures" if meta["run_kind"] == "cpu-smoke"
-                 else "GPU SMOKE RUN", ha="center", va="center", fontsize=28, color="red",
-                 alpha=0.25, rotation=20, transform=fig.transFigure)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    title = fig.suptitle(f"{what}: {gpu}, torch {meta['torch']}, triton {meta.get('triton')}, "
+                         f"{meta['date_utc'][:10]}", fontsize=10)
+    renderer = fig.canvas.get_renderer()
+    title_in = title.get_window_extent(renderer).height / fig.dpi + GAP_IN
+    # one legend entry per provider over all panels, in the order drawn; the most columns
+    # whose legend fits the figure's width
+    entries = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    legend_in = 0.0
+    if entries:
+        leg = None
+        for ncol in range(len(entries), 0, -1):
+            if leg is not None:
+                leg.remove()
+            leg = fig.legend(list(entries.values()), list(entries), loc="lower center",
+                             ncol=ncol, fontsize=LEGEND_FONT, frameon=False,
+                             bbox_to_anchor=(0.5, 0.0))
+            if leg.get_window_extent(renderer).width <= 0.97 * fig.bbox.width:
+                break
+        legend_in = leg.get_window_extent(renderer).height / fig.dpi + GAP_IN
+    total_h = h + legend_in + title_in
+    fig.set_size_inches(width, total_h)
+    if banner(meta):  # on each panel's data, never over the axis labels
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, "CPU SMOKE RUN\nnot GPU figures" if cpu else "GPU SMOKE RUN",
+                    ha="center", va="center", fontsize=24, color="red", alpha=0.25,
+                    rotation=20, transform=ax.transAxes, zorder=5)
+    fig.tight_layout(pad=0.6, rect=(0, legend_in / total_h, 1, 1 - title_in / total_h))
     path = out_dir / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _colors(provs) -> dict:
+    """provider -> colour, fixed for the whole figure (every panel, one legend): matplotlib's
+    ten default colours, twenty (tab20) for more providers."""
+    import matplotlib
+    names = (list(matplotlib.colormaps["tab10"].colors) if len(provs) <= 10
+             else list(matplotlib.colormaps["tab20"].colors))
+    return {p: names[i % len(names)] for i, p in enumerate(provs)}
+
+
 def _lines(rs, x_key, y_key):
     """draw(ax, mode): one line per provider of rs, y against x."""
+    provs = ordered(r["provider"] for r in rs)
+    colors = _colors(provs)
+
     def draw(ax, mode):
-        for p in ordered(r["provider"] for r in rs):
+        for p in provs:
             pts = sorted((r[x_key], r[y_key]) for r in rs
                          if r["provider"] == p and r["mode"] == mode)
             if pts:
-                ax.plot(*zip(*pts), label=_label(p), **_style(p))
+                ax.plot(*zip(*pts), label=_label(p), color=colors[p], **_style(p))
         ax.set_title(MODE_LABELS[mode])
     return draw
 
@@ -95,7 +140,8 @@ def write_plots(out_dir: Path, meta, rows):
             lines(ax, mode)
             ax.set_xlabel("p (fraction of rotated pairs)")
             ax.set_ylabel("ms (median)")
-            ax.set_ylim(bottom=0)
+            if meta.get("run_kind") != "cpu-smoke":  # (log scale there: see _plot)
+                ax.set_ylim(bottom=0)
         pngs.append(_plot(out_dir, meta, "time_vs_p.png", "time vs p",
                           ordered(r["mode"] for r in rs), draw, (6, 4.5)))
 
@@ -107,6 +153,7 @@ def write_plots(out_dir: Path, meta, rows):
         rs = [r for r in rs if r["mode"] == mode]
         cases = ordered(r["case"] for r in rs)
         provs = ordered(r["provider"] for r in rs)
+        colors = _colors(provs)
 
         def draw(ax, mode):
             w = 0.8 / max(1, len(provs))
@@ -116,7 +163,7 @@ def write_plots(out_dir: Path, meta, rows):
                 st = PROVIDERS.get(p)
                 ours = st is not None and st.kind == "ours"
                 ax.bar([x for x, _ in pts], [y for _, y in pts], w, label=_label(p),
-                       edgecolor="black" if ours else None,
+                       color=colors[p], edgecolor="black" if ours else None,
                        hatch="//" if st is not None and st.kind == "no-rope" else None)
             ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cases))])
             ax.set_xticklabels(cases, fontsize=8)

@@ -1,4 +1,5 @@
-"""`python -m bench`: the standard report, or chosen presets/sweeps/providers/modes."""
+"""``prope-bench`` (also ``python -m prope_kernels.bench``, and ``python -m bench`` from the
+repository root): the standard report, or chosen presets/sweeps/providers/modes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import time
 from pathlib import Path
 
 from prope_kernels import env as prope_env
+from prope_kernels.dispatch import TABLE as DISPATCH_TABLE
 
 from . import cases as C
 from . import providers as P
+from .env import REPO, results_root
 
-HERE = Path(__file__).resolve().parent
-DISPATCH_TABLE = HERE.parent / "prope_kernels" / "dispatch.json"
 STANDARD_BUDGET_MIN = 7.0
 
 EPILOG = f"""\
@@ -33,14 +34,20 @@ Without a GPU the same pipeline runs at tiny shapes and is labelled a CPU smoke 
 TRITON_INTERPRET=1 to include the Triton kernels, interpreted); --smoke on a GPU gives tiny shapes
 labelled a GPU smoke run.
 
+Output: --out DIR, by default <date>_<gpu>/ under prope-bench-results/ in the current folder
+(from the root of a prope_kernels checkout: under bench/results/, where committed runs live;
+smoke runs there go to the git-ignored tmp_* folders). `python -m bench` from the repository
+root is the same command as prope-bench.
+
 examples:
-  python -m bench                                   # standard report -> bench/results/<date>_<gpu>/
-  python -m bench --preset gemma-2b --modes fwd,fwd+bwd
-  python -m bench --sweep seqlen --providers 'prope-*,sdpa-cudnn*' --seqlens 1024,4096,16384
-  python -m bench --sweep p --preset gemma-2b       # presets and sweeps can be combined
-  TRITON_INTERPRET=1 python -m bench --smoke --out /tmp/bench-smoke
-  python -m bench --write-dispatch                  # GPU: every preset, our backends -> the
-                                                    # backend="auto" table (commit it)
+  prope-bench                                       # standard report
+  prope-bench --preset gemma-2b --modes fwd,fwd+bwd
+  prope-bench --sweep seqlen --providers 'prope-*,sdpa-cudnn*' --seqlens 1024,4096,16384
+  prope-bench --sweep p --preset gemma-2b           # presets and sweeps can be combined
+  TRITON_INTERPRET=1 prope-bench --smoke --out /tmp/bench-smoke
+  prope-bench --write-dispatch                      # GPU, in a checkout: every preset, our
+                                                    # backends -> the backend="auto" table
+                                                    # (commit it)
 """
 
 
@@ -50,7 +57,7 @@ def _csv(s):
 
 def parser():
     ap = argparse.ArgumentParser(
-        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="prope-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark p-RoPE fused attention (prope_kernels) against SDPA (cuDNN, "
                     "flash, memory-efficient), FlexAttention and flash-attn with p-RoPE applied "
                     "eagerly or compiled: ms, TFLOP/s and peak memory for fwd, bwd and fwd+bwd.",
@@ -84,14 +91,15 @@ def parser():
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     g = ap.add_argument_group("output")
     g.add_argument("--out", metavar="DIR",
-                   help="output folder (default bench/results/<date>_<gpu>/; smoke runs: "
-                        "bench/results/tmp_<date>_..., git-ignored)")
+                   help="output folder (default: prope-bench-results/<date>_<gpu>/ here; "
+                        "from the root of a checkout bench/results/<date>_<gpu>/; smoke runs: "
+                        "tmp_<date>_... there)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--write-dispatch", nargs="?", const=str(DISPATCH_TABLE), metavar="PATH",
                    help="write the backend='auto' dispatch table (per case, the fastest of our "
                         "backends in fwd+bwd) from this run alone into PATH, replacing it "
                         "(default: the package's table prope_kernels/dispatch.json; a GPU run "
-                        "from a clean tree only). Alone it runs every preset with our "
+                        "of a clean checkout only). Alone it runs every preset with our "
                         "backends, fwd+bwd")
     g.add_argument("--allow-dirty", action="store_true",
                    help="let --write-dispatch write the package's table from a run of "
@@ -261,12 +269,24 @@ def _default_out(meta):
     name = slug(meta)
     if meta["run_kind"] != "gpu":
         name = "tmp_" + name  # smoke output: git-ignored (bench/results/tmp*), never committed
-    base = HERE / "results" / name
+    base = results_root() / name
     out, i = base, 2
     while out.exists():
         out = base.with_name(f"{base.name}-{i}")
         i += 1
     return out
+
+
+def _package_table(path) -> bool:
+    """Whether ``path`` is the package's own table; outside a source checkout that is refused
+    (the table is committed together with its run, never written into an installed package)."""
+    if Path(path).resolve() != DISPATCH_TABLE.resolve():
+        return False
+    if REPO is None:
+        raise SystemExit("--write-dispatch: the package's table is written from a prope_kernels "
+                         "checkout only (it is committed with the run it comes from); give a "
+                         "PATH to write the table elsewhere")
+    return True
 
 
 def write_dispatch(args, meta, rows, run: str) -> int:
@@ -275,7 +295,7 @@ def write_dispatch(args, meta, rows, run: str) -> int:
     from prope_kernels import dispatch
 
     from . import env
-    if Path(args.write_dispatch).resolve() == DISPATCH_TABLE.resolve():
+    if _package_table(args.write_dispatch):
         if meta.get("run_kind") != "gpu":
             raise SystemExit("--write-dispatch: the package's table takes only GPU runs (not "
                              "smoke runs); give a PATH to write a smoke run's entries elsewhere")
@@ -354,8 +374,7 @@ def main(argv=None):
             print(f"{'':22s} {', '.join(j.providers)}")
         print(f"{len(jobs)} cases, {total_pairs(jobs)} provider runs")
         return 0
-    if (args.write_dispatch and Path(args.write_dispatch).resolve() == DISPATCH_TABLE.resolve()
-            and env.run_kind(smoke) != "gpu"):
+    if args.write_dispatch and _package_table(args.write_dispatch) and env.run_kind(smoke) != "gpu":
         raise SystemExit("--write-dispatch: the package's table takes only GPU runs (not smoke "
                          "runs); give a PATH to write a smoke run's entries elsewhere")
     standard = not args.preset and not args.sweep

@@ -15,10 +15,54 @@ import torch
 
 from prope_kernels.backends import kernel_hashes
 
-REPO = Path(__file__).resolve().parent.parent
+
+
+def _source_tree():
+    """The prope_kernels source checkout this package runs from (the folder holding
+    pyproject.toml, csrc/ and bench/ beside prope_kernels/): a clone, or an editable install of
+    one. None for a package installed into site-packages: then no git command runs (the folder
+    above site-packages may belong to an unrelated repository) and the run records the commit
+    only when PROPE_BENCH_COMMIT names it."""
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        project = (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    if re.search(r'^name\s*=\s*"prope_kernels"', project, re.M) and (root / "bench").is_dir():
+        return root
+    return None
+
+
+REPO = _source_tree()
+
+
+def results_root() -> Path:
+    """Where runs go by default: bench/results/ of the checkout when run from its root (where
+    committed runs live), else prope-bench-results/ in the current folder (never the installed
+    package's folder)."""
+    here = Path.cwd()
+    if REPO is not None and here.resolve() == REPO:
+        return REPO / "bench" / "results"
+    return here / "prope-bench-results"
+
+
+def command() -> str:
+    """The command line of this run as the user typed it: ``prope-bench ...`` for the console
+    script, ``python -m <module> ...`` otherwise."""
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if argv0.startswith("prope-bench"):
+        head = [argv0]
+    else:
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        mod = spec.name.removesuffix(".__main__") if spec is not None and spec.name else "bench"
+        head = [Path(sys.executable).name, "-m", mod]
+    return " ".join(head + sys.argv[1:])
 
 
 def _run(cmd):
+    if REPO is None:
+        return ""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
                               cwd=REPO).stdout.strip()
@@ -46,6 +90,8 @@ def _dirty():
 
 
 def _git_bytes(cmd):
+    if REPO is None:
+        return None
     try:
         p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
     except (OSError, subprocess.SubprocessError):
@@ -84,6 +130,8 @@ def tree_sha256(commit=None):
     lent machine), or of those committed at ``commit`` (None when git cannot read it). A run
     whose hash equals its commit's ran that commit's code exactly."""
     files = {}
+    if REPO is None:  # an installed package: not the checkout's file set, nothing to compare
+        return None
     if commit is None:
         for top in CODE:
             for f in (REPO / top).rglob("*"):
@@ -143,7 +191,7 @@ def collect(smoke: bool) -> dict:
         "source_sha256": tree_sha256(),
         # each backend's kernels as they ran (prope_kernels.backends.kernel_hash)
         "kernel_hashes": kernel_hashes(),
-        "command": " ".join([Path(sys.executable).name, "-m", "bench"] + sys.argv[1:]),
+        "command": command(),
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())

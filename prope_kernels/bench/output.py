@@ -22,13 +22,16 @@ def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool
             from .plots import write_plots
             files["png"] = write_plots(out_dir, meta, rows)
             meta.pop("plots", None)  # a re-render with matplotlib clears an earlier "skipped"
-        except ImportError:
+        except ImportError as e:
+            if (e.name or "").split(".")[0] != "matplotlib":
+                raise
             meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
     rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
              for k, x in r.items()} for r in rows]  # strict JSON: no NaN
     files["json"] = out_dir / "results.json"
     files["json"].write_text(json.dumps(
-        {"schema": 1, "meta": meta, "settings": settings, "bars": bars(rows), "results": rows},
+        {"schema": 1, "meta": meta, "settings": settings,
+         "bars": bars(rows, meta.get("run_kind")), "results": rows},
         indent=1, default=_jsonable))
     files["csv"] = out_dir / "results.csv"
     write_csv(files["csv"], meta, rows)

@@ -1,0 +1,120 @@
+"""Where the time of one fused call goes: GPU time per kernel, from the torch profiler.
+
+    python -m prope_kernels.bench.breakdown            # gemma-2b preset, triton backend
+    python -m prope_kernels.bench.breakdown --preset llama-gqa --backend cuda --json out.json
+
+(``python -m bench.breakdown`` from the repository root is the same command.)
+
+For each mode (forward, forward+backward) it profiles a few calls after warm-up (so autotuning
+and compilation are over) and lists every GPU kernel the call launched: the attention kernels,
+the rotation passes, the dK/dV reduction, torch's fills and copies. The share column says what
+the next optimisation should target. On a machine without a GPU it runs the interpreter-sized
+``--smoke`` case and reports CPU time per op instead (a pipeline check, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+
+from prope_kernels import backends
+
+from .cases import PRESETS
+from .runner import make_ctx, make_inputs
+
+
+def _device_time(evt) -> float:
+    """GPU (or, without one, CPU) self time in microseconds of a profiler event average."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        t = getattr(evt, name, None)
+        if t:
+            return float(t)
+    return 0.0
+
+
+def profile_call(fn, n_iter: int, on_gpu: bool) -> list:
+    """[(kernel name, calls per iteration, us per iteration)], largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(n_iter):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+    rows = defaultdict(lambda: [0, 0.0])
+    for evt in prof.key_averages():
+        t = _device_time(evt) if on_gpu else float(evt.self_cpu_time_total)
+        if t <= 0:
+            continue
+        rows[evt.key][0] += evt.count
+        rows[evt.key][1] += t
+    out = [(k, c / n_iter, t / n_iter) for k, (c, t) in rows.items()]
+    return sorted(out, key=lambda r: -r[2])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prope_kernels.bench.breakdown",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="gemma-2b", choices=sorted(PRESETS))
+    ap.add_argument("--backend", default="triton", choices=backends.names())
+    ap.add_argument("--p", type=float, default=None, help="override the preset's p")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU / interpreter check)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+
+    from dataclasses import replace
+
+    from prope_kernels import prope_attention, prope_attention_varlen
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    case = PRESETS[args.preset]
+    if args.p is not None:
+        case = replace(case, p=args.p)
+    if args.smoke or not on_gpu:
+        case = replace(case, batch=1, seqlen=min(case.seqlen, 64), doc_lens=None,
+                       q_heads=min(case.q_heads, 4), kv_heads=min(case.kv_heads, 2))
+    ctx = make_ctx(case, device)
+    q, k, v = make_inputs(case, device, seed=0)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(q)
+    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=args.backend)
+    if case.varlen:
+        def call():
+            return prope_attention_varlen(q, k, v, ctx["cu_seqlens"], case.seqlen, **kw)
+    else:
+        def call():
+            return prope_attention(q, k, v, **kw)
+
+    def fwd_bwd():
+        call().backward(dout)
+
+    print(f"{case.name}: {case.describe()}, backend {args.backend}, "
+          f"{torch.cuda.get_device_name() if on_gpu else 'CPU (not a measurement)'}")
+    result = {"case": case.as_dict(), "backend": args.backend, "gpu": on_gpu, "modes": {}}
+    for mode, fn in (("fwd", call), ("fwd+bwd", fwd_bwd)):
+        for _ in range(2):  # warm-up: autotuning and compiles happen here, not in the profile
+            fn()
+        rows = profile_call(fn, args.iters, on_gpu)
+        total = sum(r[2] for r in rows) or 1.0
+        unit = "GPU" if on_gpu else "CPU self"
+        print(f"\n{mode}: {total / 1000:.3f} ms of {unit} time per call")
+        print(f"| kernel | calls | us | share |\n|---|---|---|---|")
+        for name, calls, us in rows:
+            print(f"| `{name[:90]}` | {calls:g} | {us:.1f} | {100 * us / total:.1f}% |")
+        result["modes"][mode] = [dict(kernel=n, calls=c, us=t) for n, c, t in rows]
+        for x in (q, k, v):
+            x.grad = None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

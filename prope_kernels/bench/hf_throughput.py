@@ -1,0 +1,190 @@
+"""Training throughput of a transformers model patched with apply_prope_attention vs unpatched.
+
+    python -m prope_kernels.bench.hf_throughput               # GPU: small Llama and Gemma
+    python -m prope_kernels.bench.hf_throughput --smoke --out /tmp/x  # CPU smoke, tiny size
+
+(``python -m bench.hf_throughput`` from the repository root is the same command.)
+
+Each case builds one random model, copies it, patches the copy, and times full training steps
+(forward with labels, backward, AdamW) of both in the same process, alternating rounds so clock
+or thermal drift hits both: "unpatched" is transformers' own attention (sdpa) with its RoPE,
+"patched" the fused op. Inputs: "dense" (one document per row) and "packed" (position_ids that
+restart: transformers builds a block-diagonal 4-D mask for sdpa, the patched model runs the
+varlen op). Before timing, the two models' losses on the same batch are compared.
+Writes <date>_<gpu>_hf/hf_throughput.json on a GPU into prope-bench-results/ of the current
+folder (bench/results/ from the root of a checkout), or into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import env
+from prope_kernels.integrations.hf import (apply_prope_attention, prope_layer_settings,
+                                           remove_prope_attention)
+
+# small models (~100-200M parameters with the vocabulary): enough attention work per token to
+# see the op, small enough for one GPU in minutes
+SIZES = {
+    "small": {
+        "llama": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                      vocab_size=32000, max_position_embeddings=8192),
+        "gemma": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+                      vocab_size=32000, max_position_embeddings=8192),
+        "batch": 4, "seqlen": 2048,
+    },
+    "tiny": {
+        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      vocab_size=256, max_position_embeddings=256),
+        "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                      vocab_size=256, max_position_embeddings=256),
+        "batch": 2, "seqlen": 64,
+    },
+}
+CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma": ("GemmaConfig",
+                                                                    "GemmaForCausalLM")}
+
+
+def build(family, size, dtype, device, seed=0):
+    import transformers
+    cfg_name, cls_name = CLASSES[family]
+    cfg = getattr(transformers, cfg_name)(**SIZES[size][family], use_cache=False,
+                                          attention_dropout=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return getattr(transformers, cls_name)(cfg).to(device=device, dtype=dtype).train()
+
+
+def batch(kind, b, s, vocab, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, s), generator=gen)
+    kw = {}
+    if kind == "packed":  # documents of 1/8, 3/8 and 1/2 of the row
+        cuts = [0, s // 8, s // 2, s]
+        pos = torch.cat([torch.arange(cuts[i + 1] - cuts[i]) for i in range(3)])
+        kw["position_ids"] = pos.expand(b, s).to(device)
+    return ids.to(device), kw
+
+
+def train_steps(model, opt, ids, kw, n, sync):
+    for _ in range(n):
+        loss = model(ids, labels=ids, **kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return loss
+
+
+def run_case(family, kind, args, device, dtype, sync):
+    base = build(family, args.size, dtype, device)
+    patched = apply_prope_attention(copy.deepcopy(base), p=args.p, backend=args.backend)
+    if args.p is not None:  # the converted rotation, in both models
+        remove_prope_attention(apply_prope_attention(base, p=args.p, backend=args.backend))
+    b, s = args.batch or SIZES[args.size]["batch"], args.seqlen or SIZES[args.size]["seqlen"]
+    ids, kw = batch(kind, b, s, base.config.vocab_size, device)
+    with torch.no_grad():  # same answer before timing (bf16: the models' own rounding differs)
+        l_base = base(ids, labels=ids, **kw).loss.float().item()
+        l_patched = patched(ids, labels=ids, **kw).loss.float().item()
+    models = {"unpatched (sdpa + RoPE)": base, "patched (prope_attention)": patched}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda")
+            for k, m in models.items()}
+    rates = {k: [] for k in models}
+    peak = {}
+    for k, m in models.items():  # warm-up (autotuning, allocator)
+        train_steps(m, opts[k], ids, kw, args.warmup, sync)
+    for _ in range(args.rounds):
+        for k, m in models.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            train_steps(m, opts[k], ids, kw, args.steps, sync)
+            dt = time.perf_counter() - t0
+            rates[k].append(b * s * args.steps / dt)
+            if device == "cuda":
+                peak[k] = torch.cuda.max_memory_allocated() / 2**20
+    rows = []
+    for k in models:
+        rows.append(dict(family=family, inputs=kind, provider=k, batch=b, seqlen=s,
+                         dtype=str(dtype).replace("torch.", ""),
+                         params_m=round(sum(x.numel() for x in models[k].parameters()) / 1e6, 1),
+                         tokens_per_s_median=statistics.median(rates[k]),
+                         tokens_per_s_rounds=rates[k], peak_mib=peak.get(k),
+                         loss_before=l_base if k.startswith("unpatched") else l_patched))
+    rows[1]["speedup_vs_unpatched"] = (rows[1]["tokens_per_s_median"]
+                                       / rows[0]["tokens_per_s_median"])
+    rows[1]["layers"] = [dict(p=x.p, theta=x.theta, head_dim=x.head_dim, fused=x.reason is None)
+                         for x in prope_layer_settings(patched)]
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m prope_kernels.bench.hf_throughput",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--families", default="llama,gemma")
+    ap.add_argument("--inputs", default="dense,packed")
+    ap.add_argument("--smoke", action="store_true", help="tiny size, 1 step (CPU check)")
+    ap.add_argument("--size", default=None, choices=list(SIZES))
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--p", type=float, default=None,
+                    help="convert both models to this p first (default: the model's RoPE)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", default=None, help="output folder (default: <date>_<gpu>_hf/ under "
+                    "prope-bench-results/ here, or bench/results/ at the root of a checkout)")
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    args.size = args.size or ("tiny" if args.smoke or not gpu else "small")
+    args.steps = args.steps or (1 if args.smoke else 10)
+    args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    meta = env.collect(smoke=args.smoke or not gpu)
+    meta["command"] = env.command()
+    import transformers
+    meta["transformers"] = transformers.__version__
+    rows = []
+    for fam in args.families.split(","):
+        for kind in args.inputs.split(","):
+            rows += run_case(fam, kind, args, device, dtype, sync)
+            r = rows[-2:]
+            print(f"{fam:6s} {kind:7s} unpatched {r[0]['tokens_per_s_median']:12.0f} tok/s  "
+                  f"patched {r[1]['tokens_per_s_median']:12.0f} tok/s  "
+                  f"x{r[1]['speedup_vs_unpatched']:.3f}  loss {r[0]['loss_before']:.4f} / "
+                  f"{r[1]['loss_before']:.4f}", flush=True)
+    if args.out:
+        out = Path(args.out)
+    elif not gpu:  # CPU figures are a smoke check, never results
+        out = Path(tempfile.gettempdir()) / "prope_hf_throughput"
+    else:
+        day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        name = re.sub(r"[^a-z0-9]+", "-", (meta.get("gpu") or "cpu").lower()).strip("-")
+        out = env.results_root() / f"{day}_{name}_hf"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "hf_throughput.json"
+    path.write_text(json.dumps(dict(meta=meta, args=vars(args), rows=rows), indent=1))
+    print(f"wrote {path} ({meta['run_kind']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
