@@ -287,9 +287,15 @@ def _installed(dist: str) -> Optional[str]:
 
 
 def _triton_unavailable():
-    err = import_error("triton")
+    # an import statement, not import_error's importlib: torch.compile traces this call (the
+    # backend checks of a compiled function) and cannot trace importlib
+    err = _IMPORT_ERRORS.get("triton")
     if err is None:
-        return None
+        try:
+            import triton  # noqa: F401
+            return None
+        except Exception as e:  # noqa: BLE001  (anything an import can raise is the reason)
+            err = _IMPORT_ERRORS["triton"] = e
     version = _installed("triton")
     if version is None and importlib.util.find_spec("triton") is None:
         return "needs the triton package; pip install triton, or use backend='reference'"
