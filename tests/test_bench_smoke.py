@@ -152,7 +152,8 @@ def test_markdown_report(smoke_run):
     out, _ = smoke_run
     md = (out / "report.md").read_text()
     assert "CPU SMOKE RUN" in md and "not GPU figures" in md
-    assert "`python -m bench --smoke --no-progress --out" in md  # the command as typed
+    # the command as typed (the interpreter's own name: python, python3 or python3.11)
+    assert re.search(r"`python[0-9.]* -m bench --smoke --no-progress --out", md), md[:600]
     for text in ("prope_attention (triton)", "prope_attention (reference, PyTorch)",
                  "SDPA math + RoPE eager", "The cost of the identity", "seqlen sweep",
                  "varlen", "Not run", "sdpa-cudnn-norope", "Triton configs the autotuner picked",
