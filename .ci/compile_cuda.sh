@@ -4,7 +4,9 @@
 # through setup.py + ninja) and the CMake targets (kernel library + csrc/tests/test_prope_attn,
 # csrc/tests/test_layouts, which it also runs: a host-only check of the forward's register layouts),
 # then guards the SM90 kernels' SASS (.ci/check_sm90_sass.py: wgmma, TMA, setmaxnreg present, no
-# local memory), so that a change which silently falls back to a slower path fails here.
+# local memory), so that a change which silently falls back to a slower path fails here. The same
+# compile is packed into a binary wheel, which is installed with nvcc hidden and nvidia-cutlass
+# uninstalled: its _C must load and the config check must list the CUDA backend as built.
 #
 # Usage: .ci/compile_cuda.sh            (from anywhere; exit status 0 = everything compiled)
 # Environment (all optional):
@@ -18,7 +20,8 @@
 #                        already compiled every kernel file; this checks CMake + the C++ test)
 #   MAX_JOBS             parallel compile jobs (default 2)
 #   CUDA_HOME            default /usr/local/cuda
-# Nothing is written into the checkout: build outputs go to a temporary directory.
+# Build outputs go to a temporary directory (the checkout gets only setuptools' ignored
+# prope_kernels.egg-info/). The wheel is installed into the venv at the end (step 5).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,11 +66,14 @@ export PATH="$VENV/bin:$PATH"  # ninja
 BUILD="$(mktemp -d "${TMPDIR:-/tmp}/prope_cuda_build.XXXXXX")"
 trap 'rm -rf "$BUILD"' EXIT
 
-# 2. the torch extension: binding + every kernel instantiation + rope kernels
-step "building prope_kernels._C (archs $PROPE_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
-(cd "$ROOT" && PROPE_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext \
-    --build-temp "$BUILD/temp" --build-lib "$BUILD/lib")
-SO="$(find "$BUILD/lib" -name '_C*.so' | head -n 1)"
+# 2. the torch extension (binding + every kernel instantiation + rope kernels), compiled once and
+# packed into a binary wheel (docs/install.md: the same build as `pip wheel --no-build-isolation`)
+step "building prope_kernels._C and a wheel (archs $PROPE_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"
+(cd "$ROOT" && PROPE_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build --build-base "$BUILD/b" \
+    bdist_wheel --bdist-dir "$BUILD/bdist" --dist-dir "$BUILD/dist")
+SO="$(find "$BUILD/b" -name '_C*.so' | head -n 1)"
+WHEEL="$(find "$BUILD/dist" -name 'prope_kernels-*.whl' | head -n 1)"
+[[ -n "$WHEEL" ]] || { echo "compile_cuda: no wheel was produced" >&2; exit 1; }
 [[ -n "$SO" ]] || { echo "compile_cuda: no _C*.so was produced" >&2; exit 1; }
 step "loading $SO and checking the op registrations"
 "$PY" - "$SO" <<'PYEOF'
@@ -84,7 +90,7 @@ CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
 [[ -x "$CUOBJDUMP" ]] || CUOBJDUMP="$("$PY" -c "import triton, pathlib; \
 print(pathlib.Path(triton.__file__).parent / 'backends/nvidia/bin/cuobjdump')")"
 [[ -x "$CUOBJDUMP" ]] || { echo "compile_cuda: no cuobjdump (CUDA_HOME or Triton's wheel)" >&2; exit 1; }
-mapfile -t SM90_OBJS < <(find "$BUILD/temp" -name 'attn_sm90_*.o' | sort)
+mapfile -t SM90_OBJS < <(find "$BUILD/b" -name 'attn_sm90_*.o' | sort)
 [[ ${#SM90_OBJS[@]} -eq 12 ]] || { echo "compile_cuda: expected 12 SM90 objects, found ${#SM90_OBJS[@]}" \
   "(PROPE_CUDA_ARCHS must contain 9.0a)" >&2; exit 1; }
 "$PY" "$ROOT/.ci/check_sm90_sass.py" "$CUOBJDUMP" "${SM90_OBJS[@]}"
@@ -99,5 +105,26 @@ cmake --build "$BUILD/cmake" -j "$MAX_JOBS"
 [[ -x "$BUILD/cmake/test_prope_attn" ]] || { echo "compile_cuda: test_prope_attn missing" >&2; exit 1; }
 step "running the host-only layout test (no GPU needed)"
 "$BUILD/cmake/test_layouts"
+
+# 5. the wheel as a user without a toolchain gets it: no nvcc, no CUTLASS; its _C must load and
+# the config check must report the CUDA backend built for the archs asked for
+step "installing $(basename "$WHEEL") with no nvcc and no CUTLASS"
+"$PY" -m pip uninstall --quiet --yes nvidia-cutlass
+"$PY" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
+(cd "$BUILD" && env -u CUDA_HOME -u CUDA_PATH PATH="$VENV/bin:/usr/bin:/bin" "$PY" - "$PROPE_CUDA_ARCHS" <<'PYEOF'
+import importlib.util, json, re, shutil, subprocess, sys
+assert shutil.which("nvcc") is None, "nvcc is still on PATH"
+assert importlib.util.find_spec("cutlass_library") is None, "nvidia-cutlass is still installed"
+out = subprocess.run([sys.executable, "-m", "prope_kernels", "--json"], capture_output=True,
+                     text=True, check=True).stdout
+ext = json.loads(out)["cuda_extension"]
+rec = ext["record"] or {}
+assert ext["loads"] and ext["path"] and "site-packages" in ext["path"], ext
+want = [a for a in re.split(r"[;,\s]+", sys.argv[1].strip()) if a]  # as setup.py lists them
+assert rec.get("cuda_backend") == "built" and rec.get("archs") == want, rec
+print(f"wheel: _C loads from {ext['path']}; built for {', '.join(rec['archs'])}")
+PYEOF
+)
+"$PY" -m pip install --quiet "$CUTLASS_PIN"  # the venv as it was (the extension builds again)
 
 step "OK: every CUDA source compiled"
