@@ -346,17 +346,7 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
         const bool need_mask = n_rows < kBN || (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
         warpgroup_wait<1>();
         warpgroup_fence_operand(acc_s);
-        if (need_mask) {
-          CUTE_UNROLL
-          for (int i = 0; i < size<0>(s_rc); ++i) {
-            CUTE_UNROLL
-            for (int j = 0; j < size<1>(s_rc); ++j) {
-              const int row = m_block * kBM + get<0>(tScS_rc(i, j));
-              const int col = n_block * kBN + get<1>(tScS_rc(i, j));
-              if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
-            }
-          }
-        }
+        if (need_mask) mask_scores<kCausal>(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen);
         CUTE_UNROLL
         for (int i = 0; i < size<0>(s_rc); ++i) {
           const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];

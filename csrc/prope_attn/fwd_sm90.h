@@ -58,6 +58,25 @@ CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
   return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l), get<0, 1>(v));
 }
 
+// Scores of keys past the sequence (col >= seqlen) and, causal, of the upper triangle (col > row)
+// set to -inf: s_rc (rows, keys) in the row-col view of an accumulator, c_rc the same view of its
+// (row, col) coordinates, row0 / col0 the tile's first row and key in the sequence. Called only
+// on edge and diagonal blocks (the forward and the fused backward).
+template <bool kCausal, class TensorS, class TensorC>
+__device__ __forceinline__ void mask_scores(TensorS& s_rc, const TensorC& c_rc, int row0, int col0,
+                                            int seqlen) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < size<0>(s_rc); ++i) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s_rc); ++j) {
+      const int row = row0 + get<0>(c_rc(i, j));
+      const int col = col0 + get<1>(c_rc(i, j));
+      if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
+    }
+  }
+}
+
 // A tile that runs past the end of its sequence holds the next sequence's rows in shared memory
 // (or whatever lies past cu_seqlens[-1]); a masked P or dS of 0 times an Inf or NaN there is
 // still NaN inside the MMA. So its rows [first, kRows) are set to zero before a GEMM multiplies
@@ -372,17 +391,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     auto mask = [&](int n_block) {
       const bool need_mask = (n_block + 1) * kBN > seqlen ||
                              (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
-      if (need_mask) {
-        CUTE_UNROLL
-        for (int i = 0; i < size<0>(s_rc); ++i) {
-          CUTE_UNROLL
-          for (int j = 0; j < size<1>(s_rc); ++j) {
-            const int row = m_block * kBM + get<0>(tScS_rc(i, j));
-            const int col = n_block * kBN + get<1>(tScS_rc(i, j));
-            if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
-          }
-        }
-      }
+      if (need_mask) mask_scores<kCausal>(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen);
     };
 
     if constexpr (!kOverlap) {
