@@ -78,13 +78,27 @@ class TrainConfig:
     out: str = _help("run folder", "runs/prope-train")
     resume: bool = _help("continue from the checkpoint in --out", False)
     seed: int = _help("random seed (model init and data order)", 0)
-    compile: bool = _help("torch.compile the model", False)
+    compile: bool = _help("torch.compile the non-attention parts of every layer (RMSNorms, "
+                          "MLP) and the final norm; attention stays the fused op (or, with "
+                          "--attn unfused, eager RoPE + SDPA)", False)
+    precision: str = _help("auto: bf16 compute under autocast with float32 master weights, "
+                           "gradients and AdamW state on a GPU with bf16, float32 otherwise; "
+                           "bf16: the same on any device (the CPU too); fp32: float32 only",
+                           "auto")
     fsdp: bool = _help("shard parameters, gradients and optimizer state over the ranks "
                        "(FSDP2, torch.distributed.fsdp.fully_shard) instead of DDP; "
                        "checkpoints become sharded (torch.distributed.checkpoint); needs "
                        "torchrun (a single process without it trains unsharded)", False)
     device: str = _help("auto (cuda when present), cuda or cpu", "auto")
     progress: bool = _help("show a progress bar", True)
+    benchmark: int = _help("train nothing: time N optimizer steps of this model and batch with "
+                           "each --benchmark-attn in one process, write benchmark.json and "
+                           "benchmark.md (into --out if given, else bench/results/)", 0)
+    benchmark_attn: str = _help("what --benchmark compares: attention backends of the trainer "
+                                "and 'hf' (transformers' own Gemma, sdpa, same shape and batch)",
+                                "auto,cuda,triton,unfused,hf")
+    benchmark_warmup: int = _help("untimed steps of each --benchmark entry first (autotuning, "
+                                  "compilation, allocator)", 3)
 
 
 class UsageError(Exception):
@@ -97,7 +111,18 @@ class UsageError(Exception):
 MODEL_FLAGS = ("p", "theta", "local_p", "local_theta", "window", "softcap", "local_softcap",
                "variant", "layout", "attn", "activation_checkpointing")
 CHOICES = {"variant": VARIANTS, "layout": LAYOUTS, "attn": ATTN_BACKENDS,
-           "device": ("auto", "cuda", "cpu")}
+           "device": ("auto", "cuda", "cpu"), "precision": ("auto", "bf16", "fp32")}
+
+# Training defaults of a preset meant for one GPU (used unless the flag is given). gemma-2b on
+# one 80 GB H100: rows of 2048, 16 rows a step in 8 micro-batches of 2 rows (32k tokens a step),
+# no activation checkpointing, the non-attention parts compiled. Memory (memory_estimate, stated
+# in docs/trainer.md): 40.1 GB of float32 weights, gradients and AdamW moments for 2.51B
+# parameters, 5.0 GB of bf16 weight copies, ~14.6 GB of activations for a micro-batch of
+# 2 x 2048 tokens, ~8.4 GB for one chunk of the 256k-vocabulary loss: ~68 GB (63 GiB of 79).
+PRESET_TRAIN = {
+    "gemma-2b": dict(seq_len=2048, batch_size=16, grad_accum=8, lr=3e-4, warmup=100,
+                     steps=1000, eval_every=200, compile=True),
+}
 
 
 def _model_field(name: str):
@@ -151,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> TrainConfig:
     ap = build_parser()
+    # a GPU preset's training defaults replace the generic ones; flags given still win
+    known, _ = ap.parse_known_args(argv)
+    ap.set_defaults(**PRESET_TRAIN.get(known.preset, {}))
     args = vars(ap.parse_args(argv))
     name = args.pop("preset")
     overrides = {k: args.pop(k) for k in MODEL_FLAGS}
@@ -188,15 +216,102 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+# dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name; the
+# first match wins (H100 PCIe and NVL before the SXM part, whose name is "H100 80GB HBM3")
+PEAK_BF16 = (("H100 PCIe", "H100 PCIe", 756e12), ("H100 NVL", "H100 NVL", 835e12),
+             ("H100", "H100 SXM", 989e12), ("H200", "H200", 989e12), ("A100", "A100", 312e12),
+             ("L40", "L40", 181e12))
+
+
+def peak_flops_named(device_name: str):
+    """(dense bf16 peak FLOP/s, the part it is for) of a GPU name, or (None, None)."""
+    for key, part, flops in PEAK_BF16:
+        if key in device_name:
+            return flops, part
+    return None, None
+
+
 def peak_flops(device: torch.device):
     """Dense bf16 peak used for MFU (None when unknown, e.g. on a CPU)."""
     if device.type != "cuda":
         return None
+    return peak_flops_named(torch.cuda.get_device_name(device))[0]
+
+
+def mfu_text(device: torch.device) -> str:
+    """What MFU is measured against (logged once a run is set up)."""
+    if device.type != "cuda":
+        return "MFU n/a on the CPU"
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12)):
-        if key in name:
-            return flops
-    return None
+    flops, part = peak_flops_named(name)
+    if flops is None:
+        return f"MFU n/a: no dense bf16 peak known for {name}"
+    return (f"MFU = model FLOPs (6 x parameters + attention, no recomputation) x tokens/s over "
+            f"the {part}'s dense bf16 peak, {flops / 1e12:.0f} TFLOP/s")
+
+
+def memory_estimate(model: GemmaConfig, micro_rows: int, seq_len: int,
+                    checkpointing: bool | None = None, master_fp32: bool = True,
+                    ce_chunk: int = 2048) -> dict:
+    """Peak training memory in bytes of one unsharded replica (an estimate, Gemma 1 shapes):
+    float32 weights + gradients + two AdamW moments (16 B a parameter), the bf16 copies of the
+    weights autocast keeps for backward (2 B), activations per token and layer, and one chunk of
+    the chunked cross-entropy. Activation bytes a token and layer were measured on the CPU
+    with saved-tensor hooks on one bf16-autocast gemma-2b layer (hidden 2048, MLP 16384): the
+    MLP half 155.7 kB (9.25 B per MLP unit + 2.05 B per hidden unit), the attention half
+    without the op 32.8 kB (16 B per hidden unit); the fused op keeps q, k, v, o in bf16 and
+    the fp32 log-sum-exp. With
+    activation checkpointing a layer keeps only its float32 input (4 x hidden B a token) and
+    one layer's activations live again during its backward."""
+    n = model.num_params()
+    ckpt = model.activation_checkpointing if checkpointing is None else checkpointing
+    tokens = micro_rows * seq_len
+    per_layer = []
+    for i in range(model.layers):
+        s = model.layer_attn(i)
+        attn_op = 2 * (2 * model.heads * s.head_dim + 2 * s.kv_heads * s.head_dim) + 4 * model.heads
+        mlp_half = 9.25 * model.mlp + 2.05 * model.hidden  # 155.7 kB at 16384 / 2048
+        proj_half = 16.0 * model.hidden                     # 32.8 kB at 2048
+        per_layer.append(mlp_half + proj_half + attn_op)
+    if ckpt:
+        acts = tokens * (model.layers * 4 * model.hidden + max(per_layer))
+    else:
+        acts = tokens * sum(per_layer)
+    rows = min(ce_chunk, tokens)
+    # logits bf16, fp32 logits, log-softmax and its gradient (fp32), the bf16 gradient
+    ce = rows * model.vocab_size * (2 + 4 + 4 + 4 + 2)
+    weights = n * (4 if master_fp32 else 2)
+    est = {"params": n, "weights": weights, "grads": weights,
+           "adam": n * 8, "bf16_weight_copies": n * 2 if master_fp32 else 0,
+           "activations": acts, "loss_chunk": ce}
+    est["total"] = sum(v for k, v in est.items() if k != "params")
+    return est
+
+
+def adamw_kwargs(device: torch.device) -> dict:
+    """AdamW's implementation: fused (one kernel for all parameters) on CUDA, torch's default
+    (foreach) elsewhere; the fused CPU kernel is not used."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast (float32 master weights) or float32, from --precision."""
+    if cfg.precision == "bf16":
+        return True
+    return (cfg.precision == "auto" and device.type == "cuda"
+            and torch.cuda.is_bf16_supported())
+
+
+def compile_parts(model, backend: str = "inductor"):
+    """torch.compile every layer's non-attention parts (its RMSNorms and MLP) and the final norm,
+    in place. The layers share one compiled graph per part (same code, parameters as inputs);
+    the attention (fused op, or eager RoPE + SDPA for the baseline) is never traced."""
+    from .models.gemma import MLP, RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, (MLP, RMSNorm)):
+            m.compile(backend=backend)
+    return model
 
 
 def _device_type(cfg: TrainConfig) -> str:
@@ -370,6 +485,23 @@ def _wrap(model, cfg: TrainConfig, device, world: int, local_rank: int):
     return model
 
 
+def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW over the (float32) parameters: decay on matrices only; fused on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             betas=(0.9, 0.95), **adamw_kwargs(device))
+
+
+def make_autocast(cfg: TrainConfig, device) -> Callable:
+    """A context factory: bf16 autocast on the run's device (weights stay float32: the master
+    copy AdamW updates; matmuls and attention run in bf16), or nothing (float32)."""
+    if use_bf16(cfg, device):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Process group, data, model (sharded or replicated), optimizer, resume, run folder."""
     device, rank, world, local_rank = _init_distributed(cfg)
@@ -385,17 +517,11 @@ def setup(cfg: TrainConfig) -> Run:
     model_cfg = _model_config(cfg, tok)
     _memory_check(model_cfg, cfg, device, world)
     model = Gemma(model_cfg).to(device)  # same seed on every rank: same initial weights
-    fwd_model = _wrap(model, cfg, device, world, local_rank)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.95), fused=device.type == "cuda")
     if cfg.compile:
-        fwd_model = torch.compile(fwd_model)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else \
-        contextlib.nullcontext
+        compile_parts(model)
+    fwd_model = _wrap(model, cfg, device, world, local_rank)
+    opt = make_optimizer(model, cfg, device)
+    autocast = make_autocast(cfg, device)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -642,13 +768,15 @@ def header(cfg: TrainConfig) -> str:
     g = m.global_attn
     p = f"p {g.p:g}" + (f" global, {m.local_attn.p:g} local (window {m.local_attn.window})"
                         if m.local_attn is not None and "L" in m.layer_pattern else "")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev == "cuda"
+                                         and torch.cuda.is_bf16_supported())
+    dtype = ("bfloat16 autocast, float32 master weights, gradients and AdamW state" if bf16
+             else "float32")
     if dev == "cuda":
-        dtype = "bfloat16 autocast, float32 weights" if torch.cuda.is_bf16_supported() else \
-            "float32"
         name = torch.cuda.get_device_name(env.distributed()[2])
         device = f"cuda ({name})"
     else:
-        dtype, device = "float32", "cpu"
+        device = "cpu"
     attn = m.attn
     if attn == "auto":
         attn += (" (the reference on the CPU)" if dev == "cpu" else
@@ -684,6 +812,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             f"{run.model_cfg.num_params():,} parameters (vocabulary {run.model_cfg.vocab_size}), "
             f"{len(run.batches.data):,} training rows, {len(run.val):,} validation rows"
             + (f", resumed at step {run.step}" if run.step else ""))
+        log("  " + mfu_text(run.device))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     peak = peak_flops(run.device)
     flops_token = run.model_cfg.flops_per_token(cfg.seq_len)
@@ -699,6 +828,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         t_last = now
         if peak:
             rec["mfu"] = flops_token * rec["tok_s"] / peak
+        if run.device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         step = run.step
         if step % cfg.eval_every == 0 or step == cfg.steps:
             rec["val_loss"] = evaluate(run)
@@ -713,6 +844,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             if bar is not None:
                 post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tok_s']:,.0f}"}
                 post["mfu"] = f"{rec['mfu']:.1%}" if "mfu" in rec else "n/a"
+                if "peak_mem_gib" in rec:
+                    post["mem"] = f"{rec['peak_mem_gib']:.1f}G"
                 if "val_ppl" in rec:
                     post["val_ppl"] = f"{rec['val_ppl']:.2f}"
                 bar.set_postfix(post)
@@ -729,6 +862,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if cfg.benchmark:
+        from .train_bench import benchmark
+
+        try:
+            args = sys.argv[1:] if argv is None else list(argv)
+            benchmark(cfg, log=lambda line: print(line, flush=True),
+                      command=" ".join(["prope-train"] + args))
+        except UsageError as e:
+            print(f"prope-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     first = env.distributed()[1] == 0
 
     def say(line: str) -> None:
@@ -748,6 +892,13 @@ def main(argv=None) -> int:
     if env.distributed()[1] == 0 and "val_ppl" in final:
         print(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f} "
               f"after {final['step']} steps; run folder: {res['out']}")
+        last = res["metrics"][-min(len(res["metrics"]), 10):]  # the last steps' throughput
+        tok_s = sorted(m["tok_s"] for m in last)[len(last) // 2]
+        mfu = sorted(m.get("mfu", 0.0) for m in last)[len(last) // 2]
+        mem = max((m.get("peak_mem_gib", 0.0) for m in res["metrics"]), default=0.0)
+        print(f"throughput (median of the last {len(last)} steps): {tok_s:,.0f} tokens/s"
+              + (f", MFU {mfu:.1%}" if "mfu" in final else ", MFU n/a")
+              + (f", peak memory {mem:.1f} GiB" if mem else ""))
     return 0
 
 
