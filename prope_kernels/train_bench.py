@@ -127,9 +127,11 @@ def _entry(name, cfg: TrainConfig, model_cfg, micro, device, peak, out):
     batches = _Replay(micro, device)
     if name == HF:
         mcfg = model_cfg
+        ours = Gemma(model_cfg)  # first after the seed: the other entries' initial weights
         model = _hf_model(model_cfg)
         # our initial weights (transformers' parameter names, "model." prefix dropped)
-        model.model.load_state_dict(Gemma(model_cfg).state_dict())
+        model.model.load_state_dict(ours.state_dict())
+        del ours
         model = model.to(device)
         opt = make_optimizer(model, cfg, device)
         # the model's own forward is what is compared: the non-attention parts uncompiled there
