@@ -2,7 +2,8 @@
 seven position encodings on the same data and token budget, several seeds.
 
     prope-experiment table2                         # CPU-sized default (see PRESETS["cpu"])
-    prope-experiment table2 --preset gpu            # a larger model and budget for one GPU
+    prope-experiment table2 --preset gpu            # one H100, at most 6 minutes (estimate)
+    prope-experiment table2 --preset gpu-large --data big.jsonl   # ~1.4 h of one H100
     python -m prope_kernels.experiments.table2 --seeds 0 1 --steps 100
 
 Writes to ``--out``: table.md (mean and spread over seeds of the validation loss and perplexity,
@@ -91,14 +92,41 @@ PRESETS = {
                                    mlp=256), vocab_size=1024, seq_len=64, batch_size=16,
                         steps=150, warmup=15, eval_every=25, seeds=(0, 1, 2), attn="unfused",
                         max_val_tokens=16384),
-    # one GPU: ~113M parameters, 3000 steps of 32 x 1024 tokens (98M tokens) per run, 7 x 3
-    # runs: 1.5e18 training FLOPs, about 1.4 h on one H100 at an assumed 30% MFU (an estimate
-    # from FLOPs, not measured; `--estimate` prints it). Meant for --data a corpus of 100M+
-    # tokens: the bundled one is ~0.5M tokens (the run warns when the budget is many passes)
-    "gpu": Table2Config(shape=dict(hidden=768, layers=12, heads=12, kv_heads=1, head_dim=64,
-                                   mlp=3072), vocab_size=16384, seq_len=1024, batch_size=32,
-                        steps=3000, lr=1e-3, warmup=300, eval_every=250, eval_batches=16,
-                        val_fraction=0.05, max_long_docs=128, max_val_tokens=1 << 20),
+    # one H100 in at most 6 minutes, on the bundled corpus (the GPU machine has no network):
+    # NoPE, RoPE and 0.75-RoPE (the paper's worst, baseline and best), 4 seeds (12 runs).
+    # 14.3M parameters (12.7M without the embedding; 6 layers, MQA, head_dim 64 so 0.75-RoPE
+    # leaves 8 slow pairs unrotated), rows of 512, 80 steps of 32 x 512 tokens = 1.31M tokens a
+    # run, 3.46 passes over the training split (checked on the CPU: 378k tokens at vocabulary
+    # 4096, 739 rows of 512, seed 0; the held-out split: 40k tokens, 2 documents long enough for
+    # the 4x probe). Time (estimate_gpu_time, a CPU-side estimate, not measured): 1.2e14 FLOPs a
+    # run, ~1.5 s at 10% MFU; the runs are bound by launch overhead, taken as 25 ms a step, 8 s
+    # a run for data, setup and evaluation, and 60 s once for Triton's first compilation:
+    # 3.2 min for the 12 runs. Seeds: the CPU run's paired NoPE - RoPE interval (± 0.175 at 3
+    # seeds) is NoPE's own instability at 184k parameters; with 4 seeds the 95% interval is
+    # 3.18 sd / 2 of the paired differences.
+    "gpu": Table2Config(shape=dict(hidden=384, layers=6, heads=6, kv_heads=1, head_dim=64,
+                                   mlp=1536), vocab_size=4096, seq_len=512, batch_size=32,
+                        steps=80, lr=2e-3, warmup=10, eval_every=20, eval_batches=8,
+                        val_fraction=0.1, seeds=(0, 1, 2, 3),
+                        encodings=("nope", "rope-1e4", "0.75-rope"), max_long_docs=32,
+                        max_val_tokens=1 << 16),
+    # the gpu preset's model and encodings at CPU size (a check that it runs, seconds a run)
+    "gpu-cpu": Table2Config(shape=dict(hidden=384, layers=6, heads=6, kv_heads=1, head_dim=64,
+                                       mlp=1536), vocab_size=512, seq_len=64, batch_size=4,
+                            steps=2, lr=2e-3, warmup=1, eval_every=2, eval_batches=1,
+                            val_fraction=0.1, seeds=(0, 1),
+                            encodings=("nope", "rope-1e4", "0.75-rope"), max_long_docs=2,
+                            long_factors=(2,), max_val_tokens=512, attn="unfused"),
+    # all seven encodings, ~113M parameters, 3000 steps of 32 x 1024 tokens (98M tokens) per
+    # run, 7 x 3 runs: 1.5e18 training FLOPs, about 1.4 h on one H100 at an assumed 30% MFU
+    # (an estimate from FLOPs, not measured; `--estimate` prints it). Meant for --data a corpus
+    # of 100M+ tokens: the bundled one is ~0.5M tokens (the run warns when the budget is many
+    # passes)
+    "gpu-large": Table2Config(shape=dict(hidden=768, layers=12, heads=12, kv_heads=1,
+                                         head_dim=64, mlp=3072), vocab_size=16384,
+                              seq_len=1024, batch_size=32, steps=3000, lr=1e-3, warmup=300,
+                              eval_every=250, eval_batches=16, val_fraction=0.05,
+                              max_long_docs=128, max_val_tokens=1 << 20),
     # the tests: seconds on a CPU
     "tiny": Table2Config(shape=dict(hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
                                     mlp=64), vocab_size=384, seq_len=32, batch_size=4, steps=4,
@@ -417,13 +445,28 @@ def reading(stats: dict, cfg: Table2Config) -> str:
 
 # --- the experiment -------------------------------------------------------------------------------
 
-def estimate_gpu_time(cfg: Table2Config, model_cfg, mfu: float = 0.3) -> dict:
-    """Training time of the whole experiment on one H100 from FLOPs (an estimate, not a
-    measurement): FLOPs per token x tokens x runs / (bf16 peak x an assumed MFU)."""
+# what estimate_gpu_time assumes beyond FLOPs (not measured): a small model's step is bound by
+# kernel launches, each run prepares its data, model and evaluation, and the first run compiles
+# the Triton kernels
+OVERHEAD = {"step_s": 0.025, "run_s": 8.0, "first_compile_s": 60.0}
+
+
+def estimate_gpu_time(cfg: Table2Config, model_cfg, mfu: float | None = None) -> dict:
+    """Time of the whole experiment on one H100 (an estimate, not a measurement): FLOPs per
+    token x tokens x runs / (bf16 peak x an assumed MFU: 30% for a model of 50M+ parameters,
+    10% below), plus the assumed overheads of OVERHEAD (launch-bound steps, per-run setup and
+    evaluation, the first compilation)."""
+    if mfu is None:
+        mfu = 0.3 if model_cfg.num_params() >= 50e6 else 0.1
+    runs = len(cfg.seeds) * len(cfg.encodings)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    flops = model_cfg.flops_per_token(cfg.seq_len) * tokens * len(cfg.seeds) * len(cfg.encodings)
-    return {"train_flops": flops, "assumed_mfu": mfu,
-            "h100_hours": flops / (H100_BF16_PEAK * mfu) / 3600}
+    flops = model_cfg.flops_per_token(cfg.seq_len) * tokens * runs
+    compute_s = flops / (H100_BF16_PEAK * mfu)
+    wall_s = compute_s + runs * (cfg.steps * OVERHEAD["step_s"] + OVERHEAD["run_s"]) + \
+        OVERHEAD["first_compile_s"]
+    return {"train_flops": flops, "assumed_mfu": mfu, "runs": runs,
+            "tokens_per_run": tokens, "h100_hours": compute_s / 3600,
+            "assumed_overhead": dict(OVERHEAD), "h100_wall_min": wall_s / 60}
 
 
 def passes(cfg: Table2Config, seed: int) -> float:
@@ -526,7 +569,9 @@ def build_parser(ap=None) -> argparse.ArgumentParser:
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=list(PRESETS),
                     help="model and budget: cpu (default; measured 19.4 min on 2 shared CPU "
-                    "cores), gpu (one GPU; --estimate), tiny (tests)")
+                    "cores), gpu (one H100, <= 6 min estimated; NoPE, RoPE, 0.75-RoPE x 4 "
+                    "seeds), gpu-cpu (gpu's model at CPU size), gpu-large (all seven, ~1.4 h; "
+                    "--data a large corpus), tiny (tests)")
     ap.add_argument("--out", default=None, help="results folder (default results/table2_PRESET)")
     ap.add_argument("--runs", default=None, help="run folders with checkpoints (default "
                     "runs/table2_PRESET); a finished run found there is reused")
