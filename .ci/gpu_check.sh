@@ -21,6 +21,13 @@
 #                                   # table from that run alone: commit the run under bench/results/
 #                                   # and write the package's table from it, bench/README.md)
 #   bash .ci/gpu_check.sh all       # tests, then bench (a longer machine session)
+#   bash .ci/gpu_check.sh train     # ~8 min (TRAIN_DEADLINE_S=470): the trainer at gemma-2b,
+#                                   # prope-train --benchmark (auto, cuda, triton, unfused RoPE +
+#                                   # SDPA, transformers' Gemma with sdpa; tokens/s, MFU, peak
+#                                   # memory; ends by 45% of the deadline), then prope-experiment
+#                                   # table2 --preset gpu (ends by 97%). Files in $OUT (7):
+#                                   # env.txt, train.log, benchmark.json, benchmark.md, table2.md,
+#                                   # table2.json, table2_curves.png
 #
 # quick runs the whole test suite on the GPU, in three pytest steps that between them hold every
 # test of tests/ (tests/test_gpu_check.py checks it by collecting each step's selection):
@@ -79,9 +86,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 STAGE="${1:-quick}"
 case "$STAGE" in
-  quick|plan|tests|configs|cuda|bench|breakdown|sdpa|all) ;;
+  quick|plan|tests|configs|cuda|bench|breakdown|sdpa|all|train) ;;
   *) echo "unknown stage $STAGE (quick, plan, tests, configs, cuda, bench, breakdown, sdpa," \
-          "all)" >&2
+          "all, train)" >&2
      exit 2 ;;
 esac
 START=$(date +%s)
@@ -494,6 +501,38 @@ quick() {
     | tee -a "$LOG"
 }
 
+# --- train: the trainer at gemma-2b and the Table 2 GPU preset, against one deadline -------------
+# Steps (qstep: each killed at its share of TRAIN_DEADLINE_S, default 470 s, so that both end
+# inside one 8-minute device call): train_bench by TRAIN_SHARE_BENCH% (45: ~210 s for the data,
+# five entries of 2 untimed + 4 timed optimizer steps of 32k tokens, each ~1.2 s at the bar's
+# MFU, plus compilation and autotuning), then table2 by 97% (~245 s left; its estimate is 3.2
+# min). GPU_CHECK_FAKE=1: each step runs $GPU_CHECK_FAKE_TRAIN_BENCH / $GPU_CHECK_FAKE_TABLE2
+# (tests/test_gpu_check.py), nothing is installed or queried.
+train() {
+  DEADLINE="${TRAIN_DEADLINE_S:-470}"
+  LOG="$OUT/train.log"
+  : >"$LOG"
+  local tmp
+  tmp=$(mktemp -d /tmp/prope_train.XXXXXX)
+  export TRAIN_TMP="$tmp"  # where the steps write (a fake step writes its files there too)
+  echo "train: deadline $DEADLINE s" | tee -a "$LOG"
+  qstep train_bench "${TRAIN_SHARE_BENCH:-45}" "$PY" -m prope_kernels.train --preset gemma-2b \
+      --benchmark "${TRAIN_BENCH_STEPS:-4}" --benchmark-warmup 2 --no-progress \
+      --out "$tmp/bench"
+  cp "$tmp"/bench/benchmark.json "$tmp"/bench/benchmark.md "$OUT"/ 2>/dev/null \
+    || echo "train_bench: no benchmark.json/benchmark.md written" | tee -a "$LOG"
+  qstep table2 97 "$PY" -m prope_kernels.experiments table2 --preset gpu \
+      --out "$tmp/table2" --runs "$tmp/runs"
+  cp "$tmp"/table2/table.md "$OUT"/table2.md 2>/dev/null \
+    || echo "table2: no table.md written" | tee -a "$LOG"
+  cp "$tmp"/table2/results.json "$OUT"/table2.json 2>/dev/null || true
+  cp "$tmp"/table2/curves.png "$OUT"/table2_curves.png 2>/dev/null || true
+  rm -rf "$tmp"
+  { echo; for f in benchmark.md table2.md; do [ -f "$OUT/$f" ] && cat "$OUT/$f"; done
+    echo "train: exit $status after $(( $(date +%s) - START )) s (deadline $DEADLINE s);" \
+         "steps: ${STEPS[*]}"; } | tee -a "$LOG"
+}
+
 stage() {
   case "$1" in
     quick)
@@ -533,6 +572,8 @@ stage() {
           --out "$OUT/dispatch_run" ;;
     all)
       stage tests; stage bench ;;
+    train)
+      train ;;
   esac
 }
 

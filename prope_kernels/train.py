@@ -516,7 +516,8 @@ def setup(cfg: TrainConfig) -> Run:
     tok, batches, val = _data(cfg, rank, world)
     model_cfg = _model_config(cfg, tok)
     _memory_check(model_cfg, cfg, device, world)
-    model = Gemma(model_cfg).to(device)  # same seed on every rank: same initial weights
+    with torch.device(device):  # initialized where it trains (gemma-2b: no 10 GB CPU copy)
+        model = Gemma(model_cfg)  # same seed on every rank: same initial weights
     if cfg.compile:
         compile_parts(model)
     fwd_model = _wrap(model, cfg, device, world, local_rank)

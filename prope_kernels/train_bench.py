@@ -127,18 +127,19 @@ def _entry(name, cfg: TrainConfig, model_cfg, micro, device, peak, out):
     batches = _Replay(micro, device)
     if name == HF:
         mcfg = model_cfg
-        ours = Gemma(model_cfg)  # first after the seed: the other entries' initial weights
-        model = _hf_model(model_cfg)
+        with torch.device(device):  # built where it trains (2.5B parameters: no CPU init)
+            ours = Gemma(model_cfg)  # first after the seed: the other entries' initial weights
+            model = _hf_model(model_cfg)
         # our initial weights (transformers' parameter names, "model." prefix dropped)
         model.model.load_state_dict(ours.state_dict())
         del ours
-        model = model.to(device)
         opt = make_optimizer(model, cfg, device)
         # the model's own forward is what is compared: the non-attention parts uncompiled there
         step = lambda: _hf_step(model, opt, batches, cfg, autocast, device)  # noqa: E731
     else:
         mcfg = model_cfg.updated(attn=name)
-        model = Gemma(mcfg).to(device)
+        with torch.device(device):
+            model = Gemma(mcfg)
         if cfg.compile:
             compile_parts(model)
         opt = make_optimizer(model, cfg, device)

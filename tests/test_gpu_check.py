@@ -445,3 +445,55 @@ def test_quick_shares_must_be_four_rising_percentages(tmp_path):
         proc = subprocess.run(["bash", str(SCRIPT), "quick"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "four rising percentages" in proc.stderr, shares
+
+
+# --- the train stage (the trainer at gemma-2b and the Table 2 GPU preset) ------------------------
+
+def _train(tmp_path, deadline, **fakes):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_FAKE="1", TRAIN_DEADLINE_S=str(deadline),
+               PYTHON=sys.executable)
+    env.update({f"GPU_CHECK_FAKE_{k.upper()}": v for k, v in fakes.items()})
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), "train"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, out, time.monotonic() - t0
+
+
+# stand-ins writing what the real steps write into $TRAIN_TMP
+FAKE_BENCH = ('mkdir -p "$TRAIN_TMP/bench" && echo "| auto | 1 |" > "$TRAIN_TMP/bench/benchmark.md"'
+              ' && echo "{}" > "$TRAIN_TMP/bench/benchmark.json"')
+FAKE_TABLE2 = ('mkdir -p "$TRAIN_TMP/table2" && echo "| NoPE | 4.8594 |" > '
+               '"$TRAIN_TMP/table2/table.md" && echo "{}" > "$TRAIN_TMP/table2/results.json"'
+               ' && echo png > "$TRAIN_TMP/table2/curves.png"')
+
+
+def test_train_stage_green_run_files(tmp_path):
+    proc, out, _ = _train(tmp_path, 60, train_bench=FAKE_BENCH, table2=FAKE_TABLE2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = _files(out)
+    assert files == ["benchmark.json", "benchmark.md", "env.txt", "table2.json", "table2.md",
+                     "table2_curves.png", "train.log"]
+    assert len(files) <= 8  # a lent machine's limit
+    log = (out / "train.log").read_text()
+    assert "step train_bench: exit 0" in log and "step table2: exit 0" in log
+    assert "| auto | 1 |" in log and "| NoPE | 4.8594 |" in log  # both reports in the log
+
+
+def test_train_stage_overrunning_benchmark_is_cut_and_table2_still_runs(tmp_path):
+    # deadline 20 s: the benchmark's share (45%) is 9 s; a 60 s benchmark is killed there
+    proc, out, took = _train(tmp_path, 20, train_bench="sleep 60", table2=FAKE_TABLE2)
+    assert proc.returncode == 1
+    log = (out / "train.log").read_text()
+    assert "step train_bench: exit 124" in log or "step train_bench: exit 130" in log, log
+    assert "no benchmark.json/benchmark.md written" in log
+    assert "step table2: exit 0" in log and (out / "table2.md").is_file()
+    assert took < 40
+
+
+def test_train_stage_runs_the_real_commands():
+    # the commands the stage runs (not faked): the gemma-2b benchmark and the gpu preset
+    text = SCRIPT.read_text()
+    body = text[text.index("train() {"):text.index("stage() {")]
+    assert "-m prope_kernels.train --preset gemma-2b" in body and "--benchmark" in body
+    assert "-m prope_kernels.experiments table2 --preset gpu" in body
