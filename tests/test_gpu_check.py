@@ -477,18 +477,32 @@ def test_train_stage_green_run_files(tmp_path):
     assert len(files) <= 8  # a lent machine's limit
     log = (out / "train.log").read_text()
     assert "step train_bench: exit 0" in log and "step table2: exit 0" in log
+    assert "step cuda_build: exit 0" in log  # faked: always started
+    assert log.index("step table2:") < log.index("step train_bench:")
     assert "| auto | 1 |" in log and "| NoPE | 4.8594 |" in log  # both reports in the log
 
 
-def test_train_stage_overrunning_benchmark_is_cut_and_table2_still_runs(tmp_path):
-    # deadline 20 s: the benchmark's share (45%) is 9 s; a 60 s benchmark is killed there
-    proc, out, took = _train(tmp_path, 20, train_bench="sleep 60", table2=FAKE_TABLE2)
+def test_train_stage_overrunning_table2_is_cut_and_the_benchmark_still_runs(tmp_path):
+    # deadline 20 s: table2's share (52%) is 10 s; a 60 s table2 is killed there, the build
+    # beside it has ended, and the benchmark runs in the time left
+    proc, out, took = _train(tmp_path, 20, table2="sleep 60", train_bench=FAKE_BENCH,
+                             cuda_build="sleep 1")
     assert proc.returncode == 1
     log = (out / "train.log").read_text()
-    assert "step train_bench: exit 124" in log or "step train_bench: exit 130" in log, log
-    assert "no benchmark.json/benchmark.md written" in log
-    assert "step table2: exit 0" in log and (out / "table2.md").is_file()
+    assert "step table2: exit 124" in log or "step table2: exit 130" in log, log
+    assert "table2: no table.md written" in log
+    assert "step cuda_build: exit 0" in log
+    assert "step train_bench: exit 0" in log and (out / "benchmark.md").is_file()
     assert took < 40
+
+
+def test_train_stage_build_failure_is_reported_and_the_benchmark_runs(tmp_path):
+    proc, out, _ = _train(tmp_path, 60, table2=FAKE_TABLE2, train_bench=FAKE_BENCH,
+                          cuda_build="echo nvcc broke; exit 3")
+    assert proc.returncode == 1
+    log = (out / "train.log").read_text()
+    assert "step cuda_build: exit 3" in log and "nvcc broke" in log
+    assert "step train_bench: exit 0" in log
 
 
 def test_train_stage_runs_the_real_commands():
