@@ -251,8 +251,7 @@ def mfu_text(device: torch.device) -> str:
 
 
 def memory_estimate(model: GemmaConfig, micro_rows: int, seq_len: int,
-                    checkpointing: bool | None = None, master_fp32: bool = True,
-                    ce_chunk: int = 2048) -> dict:
+                    checkpointing: bool | None = None, ce_chunk: int = 2048) -> dict:
     """Peak training memory in bytes of one unsharded replica (an estimate, Gemma 1 shapes):
     float32 weights + gradients + two AdamW moments (16 B a parameter), the bf16 copies of the
     weights autocast keeps for backward (2 B), activations per token and layer, and one chunk of
@@ -260,16 +259,16 @@ def memory_estimate(model: GemmaConfig, micro_rows: int, seq_len: int,
     with saved-tensor hooks on one bf16-autocast gemma-2b layer (hidden 2048, MLP 16384): the
     MLP half 155.7 kB (9.25 B per MLP unit + 2.05 B per hidden unit), the attention half
     without the op 32.8 kB (16 B per hidden unit); the fused op keeps q, k, v, o in bf16 and
-    the fp32 log-sum-exp. With
-    activation checkpointing a layer keeps only its float32 input (4 x hidden B a token) and
-    one layer's activations live again during its backward."""
+    the fp32 log-sum-exp. With activation checkpointing a layer keeps only its float32 input
+    (4 x hidden B a token) and one layer's activations live again during its backward."""
     n = model.num_params()
     ckpt = model.activation_checkpointing if checkpointing is None else checkpointing
     tokens = micro_rows * seq_len
     per_layer = []
     for i in range(model.layers):
         s = model.layer_attn(i)
-        attn_op = 2 * (2 * model.heads * s.head_dim + 2 * s.kv_heads * s.head_dim) + 4 * model.heads
+        # q and o (heads), k and v (kv heads) in bf16, the fp32 log-sum-exp a head
+        attn_op = 2 * (2 * model.heads + 2 * s.kv_heads) * s.head_dim + 4 * model.heads
         mlp_half = 9.25 * model.mlp + 2.05 * model.hidden  # 155.7 kB at 16384 / 2048
         proj_half = 16.0 * model.hidden                     # 32.8 kB at 2048
         per_layer.append(mlp_half + proj_half + attn_op)
@@ -280,10 +279,8 @@ def memory_estimate(model: GemmaConfig, micro_rows: int, seq_len: int,
     rows = min(ce_chunk, tokens)
     # logits bf16, fp32 logits, log-softmax and its gradient (fp32), the bf16 gradient
     ce = rows * model.vocab_size * (2 + 4 + 4 + 4 + 2)
-    weights = n * (4 if master_fp32 else 2)
-    est = {"params": n, "weights": weights, "grads": weights,
-           "adam": n * 8, "bf16_weight_copies": n * 2 if master_fp32 else 0,
-           "activations": acts, "loss_chunk": ce}
+    est = {"params": n, "weights": n * 4, "grads": n * 4, "adam": n * 8,
+           "bf16_weight_copies": n * 2, "activations": acts, "loss_chunk": ce}
     est["total"] = sum(v for k, v in est.items() if k != "params")
     return est
 

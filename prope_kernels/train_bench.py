@@ -245,8 +245,8 @@ def benchmark(cfg: TrainConfig, log=print, command: str = "prope-train --benchma
             row = _entry(name, cfg, model_cfg, micro, device, peak, out)
         except Exception as e:  # noqa: BLE001 - one entry's failure must not lose the others
             kind = "oom" if "out of memory" in str(e).lower() else "failed"
-            row = {"attn": name, "status": kind,
-                   "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            row = {"attn": name, "status": kind, "reason": f"{type(e).__name__}: {first_line}"}
         _cleanup(device)
         row["wall_s"] = time.perf_counter() - t
         rows.append(row)

@@ -48,7 +48,8 @@ def test_flops_per_token_hand_count():
     # a sliding window W: keys a query sees, averaged over the row, W (1 - W / 2t)
     g2 = preset("gemma2-tiny")  # layers L G L G, 4 heads of 32, window 16
     w = 16
-    expect = 6 * g2.num_params() + 2 * 12 * 4 * 32 * (t / 2) + 2 * 12 * 4 * 32 * w * (1 - w / (2 * t))
+    expect = (6 * g2.num_params() + 2 * 12 * 4 * 32 * (t / 2)        # 2 global layers
+              + 2 * 12 * 4 * 32 * w * (1 - w / (2 * t)))             # 2 local layers
     assert g2.flops_per_token(t) == pytest.approx(expect, rel=1e-12)
     # the convention against a brute-force count of (query, key) pairs: within 1 key in t
     i = torch.arange(t)
@@ -149,7 +150,7 @@ def test_compile_parts_leaves_attention_eager_and_the_loss_unchanged():
     assert l0 == l1 and all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
 
 
-# --- gemma-2b on one 80 GB GPU ---------------------------------------------------------------------
+# --- gemma-2b on one 80 GB GPU ----------------------------------------------------------------
 
 def test_gemma2b_one_gpu_defaults_and_memory_estimate():
     cfg = parse_args(["--preset", "gemma-2b"])
@@ -201,7 +202,7 @@ def test_activation_estimate_matches_saved_tensors():
     assert abs((est - attn_op) - measured) / measured < 0.1, (est - attn_op, measured)
 
 
-# --- the benchmark mode ------------------------------------------------------------------------------
+# --- the benchmark mode ----------------------------------------------------------------------
 
 def test_benchmark_cpu_smoke_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "bench"
