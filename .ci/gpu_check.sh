@@ -508,10 +508,12 @@ quick() {
 #                (MAX_JOBS=12; 117-139 s in the quick runs), beside table2, so that the
 #                benchmark has the cuda entry and auto its whole choice
 #   table2       prope-experiment table2 --preset gpu, ends by TRAIN_SHARE_TABLE2% (52: 244 s;
-#                its estimate is 3.2 min)
-#   train_bench  prope-train --preset gemma-2b --benchmark 4 (auto, cuda, triton, unfused, hf:
+#                its estimate is 3.2 min); --max-minutes 30 s short of that: it starts a seed
+#                only while one fits, and tabulates the seeds it finished
+#   train_bench  prope-train --preset gemma-2b --benchmark 4 (auto, unfused, cuda, triton, hf:
 #                2 untimed + 4 timed optimizer steps of 32k tokens each, ~1.2 s a step at the
-#                bar's MFU, plus compilation and autotuning), ends by 97%
+#                bar's MFU, plus compilation and autotuning), ends by 97%; its JSON and
+#                markdown are rewritten after every entry, so a cut keeps the entries done
 # GPU_CHECK_FAKE=1: each step runs $GPU_CHECK_FAKE_<STEP> (CUDA_BUILD, TABLE2, TRAIN_BENCH;
 # tests/test_gpu_check.py), nothing is installed or queried.
 train() {
@@ -529,9 +531,13 @@ train() {
     build_pid=$!
     echo "=== step cuda_build: started in the background, cap ${cap} s" | tee -a "$LOG"
   fi
+  # table2 starts a seed only while it fits, 30 s before its cap (evaluation, table, plot)
+  local t2min
+  t2min=$(awk -v c="$(left_until "${TRAIN_SHARE_TABLE2:-52}")" \
+          'BEGIN { m = (c - 30) / 60; if (m < 0.5) m = 0.5; printf "%.2f", m }')
   qstep table2 "${TRAIN_SHARE_TABLE2:-52}" \
       "$PY" -m prope_kernels.experiments table2 --preset gpu --out "$tmp/table2" \
-      --runs "$tmp/runs"
+      --runs "$tmp/runs" --max-minutes "$t2min"
   cp "$tmp"/table2/table.md "$OUT"/table2.md 2>/dev/null \
     || echo "table2: no table.md written" | tee -a "$LOG"
   cp "$tmp"/table2/results.json "$OUT"/table2.json 2>/dev/null || true

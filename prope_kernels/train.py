@@ -94,9 +94,10 @@ class TrainConfig:
     benchmark: int = _help("train nothing: time N optimizer steps of this model and batch with "
                            "each --benchmark-attn in one process, write benchmark.json and "
                            "benchmark.md (into --out if given, else bench/results/)", 0)
-    benchmark_attn: str = _help("what --benchmark compares: attention backends of the trainer "
-                                "and 'hf' (transformers' own Gemma, sdpa, same shape and batch)",
-                                "auto,cuda,triton,unfused,hf")
+    benchmark_attn: str = _help("what --benchmark compares, in this order: attention backends "
+                                "of the trainer and 'hf' (transformers' own Gemma, sdpa, same "
+                                "shape and batch); the bars' pair (auto, unfused) first",
+                                "auto,unfused,cuda,triton,hf")
     benchmark_warmup: int = _help("untimed steps of each --benchmark entry first (autotuning, "
                                   "compilation, allocator)", 3)
 

@@ -228,41 +228,6 @@ def benchmark(cfg: TrainConfig, log=print, command: str = "prope-train --benchma
         f"tokens a step in {cfg.grad_accum} micro-batches, {cfg.benchmark} timed steps after "
         f"{cfg.benchmark_warmup} untimed, entries {', '.join(names)}; data ready in "
         f"{time.perf_counter() - t0:.1f} s; memory estimate {est['total'] / 2**30:.1f} GiB")
-    rows = []
-    _cleanup(device)
-    for name in names:
-        why = _hf_problem(model_cfg) if name == HF else \
-            attention_problem(model_cfg.updated(attn=name), device.type, cfg.device)
-        if why is None and name == UNFUSED and any(
-                model_cfg.layer_attn(i).softcap for i in range(model_cfg.layers)):
-            why = "unfused: SDPA has no attention-logit softcap, which this model uses"
-        if why is not None:
-            rows.append({"attn": name, "status": "skipped", "reason": why})
-            log(f"  {name:10s} skipped: {why}")
-            continue
-        t = time.perf_counter()
-        try:
-            row = _entry(name, cfg, model_cfg, micro, device, peak, out)
-        except Exception as e:  # noqa: BLE001 - one entry's failure must not lose the others
-            kind = "oom" if "out of memory" in str(e).lower() else "failed"
-            first_line = str(e).splitlines()[0][:300] if str(e) else ""
-            row = {"attn": name, "status": kind, "reason": f"{type(e).__name__}: {first_line}"}
-        _cleanup(device)
-        row["wall_s"] = time.perf_counter() - t
-        rows.append(row)
-        if row["status"] == "ok":
-            log(f"  {name:10s} {row['tokens_per_s']:12,.0f} tokens/s"
-                + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "  MFU n/a")
-                + (f"  peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
-                + f"  loss step 1 {row['loss_first_step']:.4f}  ({row['wall_s']:.0f} s)")
-        else:
-            log(f"  {name:10s} {row['status']}: {row['reason']}")
-    base = next((r for r in rows if r["attn"] == UNFUSED and r["status"] == "ok"), None)
-    for r in rows:
-        if base is not None and r["status"] == "ok":
-            r["speedup_vs_unfused"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if "peak_mem_gib" in r:
-                r["mem_vs_unfused"] = r["peak_mem_gib"] / base["peak_mem_gib"]
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "device": gpu or "cpu", "peak_bf16_flops": peak, "peak_part": part,
@@ -276,11 +241,58 @@ def benchmark(cfg: TrainConfig, log=print, command: str = "prope-train --benchma
         meta["triton"] = triton.__version__
     except ImportError:
         pass
+    rows = []
+    _cleanup(device)
+    for name in names:
+        why = _hf_problem(model_cfg) if name == HF else \
+            attention_problem(model_cfg.updated(attn=name), device.type, cfg.device)
+        if why is None and name == UNFUSED and any(
+                model_cfg.layer_attn(i).softcap for i in range(model_cfg.layers)):
+            why = "unfused: SDPA has no attention-logit softcap, which this model uses"
+        if why is not None:
+            rows.append({"attn": name, "status": "skipped", "reason": why})
+            log(f"  {name:10s} skipped: {why}")
+            _write(out, meta, cfg, model_cfg, rows, device, names)
+            continue
+        t = time.perf_counter()
+        try:
+            row = _entry(name, cfg, model_cfg, micro, device, peak, out)
+        except Exception as e:  # noqa: BLE001 - one entry's failure must not lose the others
+            kind = "oom" if "out of memory" in str(e).lower() else "failed"
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            row = {"attn": name, "status": kind, "reason": f"{type(e).__name__}: {first_line}"}
+        _cleanup(device)
+        row["wall_s"] = time.perf_counter() - t
+        rows.append(row)
+        _write(out, meta, cfg, model_cfg, rows, device, names)
+        if row["status"] == "ok":
+            log(f"  {name:10s} {row['tokens_per_s']:12,.0f} tokens/s"
+                + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "  MFU n/a")
+                + (f"  peak {row['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in row else "")
+                + f"  loss step 1 {row['loss_first_step']:.4f}  ({row['wall_s']:.0f} s)")
+        else:
+            log(f"  {name:10s} {row['status']}: {row['reason']}")
+    doc = _write(out, meta, cfg, model_cfg, rows, device, names)
+    log(f"wrote {out / 'benchmark.json'} and benchmark.md")
+    return doc
+
+
+def _write(out: Path, meta: dict, cfg: TrainConfig, model_cfg, rows: list, device,
+           names: list) -> dict:
+    """benchmark.json and benchmark.md from the rows so far (written after every entry, so
+    that a run cut short keeps what it measured; ``pending`` lists the entries not reached)."""
+    base = next((r for r in rows if r["attn"] == UNFUSED and r["status"] == "ok"), None)
+    for r in rows:
+        if base is not None and r["status"] == "ok":
+            r["speedup_vs_unfused"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if "peak_mem_gib" in r:
+                r["mem_vs_unfused"] = r["peak_mem_gib"] / base["peak_mem_gib"]
+    done = {r["attn"] for r in rows}
     doc = {"meta": meta, "train": {k: v for k, v in asdict(cfg).items() if k != "model"},
-           "model": model_cfg.to_dict(), "rows": rows, "bars": bars(rows, device)}
+           "model": model_cfg.to_dict(), "rows": rows, "bars": bars(rows, device),
+           "pending": [n for n in names if n not in done]}
     (out / "benchmark.json").write_text(json.dumps(doc, indent=1))
     (out / "benchmark.md").write_text(markdown(doc))
-    log(f"wrote {out / 'benchmark.json'} and benchmark.md")
     return doc
 
 
@@ -334,6 +346,9 @@ def markdown(doc: dict) -> str:
             f"{_f(r.get('speedup_vs_unfused'), '.3f')} | {_f(r.get('mfu'), '.1%')} | "
             f"{_f(r.get('peak_mem_gib'), '.1f')} | {_f(r.get('mem_vs_unfused'), '.3f')} | "
             f"{r['loss_first_step']:.4f} | ok |")
+    if doc.get("pending"):
+        lines.append(f"| {', '.join(doc['pending'])} | | | | | | | not reached (cut short, or "
+                     "still running) |")
     b = doc["bars"]
     word = {True: "pass", False: "FAIL", None: "n/a"}
     lines += ["", f"Bars (auto): MFU >= 45%: {word[b['mfu_ge_45pct']]}; tokens/s >= 1.15x "

@@ -105,6 +105,21 @@ def test_table2_reuses_finished_runs(table2_run, tmp_path, capsys):
             assert again["runs"][enc][s]["val_loss"] == first["runs"][enc][s]["val_loss"]
 
 
+def test_table2_max_minutes_keeps_the_seeds_it_finished(table2_run, tmp_path, capsys):
+    # a deadline spent after the first seed: the table holds that seed's encodings, no other
+    rc, out, runs = table2_run
+    first = json.loads((out / "results.json").read_text())
+    table2.main(["--preset", "tiny", "--steps", "3", "--data", first["config"]["data"],
+                 "--out", str(tmp_path), "--runs", str(runs), "--device", "cpu",
+                 "--encodings", "rope-1e4", "nope", "--max-minutes", "1e-6"])
+    assert "stopping after seeds [0]" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["config"]["seeds"] == [0]
+    assert {enc: sorted(r) for enc, r in doc["runs"].items()} == {"nope": ["0"],
+                                                                  "rope-1e4": ["0"]}
+    assert "1 seeds (0)" in (tmp_path / "table.md").read_text()
+
+
 def test_summary_statistics():
     s = table2.summarize([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3

@@ -479,6 +479,7 @@ def test_train_stage_green_run_files(tmp_path):
     assert "step train_bench: exit 0" in log and "step table2: exit 0" in log
     assert "step cuda_build: exit 0" in log  # faked: always started
     assert log.index("step table2:") < log.index("step train_bench:")
+    assert "--max-minutes 0.50" in log  # 52% of 60 s less 30 s: under the floor of 0.5 min
     assert "| auto | 1 |" in log and "| NoPE | 4.8594 |" in log  # both reports in the log
 
 
@@ -511,3 +512,4 @@ def test_train_stage_runs_the_real_commands():
     body = text[text.index("train() {"):text.index("stage() {")]
     assert "-m prope_kernels.train --preset gemma-2b" in body and "--benchmark" in body
     assert "-m prope_kernels.experiments table2 --preset gpu" in body
+    assert "--max-minutes" in body  # a cut table2 still tabulates the seeds it finished

@@ -479,16 +479,26 @@ def passes(cfg: Table2Config, seed: int) -> float:
 
 
 def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
-        log=print) -> dict:
+        log=print, max_minutes: float = 0.0) -> dict:
+    """Train and evaluate every (seed, encoding); tabulate. ``max_minutes`` (0: no limit): a
+    seed is started only when the time so far plus the slowest seed so far fits, so a run
+    with a deadline tabulates the seeds it finished (every encoding of each) instead of none."""
     from ..train import train
 
     t0 = time.time()
+    seed_s, done_seeds = [], []
     out.mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(exist_ok=True)
     device = common.default_device(cfg.device)
     results = {e: {} for e in cfg.encodings}
     model_cfg = None
     for seed in cfg.seeds:
+        elapsed = time.time() - t0
+        if max_minutes and seed_s and elapsed + max(seed_s) > max_minutes * 60:
+            log(f"[table2] --max-minutes {max_minutes:g}: {elapsed / 60:.1f} min spent, a seed "
+                f"takes up to {max(seed_s) / 60:.1f}; stopping after seeds {done_seeds}")
+            break
+        ts_seed = time.time()
         for enc in cfg.encodings:
             run_dir = runs / f"{enc}_seed{seed}"
             attn = common.unfused_attn() if cfg.attn == "unfused" else cfg.attn
@@ -526,6 +536,10 @@ def run(cfg: Table2Config, out: Path, runs: Path, preset_name: str = "custom",
                 f"(ppl {r['val_ppl']:.1f}); long " + ", ".join(
                     f"{k} {v['window_loss']:.3f}" for k, v in long.items())
                 + f"; train {train_s:.0f} s, eval {r['eval_s']:.0f} s")
+        seed_s.append(time.time() - ts_seed)
+        done_seeds.append(seed)
+    if tuple(done_seeds) != tuple(cfg.seeds):
+        cfg = replace(cfg, seeds=tuple(done_seeds))  # the table states the seeds it has
     stats = analyze(results, cfg)
     n_pass = passes(cfg, cfg.seeds[0])
     if n_pass > 4:
@@ -584,6 +598,9 @@ def build_parser(ap=None) -> argparse.ArgumentParser:
     ap.add_argument("--data", help="a text file, directory or .jsonl (default: bundled corpus)")
     ap.add_argument("--attn", help="attention backend of the trainer (default auto)")
     ap.add_argument("--device", help="auto, cuda or cpu")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="start a seed only while it fits in this many minutes (0: no limit); "
+                    "the table holds the seeds finished")
     ap.add_argument("--estimate", action="store_true",
                     help="print the preset's FLOPs and estimated H100 time, train nothing")
     return ap
@@ -615,7 +632,7 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out or f"results/table2_{args.preset}")
     runs = Path(args.runs or f"runs/table2_{args.preset}")
-    run(cfg, out, runs, args.preset)
+    run(cfg, out, runs, args.preset, max_minutes=args.max_minutes)
     print((out / "table.md").read_text())
     return 0
 
