@@ -347,6 +347,11 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                   softmax_scale, window, softcap, backend)
     b, sq = q.shape[:2]
     sn = 0 if k is None else k.shape[1]
+    # the kernels read q, k, v with any strides but a unit last one (small tensors: copy)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if sn:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
     qpos = _check_positions("positions", positions, b, sq, q.device)
     kpos = _check_positions("k_positions", k_positions, b, sn, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, Integral) or num_splits < 0:

@@ -251,6 +251,20 @@ def append_launch(k, v, k_cache, v_cache, k_positions, cache_seqlens, tables, nu
     )
 
 
+def block_n_for(head_dim, dtype) -> int:
+    """Keys per loop step: 64, fewer for wide fp32 tiles (the sm_90 compile of fp32 d128 at 64
+    keys spilled 640 B a thread, at 32 keys 96 B, at 16 none)."""
+    block_d = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        return 64 if block_d <= 64 else 16
+    return 64 if block_d <= 128 else 32
+
+
+def warps_for(head_dim, dtype) -> int:
+    """fp32 at head_dim 256 spills 88 B a thread on sm_80 at 4 warps: 8 warps there."""
+    return 8 if dtype == torch.float32 and head_dim > 128 else 4
+
+
 def num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -278,7 +292,7 @@ def attn_launch(q, k_cache, v_cache, q_positions, seqlens, max_keys, tables, num
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
     block_m = max(16, min(64, triton.next_power_of_2(sq * group)))
-    block_n = 64 if block_d <= 128 else 32
+    block_n = block_n_for(d, q.dtype)
     m_blocks = triton.cdiv(sq * group, block_m)
     splits = num_splits or choose_splits(b, hkv, m_blocks, max_keys, block_n, q.device)
     splits = max(1, min(int(splits), triton.cdiv(max(max_keys, 1), block_n)))
@@ -307,7 +321,7 @@ def attn_launch(q, k_cache, v_cache, q_positions, seqlens, max_keys, tables, num
         GROUP=group, D=d, BLOCK_D=block_d, SPLITS=splits, ROTATE=num_rotated > 0,
         CAUSAL=causal, WINDOW=use_window, SOFTCAP=bool(softcap), EMULATE=emulate,
         IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4, num_stages=2,
+        num_warps=warps_for(d, q.dtype), num_stages=2,
     )
     n_rows = b * hq * sq
     block_r = 16
