@@ -429,11 +429,16 @@ def test_generate_runs_fused_every_step(family, device, monkeypatch):
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     spy = KVCacheCounter(monkeypatch)
     counter = OpCounter(monkeypatch)
+    kw.update(output_logits=True, return_dict_in_generate=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PRoPEFallbackWarning)
-        got = patched.generate(ids, **kw)
-    want = base.generate(ids, **kw)
-    assert torch.equal(got, want)
+        res = patched.generate(ids, **kw)
+    ref_res = base.generate(ids, **kw)
+    got = res.sequences
+    assert torch.equal(got, ref_res.sequences)
+    # the logits of every step too (tokens alone can hide a wrong step)
+    for a, b in zip(res.logits, ref_res.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     layers = len(prope_layer_settings(patched))
     assert fused_layers(patched) == layers
     steps = got.shape[1] - ids.shape[1] - 1          # forwards after the prompt's
