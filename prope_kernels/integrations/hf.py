@@ -33,9 +33,14 @@ forward, passed to every layer as the keyword ``prope_plan``:
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): the varlen op with them, as the
   ``flash_attention_2`` implementation does (no host sync, so ``torch.compile`` sees no break).
 
+* a dynamic KV cache that already holds tokens (``generate()`` after the prompt, a second chunk):
+  the new rotated keys go through ``cache.update`` and :func:`prope_attention_with_kvcache` runs
+  over the keys it returns (q rotated at ``position_ids``, the mask aligned bottom-right).
+
 Anything the fused op cannot express falls back to the layer's original forward (its own rotation
 and attention implementation), with one warning per reason: a 4-D or prepared mask, a KV cache that
-already holds tokens (generation after the prompt), attention dropout in training, attention weights
+already holds tokens together with a padding mask, with gradients enabled, of a static / quantized /
+offloaded kind or in a model with KV-shared layers, attention dropout in training, attention weights
 requested, rope types other than "default"/"proportional" (linear, yarn, llama3, ...), non-causal
 layers, and sliding windows / logit soft-capping while the op has no ``window`` / ``softcap``.
 A cache that is empty (a prompt, or a training forward with ``use_cache``) is filled with the
