@@ -7,7 +7,8 @@
 Each provider does the whole step: rotate q and the new k, write the new k/v into the cache at
 ``cache_seqlens``, attend over ``cache_seqlens + 1`` keys. Providers:
 
-* ``prope``: :func:`prope_kernels.kvcache.prope_attention_with_kvcache` (Triton split-KV on a GPU);
+* ``prope``: :func:`prope_kernels.kvcache.prope_attention_with_kvcache` (Triton split-KV on a GPU),
+  with ``check_cache_seqlens=False`` (no host copy, as flash-attn) and, as ``checked``, without;
 * ``sdpa+rope``: cos/sin rotation in PyTorch, a slice write, ``scaled_dot_product_attention``
   with ``enable_gqa`` over the cache (same length for every sequence, so one call);
 * ``flash_attn``: ``flash_attn_with_kvcache(..., rotary_cos, rotary_sin)`` when importable
@@ -66,9 +67,13 @@ def providers(case, theta=10000.0, backend="auto"):
     q, k, v, kc, vc = (case[n] for n in ("q", "k", "v", "k_cache", "v_cache"))
     cs, L = case["cache_seqlens"], case["cache_len"]
     out = {}
+    # unchecked cache_seqlens (no host copy), as flash-attn; "checked": the default call
     for p in (1.0, 0.75):
         out[f"prope p={p}"] = lambda p=p: prope_attention_with_kvcache(
-            q, kc, vc, k, v, cache_seqlens=cs, p=p, theta=theta, backend=backend)
+            q, kc, vc, k, v, cache_seqlens=cs, p=p, theta=theta, backend=backend,
+            check_cache_seqlens=False)
+    out["prope p=1.0 checked"] = lambda: prope_attention_with_kvcache(
+        q, kc, vc, k, v, cache_seqlens=cs, p=1.0, theta=theta, backend=backend)
     pos = torch.full((q.shape[0], 1), L, device=q.device)
     kc_t, vc_t = kc.transpose(1, 2), vc.transpose(1, 2)              # (b, hkv, S, d) views
 

@@ -193,10 +193,10 @@ def _check_positions(name, pos, b, n, device):
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, window, softcap,
-              backend):
+              backend, check_values=True):
     """Checks shapes, dtypes, devices and the cache_seqlens values (one host copy when it is a
-    device tensor). Returns (cache_seqlens as a (b,) int32 tensor on q's device, its host list,
-    the backend name)."""
+    device tensor; skipped with ``check_values=False``). Returns (cache_seqlens as a (b,) int32
+    tensor on q's device, its host list or None when unchecked, the backend name)."""
     _check_tensor("q", q, 4)
     _check_tensor("k_cache", k_cache, 4)
     _check_tensor("v_cache", v_cache, 4)
@@ -260,13 +260,14 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, w
                              f"({b},), got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
-        lens = cache_seqlens.tolist()              # one host copy: values checked before writes
+        # one host copy: values checked before anything is written (unless the caller opts out)
+        lens = cache_seqlens.tolist() if check_values else None
         cs = cache_seqlens.to(torch.int32)
     else:
         raise TypeError(f"cache_seqlens must be an int or a tensor, got "
                         f"{type(cache_seqlens).__name__}")
     sn = 0 if k is None else k.shape[1]
-    for i, c in enumerate(lens):
+    for i, c in enumerate(lens or ()):
         if c < 0:
             raise ValueError(f"cache_seqlens[{i}] = {c} is negative")
         if c + sn > S:
@@ -306,7 +307,7 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  k_positions: Optional[torch.Tensor] = None,
                                  window=(-1, -1), softcap: Optional[float] = None,
                                  return_lse: bool = False, num_splits: int = 0,
-                                 backend: str = "auto"):
+                                 backend: str = "auto", check_cache_seqlens: bool = True):
     """Fused p-RoPE attention over a KV cache, with the new tokens appended in place.
 
     Args:
@@ -335,6 +336,10 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             that a one-token decode over a long cache fills the GPU). Results do not depend on
             it beyond rounding.
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton", "reference".
+        check_cache_seqlens: False skips the host copy of a ``cache_seqlens`` tensor (no device
+            sync, as flash-attn, e.g. for CUDA graphs): its values are then the caller's
+            contract (``0 <= cache_seqlens``, ``cache_seqlens + new <= cache_len``, at least
+            seqlen_q keys under ``causal``), unchecked; the splits are sized by ``cache_len``.
 
     Returns out (batch, seqlen_q, q_heads, head_dim) in q's dtype (and lse). Inference only
     (no autograd). Bad input (shapes, dtypes, devices, a cache too short for
@@ -343,8 +348,11 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     """
     spec = PRoPESpec(q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 2,
                      p, theta, variant, layout)
+    if not isinstance(check_cache_seqlens, bool):
+        raise TypeError(f"check_cache_seqlens must be a bool, got "
+                        f"{type(check_cache_seqlens).__name__}")
     cs, lens, backend = _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal,
-                                  softmax_scale, window, softcap, backend)
+                                  softmax_scale, window, softcap, backend, check_cache_seqlens)
     b, sq = q.shape[:2]
     sn = 0 if k is None else k.shape[1]
     # the kernels read q, k, v with any strides but a unit last one (small tensors: copy)
@@ -365,6 +373,7 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
     with torch.no_grad():
         if backend == "reference":
+            lens = lens if lens is not None else cs.tolist()   # the reference reads them anyway
             out, lse = _reference_inplace(q, k_cache, v_cache, k, v, lens, qpos, kpos, spec,
                                           causal, scale, window, softcap)
         else:
@@ -373,7 +382,8 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             if sn:
                 decode.append_launch(k, v, k_cache, v_cache, kpos, cs, tables, spec.num_rotated)
             seqlens = (cs + sn).to(torch.int32)
-            out, lse = decode.attn_launch(q, k_cache, v_cache, qpos, seqlens, max(lens) + sn,
+            max_keys = max(lens) + sn if lens is not None else k_cache.shape[1]
+            out, lse = decode.attn_launch(q, k_cache, v_cache, qpos, seqlens, max_keys,
                                           tables, spec.num_rotated, causal, scale, window,
                                           softcap, num_splits)
     return (out, lse) if return_lse else out

@@ -13,7 +13,7 @@ def test_smoke_runs_and_writes_json(tmp_path):
     path = tmp_path / "decode.json"
     rows = B.main(["--smoke", "--json", str(path)])
     names = {r["provider"] for r in rows}
-    assert {"prope p=1.0", "prope p=0.75", "sdpa+rope"} <= names
+    assert {"prope p=1.0", "prope p=0.75", "prope p=1.0 checked", "sdpa+rope"} <= names
     assert all(math.isfinite(r["ms_median"]) and r["ms_median"] > 0 for r in rows)
     assert json.loads(path.read_text())["rows"] == rows
     assert len(B.bars(rows)) == 1

@@ -137,6 +137,22 @@ def test_decode_equals_full_attention_last_rows(backend, device):
     torch.testing.assert_close(out.double().cpu(), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_unchecked_cache_seqlens_same_result(backend, device):
+    """check_cache_seqlens=False (no host copy; the splits sized by the cache length) gives the
+    checked call's out and cache, bit for bit."""
+    q, kc, vc, k, v = make(3, 70, 4, 2, 32, 1, 1, torch.bfloat16, device, seed=9)
+    cs = torch.tensor([0, 33, 68], dtype=torch.int32, device=device)
+    res = []
+    for check in (True, False):
+        kc2, vc2 = kc.clone(), vc.clone()
+        o = prope_attention_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=cs, backend=backend,
+                                         num_splits=2, check_cache_seqlens=check)
+        res.append((o, kc2, vc2))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
 def bad_calls(device):
     b, S, hq, hkv, d = 2, 10, 4, 2, 16
     q, kc, vc, k, v = make(b, S, hq, hkv, d, 2, 2, torch.float16, device, seed=5)
