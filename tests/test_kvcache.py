@@ -153,6 +153,34 @@ def test_unchecked_cache_seqlens_same_result(backend, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,L", [(8, 8191), (64, 32768)])
+def test_gpu_long_cache_decode(b, L):
+    """The decode preset's shapes on a GPU, auto splits; (64, 32768) puts 2.1e9 elements in each
+    cache (> 2^31: 64-bit offsets). Checked on the first and last two sequences."""
+    hq, hkv, d = 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(10)
+    kc = torch.randn(b, L + 1, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(b, L + 1, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, 1, hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, 1, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, 1, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    cs = torch.arange(L - b + 1, L + 1, dtype=torch.int32, device="cuda")   # per-sequence
+    spec = PRoPESpec(d, 0.75)
+    rows = [0, 1, b - 2, b - 1]
+    before = [(kc[i].clone(), vc[i].clone()) for i in rows]
+    out = prope_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, p=0.75)
+    for n, i in enumerate(rows):
+        sl = slice(i, i + 1)
+        k0, v0 = before[n]
+        args = (q[sl], k0[None], v0[None], k[sl], v[sl], cs[sl].cpu(), spec)
+        o64, _, kc64, _ = kvcache_reference(*(t.double() if torch.is_tensor(t) and
+                                              t.is_floating_point() else t for t in args))
+        olp, _, kclp, _ = kvcache_reference(*args)
+        check(f"out[{i}]", out[sl], o64, olp)
+        check(f"k_cache[{i}]", kc[sl], kc64, kclp)
+
+
 def bad_calls(device):
     b, S, hq, hkv, d = 2, 10, 4, 2, 16
     q, kc, vc, k, v = make(b, S, hq, hkv, d, 2, 2, torch.float16, device, seed=5)
