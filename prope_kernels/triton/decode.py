@@ -153,7 +153,10 @@ def _split_kv_kernel(
         j = start + tl.arange(0, BLOCK_N)
         j_mask = j < hi
         j64 = j.to(tl.int64)
-        km = j_mask[:, None] & d_mask[None, :]
+        if D == BLOCK_D:  # a row mask alone: constant along d, so the loads stay 16-byte vectors
+            km = j_mask[:, None]
+        else:
+            km = j_mask[:, None] & d_mask[None, :]
         kt = tl.load(k_base + j64[:, None] * stride_kt + dd[None, :], mask=km, other=0.0)
         s = _dot(q, tl.trans(kt), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EMULATE, IEEE)
         if SOFTCAP:  # cap * tanh(s * scale / cap), in the log2 domain
