@@ -342,7 +342,8 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             seqlen_q keys under ``causal``), unchecked; the splits are sized by ``cache_len``.
 
     Returns out (batch, seqlen_q, q_heads, head_dim) in q's dtype (and lse). Inference only
-    (no autograd). Bad input (shapes, dtypes, devices, a cache too short for
+    (no autograd). Under ``torch.compile`` it is the custom op ``prope_kernels::attn_with_kvcache``
+    (no graph break with an int ``cache_seqlens`` or ``check_cache_seqlens=False``). Bad input (shapes, dtypes, devices, a cache too short for
     ``cache_seqlens + new_tokens``, fewer keys than causal queries) raises a ``ValueError`` /
     ``TypeError`` naming the argument before any kernel runs; the cache is then unchanged.
     """
@@ -371,22 +372,47 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     window = (int(window[0]), int(window[1]))
     softcap = float(softcap) if softcap else 0.0
 
+    max_keys = max(lens) + sn if lens is not None else k_cache.shape[1]
     with torch.no_grad():
-        if backend == "reference":
-            lens = lens if lens is not None else cs.tolist()   # the reference reads them anyway
-            out, lse = _reference_inplace(q, k_cache, v_cache, k, v, lens, qpos, kpos, spec,
-                                          causal, scale, window, softcap)
-        else:
-            from .triton import decode
-            tables = spec.tables(q.device)
-            if sn:
-                decode.append_launch(k, v, k_cache, v_cache, kpos, cs, tables, spec.num_rotated)
-            seqlens = (cs + sn).to(torch.int32)
-            max_keys = max(lens) + sn if lens is not None else k_cache.shape[1]
-            out, lse = decode.attn_launch(q, k_cache, v_cache, qpos, seqlens, max_keys,
-                                          tables, spec.num_rotated, causal, scale, window,
-                                          softcap, num_splits)
+        out, lse = _kvcache_op(q, k_cache, v_cache, k, v, cs, qpos, kpos, max_keys, spec.p,
+                               spec.theta, spec.variant, spec.layout, causal, scale, window[0],
+                               window[1], softcap, int(num_splits), backend)
     return (out, lse) if return_lse else out
+
+
+# the op torch.compile sees (an opaque node that writes the caches; a fake impl gives shapes)
+@torch.library.custom_op("prope_kernels::attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                cache_seqlens: torch.Tensor, positions: torch.Tensor,
+                k_positions: torch.Tensor, max_keys: int, p: float, theta: float, variant: str,
+                layout: str, causal: bool, softmax_scale: float, window_left: int,
+                window_right: int, softcap: float, num_splits: int, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = PRoPESpec(q.shape[-1], p, theta, variant, layout)
+    window = (window_left, window_right)
+    sn = 0 if k is None else k.shape[1]
+    if backend == "reference":
+        lens = cache_seqlens.tolist()          # the reference slices on the host anyway
+        return _reference_inplace(q, k_cache, v_cache, k, v, lens, positions, k_positions, spec,
+                                  causal, softmax_scale, window, softcap)
+    from .triton import decode
+    tables = spec.tables(q.device)
+    if sn:
+        decode.append_launch(k, v, k_cache, v_cache, k_positions, cache_seqlens, tables,
+                             spec.num_rotated)
+    seqlens = (cache_seqlens + sn).to(torch.int32)
+    return decode.attn_launch(q, k_cache, v_cache, positions, seqlens, max_keys, tables,
+                              spec.num_rotated, causal, softmax_scale, window, softcap,
+                              num_splits)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, positions, k_positions, max_keys, p, theta,
+      variant, layout, causal, softmax_scale, window_left, window_right, softcap, num_splits,
+      backend):
+    b, sq, hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 def _reference_inplace(q, k_cache, v_cache, k, v, lens, qpos, kpos, spec, causal, scale, window,

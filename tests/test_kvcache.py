@@ -181,6 +181,29 @@ def test_gpu_long_cache_decode(b, L):
         check(f"k_cache[{i}]", kc[sl], kc64, kclp)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_fullgraph(backend, device):
+    """torch.compile(fullgraph=True) of a decode step (int cache_seqlens: no host read) gives
+    the eager answer and writes the cache; opcheck of the custom op."""
+    from prope_kernels.kvcache import _kvcache_op
+    q, kc, vc, k, v = make(2, 21, 4, 2, 32, 1, 1, torch.float32, device, seed=11)
+
+    def step(q, kc, vc, k, v):
+        return prope_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=13, p=0.5,
+                                            backend=backend)
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = step(q, kc1, vc1, k, v)
+    compile_backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    got = torch.compile(step, fullgraph=True, backend=compile_backend)(q, kc2, vc2, k, v)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc2, kc1) and torch.equal(vc2, vc1) and not torch.equal(kc2, kc)
+    cs = torch.full((2,), 13, dtype=torch.int32, device=device)
+    pos = torch.full((2, 1), 13, dtype=torch.int64, device=device)
+    torch.library.opcheck(_kvcache_op, (q, kc.clone(), vc.clone(), k, v, cs, pos, pos, 14, 0.5,
+                                        10000.0, "prope", "half", True, 32 ** -0.5, -1, -1, 0.0,
+                                        0, backend))
+
+
 def bad_calls(device):
     b, S, hq, hkv, d = 2, 10, 4, 2, 16
     q, kc, vc, k, v = make(b, S, hq, hkv, d, 2, 2, torch.float16, device, seed=5)
