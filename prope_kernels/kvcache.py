@@ -123,10 +123,12 @@ def prope_attention_varlen_qk(q, k, v, cu_seqlens_q, cu_seqlens_k, spec: PRoPESp
     return (out, lse) if return_lse else out
 
 
-def _default_positions(cache_seqlens, sn, sq, device):
+def _default_positions(cache_seqlens, sn, sq, device, leftpad=None):
     """k_positions (b, sn) = cache_seqlens + 0..sn-1; q positions (b, sq) = the last sq of the
-    L = cache_seqlens + sn keys."""
+    L = cache_seqlens + sn keys. With a leftpad, positions count from the first real key."""
     cs = cache_seqlens.to(device=device, dtype=torch.int64)[:, None]
+    if leftpad is not None:
+        cs = cs - leftpad.to(device=device, dtype=torch.int64)[:, None]
     kpos = cs + torch.arange(sn, device=device)
     qpos = cs + sn - sq + torch.arange(sq, device=device)
     return qpos, kpos
@@ -134,14 +136,17 @@ def _default_positions(cache_seqlens, sn, sq, device):
 
 def kvcache_reference(q, k_cache, v_cache, k, v, cache_seqlens, spec: PRoPESpec, positions=None,
                       k_positions=None, causal=True, softmax_scale=None, window=(-1, -1),
-                      softcap=None):
+                      softcap=None, cache_leftpad=None):
     """The definition of :func:`prope_attention_with_kvcache`, functional (the caches are not
     modified): returns ``(out, lse, k_cache_after, v_cache_after)``, computed in the inputs'
-    dtype (float64 inputs give the "true" answer). cache_seqlens: (b,) integer tensor."""
+    dtype (float64 inputs give the "true" answer). cache_seqlens: (b,) integer tensor;
+    cache_leftpad: None or (b,): sequence b's keys are rows ``cache_leftpad[b] .. L - 1``."""
     b, sq = q.shape[:2]
     sn = 0 if k is None else k.shape[1]
     cs = torch.as_tensor(cache_seqlens).to(torch.int64).cpu()
-    qpos, kpos = _default_positions(cs, sn, sq, q.device)
+    lp = (torch.zeros_like(cs) if cache_leftpad is None
+          else torch.as_tensor(cache_leftpad).to(torch.int64).cpu())
+    qpos, kpos = _default_positions(cs, sn, sq, q.device, lp)
     qpos = qpos if positions is None else _per_batch(positions, b).to(q.device)
     kpos = kpos if k_positions is None else _per_batch(k_positions, b).to(q.device)
     kc, vc = k_cache.clone(), v_cache.clone()
@@ -155,9 +160,9 @@ def kvcache_reference(q, k_cache, v_cache, k, v, cache_seqlens, spec: PRoPESpec,
     qr = ref.apply_prope(q, qpos, spec)
     outs, lses = [], []
     for i in range(b):
-        n = int(cs[i]) + sn
-        o, l = attention_qk(qr[i:i + 1], kc[i:i + 1, :n], vc[i:i + 1, :n], causal, scale, True,
-                            window, softcap)
+        n, s0 = int(cs[i]) + sn, int(lp[i])
+        o, l = attention_qk(qr[i:i + 1], kc[i:i + 1, s0:n], vc[i:i + 1, s0:n], causal, scale,
+                            True, window, softcap)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses), kc, vc
@@ -193,7 +198,7 @@ def _check_positions(name, pos, b, n, device):
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, window, softcap,
-              backend, check_values=True):
+              backend, check_values=True, cache_leftpad=None):
     """Checks shapes, dtypes, devices and the cache_seqlens values (one host copy when it is a
     device tensor; skipped with ``check_values=False``). Returns (cache_seqlens as a (b,) int32
     tensor on q's device, its host list or None when unchecked, the backend name)."""
@@ -267,16 +272,31 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, w
         raise TypeError(f"cache_seqlens must be an int or a tensor, got "
                         f"{type(cache_seqlens).__name__}")
     sn = 0 if k is None else k.shape[1]
+    lps = [0] * b
+    if cache_leftpad is not None:
+        if (not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype not in _INT_DTYPES
+                or tuple(cache_leftpad.shape) != (b,)):
+            raise ValueError(f"cache_leftpad must be an int32/int64 tensor of shape ({b},), got "
+                             f"{getattr(cache_leftpad, 'dtype', type(cache_leftpad).__name__)} "
+                             f"{tuple(getattr(cache_leftpad, 'shape', ()))}")
+        if cache_leftpad.device != q.device:
+            raise ValueError(f"cache_leftpad is on {cache_leftpad.device}, q on {q.device}")
+        if lens is not None:
+            lps = cache_leftpad.tolist()
     for i, c in enumerate(lens or ()):
         if c < 0:
             raise ValueError(f"cache_seqlens[{i}] = {c} is negative")
-        if c + sn > S:
-            raise ValueError(f"cache_seqlens[{i}] + new tokens = {c} + {sn} = {c + sn} exceeds "
-                             f"the cache length {S} (k_cache.shape[1])")
+        if not 0 <= lps[i] <= c:
+            raise ValueError(f"cache_leftpad[{i}] = {lps[i]} must be in [0, cache_seqlens[{i}] "
+                             f"= {c}]")
+        c -= lps[i]                                # keys of the sequence before the new ones
+        if c + lps[i] + sn > S:
+            raise ValueError(f"cache_seqlens[{i}] + new tokens = {c + lps[i]} + {sn} = "
+                             f"{c + lps[i] + sn} exceeds the cache length {S} (k_cache.shape[1])")
         if c + sn < max(sq if causal else 1, 1):
-            raise ValueError(f"sequence {i} has {c + sn} keys (cache_seqlens[{i}] + new tokens) "
-                             f"for {sq} queries: with causal=True each query needs its own key "
-                             f"(at least seqlen_q keys)")
+            raise ValueError(f"sequence {i} has {c + sn} keys (cache_seqlens[{i}] + new tokens "
+                             f"- cache_leftpad[{i}]) for {sq} queries: with causal=True each "
+                             f"query needs its own key (at least seqlen_q keys)")
 
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
@@ -307,7 +327,8 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  k_positions: Optional[torch.Tensor] = None,
                                  window=(-1, -1), softcap: Optional[float] = None,
                                  return_lse: bool = False, num_splits: int = 0,
-                                 backend: str = "auto", check_cache_seqlens: bool = True):
+                                 backend: str = "auto", check_cache_seqlens: bool = True,
+                                 cache_leftpad: Optional[torch.Tensor] = None):
     """Fused p-RoPE attention over a KV cache, with the new tokens appended in place.
 
     Args:
@@ -336,6 +357,10 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             that a one-token decode over a long cache fills the GPU). Results do not depend on
             it beyond rounding.
         backend: "auto" (Triton for CUDA tensors, else the reference), "triton", "reference".
+        cache_leftpad: None or (batch,) int32/int64 on q's device (flash-attn's name): sequence
+            b's keys start at cache row ``cache_leftpad[b]`` (left padding of a batch); rows
+            before it are never read. Default positions then count from it. Its values are
+            checked with cache_seqlens' (``0 <= cache_leftpad <= cache_seqlens``).
         check_cache_seqlens: False skips the host copy of a ``cache_seqlens`` tensor (no device
             sync, as flash-attn, e.g. for CUDA graphs): its values are then the caller's
             contract (``0 <= cache_seqlens``, ``cache_seqlens + new <= cache_len``, at least
@@ -343,9 +368,10 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
     Returns out (batch, seqlen_q, q_heads, head_dim) in q's dtype (and lse). Inference only
     (no autograd). Under ``torch.compile`` it is the custom op ``prope_kernels::attn_with_kvcache``
-    (no graph break with an int ``cache_seqlens`` or ``check_cache_seqlens=False``). Bad input (shapes, dtypes, devices, a cache too short for
-    ``cache_seqlens + new_tokens``, fewer keys than causal queries) raises a ``ValueError`` /
-    ``TypeError`` naming the argument before any kernel runs; the cache is then unchanged.
+    (no graph break with an int ``cache_seqlens`` or ``check_cache_seqlens=False``). Bad input
+    (shapes, dtypes, devices, a cache too short for ``cache_seqlens + new_tokens``, fewer keys
+    than causal queries, a ``cache_leftpad`` outside ``[0, cache_seqlens]``) raises a
+    ``ValueError`` / ``TypeError`` naming the argument before any kernel runs; the cache is then unchanged.
     """
     spec = PRoPESpec(q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 2,
                      p, theta, variant, layout)
@@ -353,7 +379,9 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise TypeError(f"check_cache_seqlens must be a bool, got "
                         f"{type(check_cache_seqlens).__name__}")
     cs, lens, backend = _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal,
-                                  softmax_scale, window, softcap, backend, check_cache_seqlens)
+                                  softmax_scale, window, softcap, backend, check_cache_seqlens,
+                                  cache_leftpad)
+    lpad = None if cache_leftpad is None else cache_leftpad.to(torch.int32).contiguous()
     b, sq = q.shape[:2]
     sn = 0 if k is None else k.shape[1]
     # the kernels read q, k, v with any strides but a unit last one (small tensors: copy)
@@ -365,7 +393,7 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     kpos = _check_positions("k_positions", k_positions, b, sn, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    dq, dk = _default_positions(cs, sn, sq, q.device)
+    dq, dk = _default_positions(cs, sn, sq, q.device, lpad)
     qpos = dq if qpos is None else qpos
     kpos = dk if kpos is None else kpos
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -376,7 +404,7 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     with torch.no_grad():
         out, lse = _kvcache_op(q, k_cache, v_cache, k, v, cs, qpos, kpos, max_keys, spec.p,
                                spec.theta, spec.variant, spec.layout, causal, scale, window[0],
-                               window[1], softcap, int(num_splits), backend)
+                               window[1], softcap, int(num_splits), backend, lpad)
     return (out, lse) if return_lse else out
 
 
@@ -387,15 +415,17 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_seqlens: torch.Tensor, positions: torch.Tensor,
                 k_positions: torch.Tensor, max_keys: int, p: float, theta: float, variant: str,
                 layout: str, causal: bool, softmax_scale: float, window_left: int,
-                window_right: int, softcap: float, num_splits: int, backend: str
+                window_right: int, softcap: float, num_splits: int, backend: str,
+                cache_leftpad: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = PRoPESpec(q.shape[-1], p, theta, variant, layout)
     window = (window_left, window_right)
     sn = 0 if k is None else k.shape[1]
     if backend == "reference":
         lens = cache_seqlens.tolist()          # the reference slices on the host anyway
+        starts = [0] * len(lens) if cache_leftpad is None else cache_leftpad.tolist()
         return _reference_inplace(q, k_cache, v_cache, k, v, lens, positions, k_positions, spec,
-                                  causal, softmax_scale, window, softcap)
+                                  causal, softmax_scale, window, softcap, starts)
     from .triton import decode
     tables = spec.tables(q.device)
     if sn:
@@ -404,19 +434,19 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     seqlens = (cache_seqlens + sn).to(torch.int32)
     return decode.attn_launch(q, k_cache, v_cache, positions, seqlens, max_keys, tables,
                               spec.num_rotated, causal, softmax_scale, window, softcap,
-                              num_splits)
+                              num_splits, cache_leftpad)
 
 
 @_kvcache_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, positions, k_positions, max_keys, p, theta,
       variant, layout, causal, softmax_scale, window_left, window_right, softcap, num_splits,
-      backend):
+      backend, cache_leftpad=None):
     b, sq, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 def _reference_inplace(q, k_cache, v_cache, k, v, lens, qpos, kpos, spec, causal, scale, window,
-                       softcap):
+                       softcap, starts):
     b, sq = q.shape[:2]
     sn = 0 if k is None else k.shape[1]
     if sn:
@@ -426,8 +456,8 @@ def _reference_inplace(q, k_cache, v_cache, k, v, lens, qpos, kpos, spec, causal
             v_cache[i, c:c + sn] = v[i]
     qr = ref.apply_prope(q, qpos, spec)
     outs, lses = [], []
-    for i, c in enumerate(lens):
-        o, l = attention_qk(qr[i:i + 1], k_cache[i:i + 1, :c + sn], v_cache[i:i + 1, :c + sn],
+    for i, (c, s0) in enumerate(zip(lens, starts)):
+        o, l = attention_qk(qr[i:i + 1], k_cache[i:i + 1, s0:c + sn], v_cache[i:i + 1, s0:c + sn],
                             causal, scale, True, window, softcap)
         outs.append(o)
         lses.append(l)

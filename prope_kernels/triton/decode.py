@@ -92,12 +92,13 @@ def _append_kernel(
 
 @triton.jit
 def _split_kv_kernel(
-    Q, KC, VC, QPOS, SEQLENS, OP, LP,       # Q (b, sq, hq, d); OP (b, hq, sq, SPLITS, BLOCK_D)
+    Q, KC, VC, QPOS, SEQLENS, LEFTPAD, OP, LP,  # Q (b, sq, hq, d); OP (b*hq*sq, SPLITS, BLOCK_D)
     C_PART, C_SIGN, C_FREQ,                 # (D,) per dim: partner, sign, frequency
     sq, n_kv_heads, chunk, sm_scale, cap_in, cap_out, wl, wr,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
     stride_vh, stride_pb,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,              # LEFTPAD (b,) int32: keys before it are padding
     ROTATE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     EMULATE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -142,6 +143,8 @@ def _split_kv_kernel(
     if WINDOW:
         if wl >= 0:
             lo = tl.maximum(lo, i_lo + off - wl)
+    if HAS_LEFTPAD:  # the loop starts at the sequence's first key: padding is never read
+        lo = tl.maximum(lo, tl.load(LEFTPAD + b))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -264,7 +267,8 @@ def block_n_for(head_dim, dtype) -> int:
 
 
 def warps_for(head_dim, dtype) -> int:
-    """fp32 at head_dim 256 spills 88 B a thread on sm_80 at 4 warps: 8 warps there."""
+    """fp32 at head_dim 256 spills 88 B a thread on sm_80 at 4 warps: 8 warps there (at d128,
+    8 warps spilled more on sm_90 than 4 do)."""
     return 8 if dtype == torch.float32 and head_dim > 128 else 4
 
 
@@ -288,10 +292,11 @@ def choose_splits(batch, kv_heads, m_blocks, max_keys, block_n, device) -> int:
 
 
 def attn_launch(q, k_cache, v_cache, q_positions, seqlens, max_keys, tables, num_rotated,
-                causal, softmax_scale, window, softcap, num_splits=0):
+                causal, softmax_scale, window, softcap, num_splits=0, leftpad=None):
     """out (b, sq, hq, d) in q's dtype and lse (b, hq, sq) fp32 (natural log) of q rotated at
     q_positions (b, sq) int64 over keys ``[0, seqlens[b])`` of the caches (already rotated).
-    max_keys: max(seqlens) (sizes the splits)."""
+    max_keys: max(seqlens) (sizes the splits). leftpad: None or (b,) int32, the first key of
+    each sequence (keys before it are never read)."""
     b, sq, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -317,13 +322,15 @@ def attn_launch(q, k_cache, v_cache, q_positions, seqlens, max_keys, tables, num
         cap_in = cap_out = 1.0
     emulate = env.interpreting() and q.dtype == torch.bfloat16
     _split_kv_kernel[(b * hkv, m_blocks, splits)](
-        q, k_cache, v_cache, q_positions, seqlens, op, lp,
+        q, k_cache, v_cache, q_positions, seqlens, seqlens if leftpad is None else leftpad,
+        op, lp,
         tables.col_partner, tables.col_sign, tables.col_freq,
         sq, hkv, chunk, softmax_scale, cap_in, cap_out, left, right,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q_positions.stride(0),
-        GROUP=group, D=d, BLOCK_D=block_d, SPLITS=splits, ROTATE=num_rotated > 0,
+        GROUP=group, D=d, BLOCK_D=block_d, SPLITS=splits, HAS_LEFTPAD=leftpad is not None,
+        ROTATE=num_rotated > 0,
         CAUSAL=causal, WINDOW=use_window, SOFTCAP=bool(softcap), EMULATE=emulate,
         IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps_for(d, q.dtype), num_stages=2,
