@@ -446,6 +446,30 @@ def test_generate_runs_fused_every_step(family, device, monkeypatch):
     assert counter.n == layers                        # the prompt: the dense op, once a layer
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2-sliding-softcap", "qwen2", "mistral"])
+def test_generate_left_padded_batch_runs_fused(family, device, monkeypatch):
+    """A left-padded batch (generate()'s padding side for decoder models): every step after the
+    prompt runs prope_attention_with_kvcache with cache_leftpad; tokens and each step's logits
+    are the unpatched model's (windows 5-6 < the prompt: the sliding caches crop past the pads)."""
+    patched, base = pair(family, device=device)
+    ids = make_inputs("plain", device, b=3, s=9)[0]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    spy = KVCacheCounter(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PRoPEFallbackWarning)
+        res = patched.generate(ids, **kw)
+    ref_res = base.generate(ids, **kw)
+    assert torch.equal(res.sequences, ref_res.sequences)
+    for a, b in zip(res.logits, ref_res.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert spy.n == 5 * len(prope_layer_settings(patched))
+
+
 def test_cached_chunk_runs_fused(device, monkeypatch):
     """A second chunk of several tokens over a filled cache (chunked prefill) gives the logits of
     the unpatched model."""

@@ -35,12 +35,14 @@ forward, passed to every layer as the keyword ``prope_plan``:
 
 * a dynamic KV cache that already holds tokens (``generate()`` after the prompt, a second chunk):
   the new rotated keys go through ``cache.update`` and :func:`prope_attention_with_kvcache` runs
-  over the keys it returns (q rotated at ``position_ids``, the mask aligned bottom-right).
+  over the keys it returns (q rotated at ``position_ids``, the mask aligned bottom-right; a
+  left-padded batch's pads skipped with ``cache_leftpad``).
 
 Anything the fused op cannot express falls back to the layer's original forward (its own rotation
 and attention implementation), with one warning per reason: a 4-D or prepared mask, a KV cache that
-already holds tokens together with a padding mask, with gradients enabled, of a static / quantized /
-offloaded kind or in a model with KV-shared layers, attention dropout in training, attention weights
+already holds tokens together with padding other than on the left, with gradients enabled, of a
+static / quantized / offloaded kind or in a model with KV-shared layers, attention dropout in
+training, attention weights
 requested, rope types other than "default"/"proportional" (linear, yarn, llama3, ...), non-causal
 layers, and sliding windows / logit soft-capping while the op has no ``window`` / ``softcap``.
 A cache that is empty (a prompt, or a training forward with ``use_cache``) is filled with the
@@ -396,6 +398,8 @@ class Plan:
     indices: Optional[torch.Tensor] = None
     rope_positions: Optional[torch.Tensor] = None  # (s,) or (b, s) as the model rotates (cache)
     cached: bool = False  # the cache holds tokens: prope_attention_with_kvcache over cache + new
+    leftpad: Optional[torch.Tensor] = None  # cached, left padding: (b,) padded slots of the mask
+    mask_len: int = 0                       # cached: the mask's length (past + s)
     holes: bool = False  # padding inside a row: windows count the padded slots, varlen would not
 
 
@@ -538,12 +542,21 @@ def _cached_plan(base, state, cache, past, args, kwargs) -> Plan:
     if kwargs.get("cu_seq_lens_q") is not None:
         return Plan("cu_seq_lens_q with a KV cache that holds tokens")
     mask = kwargs.get("attention_mask")
+    leftpad = None
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return Plan("a prepared (4-D or per-layer) attention mask")
-        if mask.shape[0] != b or not bool(mask.all()):
-            return Plan("a padding mask with a KV cache that holds tokens (padded batched "
-                        "generation)")
+        keep = mask.to(torch.bool)
+        if mask.shape[0] != b or mask.shape[1] < s:
+            return Plan(f"a 2-D attention mask of shape {tuple(mask.shape)} with a KV cache "
+                        f"(expected (batch, cached + new tokens))")
+        if not bool(keep.all()):
+            # left padding (generate() of a padded batch): each row is 0s then 1s, and the new
+            # tokens are real; the op then starts each sequence's keys after its pads
+            if bool((keep[:, 1:] < keep[:, :-1]).any()) or not bool(keep[:, -s:].all()):
+                return Plan("a padding mask other than left padding with a KV cache that holds "
+                            "tokens")
+            leftpad = (~keep).sum(1)
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(past, past + s, device=x.device)
@@ -552,7 +565,8 @@ def _cached_plan(base, state, cache, past, args, kwargs) -> Plan:
         if pos.shape[-1] != s or pos.shape[0] not in (1, b):
             return Plan(f"position_ids of shape {tuple(pos.shape)} (expected (batch, seqlen))")
         pos = pos[0] if pos.shape[0] == 1 else pos
-    return Plan(positions=pos, rope_positions=pos, cached=True)
+    return Plan(positions=pos, rope_positions=pos, cached=True, leftpad=leftpad,
+                mask_len=0 if mask is None else mask.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,10 +647,15 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
         kv_opts = {n: opts[n] for n in ("p", "theta", "variant", "layout", "causal",
                                         "softmax_scale", "window", "softcap") if n in opts}
         be = self._prope_state.backend
+        leftpad = None
+        if plan.leftpad is not None:
+            # a sliding-window layer's cache dropped its oldest (mask_len - L) slots
+            dropped = plan.mask_len - k_all.shape[2]
+            leftpad = (plan.leftpad - dropped).clamp(min=0).to(torch.int32)
         out = prope_attention_with_kvcache(
             q, k_all.transpose(1, 2), v_all.transpose(1, 2), cache_seqlens=k_all.shape[2],
             positions=plan.positions, backend=be if be in ("triton", "reference") else "auto",
-            **kv_opts)
+            cache_leftpad=leftpad, **kv_opts)
     elif not plan.varlen:
         out = prope_attention(q, k.contiguous(), v.contiguous(), positions=plan.positions, **opts)
     else:
