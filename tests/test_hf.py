@@ -404,13 +404,110 @@ def returned_cache(out):
     return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
+class KVCacheCounter:
+    """Counts the calls of prope_attention_with_kvcache from the patched layers."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        fn = hf.prope_attention_with_kvcache
+
+        def counted(*a, **k):
+            self.n += 1
+            return fn(*a, **k)
+        monkeypatch.setattr(hf, "prope_attention_with_kvcache", counted)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma2-sliding-softcap", "qwen2",
+                                    "qwen3", "mistral", "phi3-partial", "glm"])
+def test_generate_runs_fused_every_step(family, device, monkeypatch):
+    """greedy fp32 generate(): the prompt runs the fused op and fills the cache with rotated
+    keys; every later step runs prope_attention_with_kvcache in every layer (no fallback), and
+    the tokens are the unpatched model's. Prompt 9 > the sliding windows (5, 6): the windowed
+    layers' caches are cropped by transformers while decoding."""
+    patched, base = pair(family, device=device)
+    ids = make_inputs("plain", device, b=2, s=9)[0]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    spy = KVCacheCounter(monkeypatch)
+    counter = OpCounter(monkeypatch)
+    kw.update(output_logits=True, return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PRoPEFallbackWarning)
+        res = patched.generate(ids, **kw)
+    ref_res = base.generate(ids, **kw)
+    got = res.sequences
+    assert torch.equal(got, ref_res.sequences)
+    # the logits of every step too (tokens alone can hide a wrong step)
+    for a, b in zip(res.logits, ref_res.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    layers = len(prope_layer_settings(patched))
+    assert fused_layers(patched) == layers
+    steps = got.shape[1] - ids.shape[1] - 1          # forwards after the prompt's
+    assert steps == 5 and spy.n == steps * layers, (spy.n, steps, layers)
+    assert counter.n == layers                        # the prompt: the dense op, once a layer
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-sliding-softcap", "qwen2", "mistral"])
+def test_generate_left_padded_batch_runs_fused(family, device, monkeypatch):
+    """A left-padded batch (generate()'s padding side for decoder models): every step after the
+    prompt runs prope_attention_with_kvcache with cache_leftpad; tokens and each step's logits
+    are the unpatched model's (windows 5-6 < the prompt: the sliding caches crop past the pads)."""
+    patched, base = pair(family, device=device)
+    ids = make_inputs("plain", device, b=3, s=9)[0]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    spy = KVCacheCounter(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PRoPEFallbackWarning)
+        res = patched.generate(ids, **kw)
+    ref_res = base.generate(ids, **kw)
+    assert torch.equal(res.sequences, ref_res.sequences)
+    for a, b in zip(res.logits, ref_res.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert spy.n == 5 * len(prope_layer_settings(patched))
+
+
+def test_cached_chunk_runs_fused(device, monkeypatch):
+    """A second chunk of several tokens over a filled cache (chunked prefill) gives the logits of
+    the unpatched model."""
+    patched, base = pair("llama", device=device)
+    ids = make_inputs("plain", device, b=2, s=12)[0]
+    spy = KVCacheCounter(monkeypatch)
+    with torch.no_grad():
+        cp = returned_cache(patched(ids[:, :7], use_cache=True))
+        cb = returned_cache(base(ids[:, :7], use_cache=True))
+        got = patched(ids[:, 7:], past_key_values=cp, use_cache=True).logits
+        want = base(ids[:, 7:], past_key_values=cb, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert spy.n == len(prope_layer_settings(patched))
+
+
+def test_cached_step_with_gradients_falls_back(device):
+    patched, base = pair("llama", device=device)
+    ids = make_inputs("plain", device, b=2, s=9)[0]
+    with torch.no_grad():
+        cp = returned_cache(patched(ids[:, :8], use_cache=True))
+        cb = returned_cache(base(ids[:, :8], use_cache=True))
+    with pytest.warns(PRoPEFallbackWarning, match="inference-only"):
+        got = patched(ids[:, 8:], past_key_values=cp, use_cache=True).logits
+    want = base(ids[:, 8:], past_key_values=cb, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma4", "phi3-partial", "glm"])
 def test_generate_with_cache_matches(family, device):
-    """The prompt runs fused and fills the cache with rotated keys; later tokens fall back."""
+    """The prompt runs fused and fills the cache with rotated keys (compared with the original
+    path's cache below); Gemma 4's KV-shared layers still fall back after the prompt."""
     patched, base = pair(family, device=device)
     ids = make_inputs("plain", device, b=2, s=9)[0]
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with pytest.warns(PRoPEFallbackWarning, match="KV cache"):
+    if family == "gemma4":
+        with pytest.warns(PRoPEFallbackWarning, match="KV cache"):
+            got = patched.generate(ids, **kw)
+    else:
         got = patched.generate(ids, **kw)
     want = base.generate(ids, **kw)
     assert torch.equal(got, want)

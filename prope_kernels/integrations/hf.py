@@ -33,9 +33,16 @@ forward, passed to every layer as the keyword ``prope_plan``:
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): the varlen op with them, as the
   ``flash_attention_2`` implementation does (no host sync, so ``torch.compile`` sees no break).
 
+* a dynamic KV cache that already holds tokens (``generate()`` after the prompt, a second chunk):
+  the new rotated keys go through ``cache.update`` and :func:`prope_attention_with_kvcache` runs
+  over the keys it returns (q rotated at ``position_ids``, the mask aligned bottom-right; a
+  left-padded batch's pads skipped with ``cache_leftpad``).
+
 Anything the fused op cannot express falls back to the layer's original forward (its own rotation
 and attention implementation), with one warning per reason: a 4-D or prepared mask, a KV cache that
-already holds tokens (generation after the prompt), attention dropout in training, attention weights
+already holds tokens together with padding other than on the left, with gradients enabled, of a
+static / quantized / offloaded kind or in a model with KV-shared layers, attention dropout in
+training, attention weights
 requested, rope types other than "default"/"proportional" (linear, yarn, llama3, ...), non-causal
 layers, and sliding windows / logit soft-capping while the op has no ``window`` / ``softcap``.
 A cache that is empty (a prompt, or a training forward with ``use_cache``) is filled with the
@@ -65,6 +72,7 @@ from typing import Optional, Union
 import torch
 
 from ..interface import prope_attention, prope_attention_varlen, apply_prope
+from ..kvcache import prope_attention_with_kvcache
 from ..rotary import rotated_pairs
 
 __all__ = ["apply_prope_attention", "remove_prope_attention", "prope_layer_settings",
@@ -389,6 +397,9 @@ class Plan:
     max_seqlen: int = 0
     indices: Optional[torch.Tensor] = None
     rope_positions: Optional[torch.Tensor] = None  # (s,) or (b, s) as the model rotates (cache)
+    cached: bool = False  # the cache holds tokens: prope_attention_with_kvcache over cache + new
+    leftpad: Optional[torch.Tensor] = None  # cached, left padding: (b,) padded slots of the mask
+    mask_len: int = 0                       # cached: the mask's length (past + s)
     holes: bool = False  # padding inside a row: windows count the padded slots, varlen would not
 
 
@@ -426,9 +437,9 @@ def _decide(base, state, args, kwargs) -> Plan:
         get_len = getattr(cache, "get_seq_length", None)
         if get_len is None:
             return Plan("a KV cache of an unknown type")
-        if get_len() > 0:
-            return Plan("a KV cache that already holds tokens (generation); the fused op has no "
-                        "cache")
+        past = get_len()
+        if past > 0:
+            return _cached_plan(base, state, cache, past, args, kwargs)
     if state.kv_shared and kwargs.get("logits_to_keep", 0) not in (0, None):
         return Plan("logits_to_keep with KV-shared layers (queries shorter than keys)")
     if kwargs.get("shared_kv_states") is not None:
@@ -508,6 +519,56 @@ def _decide(base, state, args, kwargs) -> Plan:
                 max_seqlen=int((cu[1:] - cu[:-1]).max()))
 
 
+_DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _cached_plan(base, state, cache, past, args, kwargs) -> Plan:
+    """A forward over a cache that holds ``past`` tokens (generate() after the prompt, chunked
+    prefill): each layer appends its rotated keys with ``cache.update`` and runs
+    :func:`prope_attention_with_kvcache` over the keys the cache returns, q rotated at its
+    ``position_ids`` (default ``past .. past + s - 1``), the mask aligned bottom-right."""
+    ids = _get(args, kwargs, "input_ids", 0)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    b, s = x.shape[0], x.shape[1]
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ not in _DYNAMIC_LAYERS for layer in layers):
+        return Plan("a KV cache other than transformers' dynamic cache (static, quantized, "
+                    "offloaded) that already holds tokens")
+    if state.kv_shared:
+        return Plan("a KV cache that already holds tokens in a model with KV-shared layers")
+    if torch.is_grad_enabled():
+        return Plan("a KV cache that already holds tokens with gradients enabled (the cached "
+                    "op is inference-only)")
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return Plan("cu_seq_lens_q with a KV cache that holds tokens")
+    mask = kwargs.get("attention_mask")
+    leftpad = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return Plan("a prepared (4-D or per-layer) attention mask")
+        keep = mask.to(torch.bool)
+        if mask.shape[0] != b or mask.shape[1] < s:
+            return Plan(f"a 2-D attention mask of shape {tuple(mask.shape)} with a KV cache "
+                        f"(expected (batch, cached + new tokens))")
+        if not bool(keep.all()):
+            # left padding (generate() of a padded batch): each row is 0s then 1s, and the new
+            # tokens are real; the op then starts each sequence's keys after its pads
+            if bool((keep[:, 1:] < keep[:, :-1]).any()) or not bool(keep[:, -s:].all()):
+                return Plan("a padding mask other than left padding with a KV cache that holds "
+                            "tokens")
+            leftpad = (~keep).sum(1)
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(past, past + s, device=x.device)
+    else:
+        pos = pos.reshape(-1, pos.shape[-1]).to(device=x.device, dtype=torch.int64)
+        if pos.shape[-1] != s or pos.shape[0] not in (1, b):
+            return Plan(f"position_ids of shape {tuple(pos.shape)} (expected (batch, seqlen))")
+        pos = pos[0] if pos.shape[0] == 1 else pos
+    return Plan(positions=pos, rope_positions=pos, cached=True, leftpad=leftpad,
+                mask_len=0 if mask is None else mask.shape[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # the patched attention forward
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +630,8 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
             k_rot = apply_prope(k, plan.rope_positions, p=st.p, theta=st.theta,
                                 variant=st.variant, layout=st.layout,
                                 backend=self._prope_state.rope_backend(k))
-            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+            k_all, v_all = cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx,
+                                        kwargs=kwargs)
     if getattr(self, "store_full_length_kv", False):
         shared[self.layer_type] = (k.transpose(1, 2), v.transpose(1, 2))  # unrotated, see docs
 
@@ -579,7 +641,22 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
         opts["window"] = st.window
     if st.softcap is not None:
         opts["softcap"] = st.softcap
-    if not plan.varlen:
+    if plan.cached:
+        # keys of the cache (rotated, (b, hkv, L, d)) + the new ones: the last s of the L keys
+        # are this call's tokens (bottom-right alignment); transposed views, no copy
+        kv_opts = {n: opts[n] for n in ("p", "theta", "variant", "layout", "causal",
+                                        "softmax_scale", "window", "softcap") if n in opts}
+        be = self._prope_state.backend
+        leftpad = None
+        if plan.leftpad is not None:
+            # a sliding-window layer's cache dropped its oldest (mask_len - L) slots
+            dropped = plan.mask_len - k_all.shape[2]
+            leftpad = (plan.leftpad - dropped).clamp(min=0).to(torch.int32)
+        out = prope_attention_with_kvcache(
+            q, k_all.transpose(1, 2), v_all.transpose(1, 2), cache_seqlens=k_all.shape[2],
+            positions=plan.positions, backend=be if be in ("triton", "reference") else "auto",
+            cache_leftpad=leftpad, **kv_opts)
+    elif not plan.varlen:
         out = prope_attention(q, k.contiguous(), v.contiguous(), positions=plan.positions, **opts)
     else:
         qf, kf, vf = (t.reshape(b * s, t.shape[2], d) for t in (q, k, v))
