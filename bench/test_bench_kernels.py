@@ -26,7 +26,7 @@ pytest.importorskip("pytest_benchmark")
 from prope_kernels.bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
 from prope_kernels.bench.check import spot_check  # noqa: E402
 from prope_kernels.bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS,  # noqa: E402
-                                           Unavailable, _short, build)
+                                           Unavailable, build, short)
 from prope_kernels.bench.runner import make_ctx, make_inputs  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -48,7 +48,7 @@ def _prepare(case, pname, mode, device):
     except Exception as e:  # noqa: BLE001
         if prov.kind == "ours":
             raise
-        pytest.skip(f"{pname} failed on {case.name}: {_short(e)}")
+        pytest.skip(f"{pname} failed on {case.name}: {short(e)}")
     claim_p = 0.0 if prov.rope == "none" else case.p
     chk = spot_check(impl.fn, case, ctx, *make_inputs(case, device, seed=1), claim_p,
                      with_grad=mode != "fwd")

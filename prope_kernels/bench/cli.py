@@ -169,23 +169,14 @@ def plan(args, smoke: bool):
         c = C.SMOKE_PRESETS.get(name) or C.PRESETS[name]
         return c if c.dtype == dtype else C.replace(c, dtype=dtype)
 
-    def provs(group, case):
+    def provs(group, case):  # a default list of the provider table, by capability
         if user_provs:
             return user_provs
         if smoke:
-            if group == "preset":
-                return P.SMOKE_PROVIDERS
-            if group == "varlen" or case.varlen:
-                return P.SMOKE_VARLEN_PROVIDERS
-            if group == "p":
-                return P.SMOKE_P_PROVIDERS
-            return P.SMOKE_SWEEP_PROVIDERS
-        if case.varlen:
-            return P.VARLEN_PROVIDERS
-        if case.has_window or case.softcap:
-            return P.FEATURE_PROVIDERS
-        return {"preset": P.PRESET_PROVIDERS, "p": P.P_SWEEP_PROVIDERS}.get(
-            group, P.SWEEP_PROVIDERS)
+            return P.default("s" if group == "preset" else "v" if case.varlen else
+                             "q" if group == "p" else "w", case)
+        return P.default("V" if case.varlen else {"preset": "P", "p": "p"}.get(group, "S"),
+                         case)
 
     def mode_for(group):
         if modes:

@@ -23,7 +23,7 @@ from prope_kernels.backends import launched
 
 from . import check as _check
 from .cases import Case
-from .providers import PROVIDERS, Unavailable, _short, build
+from .providers import PROVIDERS, Unavailable, build, rope_tables, short, triton_module
 from .timing import bench_cpu, bench_gpu, peak_mib
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,7 +53,6 @@ class Settings:
 
 def make_ctx(case: Case, device) -> dict:
     """Device tensors shared by every provider of a case."""
-    from .user_rope import rope_tables
     if case.varlen:
         lens = list(case.doc_lens)
     else:
@@ -204,7 +203,7 @@ def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
 
 def _why(e, caught, n=300):
     """The exception, plus the warnings that explain it (SDPA says why each backend refused)."""
-    reason = _short(e)
+    reason = short(e)
     hints = []
     for w in caught:
         msg = " ".join(str(w.message).split())
@@ -222,11 +221,10 @@ def _triton_configs(ran, mode) -> list:
                           ("fwd", "bwd")) if ran.get(p, {}).get("backend") == "triton"]
     if not passes:
         return []
-    from prope_kernels.triton import hopper
-    from prope_kernels.triton.configs import chosen_configs
+    hopper = triton_module("hopper")
     names = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
              ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
-    chosen = {**chosen_configs(), **hopper.chosen_configs()}
+    chosen = {**triton_module("configs").chosen_configs(), **hopper.chosen_configs()}
     names = [n for p in passes for n in names[p, ran[p]["kernels"]] if n in chosen]
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names)] if names else []
 
@@ -281,7 +279,7 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
                              switches_set=impl.switches_set))
         except Exception as e:  # noqa: BLE001
             reason = ("out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
-                      else _short(e))
+                      else short(e))
             log(f"[failed] {prov.name} on {case.name} {mode}: {reason}")
             rows.append(_row(case, prov, mode, "failed", reason, chk=chk, notes=impl.notes))
             for x in (q, k, v):
