@@ -272,7 +272,7 @@ def test_breakdown_smoke(tmp_path):
 def test_bars_of_the_sdpa_backend_and_auto():
     # the bars from synthetic rows of one run: the sdpa backend vs the peers, auto vs our best
     from prope_kernels.bench.bars import bars
-    from prope_kernels.bench.markdown import markdown
+    from prope_kernels.bench.report import markdown
 
     def row(case, prov, ms, mib=100.0, kind="ours"):
         return dict(case=case, group="preset", provider=prov, mode="fwd_bwd", status="ok",

@@ -321,9 +321,9 @@ def main(argv=None):
         data = json.loads(src.read_text())
         if args.write_dispatch:  # the table of a committed run, from its raw file alone
             return write_dispatch(args, data["meta"], data["results"], src.parent.name)
-        from . import output
+        from . import report
         out = Path(args.out) if args.out else src.parent
-        files = output.write_all(out, data["meta"], data["settings"], data["results"],
+        files = report.write_all(out, data["meta"], data["settings"], data["results"],
                                  plots=not args.no_plots)
         for p in [files["md"], files["json"], files["csv"], *files["png"]]:
             print(f"  {p}", file=sys.stderr)
@@ -331,7 +331,7 @@ def main(argv=None):
 
     import torch
 
-    from . import env, output
+    from . import env, report
     from .runner import Settings, run_jobs, total_pairs
 
     t0 = time.monotonic()
@@ -400,7 +400,7 @@ def main(argv=None):
                         budget_s=st.budget_s, smoke=smoke, standard=standard,
                         dtype=args.dtype, cases=[j.case.as_dict() for j in jobs],
                         providers=sorted({p for j in jobs for p in j.providers}))
-    files = output.write_all(out, meta, settings, rows, plots=not args.no_plots)
+    files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
 
     counts = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cases import MODE_LABELS
-from .markdown import banner
+from .bars import ordered
+from .report import banner
 from .providers import PROVIDERS
-from .rows import ordered
 
 
 def _style(prov):

@@ -1,13 +1,51 @@
-"""report.md: environment, speed bars, a table per preset and per sweep, what did not run."""
+"""The report writer: one folder per run with results.json, results.csv, report.md (environment,
+speed bars, a table per preset and per sweep, what did not run) and PNG plots."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from collections import OrderedDict
+from pathlib import Path
 
-from .bars import NOISE, NOT_JUDGED, SETS, bars, judged
-from .cases import MODE_LABELS
+from .bars import NOISE, NOT_JUDGED, SETS, bars, index, judged, ordered
+from .cases import MODE_LABELS, PRESETS, SMOKE_PRESETS
 from .providers import FLOOR, PROVIDERS
-from .rows import index, ordered
+
+META_CSV = ("run_kind", "gpu", "driver", "torch", "torch_cuda", "cudnn", "triton", "date_utc",
+            "git_commit")
+
+
+def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool = True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"png": []}
+    if plots:
+        try:
+            from .plots import write_plots
+            files["png"] = write_plots(out_dir, meta, rows)
+            meta.pop("plots", None)  # a re-render with matplotlib clears an earlier "skipped"
+        except ImportError as e:
+            if (e.name or "").split(".")[0] != "matplotlib":
+                raise
+            meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
+             for k, x in r.items()} for r in rows]  # strict JSON: no NaN
+    files["json"] = out_dir / "results.json"
+    files["json"].write_text(json.dumps(
+        {"schema": 1, "meta": meta, "settings": settings,
+         "bars": bars(rows, meta.get("run_kind")), "results": rows}, indent=1,
+        default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x)))
+    files["csv"] = out_dir / "results.csv"
+    fields = (list(rows[0]) + [k for k in META_CSV if k not in rows[0]]) if rows else []
+    with open(files["csv"], "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows({**r, **{k: meta.get(k) for k in META_CSV}} for r in rows)
+    files["md"] = out_dir / "report.md"
+    files["md"].write_text(markdown(meta, settings, rows, files["png"]))
+    return files
 
 SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
                 "It checks that the suite works end to end; its numbers are not GPU figures and "
@@ -179,7 +217,6 @@ def _case_table(case, rows, idx):
     rs = [r for r in rows if r["case"] == case]
     modes = ordered(r["mode"] for r in rs)
     provs = ordered(r["provider"] for r in rs)
-    from .cases import PRESETS, SMOKE_PRESETS
     c = PRESETS.get(case) or SMOKE_PRESETS.get(case)
     desc = c.describe() if c else ""
     head = ["provider"] + [f"{MODE_LABELS[m]} ms (TF)" for m in modes]
