@@ -60,14 +60,19 @@ def command() -> str:
     return " ".join(head + sys.argv[1:])
 
 
-def _run(cmd):
+def _git_bytes(cmd):
+    """stdout of a git command in the checkout; None without one, or when it fails."""
     if REPO is None:
-        return ""
+        return None
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
-                              cwd=REPO).stdout.strip()
+        p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def _run(cmd):
+    return (_git_bytes(cmd) or b"").decode(errors="replace").strip()
 
 
 def _version(mod):
@@ -80,23 +85,14 @@ def _version(mod):
 
 CODE = ("prope_kernels", "csrc", "bench")  # the code a run measures
 _EXCLUDE = ("bench/results/",)
+_PATHS = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
 
 
 def _dirty():
     """Uncommitted changes in the code being measured; None without a git checkout."""
     if not _run(["git", "rev-parse", "HEAD"]):
         return None
-    return bool(_run(["git", "status", "--porcelain", "--", *CODE, *(f":!{x}" for x in _EXCLUDE)]))
-
-
-def _git_bytes(cmd):
-    if REPO is None:
-        return None
-    try:
-        p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout if p.returncode == 0 else None
+    return bool(_run(["git", "status", "--porcelain", *_PATHS]))
 
 
 def diff_sha256():
@@ -104,9 +100,8 @@ def diff_sha256():
     tree is clean); None without a git checkout."""
     if not _run(["git", "rev-parse", "HEAD"]):
         return None
-    paths = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
-    diff = _git_bytes(["git", "diff", "HEAD", "--binary", *paths])
-    new = _git_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z", *paths])
+    diff = _git_bytes(["git", "diff", "HEAD", "--binary", *_PATHS])
+    new = _git_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z", *_PATHS])
     if diff is None or new is None:
         return None
     if not diff and not new:
