@@ -35,25 +35,17 @@ from prope_kernels.integrations.hf import (apply_prope_attention, prope_layer_se
 
 # small models (~100-200M parameters with the vocabulary): enough attention work per token to
 # see the op, small enough for one GPU in minutes
+def _cfg(hidden, inter, layers, heads, kv, d, vocab, max_pos):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=d, vocab_size=vocab,
+                max_position_embeddings=max_pos)
+
+
 SIZES = {
-    "small": {
-        "llama": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                      vocab_size=32000, max_position_embeddings=8192),
-        "gemma": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-                      vocab_size=32000, max_position_embeddings=8192),
-        "batch": 4, "seqlen": 2048,
-    },
-    "tiny": {
-        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      vocab_size=256, max_position_embeddings=256),
-        "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                      vocab_size=256, max_position_embeddings=256),
-        "batch": 2, "seqlen": 64,
-    },
+    "small": {"llama": _cfg(1024, 2816, 8, 8, 4, 128, 32000, 8192),
+              "gemma": _cfg(1024, 4096, 8, 8, 1, 256, 32000, 8192), "batch": 4, "seqlen": 2048},
+    "tiny": {"llama": _cfg(64, 128, 2, 4, 2, 16, 256, 256),
+             "gemma": _cfg(64, 128, 2, 4, 1, 16, 256, 256), "batch": 2, "seqlen": 64},
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma": ("GemmaConfig",
                                                                     "GemmaForCausalLM")}

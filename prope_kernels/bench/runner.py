@@ -165,21 +165,24 @@ def _cleanup(device, full=False):
         torch.cuda.empty_cache()
 
 
-def _measure(impl, mode, q, k, v, dout, st: Settings):
-    qkv = [q, k, v]
+def mode_fn(impl, mode, q, k, v, dout):
+    """(the call that one timing of ``mode`` makes, the tensors whose .grad it must reset)."""
     if mode == "fwd":  # grad enabled: saves what bwd needs
-        fn, gtn = (lambda: impl.fn(q, k, v)), None
-    elif mode == "fwd_bwd":
-        fn, gtn = (lambda: impl.fn(q, k, v).backward(dout)), qkv
-    elif mode == "bwd":
+        return (lambda: impl.fn(q, k, v)), None
+    if mode == "fwd_bwd":
+        return (lambda: impl.fn(q, k, v).backward(dout)), [q, k, v]
+    if mode == "bwd":
         out = impl.fn(q, k, v)
-        fn, gtn = (lambda: out.backward(dout, retain_graph=True)), qkv
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+        return (lambda: out.backward(dout, retain_graph=True)), [q, k, v]
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def _measure(impl, mode, q, k, v, dout, st: Settings):
+    fn, gtn = mode_fn(impl, mode, q, k, v, dout)
     timing = (bench_gpu(fn, st.warmup_ms, st.rep_ms, gtn) if q.device.type == "cuda"
               else bench_cpu(fn, st.cpu_warmup, st.cpu_reps, gtn))
     mem = peak_mib(fn, gtn) if st.memory else None
-    for x in qkv:
+    for x in (q, k, v):
         x.grad = None
     return timing, mem
 
