@@ -41,24 +41,26 @@ def quick_providers() -> list:
 
 # --- tests ---------------------------------------------------------------------------------------
 
-def junit_counts(path: Path) -> dict:
-    """{passed, failed, errors, skipped, failed_names} from a pytest junit XML file."""
-    root = ET.parse(path).getroot()
+def _counts(status: dict) -> dict:
+    """{passed, failed, errors, skipped, failed_names} from {test name: pytest -v status}."""
     c = dict(passed=0, failed=0, errors=0, skipped=0, failed_names=[])
-    for case in root.iter("testcase"):
-        name = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
-        tags = {child.tag for child in case}
-        if "failure" in tags:
-            c["failed"] += 1
-            c["failed_names"].append(name)
-        elif "error" in tags:
-            c["errors"] += 1
-            c["failed_names"].append(name + " (error)")
-        elif "skipped" in tags:
+    for name, st in status.items():
+        if st in ("PASSED", "XFAIL", "XPASS"):
+            c["passed"] += 1
+        elif st == "SKIPPED":
             c["skipped"] += 1
         else:
-            c["passed"] += 1
+            c["failed" if st == "FAILED" else "errors"] += 1
+            c["failed_names"].append(name + (" (error)" if st == "ERROR" else ""))
     return c
+
+
+def junit_counts(path: Path) -> dict:
+    """The counts of a pytest junit XML file."""
+    tags = {"failure": "FAILED", "error": "ERROR", "skipped": "SKIPPED"}
+    return _counts({case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", ""):
+                    next((st for t, st in tags.items() if case.find(t) is not None), "PASSED")
+                    for case in ET.parse(path).getroot().iter("testcase")})
 
 
 # pytest -v result lines: "tests/x.py::t[a b] PASSED [ 1%]"; with xdist "[gw0] [ 1%] PASSED
@@ -70,21 +72,12 @@ _RESULT_B = re.compile(rf"(?:^|\] )(?P<st>{_STATUS}) (?P<name>\S+\.py::.+?)(?: -
 
 def log_counts(text: str) -> dict:
     """The same counts from the -v lines of one step's log (pytest killed before its junit)."""
-    c = dict(passed=0, failed=0, errors=0, skipped=0, failed_names=[])
     seen = {}
     for line in text.splitlines():
         m = _RESULT_A.match(line) or _RESULT_B.search(line)
         if m:
             seen[m.group("name")] = m.group("st")
-    for name, st in seen.items():
-        if st in ("PASSED", "XFAIL", "XPASS"):
-            c["passed"] += 1
-        elif st == "SKIPPED":
-            c["skipped"] += 1
-        else:
-            c["failed" if st == "FAILED" else "errors"] += 1
-            c["failed_names"].append(name + (" (error)" if st == "ERROR" else ""))
-    return c
+    return _counts(seen)
 
 
 def step_log(log: str, name: str) -> str:
