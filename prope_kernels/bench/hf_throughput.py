@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -151,7 +149,6 @@ def main(argv=None):
     dtype = torch.bfloat16 if gpu else torch.float32
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     meta = env.collect(smoke=args.smoke or not gpu)
-    meta["command"] = env.command()
     import transformers
     meta["transformers"] = transformers.__version__
     rows = []
@@ -167,10 +164,8 @@ def main(argv=None):
         out = Path(args.out)
     elif not gpu:  # CPU figures are a smoke check, never results
         out = Path(tempfile.gettempdir()) / "prope_hf_throughput"
-    else:
-        day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        name = re.sub(r"[^a-z0-9]+", "-", (meta.get("gpu") or "cpu").lower()).strip("-")
-        out = env.results_root() / f"{day}_{name}_hf"
+    else:  # <date>_<gpu>_hf
+        out = env.results_root() / f"{env.slug(dict(meta, run_kind='gpu'))}_hf"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "hf_throughput.json"
     path.write_text(json.dumps(dict(meta=meta, args=vars(args), rows=rows), indent=1))

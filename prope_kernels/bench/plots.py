@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cases import MODE_LABELS
 from .bars import ordered
-from .report import banner
+from .cases import MODE_LABELS
 from .providers import PROVIDERS
+from .report import banner
 
 
 def _style(prov):
