@@ -358,6 +358,11 @@ def test_default_lists_follow_backend_capabilities(monkeypatch):
         cuda_rows = [n for n in P.default("P", win) if P.PROVIDERS[n].backend == "cuda"]
         assert bool(cuda_rows) == ("window" in feats), (feats, cuda_rows)
     assert "flex-norope" in P.default("V", varlen)
+    # every registered backend has a provider, one registered later included
+    monkeypatch.setitem(backends.REGISTRY, "newbe", dataclasses.replace(cuda, name="newbe"))
+    table = P._table()
+    assert {f"prope-{b}" for b in backends.names()} <= set(table)
+    assert table["prope-newbe"].kind == "ours" and table["prope-newbe"].sets == ""
 
 
 def test_cpu_smoke_bars_are_not_judged(smoke_run):

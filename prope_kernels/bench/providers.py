@@ -111,6 +111,9 @@ def _table():
                      "prope_attention (sdpa: PyTorch kernel + our rotation)" if be == "sdpa"
                      else f"prope_attention ({lab})", forced, sets)
             for n, be, lab, forced, sets in _OURS]
+    # a backend registered later gets its row too (in no default list until the table names it)
+    rows += [Provider(f"prope-{be}", "prope", be, "fused", f"prope_attention ({be})")
+             for be in backends.names() if be not in {r[1] for r in _OURS}]
     for fam, be, rope, sets in _PEERS:
         name = (f"sdpa-{be}" if fam == "sdpa" else fam) + (
             "-norope" if rope == "none" else f"+rope-{rope}")
