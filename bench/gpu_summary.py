@@ -96,14 +96,9 @@ def parse_step(s: str) -> tuple:
     return name, (int(rc) if rc.lstrip("-").isdigit() else rc), sec, cap
 
 
-def step_verdict(rc) -> str:
-    if rc == 0:
-        return "ok"
-    if rc in (124, 137):  # timeout: the cap was reached (137: killed after the grace period)
-        return "**TIMED OUT** (killed at its cap)"
-    if rc == "skipped":
-        return "**NOT RUN**"
-    return f"**FAILED** (exit {rc})"
+# timeout: the cap was reached (137: killed after the grace period)
+VERDICTS = {0: "ok", 124: "**TIMED OUT** (killed at its cap)", 137: "**TIMED OUT** (killed at "
+            "its cap)", "skipped": "**NOT RUN**"}
 
 
 # --- benchmark -----------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ def summarize(steps, junits, log_text, bench_path, deadline=None, elapsed=None) 
     md += ["| step | result | seconds | cap s |", "|---|---|---|---|"]
     for s in steps:
         name, rc, sec, cap = parse_step(s)
-        md.append(f"| {name} | {step_verdict(rc)} | {sec} | {cap} |")
+        md.append(f"| {name} | {VERDICTS.get(rc, f'**FAILED** (exit {rc})')} | {sec} | {cap} |")
         ok &= rc == 0
 
     md += ["", "## Tests", ""]

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from prope_kernels import env as prope_env
@@ -362,9 +363,7 @@ def main(argv=None):
                         providers=sorted({p for j in jobs for p in j.providers}))
     files = report.write_all(out, meta, settings, rows, plots=not args.no_plots)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
-    counts = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = Counter(r["status"] for r in rows)
     _say(f"done in {meta['elapsed_s']:.0f} s: "
          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
          *(f"  {files[k]}" for k in ("md", "json", "csv")), *(f"  {p}" for p in files["png"]))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 
 from .bars import NOISE, NOT_JUDGED, SETS, bars, index, judged, ordered
@@ -137,9 +136,10 @@ def markdown(meta, settings, rows, pngs=()):
                 "| set | case | backend | level | bar | measured | target | ratio | |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for b in bs:
+            ratio = "" if b["ratio"] is None else f"{b['ratio']:.2f}"
             out.append(f"| {b['set']} | {b['case']} | {b['provider']} | {b['level']} | "
                        f"{b['bar']} | {b['value']:.4g} {b['unit']} | {b['target']:.4g} "
-                       f"{b['unit']} | {_ratio(b['ratio'])} | {b['verdict']} |")
+                       f"{b['unit']} | {ratio} | {b['verdict']} |")
         out += ["", f"(\"no higher\" allows {NOISE:.0%} timing noise between medians)", ""]
 
     groups = ordered(r["group"] for r in rows)
@@ -173,10 +173,6 @@ def markdown(meta, settings, rows, pngs=()):
     out += _triton_configs(rows)
     out += _not_run(rows)
     return "\n".join(out) + "\n"
-
-
-def _ratio(x):
-    return "" if x is None else f"{x:.2f}"
 
 
 def _triton_configs(rows):
@@ -273,19 +269,16 @@ def _sweep_table(group, rows, idx, key):
 
 
 def _not_run(rows):
-    seen = OrderedDict()
+    seen = {}  # (provider, status, reason) -> its cases, in order
     for r in rows:
-        if r["status"] == "ok":
-            continue
-        k = (r["provider"], r["status"], r["reason"])
-        seen.setdefault(k, [])
-        if r["case"] not in seen[k]:
-            seen[k].append(r["case"])
+        if r["status"] != "ok":
+            seen.setdefault((r["provider"], r["status"], r["reason"]), {})[r["case"]] = None
     if not seen:
         return []
     out = ["## Not run, failed or wrong", "", "| provider | status | cases | reason |",
            "|---|---|---|---|"]
     for (p, st, reason), cases in seen.items():
+        cases = list(cases)
         cs = ", ".join(cases[:4]) + (f" (+{len(cases) - 4})" if len(cases) > 4 else "")
         out.append(f"| {p} | {st} | {cs} | {reason.replace('|', '/')} |")
     return out + [""]

@@ -14,6 +14,7 @@ during one call minus what was allocated before.
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -60,9 +61,7 @@ class Settings:
 def make_ctx(case: Case, device) -> dict:
     """Device tensors shared by every provider of a case."""
     lens = list(case.doc_lens) if case.varlen else [case.seqlen] * case.batch
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    cu = [0, *itertools.accumulate(lens)]
     lens_t = torch.tensor(lens, device=device)
     doc_ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
     positions = torch.arange(cu[-1], device=device) - torch.repeat_interleave(
