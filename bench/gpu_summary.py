@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PRESET = "gemma-2b"
-MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
+MODES = ("fwd", "fwd_bwd")
 
 
 def quick_providers() -> list:
@@ -119,14 +119,11 @@ def bench_tables(data: dict) -> tuple:
               "|---|---|---|---|"]
     for p in ours + peers:
         cells = []
-        for mode, _ in MODES:
+        for mode in MODES:
             r = ok.get((p, mode))
-            if r:
-                cells.append(f"{r['ms_median']:.3f} ({r['tflops']:.0f})")
-            else:
-                why = [x for x in rows if x["provider"] == p and x["mode"] == mode]
-                cells.append(f"{why[0]['status']}: {why[0].get('reason', '')[:60]}" if why
-                             else "-")
+            why = [x for x in rows if x["provider"] == p and x["mode"] == mode]
+            cells.append(f"{r['ms_median']:.3f} ({r['tflops']:.0f})" if r else
+                         f"{why[0]['status']}: {why[0].get('reason', '')[:60]}" if why else "-")
         r = ok.get((p, "fwd_bwd"))
         peak = f"{r['peak_mib']:.0f}" if r and r.get("peak_mib") is not None else "-"
         name = f"**{labels[p]}**" if p in ours else labels[p]
@@ -137,10 +134,8 @@ def bench_tables(data: dict) -> tuple:
               "| ours | peer | fwd | fwd+bwd | peak memory |", "|---|---|---|---|---|"]
     for o in ours:
         for p in peers:
-            cells = []
-            for mode, _ in MODES:
-                a, b = ok.get((o, mode)), ok.get((p, mode))
-                cells.append(f"{a['ms_median'] / b['ms_median']:.2f}x" if a and b else "-")
+            cells = [f"{a['ms_median'] / b['ms_median']:.2f}x" if a and b else "-"
+                     for a, b in ((ok.get((o, m)), ok.get((p, m))) for m in MODES)]
             a, b = ok.get((o, "fwd_bwd")), ok.get((p, "fwd_bwd"))
             mem = (f"{a['peak_mib'] / b['peak_mib']:.2f}x" if a and b and a.get("peak_mib")
                    and b.get("peak_mib") else "-")

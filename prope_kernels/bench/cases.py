@@ -15,6 +15,7 @@ from prope_kernels.reference import attention_flops
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class Case:
         feats = (f", window {tuple(self.window)}" if self.has_window else "") + (
             f", softcap {self.softcap:g}" if self.softcap else "")
         return (f"{shape}, {heads}, head_dim {self.head_dim}, "
-                f"{'causal' if self.causal else 'non-causal'}, {_short_dtype(self.dtype)}, "
-                f"p={self.p:g}{theta}{feats}")
+                f"{'causal' if self.causal else 'non-causal'}, "
+                f"{SHORT_DTYPE.get(self.dtype, self.dtype)}, p={self.p:g}{theta}{feats}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -97,10 +98,6 @@ def from_dict(d) -> Case:
         if fields.get(f) is not None:
             fields[f] = tuple(fields[f])
     return Case(**fields)
-
-
-def _short_dtype(dtype: str) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def uneven_doc_lens(total: int, seed: int = 0, min_len: int = 64, max_len: Optional[int] = None):

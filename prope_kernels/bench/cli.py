@@ -143,7 +143,7 @@ def _modes(s):
 def plan(args, smoke: bool):
     """The jobs of this run, in order (the most important first: the budget cuts the tail)."""
     from .runner import Job
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    dtype = {v: k for k, v in C.SHORT_DTYPE.items()}[args.dtype]
     modes = _modes(args.modes)
     try:
         user_provs = P.select(args.providers) if args.providers else None

@@ -107,14 +107,12 @@ def run_case(family, kind, args, device, dtype, sync):
             rates[k].append(b * s * args.steps / dt)
             if device == "cuda":
                 peak[k] = torch.cuda.max_memory_allocated() / 2**20
-    rows = []
-    for k in models:
-        rows.append(dict(family=family, inputs=kind, provider=k, batch=b, seqlen=s,
-                         dtype=str(dtype).replace("torch.", ""),
-                         params_m=round(sum(x.numel() for x in models[k].parameters()) / 1e6, 1),
-                         tokens_per_s_median=statistics.median(rates[k]),
-                         tokens_per_s_rounds=rates[k], peak_mib=peak.get(k),
-                         loss_before=l_base if k.startswith("unpatched") else l_patched))
+    rows = [dict(family=family, inputs=kind, provider=k, batch=b, seqlen=s,
+                 dtype=str(dtype).replace("torch.", ""),
+                 params_m=round(sum(x.numel() for x in m.parameters()) / 1e6, 1),
+                 tokens_per_s_median=statistics.median(rates[k]), tokens_per_s_rounds=rates[k],
+                 peak_mib=peak.get(k), loss_before=l_base if m is base else l_patched)
+            for k, m in models.items()]
     rows[1]["speedup_vs_unpatched"] = (rows[1]["tokens_per_s_median"]
                                        / rows[0]["tokens_per_s_median"])
     rows[1]["layers"] = [dict(p=x.p, theta=x.theta, head_dim=x.head_dim, fused=x.reason is None)

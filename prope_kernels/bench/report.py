@@ -109,6 +109,16 @@ def _env_table(meta, settings):
     return "\n".join(lines)
 
 
+# sweep -> (section title, the row label of a case)
+SWEEP_SECTIONS = {
+    "seqlen": ("seqlen sweep", lambda r: f"{r['batch']}x{r['seqlen']}"),
+    "head_dim": ("head_dim sweep", lambda r: f"d={r['head_dim']}, {r['q_heads']} heads"),
+    "causal": ("causal vs non-causal", lambda r: "causal" if r["causal"] else "non-causal"),
+    "heads": ("MHA / GQA / MQA", lambda r: f"{r['attn_kind']} {r['q_heads']}/{r['kv_heads']}"),
+    "varlen": ("varlen (packed documents of uneven length)",
+               lambda r: f"{r['num_docs']} docs, {r['total_tokens']} tok")}
+
+
 def markdown(meta, settings, rows, pngs=()):
     idx = index(rows)
     title = meta.get("gpu") or "CPU"
@@ -152,19 +162,10 @@ def markdown(meta, settings, rows, pngs=()):
                 "Same shape, only the fraction of rotated pairs changes. The claim to check: "
                 "p < 1 costs nothing (time at p=0.25 <= time at p=1).", ""]
         out += _sweep_table("p", rows, idx, key=lambda r: f"p={r['p']:g}") + [""]
-    titles = {"seqlen": "seqlen sweep", "head_dim": "head_dim sweep", "causal":
-              "causal vs non-causal", "heads": "MHA / GQA / MQA", "varlen":
-              "varlen (packed documents of uneven length)"}
-    for g in ("seqlen", "head_dim", "causal", "heads", "varlen"):
+    for g, (title, key) in SWEEP_SECTIONS.items():
         if g in groups:
-            out += [f"## {titles[g]}", ""]
-            key = {"seqlen": lambda r: f"{r['batch']}x{r['seqlen']}",
-                   "head_dim": lambda r: f"d={r['head_dim']}, {r['q_heads']} heads",
-                   "causal": lambda r: "causal" if r["causal"] else "non-causal",
-                   "heads": lambda r: f"{r['attn_kind']} {r['q_heads']}/{r['kv_heads']}",
-                   "varlen": lambda r: f"{r['num_docs']} docs, {r['total_tokens']} tok"}[g]
             first = next(r for r in rows if r["group"] == g)
-            out += [f"Shape: {_shape_note(first, g)}", ""]
+            out += [f"## {title}", "", f"Shape: {_shape_note(first, g)}", ""]
             out += _sweep_table(g, rows, idx, key=key) + [""]
     if pngs:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
