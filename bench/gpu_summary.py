@@ -164,8 +164,7 @@ def summarize(steps, junits, log_text, bench_path, deadline=None, elapsed=None) 
     ok = True
     md = ["# GPU check (quick)", ""]
     if elapsed is not None:
-        md.append(f"Elapsed {elapsed} s of a {deadline} s deadline.")
-        md.append("")
+        md += [f"Elapsed {elapsed} s of a {deadline} s deadline.", ""]
     md += ["| step | result | seconds | cap s |", "|---|---|---|---|"]
     for s in steps:
         name, rc, sec, cap = parse_step(s)

@@ -77,12 +77,10 @@ def main(argv=None) -> int:
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=args.backend)
-    if case.varlen:
-        def call():
+    def call():
+        if case.varlen:
             return prope_attention_varlen(q, k, v, ctx["cu_seqlens"], case.seqlen, **kw)
-    else:
-        def call():
-            return prope_attention(q, k, v, **kw)
+        return prope_attention(q, k, v, **kw)
 
     def fwd_bwd():
         call().backward(dout)

@@ -57,20 +57,14 @@ def banner(meta):
     return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])
 
 
-def _fmt_ms(ms):
-    if ms is None:
-        return ""
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
 def _cell(r):
-    if r is None:
-        return ""
-    if r["status"] != "ok":
-        return f"{r['status']}"
-    tf = r["tflops"]
+    """A table cell: "median ms (TFLOP/s)", or the status of a row that was not timed."""
+    if r is None or r["status"] != "ok":
+        return "" if r is None else r["status"]
+    ms, tf = r["ms_median"], r["tflops"]
+    ms_s = "" if ms is None else f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
     tf_s = f"{tf:.0f}" if tf is not None and tf >= 10 else (f"{tf:.2g}" if tf else "-")
-    return f"{_fmt_ms(r['ms_median'])} ({tf_s})"
+    return f"{ms_s} ({tf_s})"
 
 
 def _env_table(meta, settings):
