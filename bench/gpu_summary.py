@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PRESET = "gemma-2b"
-MODES = (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd"))
+MODES = ("fwd", "fwd_bwd")
 
 
 def quick_providers() -> list:
@@ -41,24 +41,26 @@ def quick_providers() -> list:
 
 # --- tests ---------------------------------------------------------------------------------------
 
-def junit_counts(path: Path) -> dict:
-    """{passed, failed, errors, skipped, failed_names} from a pytest junit XML file."""
-    root = ET.parse(path).getroot()
+def _counts(status: dict) -> dict:
+    """{passed, failed, errors, skipped, failed_names} from {test name: pytest -v status}."""
     c = dict(passed=0, failed=0, errors=0, skipped=0, failed_names=[])
-    for case in root.iter("testcase"):
-        name = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
-        tags = {child.tag for child in case}
-        if "failure" in tags:
-            c["failed"] += 1
-            c["failed_names"].append(name)
-        elif "error" in tags:
-            c["errors"] += 1
-            c["failed_names"].append(name + " (error)")
-        elif "skipped" in tags:
+    for name, st in status.items():
+        if st in ("PASSED", "XFAIL", "XPASS"):
+            c["passed"] += 1
+        elif st == "SKIPPED":
             c["skipped"] += 1
         else:
-            c["passed"] += 1
+            c["failed" if st == "FAILED" else "errors"] += 1
+            c["failed_names"].append(name + (" (error)" if st == "ERROR" else ""))
     return c
+
+
+def junit_counts(path: Path) -> dict:
+    """The counts of a pytest junit XML file."""
+    tags = {"failure": "FAILED", "error": "ERROR", "skipped": "SKIPPED"}
+    return _counts({case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", ""):
+                    next((st for t, st in tags.items() if case.find(t) is not None), "PASSED")
+                    for case in ET.parse(path).getroot().iter("testcase")})
 
 
 # pytest -v result lines: "tests/x.py::t[a b] PASSED [ 1%]"; with xdist "[gw0] [ 1%] PASSED
@@ -70,21 +72,12 @@ _RESULT_B = re.compile(rf"(?:^|\] )(?P<st>{_STATUS}) (?P<name>\S+\.py::.+?)(?: -
 
 def log_counts(text: str) -> dict:
     """The same counts from the -v lines of one step's log (pytest killed before its junit)."""
-    c = dict(passed=0, failed=0, errors=0, skipped=0, failed_names=[])
     seen = {}
     for line in text.splitlines():
         m = _RESULT_A.match(line) or _RESULT_B.search(line)
         if m:
             seen[m.group("name")] = m.group("st")
-    for name, st in seen.items():
-        if st in ("PASSED", "XFAIL", "XPASS"):
-            c["passed"] += 1
-        elif st == "SKIPPED":
-            c["skipped"] += 1
-        else:
-            c["failed" if st == "FAILED" else "errors"] += 1
-            c["failed_names"].append(name + (" (error)" if st == "ERROR" else ""))
-    return c
+    return _counts(seen)
 
 
 def step_log(log: str, name: str) -> str:
@@ -103,14 +96,9 @@ def parse_step(s: str) -> tuple:
     return name, (int(rc) if rc.lstrip("-").isdigit() else rc), sec, cap
 
 
-def step_verdict(rc) -> str:
-    if rc == 0:
-        return "ok"
-    if rc in (124, 137):  # timeout: the cap was reached (137: killed after the grace period)
-        return "**TIMED OUT** (killed at its cap)"
-    if rc == "skipped":
-        return "**NOT RUN**"
-    return f"**FAILED** (exit {rc})"
+# timeout: the cap was reached (137: killed after the grace period)
+VERDICTS = {0: "ok", 124: "**TIMED OUT** (killed at its cap)", 137: "**TIMED OUT** (killed at "
+            "its cap)", "skipped": "**NOT RUN**"}
 
 
 # --- benchmark -----------------------------------------------------------------------------------
@@ -131,14 +119,11 @@ def bench_tables(data: dict) -> tuple:
               "|---|---|---|---|"]
     for p in ours + peers:
         cells = []
-        for mode, _ in MODES:
+        for mode in MODES:
             r = ok.get((p, mode))
-            if r:
-                cells.append(f"{r['ms_median']:.3f} ({r['tflops']:.0f})")
-            else:
-                why = [x for x in rows if x["provider"] == p and x["mode"] == mode]
-                cells.append(f"{why[0]['status']}: {why[0].get('reason', '')[:60]}" if why
-                             else "-")
+            why = [x for x in rows if x["provider"] == p and x["mode"] == mode]
+            cells.append(f"{r['ms_median']:.3f} ({r['tflops']:.0f})" if r else
+                         f"{why[0]['status']}: {why[0].get('reason', '')[:60]}" if why else "-")
         r = ok.get((p, "fwd_bwd"))
         peak = f"{r['peak_mib']:.0f}" if r and r.get("peak_mib") is not None else "-"
         name = f"**{labels[p]}**" if p in ours else labels[p]
@@ -149,10 +134,8 @@ def bench_tables(data: dict) -> tuple:
               "| ours | peer | fwd | fwd+bwd | peak memory |", "|---|---|---|---|---|"]
     for o in ours:
         for p in peers:
-            cells = []
-            for mode, _ in MODES:
-                a, b = ok.get((o, mode)), ok.get((p, mode))
-                cells.append(f"{a['ms_median'] / b['ms_median']:.2f}x" if a and b else "-")
+            cells = [f"{a['ms_median'] / b['ms_median']:.2f}x" if a and b else "-"
+                     for a, b in ((ok.get((o, m)), ok.get((p, m))) for m in MODES)]
             a, b = ok.get((o, "fwd_bwd")), ok.get((p, "fwd_bwd"))
             mem = (f"{a['peak_mib'] / b['peak_mib']:.2f}x" if a and b and a.get("peak_mib")
                    and b.get("peak_mib") else "-")
@@ -181,12 +164,11 @@ def summarize(steps, junits, log_text, bench_path, deadline=None, elapsed=None) 
     ok = True
     md = ["# GPU check (quick)", ""]
     if elapsed is not None:
-        md.append(f"Elapsed {elapsed} s of a {deadline} s deadline.")
-        md.append("")
+        md += [f"Elapsed {elapsed} s of a {deadline} s deadline.", ""]
     md += ["| step | result | seconds | cap s |", "|---|---|---|---|"]
     for s in steps:
         name, rc, sec, cap = parse_step(s)
-        md.append(f"| {name} | {step_verdict(rc)} | {sec} | {cap} |")
+        md.append(f"| {name} | {VERDICTS.get(rc, f'**FAILED** (exit {rc})')} | {sec} | {cap} |")
         ok &= rc == 0
 
     md += ["", "## Tests", ""]

@@ -20,6 +20,7 @@ rows ran together with the text of the row's own notes that shows it (checked to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -81,29 +82,26 @@ class Publisher:
         self.spec = spec
         self.runs = spec["runs"]            # alias -> folder under bench/results/
         self.errors = []
-        self._data = {}
 
+    @functools.lru_cache(maxsize=None)
     def data(self, alias):
-        if alias not in self._data:
-            run = self.runs.get(alias)
-            path = raw_path(run) if run else None
-            if path is None or not path.is_file():
-                self.errors.append(f"run {alias!r} ({run}): no raw results under bench/results")
-                self._data[alias] = None
-            elif not committed(path):
-                self.errors.append(f"run {alias!r}: {path.relative_to(REPO)} is not committed "
-                                   "(or differs from HEAD)")
-                self._data[alias] = None
-            else:
-                d = json.loads(path.read_text())
-                if not clean(d["meta"]) and run not in self.spec.get("dirty_runs", {}):
-                    self.errors.append(
-                        f"run {alias!r} ({run}) was recorded from a dirty tree (commit "
-                        f"{d['meta'].get('git_commit')}): refused; commit and rerun, or let it in "
-                        "with a reason under dirty_runs in bench/publish.json")
-                    d = None
-                self._data[alias] = d
-        return self._data[alias]
+        """The raw results of a run; None (the reason in ``errors``) when refused."""
+        run = self.runs.get(alias)
+        path = raw_path(run) if run else None
+        if path is None or not path.is_file():
+            self.errors.append(f"run {alias!r} ({run}): no raw results under bench/results")
+            return None
+        if not committed(path):
+            self.errors.append(f"run {alias!r}: {path.relative_to(REPO)} is not committed "
+                               "(or differs from HEAD)")
+            return None
+        d = json.loads(path.read_text())
+        if not clean(d["meta"]) and run not in self.spec.get("dirty_runs", {}):
+            self.errors.append(f"run {alias!r} ({run}) was recorded from a dirty tree (commit "
+                               f"{d['meta'].get('git_commit')}): refused; commit and rerun, or "
+                               "let it in with a reason under dirty_runs in bench/publish.json")
+            return None
+        return d
 
     def dirty(self, alias) -> bool:
         return self.runs[alias] in self.spec.get("dirty_runs", {})

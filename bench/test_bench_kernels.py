@@ -26,8 +26,8 @@ pytest.importorskip("pytest_benchmark")
 from prope_kernels.bench.cases import PRESETS, SMOKE_PRESETS  # noqa: E402
 from prope_kernels.bench.check import spot_check  # noqa: E402
 from prope_kernels.bench.providers import (PROVIDERS, PYTEST_SMOKE_PROVIDERS,  # noqa: E402
-                                           Unavailable, _short, build)
-from prope_kernels.bench.runner import make_ctx, make_inputs  # noqa: E402
+                                           Unavailable, build, short)
+from prope_kernels.bench.runner import make_ctx, make_inputs, mode_fn  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -48,7 +48,7 @@ def _prepare(case, pname, mode, device):
     except Exception as e:  # noqa: BLE001
         if prov.kind == "ours":
             raise
-        pytest.skip(f"{pname} failed on {case.name}: {_short(e)}")
+        pytest.skip(f"{pname} failed on {case.name}: {short(e)}")
     claim_p = 0.0 if prov.rope == "none" else case.p
     chk = spot_check(impl.fn, case, ctx, *make_inputs(case, device, seed=1), claim_p,
                      with_grad=mode != "fwd")
@@ -64,22 +64,11 @@ def _prepare(case, pname, mode, device):
         for x in (q, k, v):
             x.grad = None
 
-    if mode == "fwd":
-        def fn():
-            impl.fn(q, k, v)
-            _sync()
-    elif mode == "fwd_bwd":
-        def fn():
-            impl.fn(q, k, v).backward(dout)
-            _sync()
-    elif mode == "bwd":
-        out = impl.fn(q, k, v)
+    call, _ = mode_fn(impl, mode, q, k, v, dout)
 
-        def fn():
-            out.backward(dout, retain_graph=True)
-            _sync()
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+    def fn():
+        call()
+        _sync()
     return fn, reset, chk
 
 

@@ -272,7 +272,7 @@ def test_breakdown_smoke(tmp_path):
 def test_bars_of_the_sdpa_backend_and_auto():
     # the bars from synthetic rows of one run: the sdpa backend vs the peers, auto vs our best
     from prope_kernels.bench.bars import bars
-    from prope_kernels.bench.markdown import markdown
+    from prope_kernels.bench.report import markdown
 
     def row(case, prov, ms, mib=100.0, kind="ours"):
         return dict(case=case, group="preset", provider=prov, mode="fwd_bwd", status="ok",
@@ -317,16 +317,15 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     from prope_kernels.bench import providers as P
     for var in ("PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD"):
         monkeypatch.delenv(var, raising=False)
-        monkeypatch.setitem(P._USER_ENV, var, None)
+        monkeypatch.setitem(P.USER_ENV, var, None)
     seen = []
 
     def call(q, k, v):
-        seen.append({var: os.environ.get(var) for var in P._USER_ENV if "CUDA" in var})
+        seen.append({var: os.environ.get(var) for var in P.USER_ENV if "CUDA" in var})
 
-    cpu = torch.device("cpu")
-    forced = P._cuda_kernel_family(P.PROVIDERS["prope-cuda-sm80"], call, cpu, [])
+    forced = P.with_switches(P.PROVIDERS["prope-cuda-sm80"], call, [])
     forced.fn(None, None, None)
-    default = P._cuda_kernel_family(P.PROVIDERS["prope-cuda"], call, cpu, [])
+    default = P.with_switches(P.PROVIDERS["prope-cuda"], call, [])
     default.fn(None, None, None)
     assert seen[0]["PROPE_CUDA_SM90"] == "0"
     assert seen[1] == {"PROPE_CUDA_SM90": None, "PROPE_CUDA_SM90_FWD": None,
@@ -334,8 +333,36 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     assert forced.switches_set == {"PROPE_CUDA_SM90": "0"} and default.switches_set == {}
     # every prope provider sets them, auto and sdpa included (auto may run the CUDA backend)
     forced.fn(None, None, None)
-    P._with_switches(P.PROVIDERS["prope-auto"], call, []).fn(None, None, None)
+    P.with_switches(P.PROVIDERS["prope-auto"], call, []).fn(None, None, None)
     assert seen[-1] == seen[1], seen
+    split = P.with_switches(P.PROVIDERS["prope-cuda-sm90-split"], call, [])
+    assert split.switches_set == {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_BWD": "split"}
+
+
+def test_default_lists_follow_backend_capabilities(monkeypatch):
+    # the window/softcap presets take every provider of the preset list whose backend (ours: the
+    # registry's features) can run them; a backend that gains a feature joins with no bench edit
+    import dataclasses
+
+    from prope_kernels import backends
+    from prope_kernels.bench import providers as P
+    from prope_kernels.bench.cases import PRESETS
+    win, plain, varlen = (PRESETS[n] for n in ("gemma-2b-window", "gemma-2b", "gemma-2b-varlen"))
+    assert P.default("P", plain) == P.in_set("P")
+    got = P.default("P", win)
+    assert "prope-triton" in got and not any(n.startswith("sdpa-") for n in got), got
+    assert {"flash-attn+rope-compiled", "fa3+rope-compiled", "flex+rope-compiled"} <= set(got)
+    cuda = backends.get("cuda")
+    for feats in (cuda.features - {"window", "softcap"}, cuda.features | {"window", "softcap"}):
+        monkeypatch.setitem(backends.REGISTRY, "cuda", dataclasses.replace(cuda, features=feats))
+        cuda_rows = [n for n in P.default("P", win) if P.PROVIDERS[n].backend == "cuda"]
+        assert bool(cuda_rows) == ("window" in feats), (feats, cuda_rows)
+    assert "flex-norope" in P.default("V", varlen)
+    # every registered backend has a provider, one registered later included
+    monkeypatch.setitem(backends.REGISTRY, "newbe", dataclasses.replace(cuda, name="newbe"))
+    table = P._table()
+    assert {f"prope-{b}" for b in backends.names()} <= set(table)
+    assert table["prope-newbe"].kind == "ours" and table["prope-newbe"].sets == ""
 
 
 def test_cpu_smoke_bars_are_not_judged(smoke_run):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from .cases import MODE_LABELS
 from .providers import FLOOR, OUR_BACKENDS
-from .rows import index, ordered
 
 BAR_CASE = "gemma-2b"
 FUSED, SDPA_AUTO, FEATURES = "fused-op", "sdpa-auto", "features"  # the sets
@@ -34,6 +33,16 @@ NOT_JUDGED = "n/a (CPU timings)"
 NOISE = 0.01  # "no higher" comparisons of medians allow 1% of timing noise
 CUDNN_ROPE = "sdpa-cudnn+rope-compiled"
 FLASH_ROPE = "sdpa-flash+rope-compiled"
+
+
+def index(rows):
+    """(case, provider, mode) -> row."""
+    return {(r["case"], r["provider"], r["mode"]): r for r in rows}
+
+
+def ordered(seq):
+    """Unique items in first-seen order."""
+    return list(dict.fromkeys(seq))
 
 
 def judged(run_kind) -> bool:

@@ -27,15 +27,6 @@ from .cases import PRESETS
 from .runner import make_ctx, make_inputs
 
 
-def _device_time(evt) -> float:
-    """GPU (or, without one, CPU) self time in microseconds of a profiler event average."""
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        t = getattr(evt, name, None)
-        if t:
-            return float(t)
-    return 0.0
-
-
 def profile_call(fn, n_iter: int, on_gpu: bool) -> list:
     """[(kernel name, calls per iteration, us per iteration)], largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -47,7 +38,9 @@ def profile_call(fn, n_iter: int, on_gpu: bool) -> list:
             torch.cuda.synchronize()
     rows = defaultdict(lambda: [0, 0.0])
     for evt in prof.key_averages():
-        t = _device_time(evt) if on_gpu else float(evt.self_cpu_time_total)
+        # self time in microseconds (GPU: self_cuda_time_total on older torch)
+        t = float((getattr(evt, "self_device_time_total", 0) or getattr(
+            evt, "self_cuda_time_total", 0) or 0) if on_gpu else evt.self_cpu_time_total)
         if t <= 0:
             continue
         rows[evt.key][0] += evt.count
@@ -84,12 +77,10 @@ def main(argv=None) -> int:
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=args.backend)
-    if case.varlen:
-        def call():
+    def call():
+        if case.varlen:
             return prope_attention_varlen(q, k, v, ctx["cu_seqlens"], case.seqlen, **kw)
-    else:
-        def call():
-            return prope_attention(q, k, v, **kw)
+        return prope_attention(q, k, v, **kw)
 
     def fwd_bwd():
         call().backward(dout)

@@ -15,6 +15,7 @@ from prope_kernels.reference import attention_flops
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_LABELS = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class Case:
         feats = (f", window {tuple(self.window)}" if self.has_window else "") + (
             f", softcap {self.softcap:g}" if self.softcap else "")
         return (f"{shape}, {heads}, head_dim {self.head_dim}, "
-                f"{'causal' if self.causal else 'non-causal'}, {_short_dtype(self.dtype)}, "
-                f"p={self.p:g}{theta}{feats}")
+                f"{'causal' if self.causal else 'non-causal'}, "
+                f"{SHORT_DTYPE.get(self.dtype, self.dtype)}, p={self.p:g}{theta}{feats}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -90,8 +91,13 @@ class Case:
         return d
 
 
-def _short_dtype(dtype: str) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+def from_dict(d) -> Case:
+    """A Case from its as_dict() (a run's settings), extra keys ignored."""
+    fields = {f: d[f] for f in Case.__dataclass_fields__ if f in d}
+    for f in ("doc_lens", "window"):
+        if fields.get(f) is not None:
+            fields[f] = tuple(fields[f])
+    return Case(**fields)
 
 
 def uneven_doc_lens(total: int, seed: int = 0, min_len: int = 64, max_len: Optional[int] = None):
@@ -152,21 +158,7 @@ P_VALUES = (0.0, 0.25, 0.75, 1.0)
 # sweeps
 # ----------------------------------------------------------------------------------------------
 
-def sweep_seqlen(seqlens=(512, 1024, 2048, 4096, 8192, 16384, 32768), head_dim=128,
-                 tokens=32768, q_heads=None, kv_heads=None, causal=True, dtype="bfloat16",
-                 p=0.75, name="seqlen"):
-    """Constant tokens per call (batch = tokens // seqlen). Default heads: Llama-style GQA, hidden
-    4096 (32 q heads, 8 kv heads at head_dim 128), the llama-gqa preset's kernels."""
-    hq = q_heads or max(1, 4096 // head_dim)
-    hkv = kv_heads or max(1, hq // 4)
-    return [Case(f"{name}-{s}", "seqlen", max(1, tokens // s), s, hq, hkv, head_dim,
-                 causal=causal, p=p, dtype=dtype) for s in seqlens]
-
-
-def sweep_head_dim(head_dims=(64, 128, 256), seqlen=4096, batch=4, hidden=4096, causal=True,
-                   dtype="bfloat16"):
-    return [Case(f"head_dim-{d}", "head_dim", batch, seqlen, hidden // d, hidden // d, d,
-                 causal=causal, dtype=dtype) for d in head_dims]
+SWEEPS = ("seqlen", "head_dim", "causal", "heads", "p", "varlen")
 
 
 def sweep_causal(base: Case):
@@ -174,50 +166,43 @@ def sweep_causal(base: Case):
                     causal=c) for c in (True, False)]
 
 
-def sweep_heads(seqlen=4096, batch=4, q_heads=32, head_dim=128, dtype="bfloat16"):
-    """MHA, GQA (4 q heads per kv head) and MQA at one shape."""
-    gqa = q_heads // 4 if q_heads >= 8 else max(1, q_heads // 2)
-    return [Case(f"heads-{kind}", "heads", batch, seqlen, q_heads, hkv, head_dim, dtype=dtype)
-            for kind, hkv in (("mha", q_heads), ("gqa", gqa), ("mqa", 1))]
-
-
 def sweep_p(base: Case, p_values=P_VALUES):
     """The cost of the identity: one shape, only p changes."""
     return [replace(base, name=f"p-{p:g}", group="p", p=p) for p in p_values]
 
 
-def sweep_varlen(total=16384, q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16"):
-    return [varlen_case(f"varlen-{total}", "varlen", total, q_heads, kv_heads, head_dim, seed=2,
-                        min_len=128, max_len=total // 2, dtype=dtype)]
-
-
-SWEEPS = ("seqlen", "head_dim", "causal", "heads", "p", "varlen")
-
-
 def build_sweep(name: str, dtype: str = "bfloat16", seqlens=None, head_dims=None,
                 p_values=P_VALUES, smoke: bool = False):
-    """The cases of one sweep; ``smoke`` shrinks every shape to a few dozen tokens."""
-    if smoke:
-        base = SMOKE_PRESETS["smoke-mqa"]
-        return {
-            "seqlen": lambda: sweep_seqlen(seqlens or (16, 32), head_dim=16, tokens=32,
-                                           q_heads=2, kv_heads=1, dtype=dtype),
-            "head_dim": lambda: sweep_head_dim(head_dims or (32, 64), seqlen=32, batch=1,
-                                               hidden=128, dtype=dtype),
-            "causal": lambda: sweep_causal(replace(base, dtype=dtype)),
-            "heads": lambda: sweep_heads(seqlen=32, batch=1, q_heads=4, head_dim=32,
-                                         dtype=dtype),
-            "p": lambda: sweep_p(replace(base, batch=1, seqlen=16, q_heads=1, dtype=dtype),
-                                 p_values),
-            "varlen": lambda: [Case("varlen-smoke", "varlen", 1, 13, 2, 1, 16,
-                                    doc_lens=(5, 13, 9), dtype=dtype)],
-        }[name]()
-    return {
-        "seqlen": lambda: sweep_seqlen(seqlens or (512, 1024, 2048, 4096, 8192, 16384, 32768),
-                                       dtype=dtype),
-        "head_dim": lambda: sweep_head_dim(head_dims or (64, 128, 256), dtype=dtype),
-        "causal": lambda: sweep_causal(replace(PRESETS["llama-gqa"], dtype=dtype)),
-        "heads": lambda: sweep_heads(dtype=dtype),
-        "p": lambda: sweep_p(replace(PRESETS["gemma-2b"], dtype=dtype), p_values),
-        "varlen": lambda: sweep_varlen(dtype=dtype),
-    }[name]()
+    """The cases of one sweep; ``smoke`` shrinks every shape to a few dozen tokens.
+
+    seqlen: constant tokens per call (batch = tokens // seqlen), Llama-style GQA heads (hidden
+    4096: 32 q / 8 kv heads at head_dim 128, the llama-gqa preset's kernels); head_dim: hidden
+    4096 as MHA; heads: MHA, GQA (4 q heads per kv head) and MQA at one shape; varlen: packed
+    documents of uneven length."""
+    base = SMOKE_PRESETS["smoke-mqa"] if smoke else PRESETS["llama-gqa"]
+    if name == "seqlen":  # (tokens, q heads, kv heads, head_dim)
+        tok, hq, hkv, d = (32, 2, 1, 16) if smoke else (32768, 32, 8, 128)
+        return [Case(f"seqlen-{s}", "seqlen", max(1, tok // s), s, hq, hkv, d, dtype=dtype)
+                for s in seqlens or ((16, 32) if smoke else (512, 1024, 2048, 4096, 8192, 16384,
+                                                            32768))]
+    if name == "head_dim":  # (seqlen, batch, hidden)
+        s, b, hidden = (32, 1, 128) if smoke else (4096, 4, 4096)
+        return [Case(f"head_dim-{d}", "head_dim", b, s, hidden // d, hidden // d, d, dtype=dtype)
+                for d in head_dims or ((32, 64) if smoke else (64, 128, 256))]
+    if name == "causal":
+        return sweep_causal(replace(base, dtype=dtype))
+    if name == "heads":  # (seqlen, batch, q heads, head_dim)
+        s, b, hq, d = (32, 1, 4, 32) if smoke else (4096, 4, 32, 128)
+        gqa = hq // 4 if hq >= 8 else max(1, hq // 2)
+        return [Case(f"heads-{kind}", "heads", b, s, hq, hkv, d, dtype=dtype)
+                for kind, hkv in (("mha", hq), ("gqa", gqa), ("mqa", 1))]
+    if name == "p":
+        return sweep_p(replace(base, batch=1, seqlen=16, q_heads=1, dtype=dtype) if smoke
+                       else replace(PRESETS["gemma-2b"], dtype=dtype), p_values)
+    if name == "varlen":
+        if smoke:
+            return [Case("varlen-smoke", "varlen", 1, 13, 2, 1, 16, doc_lens=(5, 13, 9),
+                         dtype=dtype)]
+        return [varlen_case("varlen-16384", "varlen", 16384, 32, 8, 128, seed=2, min_len=128,
+                            max_len=8192, dtype=dtype)]
+    raise ValueError(f"unknown sweep {name!r}")

@@ -54,11 +54,8 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
     pos = ctx["positions"]
 
     q, k, v = (x.detach().requires_grad_(with_grad) for x in (q, k, v))
-    if with_grad:
+    with torch.set_grad_enabled(with_grad):
         out = fn(q, k, v)
-    else:
-        with torch.no_grad():
-            out = fn(q, k, v)
     flat = lambda x: x.reshape(-1, x.shape[-2], x.shape[-1])  # noqa: E731
     qf, kf, vf, of = flat(q), flat(k), flat(v), flat(out)
     if not torch.isfinite(of).all():
@@ -66,8 +63,7 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
                     msg="non-finite values in the output")
 
     dout = torch.zeros_like(of)
-    errs_out, errs_grad, leak_num, inside = [], [], 0.0, []
-    refs = []
+    errs_out, errs_grad, refs = [], [], []
     for a, b in _seqs(ctx):
         rows = torch.tensor(_rows(b - a, gen), device=q.device)
         dout[a + rows] = torch.randn(len(rows), hq, d, generator=gen).to(q.device, dt)
@@ -81,13 +77,12 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
             kr = kr.repeat_interleave(group, dim=1)
             ve = vl.repeat_interleave(group, dim=1)
             s = torch.einsum("rhd,lhd->hrl", qr, kr) * scale
-            softcap = getattr(case, "softcap", 0.0)
-            if softcap:
-                s = torch.tanh(s / softcap) * softcap
+            if case.softcap:
+                s = torch.tanh(s / case.softcap) * case.softcap
             # positions restart per sequence: they are the indices the mask is defined on
             qi, kj = pos[a + rows][:, None], pos[a:b][None, :]
             allowed = torch.ones_like(qi == kj)
-            left, right = getattr(case, "window", (-1, -1))
+            left, right = case.window
             if case.causal:
                 allowed &= kj <= qi
             if left >= 0:
@@ -107,16 +102,14 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
             o_ref.backward(dout[a + rows].float())
             errs_grad += [_rel(dq[a + rows], ql.grad), _rel(dk[a:b], kl.grad),
                           _rel(dv[a:b], vl.grad)]
-            inside.append((a, b, rows))
         # nothing may land outside the checked rows (dq) and sequences (dk, dv)
         mq = torch.ones(dq.shape[0], dtype=torch.bool, device=q.device)
         mkv = torch.ones(dk.shape[0], dtype=torch.bool, device=q.device)
-        for a, b, rows in inside:
+        for a, b, rows, *_ in refs:
             mq[a + rows] = False
             mkv[a:b] = False
         total = sum(x.double().norm().item() for x in (dq, dk, dv)) or 1.0
-        leak_num = sum(x[m].double().norm().item() for x, m in ((dq, mq), (dk, mkv), (dv, mkv)))
-        leak = leak_num / total
+        leak = sum(x[m].double().norm().item() for x, m in ((dq, mq), (dk, mkv), (dv, mkv))) / total
     else:
         leak = None
 

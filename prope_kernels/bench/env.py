@@ -16,7 +16,6 @@ import torch
 from prope_kernels.backends import kernel_hashes
 
 
-
 def _source_tree():
     """The prope_kernels source checkout this package runs from (the folder holding
     pyproject.toml, csrc/ and bench/ beside prope_kernels/): a clone, or an editable install of
@@ -60,14 +59,19 @@ def command() -> str:
     return " ".join(head + sys.argv[1:])
 
 
-def _run(cmd):
+def _git_bytes(cmd):
+    """stdout of a git command in the checkout; None without one, or when it fails."""
     if REPO is None:
-        return ""
+        return None
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
-                              cwd=REPO).stdout.strip()
+        p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def _run(cmd):
+    return (_git_bytes(cmd) or b"").decode(errors="replace").strip()
 
 
 def _version(mod):
@@ -80,41 +84,26 @@ def _version(mod):
 
 CODE = ("prope_kernels", "csrc", "bench")  # the code a run measures
 _EXCLUDE = ("bench/results/",)
+_PATHS = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
 
 
-def _dirty():
-    """Uncommitted changes in the code being measured; None without a git checkout."""
-    if not _run(["git", "rev-parse", "HEAD"]):
-        return None
-    return bool(_run(["git", "status", "--porcelain", "--", *CODE, *(f":!{x}" for x in _EXCLUDE)]))
-
-
-def _git_bytes(cmd):
-    if REPO is None:
-        return None
-    try:
-        p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout if p.returncode == 0 else None
-
-
-def diff_sha256():
-    """sha256 of `git diff HEAD` over the measured code, untracked files included ("" when the
-    tree is clean); None without a git checkout."""
-    if not _run(["git", "rev-parse", "HEAD"]):
-        return None
-    paths = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
-    diff = _git_bytes(["git", "diff", "HEAD", "--binary", *paths])
-    new = _git_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z", *paths])
+def _git_state():
+    """(HEAD, uncommitted changes in the measured code?, sha256 of `git diff HEAD` over it with
+    the untracked files, "" when the tree is clean); (None, None, None) without a git checkout."""
+    head = _run(["git", "rev-parse", "HEAD"])
+    if not head:
+        return None, None, None
+    dirty = bool(_run(["git", "status", "--porcelain", *_PATHS]))
+    diff = _git_bytes(["git", "diff", "HEAD", "--binary", *_PATHS])
+    new = _git_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z", *_PATHS])
     if diff is None or new is None:
-        return None
+        return head, dirty, None
     if not diff and not new:
-        return ""
+        return head, dirty, ""
     h = hashlib.sha256(diff)
     for name in sorted(n for n in new.split(b"\0") if n):
         h.update(b"\0" + name + b"\0" + (REPO / name.decode()).read_bytes())
-    return h.hexdigest()
+    return head, dirty, h.hexdigest()
 
 
 _SUFFIXES = (".py", ".json", ".cu", ".h", ".cpp")
@@ -171,6 +160,7 @@ def run_kind(smoke: bool) -> str:
 
 def collect(smoke: bool) -> dict:
     now = _dt.datetime.now(_dt.timezone.utc)
+    head, dirty, diff = _git_state()
     meta = {
         "run_kind": run_kind(smoke),
         "date_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -184,10 +174,9 @@ def collect(smoke: bool) -> dict:
         "flash_attn": _version("flash_attn"),
         "prope_kernels": _version("prope_kernels"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "git_commit": (_run(["git", "rev-parse", "HEAD"])
-                       or os.environ.get("PROPE_BENCH_COMMIT") or None),
-        "git_dirty": _dirty(),
-        "git_diff_sha256": diff_sha256(),
+        "git_commit": head or os.environ.get("PROPE_BENCH_COMMIT") or None,
+        "git_dirty": dirty,
+        "git_diff_sha256": diff,
         "source_sha256": tree_sha256(),
         # each backend's kernels as they ran (prope_kernels.backends.kernel_hash)
         "kernel_hashes": kernel_hashes(),

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -35,25 +33,17 @@ from prope_kernels.integrations.hf import (apply_prope_attention, prope_layer_se
 
 # small models (~100-200M parameters with the vocabulary): enough attention work per token to
 # see the op, small enough for one GPU in minutes
+def _cfg(hidden, inter, layers, heads, kv, d, vocab, max_pos):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=d, vocab_size=vocab,
+                max_position_embeddings=max_pos)
+
+
 SIZES = {
-    "small": {
-        "llama": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                      vocab_size=32000, max_position_embeddings=8192),
-        "gemma": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-                      vocab_size=32000, max_position_embeddings=8192),
-        "batch": 4, "seqlen": 2048,
-    },
-    "tiny": {
-        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      vocab_size=256, max_position_embeddings=256),
-        "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                      vocab_size=256, max_position_embeddings=256),
-        "batch": 2, "seqlen": 64,
-    },
+    "small": {"llama": _cfg(1024, 2816, 8, 8, 4, 128, 32000, 8192),
+              "gemma": _cfg(1024, 4096, 8, 8, 1, 256, 32000, 8192), "batch": 4, "seqlen": 2048},
+    "tiny": {"llama": _cfg(64, 128, 2, 4, 2, 16, 256, 256),
+             "gemma": _cfg(64, 128, 2, 4, 1, 16, 256, 256), "batch": 2, "seqlen": 64},
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gemma": ("GemmaConfig",
                                                                     "GemmaForCausalLM")}
@@ -117,14 +107,12 @@ def run_case(family, kind, args, device, dtype, sync):
             rates[k].append(b * s * args.steps / dt)
             if device == "cuda":
                 peak[k] = torch.cuda.max_memory_allocated() / 2**20
-    rows = []
-    for k in models:
-        rows.append(dict(family=family, inputs=kind, provider=k, batch=b, seqlen=s,
-                         dtype=str(dtype).replace("torch.", ""),
-                         params_m=round(sum(x.numel() for x in models[k].parameters()) / 1e6, 1),
-                         tokens_per_s_median=statistics.median(rates[k]),
-                         tokens_per_s_rounds=rates[k], peak_mib=peak.get(k),
-                         loss_before=l_base if k.startswith("unpatched") else l_patched))
+    rows = [dict(family=family, inputs=kind, provider=k, batch=b, seqlen=s,
+                 dtype=str(dtype).replace("torch.", ""),
+                 params_m=round(sum(x.numel() for x in m.parameters()) / 1e6, 1),
+                 tokens_per_s_median=statistics.median(rates[k]), tokens_per_s_rounds=rates[k],
+                 peak_mib=peak.get(k), loss_before=l_base if m is base else l_patched)
+            for k, m in models.items()]
     rows[1]["speedup_vs_unpatched"] = (rows[1]["tokens_per_s_median"]
                                        / rows[0]["tokens_per_s_median"])
     rows[1]["layers"] = [dict(p=x.p, theta=x.theta, head_dim=x.head_dim, fused=x.reason is None)
@@ -159,7 +147,6 @@ def main(argv=None):
     dtype = torch.bfloat16 if gpu else torch.float32
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     meta = env.collect(smoke=args.smoke or not gpu)
-    meta["command"] = env.command()
     import transformers
     meta["transformers"] = transformers.__version__
     rows = []
@@ -175,10 +162,8 @@ def main(argv=None):
         out = Path(args.out)
     elif not gpu:  # CPU figures are a smoke check, never results
         out = Path(tempfile.gettempdir()) / "prope_hf_throughput"
-    else:
-        day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        name = re.sub(r"[^a-z0-9]+", "-", (meta.get("gpu") or "cpu").lower()).strip("-")
-        out = env.results_root() / f"{day}_{name}_hf"
+    else:  # <date>_<gpu>_hf
+        out = env.results_root() / f"{env.slug(dict(meta, run_kind='gpu'))}_hf"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "hf_throughput.json"
     path.write_text(json.dumps(dict(meta=meta, args=vars(args), rows=rows), indent=1))

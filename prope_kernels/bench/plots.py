@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .bars import ordered
 from .cases import MODE_LABELS
-from .markdown import banner
 from .providers import PROVIDERS
-from .rows import ordered
+from .report import banner
 
 
 def _style(prov):

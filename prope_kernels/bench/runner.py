@@ -1,16 +1,21 @@
-"""The loop: for each case and provider, build, spot-check, then time every mode.
+"""The one runner: for each case and provider, build, spot-check, then time every mode.
 
-One row per (case, provider, mode) with a status:
-  ok        timed
-  missing   the provider cannot run here (not installed, no GPU, ...): reason given
-  failed    it raised (no kernel for this shape, out of memory, compile error): reason given
-  wrong     its output or gradients disagree with the reference: not timed
-  skipped   the run's time budget was spent before it came up
+One row per (case, provider, mode) with a status: ``ok`` (timed), ``missing`` (cannot run here:
+not installed, no GPU, ...), ``failed`` (it raised: no kernel for this shape, out of memory,
+compile error), ``wrong`` (output or gradients disagree with the reference: not timed),
+``skipped`` (the run's time budget was spent before it came up); every status but ok has a reason.
+
+Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs), every run's
+time kept (older Triton: quantiles), median and 20th/80th percentiles; on a CPU (smoke only) the
+wall clock, which says nothing about speed. Peak memory: ``torch.cuda.max_memory_allocated``
+during one call minus what was allocated before.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
+import statistics
 import sys
 import time
 import warnings
@@ -23,10 +28,12 @@ from prope_kernels.backends import launched
 
 from . import check as _check
 from .cases import Case
-from .providers import PROVIDERS, Unavailable, _short, build
-from .timing import bench_cpu, bench_gpu, peak_mib
+from .providers import PROVIDERS, Unavailable, build, rope_tables, short, triton_module
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CASE_KEYS = ("batch", "seqlen", "total_tokens", "num_docs", "q_heads", "kv_heads", "head_dim",
+             "attn_kind", "causal", "p", "theta", "dtype", "varlen", "window", "softcap")
+TIME_KEYS = ("ms_median", "ms_p20", "ms_p80", "ms_min", "ms_max", "n_runs")
 
 
 @dataclass
@@ -53,18 +60,12 @@ class Settings:
 
 def make_ctx(case: Case, device) -> dict:
     """Device tensors shared by every provider of a case."""
-    from .user_rope import rope_tables
-    if case.varlen:
-        lens = list(case.doc_lens)
-    else:
-        lens = [case.seqlen] * case.batch
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    lens = list(case.doc_lens) if case.varlen else [case.seqlen] * case.batch
+    cu = [0, *itertools.accumulate(lens)]
     lens_t = torch.tensor(lens, device=device)
     doc_ids = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
-    starts = torch.repeat_interleave(torch.tensor(cu[:-1], device=device), lens_t)
-    positions = torch.arange(cu[-1], device=device) - starts
+    positions = torch.arange(cu[-1], device=device) - torch.repeat_interleave(
+        torch.tensor(cu[:-1], device=device), lens_t)
     table_pos = positions if case.varlen else torch.arange(case.seqlen, device=device)
     cos, sin = rope_tables(table_pos, case.head_dim, case.p, case.theta)
     return dict(cu_list=cu, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
@@ -75,10 +76,8 @@ def make_inputs(case: Case, device, seed: int):
     """Fresh random q, k, v (standard normal: never zeros)."""
     g = torch.Generator(device=device).manual_seed(seed)
     lead = (case.total_tokens,) if case.varlen else (case.batch, case.seqlen)
-    dt = DTYPES[case.dtype]
-    mk = lambda h: torch.randn(*lead, h, case.head_dim, generator=g, device=device,  # noqa: E731
-                               dtype=torch.float32).to(dt)
-    return mk(case.q_heads), mk(case.kv_heads), mk(case.kv_heads)
+    return tuple(torch.randn(*lead, h, case.head_dim, generator=g, device=device).to(
+        DTYPES[case.dtype]) for h in (case.q_heads, case.kv_heads, case.kv_heads))
 
 
 def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, notes=(),
@@ -87,20 +86,11 @@ def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, n
              kind=prov.kind, family=prov.family, backend=prov.backend, rope=prov.rope,
              mode=mode, status=status, reason=reason)
     cd = case.as_dict()
-    for key in ("batch", "seqlen", "total_tokens", "num_docs", "q_heads", "kv_heads",
-                "head_dim", "attn_kind", "causal", "p", "theta", "dtype", "varlen", "window",
-                "softcap"):
-        r[key] = cd[key]
-    r["flops"] = case.flops(mode)
-    t = timing or {}
-    for key in ("ms_median", "ms_p20", "ms_p80", "ms_min", "ms_max", "n_runs"):
-        r[key] = t.get(key)
+    r.update({k: cd[k] for k in CASE_KEYS}, flops=case.flops(mode))
+    r.update({k: (timing or {}).get(k) for k in TIME_KEYS})
     r["tflops"] = (r["flops"] / r["ms_median"] / 1e9) if r["ms_median"] else None
-    r["peak_mib"] = mem
-    c = chk or {}
-    r["check_err_out"] = c.get("err_out")
-    r["check_err_grad"] = c.get("err_grad")
-    r["notes"] = "; ".join(notes)
+    r.update(peak_mib=mem, check_err_out=(chk or {}).get("err_out"),
+             check_err_grad=(chk or {}).get("err_grad"), notes="; ".join(notes))
     # ours: what the backend launched, read back after the timed calls ("fwd: cuda sm90
     # overlap+lpt; bwd: cuda sm90 split"), and the kernel switches the provider set ({}: none)
     r["switches"] = switches_text(ran) if ran else ""
@@ -114,6 +104,58 @@ def switches_text(ran: dict) -> str:
                      for p in ("fwd", "bwd") if p in ran)
 
 
+def _stats(times):
+    t = sorted(float(x) for x in times)
+    n = len(t)
+
+    def q(f):  # linear-interpolated percentile
+        lo = int(f * (n - 1))
+        return t[lo] + (t[min(lo + 1, n - 1)] - t[lo]) * (f * (n - 1) - lo)
+    return dict(ms_median=statistics.median(t), ms_p20=q(0.2), ms_p80=q(0.8), ms_min=t[0],
+                ms_max=t[-1], n_runs=n)
+
+
+def bench_gpu(fn, warmup_ms=25, rep_ms=200, grad_to_none=None):
+    from triton.testing import do_bench
+    kw = dict(warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none)
+    try:
+        times = do_bench(fn, return_mode="all", **kw)
+        if isinstance(times, (list, tuple)) and len(times) > 0:
+            return _stats(times)
+    except (AssertionError, TypeError, ValueError):
+        pass  # a Triton without return_mode="all": fall back to quantiles
+    med, p20, p80, mn, mx = (float(x) for x in do_bench(fn, quantiles=[0.5, 0.2, 0.8, 0.0, 1.0],
+                                                       **kw))
+    return dict(ms_median=med, ms_p20=p20, ms_p80=p80, ms_min=mn, ms_max=mx, n_runs=None)
+
+
+def bench_cpu(fn, warmup=1, reps=2, grad_to_none=None):
+    times = []
+    for i in range(warmup + reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return _stats(times)
+
+
+def peak_mib(fn, grad_to_none=None):
+    """Extra peak GPU memory (MiB) while ``fn`` runs; None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    for t in grad_to_none or ():
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fn()
+    torch.cuda.synchronize()
+    del res
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _cleanup(device, full=False):
     if full:  # gc.collect costs ~0.2 s with torch loaded: only after a failure
         gc.collect()
@@ -122,40 +164,29 @@ def _cleanup(device, full=False):
         torch.cuda.empty_cache()
 
 
-def _measure(impl, case, mode, q, k, v, dout, st: Settings):
-    on_gpu = q.device.type == "cuda"
-
-    def timer(fn, gtn):
-        if on_gpu:
-            return bench_gpu(fn, st.warmup_ms, st.rep_ms, gtn)
-        return bench_cpu(fn, st.cpu_warmup, st.cpu_reps, gtn)
-
-    qkv = [q, k, v]
-    if mode == "fwd":
-        fn = lambda: impl.fn(q, k, v)  # noqa: E731  (grad enabled: saves what bwd needs)
-        timing = timer(fn, None)
-        mem = peak_mib(fn) if st.memory else None
-    elif mode == "fwd_bwd":
-        def fn():
-            impl.fn(q, k, v).backward(dout)
-        timing = timer(fn, qkv)
-        mem = peak_mib(fn, qkv) if st.memory else None
-    elif mode == "bwd":
+def mode_fn(impl, mode, q, k, v, dout):
+    """(the call that one timing of ``mode`` makes, the tensors whose .grad it must reset)."""
+    if mode == "fwd":  # grad enabled: saves what bwd needs
+        return (lambda: impl.fn(q, k, v)), None
+    if mode == "fwd_bwd":
+        return (lambda: impl.fn(q, k, v).backward(dout)), [q, k, v]
+    if mode == "bwd":
         out = impl.fn(q, k, v)
+        return (lambda: out.backward(dout, retain_graph=True)), [q, k, v]
+    raise ValueError(f"unknown mode {mode!r}")
 
-        def fn():
-            out.backward(dout, retain_graph=True)
-        timing = timer(fn, qkv)
-        mem = peak_mib(fn, qkv) if st.memory else None
-        del out
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    for x in qkv:
+
+def _measure(impl, mode, q, k, v, dout, st: Settings):
+    fn, gtn = mode_fn(impl, mode, q, k, v, dout)
+    timing = (bench_gpu(fn, st.warmup_ms, st.rep_ms, gtn) if q.device.type == "cuda"
+              else bench_cpu(fn, st.cpu_warmup, st.cpu_reps, gtn))
+    mem = peak_mib(fn, gtn) if st.memory else None
+    for x in (q, k, v):
         x.grad = None
     return timing, mem
 
 
-class _NoBar:
+class _NoBar:  # progress bar without tqdm
     def __init__(self, *a, **k):
         pass
 
@@ -183,14 +214,12 @@ def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
     device = torch.device(st.device)
     try:
         for ji, job in enumerate(jobs):
-            case = job.case
-            ctx = make_ctx(case, device)
+            ctx = make_ctx(job.case, device)
             for pi, pname in enumerate(job.providers):
-                prov = PROVIDERS[pname]
-                bar.set_description(f"{case.name} {pname}"[:60])
+                bar.set_description(f"{job.case.name} {pname}"[:60])
                 t_pair = time.monotonic()
-                new = _run_pair(case, prov, job.modes, ctx, device, st, t_start,
-                                seed=st.seed + 1000 * ji + 10 * pi, log=log)
+                new = _run_pair(job.case, PROVIDERS[pname], job.modes, ctx, device, st,
+                                t_start, seed=st.seed + 1000 * ji + 10 * pi, log=log)
                 for r in new:  # wall time of the whole pair: build, compile, check, timing
                     r["wall_s"] = round(time.monotonic() - t_pair, 2)
                 rows += new
@@ -204,37 +233,33 @@ def run_jobs(jobs: List[Job], st: Settings, log=None) -> List[dict]:
 
 def _why(e, caught, n=300):
     """The exception, plus the warnings that explain it (SDPA says why each backend refused)."""
-    reason = _short(e)
-    hints = []
-    for w in caught:
-        msg = " ".join(str(w.message).split())
-        if ("because" in msg or "kernel" in msg.lower()) and msg not in hints:
-            hints.append(msg)
-    if hints:
-        reason += " [" + " / ".join(hints) + "]"
+    hints = list(dict.fromkeys(m for m in (" ".join(str(w.message).split()) for w in caught)
+                               if "because" in m or "kernel" in m.lower()))
+    reason = short(e) + (" [" + " / ".join(hints) + "]" if hints else "")
     return reason if len(reason) <= n else reason[: n - 3] + "..."
 
 
 def _triton_configs(ran, mode) -> list:
-    """The configs the Triton kernels launched in this mode ran with (as chosen by the
-    autotuner), of the kernel set each pass launched (``ran``: backends.launched())."""
-    passes = [p for p in (("fwd",) if mode == "fwd" else ("bwd",) if mode == "bwd" else
-                          ("fwd", "bwd")) if ran.get(p, {}).get("backend") == "triton"]
+    """The configs (as the autotuner chose them) of the Triton kernels each pass of this mode
+    launched (``ran``: backends.launched())."""
+    passes = [p for p in {"fwd": ("fwd",), "bwd": ("bwd",)}.get(mode, ("fwd", "bwd"))
+              if ran.get(p, {}).get("backend") == "triton"]
     if not passes:
         return []
-    from prope_kernels.triton import hopper
-    from prope_kernels.triton.configs import chosen_configs
-    names = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
-             ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
-    chosen = {**chosen_configs(), **hopper.chosen_configs()}
-    names = [n for p in passes for n in names[p, ran[p]["kernels"]] if n in chosen]
+    hopper = triton_module("hopper")
+    kernels = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
+               ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
+    chosen = {**triton_module("configs").chosen_configs(), **hopper.chosen_configs()}
+    names = [n for p in passes for n in kernels[p, ran[p]["kernels"]] if n in chosen]
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names)] if names else []
 
 
 def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
+    def rows_of(status, reason, **kw):
+        return [_row(case, prov, m, status, reason, **kw) for m in modes]
+
     if st.budget_s is not None and time.monotonic() - t_start > st.budget_s:
-        return [_row(case, prov, m, "skipped", f"time budget of {st.budget_s:.0f} s spent")
-                for m in modes]
+        return rows_of("skipped", f"time budget of {st.budget_s:.0f} s spent")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -243,45 +268,36 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
         except Unavailable as e:
             if st.verbose:
                 log(f"[missing] {prov.name} on {case.name}: {e}")
-            return [_row(case, prov, m, "missing", str(e)) for m in modes]
+            return rows_of("missing", str(e))
         except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
-            reason = _why(e, caught)
-            log(f"[failed] {prov.name} on {case.name}: {reason}")
-            return [_row(case, prov, m, "failed", reason) for m in modes]
-
+            log(f"[failed] {prov.name} on {case.name}: {_why(e, caught)}")
+            return rows_of("failed", _why(e, caught))
         chk = None
         if st.check:
-            with_grad = any(m != "fwd" for m in modes)
-            claim_p = 0.0 if prov.rope == "none" else case.p
-            try:
-                cq, ck, cv = make_inputs(case, device, seed + 1)  # a fresh draw for the check
-                chk = _check.spot_check(impl.fn, case, ctx, cq, ck, cv, claim_p, with_grad,
-                                        seed=seed)
-                del cq, ck, cv
+            try:  # a fresh draw for the check
+                chk = _check.spot_check(impl.fn, case, ctx, *make_inputs(case, device, seed + 1),
+                                        0.0 if prov.rope == "none" else case.p,
+                                        any(m != "fwd" for m in modes), seed=seed)
             except Exception as e:  # noqa: BLE001
-                reason = _why(e, caught)
-                log(f"[failed] {prov.name} on {case.name}: {reason}")
-                return [_row(case, prov, m, "failed", reason, notes=impl.notes)
-                        for m in modes]
+                log(f"[failed] {prov.name} on {case.name}: {_why(e, caught)}")
+                return rows_of("failed", _why(e, caught), notes=impl.notes)
         if chk is not None and not chk["ok"]:
             log(f"[wrong] {prov.name} on {case.name}: {chk['msg']}")
-            return [_row(case, prov, m, "wrong", "spot check vs reference: " + chk["msg"],
-                         chk=chk, notes=impl.notes) for m in modes]
-
+            return rows_of("wrong", "spot check vs reference: " + chk["msg"], chk=chk,
+                           notes=impl.notes)
     rows = []
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     dout = torch.randn_like(q)  # out has q's shape in every layout
     for mode in modes:
         try:
             launched(clear=True)
-            timing, mem = _measure(impl, case, mode, q, k, v, dout, st)
+            timing, mem = _measure(impl, mode, q, k, v, dout, st)
             ran = launched(clear=True)
             rows.append(_row(case, prov, mode, "ok", timing=timing, mem=mem, chk=chk,
                              notes=impl.notes + _triton_configs(ran, mode), ran=ran,
                              switches_set=impl.switches_set))
         except Exception as e:  # noqa: BLE001
-            reason = ("out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
-                      else _short(e))
+            reason = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else short(e)
             log(f"[failed] {prov.name} on {case.name} {mode}: {reason}")
             rows.append(_row(case, prov, mode, "failed", reason, chk=chk, notes=impl.notes))
             for x in (q, k, v):

@@ -1,13 +1,50 @@
-"""report.md: environment, speed bars, a table per preset and per sweep, what did not run."""
+"""The report writer: one folder per run with results.json, results.csv, report.md (environment,
+speed bars, a table per preset and per sweep, what did not run) and PNG plots."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import csv
+import json
+import math
+from pathlib import Path
 
-from .bars import NOISE, NOT_JUDGED, SETS, bars, judged
-from .cases import MODE_LABELS
+from .bars import NOISE, NOT_JUDGED, SETS, bars, index, judged, ordered
+from .cases import MODE_LABELS, PRESETS, SMOKE_PRESETS
 from .providers import FLOOR, PROVIDERS
-from .rows import index, ordered
+
+META_CSV = ("run_kind", "gpu", "driver", "torch", "torch_cuda", "cudnn", "triton", "date_utc",
+            "git_commit")
+
+
+def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool = True):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"png": []}
+    if plots:
+        try:
+            from .plots import write_plots
+            files["png"] = write_plots(out_dir, meta, rows)
+            meta.pop("plots", None)  # a re-render with matplotlib clears an earlier "skipped"
+        except ImportError as e:
+            if (e.name or "").split(".")[0] != "matplotlib":
+                raise
+            meta["plots"] = "skipped: matplotlib is not installed (pip install matplotlib)"
+    rows = [{k: (None if isinstance(x, float) and not math.isfinite(x) else x)
+             for k, x in r.items()} for r in rows]  # strict JSON: no NaN
+    files["json"] = out_dir / "results.json"
+    files["json"].write_text(json.dumps(
+        {"schema": 1, "meta": meta, "settings": settings,
+         "bars": bars(rows, meta.get("run_kind")), "results": rows}, indent=1,
+        default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x)))
+    files["csv"] = out_dir / "results.csv"
+    fields = (list(rows[0]) + [k for k in META_CSV if k not in rows[0]]) if rows else []
+    with open(files["csv"], "w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows({**r, **{k: meta.get(k) for k in META_CSV}} for r in rows)
+    files["md"] = out_dir / "report.md"
+    files["md"].write_text(markdown(meta, settings, rows, files["png"]))
+    return files
 
 SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
                 "It checks that the suite works end to end; its numbers are not GPU figures and "
@@ -20,20 +57,14 @@ def banner(meta):
     return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])
 
 
-def _fmt_ms(ms):
-    if ms is None:
-        return ""
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
 def _cell(r):
-    if r is None:
-        return ""
-    if r["status"] != "ok":
-        return f"{r['status']}"
-    tf = r["tflops"]
+    """A table cell: "median ms (TFLOP/s)", or the status of a row that was not timed."""
+    if r is None or r["status"] != "ok":
+        return "" if r is None else r["status"]
+    ms, tf = r["ms_median"], r["tflops"]
+    ms_s = "" if ms is None else f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
     tf_s = f"{tf:.0f}" if tf is not None and tf >= 10 else (f"{tf:.2g}" if tf else "-")
-    return f"{_fmt_ms(r['ms_median'])} ({tf_s})"
+    return f"{ms_s} ({tf_s})"
 
 
 def _env_table(meta, settings):
@@ -72,6 +103,16 @@ def _env_table(meta, settings):
     return "\n".join(lines)
 
 
+# sweep -> (section title, the row label of a case)
+SWEEP_SECTIONS = {
+    "seqlen": ("seqlen sweep", lambda r: f"{r['batch']}x{r['seqlen']}"),
+    "head_dim": ("head_dim sweep", lambda r: f"d={r['head_dim']}, {r['q_heads']} heads"),
+    "causal": ("causal vs non-causal", lambda r: "causal" if r["causal"] else "non-causal"),
+    "heads": ("MHA / GQA / MQA", lambda r: f"{r['attn_kind']} {r['q_heads']}/{r['kv_heads']}"),
+    "varlen": ("varlen (packed documents of uneven length)",
+               lambda r: f"{r['num_docs']} docs, {r['total_tokens']} tok")}
+
+
 def markdown(meta, settings, rows, pngs=()):
     idx = index(rows)
     title = meta.get("gpu") or "CPU"
@@ -99,9 +140,10 @@ def markdown(meta, settings, rows, pngs=()):
                 "| set | case | backend | level | bar | measured | target | ratio | |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for b in bs:
+            ratio = "" if b["ratio"] is None else f"{b['ratio']:.2f}"
             out.append(f"| {b['set']} | {b['case']} | {b['provider']} | {b['level']} | "
                        f"{b['bar']} | {b['value']:.4g} {b['unit']} | {b['target']:.4g} "
-                       f"{b['unit']} | {_ratio(b['ratio'])} | {b['verdict']} |")
+                       f"{b['unit']} | {ratio} | {b['verdict']} |")
         out += ["", f"(\"no higher\" allows {NOISE:.0%} timing noise between medians)", ""]
 
     groups = ordered(r["group"] for r in rows)
@@ -114,19 +156,10 @@ def markdown(meta, settings, rows, pngs=()):
                 "Same shape, only the fraction of rotated pairs changes. The claim to check: "
                 "p < 1 costs nothing (time at p=0.25 <= time at p=1).", ""]
         out += _sweep_table("p", rows, idx, key=lambda r: f"p={r['p']:g}") + [""]
-    titles = {"seqlen": "seqlen sweep", "head_dim": "head_dim sweep", "causal":
-              "causal vs non-causal", "heads": "MHA / GQA / MQA", "varlen":
-              "varlen (packed documents of uneven length)"}
-    for g in ("seqlen", "head_dim", "causal", "heads", "varlen"):
+    for g, (title, key) in SWEEP_SECTIONS.items():
         if g in groups:
-            out += [f"## {titles[g]}", ""]
-            key = {"seqlen": lambda r: f"{r['batch']}x{r['seqlen']}",
-                   "head_dim": lambda r: f"d={r['head_dim']}, {r['q_heads']} heads",
-                   "causal": lambda r: "causal" if r["causal"] else "non-causal",
-                   "heads": lambda r: f"{r['attn_kind']} {r['q_heads']}/{r['kv_heads']}",
-                   "varlen": lambda r: f"{r['num_docs']} docs, {r['total_tokens']} tok"}[g]
             first = next(r for r in rows if r["group"] == g)
-            out += [f"Shape: {_shape_note(first, g)}", ""]
+            out += [f"## {title}", "", f"Shape: {_shape_note(first, g)}", ""]
             out += _sweep_table(g, rows, idx, key=key) + [""]
     if pngs:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
@@ -135,10 +168,6 @@ def markdown(meta, settings, rows, pngs=()):
     out += _triton_configs(rows)
     out += _not_run(rows)
     return "\n".join(out) + "\n"
-
-
-def _ratio(x):
-    return "" if x is None else f"{x:.2f}"
 
 
 def _triton_configs(rows):
@@ -179,7 +208,6 @@ def _case_table(case, rows, idx):
     rs = [r for r in rows if r["case"] == case]
     modes = ordered(r["mode"] for r in rs)
     provs = ordered(r["provider"] for r in rs)
-    from .cases import PRESETS, SMOKE_PRESETS
     c = PRESETS.get(case) or SMOKE_PRESETS.get(case)
     desc = c.describe() if c else ""
     head = ["provider"] + [f"{MODE_LABELS[m]} ms (TF)" for m in modes]
@@ -236,19 +264,16 @@ def _sweep_table(group, rows, idx, key):
 
 
 def _not_run(rows):
-    seen = OrderedDict()
+    seen = {}  # (provider, status, reason) -> its cases, in order
     for r in rows:
-        if r["status"] == "ok":
-            continue
-        k = (r["provider"], r["status"], r["reason"])
-        seen.setdefault(k, [])
-        if r["case"] not in seen[k]:
-            seen[k].append(r["case"])
+        if r["status"] != "ok":
+            seen.setdefault((r["provider"], r["status"], r["reason"]), {})[r["case"]] = None
     if not seen:
         return []
     out = ["## Not run, failed or wrong", "", "| provider | status | cases | reason |",
            "|---|---|---|---|"]
     for (p, st, reason), cases in seen.items():
+        cases = list(cases)
         cs = ", ".join(cases[:4]) + (f" (+{len(cases) - 4})" if len(cases) > 4 else "")
         out.append(f"| {p} | {st} | {cs} | {reason.replace('|', '/')} |")
     return out + [""]
