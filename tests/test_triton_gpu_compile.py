@@ -11,6 +11,7 @@ H100 catches such errors on a machine with no GPU, and reports shared memory, re
                                                       # wgmma / TMA counts, regs, spills
 """
 
+import inspect
 import os
 import re
 import subprocess
@@ -48,6 +49,9 @@ def _compile(fn, consts, dt, arch, warps, stages):
     if x_dtype:
         types["X"] = "*" + x_dtype
     types.update(consts.pop("_TYPES", {}))  # e.g. fp32 accumulators of the Hopper backward
+    for prm in jit.params:   # constexprs with a default (e.g. the forward's PIPELINE) as called
+        if prm.is_constexpr and prm.name not in consts and prm.default is not inspect.Parameter.empty:
+            consts[prm.name] = prm.default
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
     # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
     # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
