@@ -208,10 +208,10 @@ def _hfwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, 0, 0, offs_m, offs_d, L, 0, n_free,
                              qk_scale, 0, 0, 0.0, 0.0, BLOCK_N, HEAD_DIM, False, CAUSAL, False,
-                             False, True, EMULATE)
+                             False, True, True, EMULATE)
     acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, 0, 0, offs_m, offs_d, L, n_free,
                              hi, qk_scale, 0, 0, 0.0, 0.0, BLOCK_N, HEAD_DIM, True, CAUSAL, False,
-                             False, True, EMULATE)
+                             False, True, True, EMULATE)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)                 # zero-filled rows past L: never stored
     acc = acc / l_i[:, None]
