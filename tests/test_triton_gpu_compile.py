@@ -11,6 +11,7 @@ H100 catches such errors on a machine with no GPU, and reports shared memory, re
                                                       # wgmma / TMA counts, regs, spills
 """
 
+import inspect
 import os
 import re
 import subprocess
@@ -48,6 +49,9 @@ def _compile(fn, consts, dt, arch, warps, stages):
     if x_dtype:
         types["X"] = "*" + x_dtype
     types.update(consts.pop("_TYPES", {}))  # e.g. fp32 accumulators of the Hopper backward
+    for prm in jit.params:   # constexprs with a default (e.g. the forward's PIPELINE) as called
+        if prm.is_constexpr and prm.name not in consts and prm.default is not inspect.Parameter.empty:
+            consts[prm.name] = prm.default
     sig = {n: ("constexpr" if n in consts else types[n]) for n in jit.arg_names}
     # Specialize as the JIT does at training shapes: pointers 16-byte aligned and strides/sizes
     # multiples of 16 ("tt.divisibility"), which is what enables vectorized loads. Without these
@@ -121,6 +125,9 @@ def check(archs=(80, 90), dts=("bf16", "fp16")):
                     f"{name}: {k.metadata.shared} B shared memory on sm_{arch}"
                 print(f"ok sm_{arch} {dt} {name}", flush=True)
     check_spills()
+    from prope_kernels.triton import attention as A
+    check_scale_fold(A._attn_fwd_kernel, _attn_consts(128, 128, 64, Q_ON_LOAD=0), "fwd d128 "
+                     "128x64 w8 s3", 8, 3)
 
 
 # The untuned defaults (first row of each table: what runs with PROPE_AUTOTUNE=0 and the first
@@ -151,6 +158,60 @@ def check_spills():
                   flush=True)
 
 
+def _sass_loops(cubin: bytes) -> list:
+    """The loops of a cubin's SASS, in address order: ((first, last address), {opcode: count})
+    per backward branch
+    (cuobjdump -sass, shipped in Triton's wheel). Predicates and modifiers past the first dot
+    are dropped (FMUL.FTZ counts as FMUL)."""
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).split()[0])
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    ranges = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+[^;]*?\bBRA\b[^;]*?(0x[0-9a-f]+)", text):
+        src, dst = int(m.group(1), 16), int(m.group(2), 16)
+        if dst < src:
+            ranges.append((dst, src))
+    loops = []
+    for lo, hi in sorted(ranges):
+        c = {}
+        for addr, name in ins:
+            if lo <= addr <= hi:
+                c[name.split(".")[0]] = c.get(name.split(".")[0], 0) + 1
+        loops.append(((lo, hi), c))
+    return loops
+
+
+def _first_mma_loop(cubin: bytes) -> dict:
+    """Opcode counts of the first innermost loop with tensor-core ops (HGMMA on sm_90): some
+    backward branches (mbarrier retries) span the whole kernel; those enclose other loops."""
+    mma = [(r, c) for r, c in _sass_loops(cubin) if c.get("HGMMA")]
+    inner = [(r, c) for r, c in mma
+             if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o, _ in mma)]
+    return inner[0][1]
+
+
+def check_scale_fold(fn, consts, name, warps, stages):
+    """The forward's softmax scale rides in exp2's FMA (x * scale_log2e - m): the unmasked key
+    loop multiplies only to rescale the accumulator (BLOCK_M x d / threads FMULs, plus a few),
+    not each score again (that was BLOCK_M x BLOCK_N / threads more: 96 instead of 66 at d128,
+    128x64, 8 warps)."""
+    k = _compile(fn, consts, "bf16", 90, warps, stages)
+    threads = 32 * warps
+    loop = _first_mma_loop(k.asm["cubin"])     # causal: the unmasked loop comes first
+    acc = consts["BLOCK_M"] * consts["HEAD_DIM"] // threads
+    scores = consts["BLOCK_M"] * consts["BLOCK_N"] // threads
+    print(f"scale fold sm_90 {name}: FMUL {loop.get('FMUL', 0)}, FFMA {loop.get('FFMA', 0)}, "
+          f"MUFU {loop.get('MUFU', 0)} a loop iteration (acc {acc}, scores {scores} a thread)",
+          flush=True)
+    assert loop.get("FMUL", 0) <= acc + 8, f"{name}: the softmax scale is not folded into an FMA"
+    assert loop.get("FFMA", 0) >= scores, f"{name}: fewer FFMAs than scores a thread"
+
+
 def test_kernels_compile_for_gpu():
     # Under TRITON_INTERPRET=1 (the CPU test setting) @triton.jit returns interpreter objects,
     # so the ahead-of-time compile runs in a fresh process without it.
@@ -165,6 +226,7 @@ def test_kernels_compile_for_gpu():
     assert r.stdout.count("ok sm_") == 2 * 2 * 10, r.stdout[-3000:]
     # the untuned defaults at head_dim 128, 256 and 512: fwd, dkdv, dq
     assert r.stdout.count("ok spills sm_90") == 3 * 3, r.stdout[-3000:]
+    assert r.stdout.count("scale fold sm_90") == 1, r.stdout[-3000:]
 
 
 def _resource_usage(cubin: bytes) -> tuple:
@@ -206,7 +268,8 @@ def _hopper_cases():
 
 def check_hopper():
     """Compile every Hopper config for sm_90; each must use wgmma and TMA (cp.async.bulk.tensor)
-    and spill at most HOPPER_STACK_LIMIT bytes a thread."""
+    and spill at most HOPPER_STACK_LIMIT bytes a thread. And the forward's scale fold."""
+    from prope_kernels.triton import hopper as H
     for name, fn, consts, warps, stages in _hopper_cases():
         k = _compile(fn, dict(consts), "bf16", 90, warps, stages)
         ptx = k.asm["ptx"]
@@ -219,6 +282,9 @@ def check_hopper():
         assert stack <= HOPPER_STACK_LIMIT, f"{name}: {stack} B of register spills a thread"
         assert k.metadata.shared <= SMEM_LIMIT[90], f"{name}: {k.metadata.shared} B shared memory"
         print(f"ok hopper {name}", flush=True)
+    check_scale_fold(H._hfwd_kernel, dict(GROUP=2, HEAD_DIM=128, CAUSAL=True, EMULATE=False,
+                                          BLOCK_M=128, BLOCK_N=128), "hfwd d128 128x128 w8 s3",
+                     8, 3)
 
 
 def test_hopper_kernels_compile_for_sm90():
@@ -233,6 +299,7 @@ def test_hopper_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     n = sum(len(rows) for t in H.TABLES.values() for rows in t.values())
     assert r.stdout.count("ok hopper ") == n, r.stdout[-3000:]
+    assert r.stdout.count("scale fold sm_90") == 1, r.stdout[-3000:]
 
 
 if __name__ == "__main__":

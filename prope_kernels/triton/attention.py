@@ -36,19 +36,10 @@ Optional features, compile-time switches (no cost when off):
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block, store_dkdv
+from .common import (LN2, LOG2E, dot, fwd_loop, kv_block, q_block, store_dkdv, tanh_f32,
+                     visible)
 from .configs import autotune_args
 from .rope import lowp, rope_cos_sin
-
-
-@triton.jit
-def _tanh(x):
-    # sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: never overflows, absolute error
-    # ~1e-7 (the hardware tanh.approx.f32 is one op but 2^-11 relative: at softcap 50 that is
-    # 0.02 in a score, as much as fp16 PyTorch's own error at large logits)
-    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)          # -2 * log2(e)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -56,20 +47,10 @@ def _scores(x, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
     """Raw q.k dots (fp32) -> scores in the log2 domain, and tanh of the capped argument (the
     backward's 1 - t^2; x itself when SOFTCAP is off, unused)."""
     if SOFTCAP:
-        t = _tanh(x * cap_in)                           # cap_in = sm_scale / softcap
+        t = tanh_f32(x * cap_in)                        # cap_in = sm_scale / softcap
         return t * cap_out, t                           # cap_out = softcap * log2(e)
     else:
         return x * qk_scale, x
-
-
-@triton.jit
-def _visible(i, j, wl, wr, WINDOW: tl.constexpr):
-    """Query rows i see key columns j (broadcast shapes; sequence bounds not included):
-    the window, else the causal mask."""
-    if WINDOW:
-        return (j >= i - wl) & (j <= i + wr)
-    else:
-        return i >= j
 
 
 @triton.jit
@@ -138,43 +119,6 @@ def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 # forward
 # ------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, L, lo, hi,
-               qk_scale, wl, wr, cap_in, cap_out, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
-    # MASKED=False: every key in [lo, hi) is valid and visible to every row: no mask work at all.
-    d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]      # (BLOCK_D, BLOCK_N)
-        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]       # (BLOCK_N, BLOCK_D)
-        if MASKED:
-            n_ok = offs_n < L
-            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        elif EVEN_D:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s, _ = _scores(dot(q, kT, None, EMULATE), qk_scale, cap_in, cap_out, SOFTCAP)  # log2
-        if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL or WINDOW:
-                keep = keep & _visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-        if WINDOW and MASKED:
-            # a row may see no key of this block (nor of earlier ones): keep exp2 off -inf - -inf
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc, l_i = softmax_block(acc, l_i, m_i, m_use, s, v, EMULATE)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
 @triton.autotune(**autotune_args("fwd"))
 @triton.jit
 def _attn_fwd_kernel(
@@ -221,17 +165,21 @@ def _attn_fwd_kernel(
     k_base = K + seq_start * stride_kt + hk * stride_kh
     v_base = V + seq_start * stride_vt + hk * stride_vh
     lo, free_lo, free_hi, hi = _key_blocks(start_m, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    if WINDOW:  # blocks the window's left edge cuts
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in,
-                                   cap_out, BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP,
-                                   EVEN_D, EMULATE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                               offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                               offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out,
-                               BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
+    # the key loop in up to three parts: the blocks the window's left edge cuts (masked), blocks
+    # every row sees whole (no mask), the diagonal / ragged tail / right edge (masked)
+    if WINDOW:
+        acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                                 offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out,
+                                 BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
+                                 EMULATE)
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out,
+                             BLOCK_N, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
+                             EMULATE)
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out,
+                             BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
+                             EMULATE)
 
     if WINDOW:
         # every row of the sequence sees its own key; padding rows past its end may see none:
@@ -300,7 +248,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL or WINDOW:
-                keep = keep & _visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
+                keep = keep & visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
             pT = tl.where(keep, pT, 0.0)
         dv = dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
         dpT = dot(v, tl.trans(do), None, EMULATE)
@@ -398,7 +346,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL or WINDOW:
-                keep = keep & _visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
+                keep = keep & visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
             p = tl.where(keep, p, 0.0)
         dp = dot(do, vT, None, EMULATE)
         ds = p * (dp - delta[:, None])

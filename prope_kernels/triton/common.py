@@ -51,16 +51,92 @@ def kv_block(CU, n_kv_heads, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def softmax_block(acc, l_i, m_i, m_use, s, v, EMULATE: tl.constexpr):
-    """One key block of the forward's online softmax: s (BLOCK_M, BLOCK_N) scores in the log2
-    domain, m_use the rows' new running max (or a finite stand-in for rows that have seen no key
-    yet). Returns acc (BLOCK_M, d) and the row sums l_i, both rescaled to m_use."""
-    p = tl.math.exp2(s - m_use[:, None])
+def tanh_f32(x):
+    # sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: never overflows, absolute error
+    # ~1e-7 (the hardware tanh.approx.f32 is one op but 2^-11 relative: at softcap 50 that is
+    # 0.02 in a score, as much as fp16 PyTorch's own error at large logits)
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)          # -2 * log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def visible(i, j, wl, wr, WINDOW: tl.constexpr):
+    """Query rows i see key columns j (broadcast shapes; sequence bounds not included):
+    the window, else the causal mask."""
+    if WINDOW:
+        return (j >= i - wl) & (j <= i + wr)
+    else:
+        return i >= j
+
+
+@triton.jit
+def softmax_block(acc, l_i, m_i, x, mult, v, EMPTY_ROWS: tl.constexpr, EMULATE: tl.constexpr):
+    """One key block of the forward's online softmax, the scale folded into exp2's argument.
+
+    x (BLOCK_M, BLOCK_N) fp32: unscaled values whose log2-domain scores are x * mult, mult > 0
+    (q.k dots with mult = sm_scale * log2(e), or the softcap's tanh with mult = softcap * log2(e));
+    -inf where masked. m_i (BLOCK_M,): the rows' running max, log2 domain. The scale reaches the
+    row max once (max(x) * mult: mult > 0 keeps the argmax) and each element as one FMA,
+    exp2(x * mult - m), instead of a multiply per element before the max and again after.
+    EMPTY_ROWS: a row may have seen no key yet (window edges): exp2 kept off -inf - -inf.
+    Returns acc (BLOCK_M, d) and the row sums l_i rescaled to the new max, and that max."""
+    m_new = tl.maximum(m_i, tl.max(x, 1) * mult)
+    m_use = m_new
+    if EMPTY_ROWS:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(x * mult - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = dot(lowp(p, v.dtype, EMULATE), v, acc, EMULATE)
-    return acc, l_i
+    return acc, l_i, m_new
+
+
+@triton.jit
+def fwd_loop(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, L, lo, hi, qk_scale,
+             wl, wr, cap_in, cap_out, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+             EMULATE: tl.constexpr):
+    """The forward's key loop over [lo, hi), shared by the portable kernel (K, V: pointers to the
+    first key of the sequence and kv head, row strides stride_kt/vt) and the Hopper one (TMA=1:
+    K, V tensor descriptors of shape (L, HEAD_DIM)). q (BLOCK_M, BLOCK_D) stays in registers/SRAM.
+    MASKED=0: every key in [lo, hi) is inside the sequence and seen by every row (no mask work)."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if TMA:
+            start_n = tl.multiple_of(start_n, BLOCK_N)      # every bound is a block multiple
+            kT = K.load([start_n, 0]).T                                  # (HEAD_DIM, BLOCK_N)
+            v = V.load([start_n, 0])                                     # (BLOCK_N, HEAD_DIM)
+        else:
+            kT_ptrs = K + offs_n.to(tl.int64)[None, :] * stride_kt + offs_d[:, None]   # (BLOCK_D, BLOCK_N)
+            v_ptrs = V + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]    # (BLOCK_N, BLOCK_D)
+            if MASKED:
+                n_ok = offs_n < L
+                kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:
+                kT = tl.load(kT_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        x = dot(q, kT, None, EMULATE)                                    # (BLOCK_M, BLOCK_N) fp32
+        if SOFTCAP:
+            # score = softcap * tanh(q.k * sm_scale / softcap): log2 domain t * (softcap log2 e)
+            x = tanh_f32(x * cap_in)
+            mult = cap_out
+        else:
+            mult = qk_scale                                              # sm_scale * log2(e)
+        if MASKED:
+            keep = (offs_n < L)[None, :]
+            if CAUSAL or WINDOW:
+                keep = keep & visible(offs_m[:, None], offs_n[None, :], wl, wr, WINDOW)
+            x = tl.where(keep, x, float("-inf"))
+        acc, l_i, m_i = softmax_block(acc, l_i, m_i, x, mult, v, WINDOW and MASKED, EMULATE)
+    return acc, l_i, m_i
 
 
 @triton.jit

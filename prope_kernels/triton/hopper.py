@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import env
-from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block, store_dkdv
+from .common import LN2, LOG2E, dot, fwd_loop, kv_block, q_block, store_dkdv
 from .rope import lowp
 
 
@@ -168,27 +168,6 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "GROUP", "CAUSAL", "seq_bucket"]
 # forward
 # ------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, lo, hi, qk_scale,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EMULATE: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = k_desc.load([start_n, 0])                                    # (BLOCK_N, D) via TMA
-        v = v_desc.load([start_n, 0])
-        s = dot(q, k.T, None, EMULATE) * qk_scale                       # log2 domain
-        if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            keep = (offs_n < L)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        acc, l_i = softmax_block(acc, l_i, m_i, m_new, s, v, EMULATE)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
 @triton.autotune(configs=_configs([_HFWD], (16, 16, 4, 1)), key=_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _prune("hfwd")},
                  restore_value=["O"])  # O holds Q' (read, then overwritten): restore per trial
@@ -225,10 +204,14 @@ def _hfwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
     n_free, hi = _key_blocks(start_m, L, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, 0, n_free, qk_scale,
-                                BLOCK_N, False, CAUSAL, EMULATE)
-    acc, l_i, m_i = _hfwd_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, L, n_free, hi,
-                                qk_scale, BLOCK_N, True, CAUSAL, EMULATE)
+    # the portable kernel's key loop (common.fwd_loop) on TMA loads: no window, no softcap here
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, 0, 0, offs_m, offs_d, L, 0, n_free,
+                             qk_scale, 0, 0, 0.0, 0.0, BLOCK_N, HEAD_DIM, False, CAUSAL, False,
+                             False, True, True, EMULATE)
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_desc, v_desc, 0, 0, offs_m, offs_d, L, n_free,
+                             hi, qk_scale, 0, 0, 0.0, 0.0, BLOCK_N, HEAD_DIM, True, CAUSAL, False,
+                             False, True, True, EMULATE)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)                 # zero-filled rows past L: never stored
     acc = acc / l_i[:, None]
