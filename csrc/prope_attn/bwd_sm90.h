@@ -345,18 +345,17 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
         // fp32 P stays for dS, its 16-bit copy does not); lse2 and delta of this thread's rows
         // come from the step's stage. Rows past the sequence have lse2 = +inf (P = 0); keys
         // past it and keys outside the window (causal: the upper triangle) are masked here.
-        // Softcap: S becomes the capped score z (softcap_scores) and stays in acc_s (P goes
-        // straight to 16 bits and is recomputed for dS; no extra live registers), and
-        // dS = P (dP - delta) (1 - t^2) with t = z * scale / softcap, tanh's exact derivative
-        // (the scale is applied to dQ and dK later, as without softcap).
+        // Softcap: t = tanh(S * scale / softcap), P = exp2(t * softcap * log2(e) - lse2) goes to
+        // 16 bits for smem, and acc_s keeps P (1 - t^2) (tanh's exact derivative; the scale is
+        // applied to dQ and dK later, as without softcap), so that dS = that (dP - delta) is the
+        // same loop as without.
         Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
         Tensor dp_rc = make_tensor(acc_dp.data(), acc_rowcol_sm90(acc_dp.layout()));
         warpgroup_wait<1>();
         warpgroup_fence_operand(acc_s);
-        if constexpr (kSoftcap) softcap_scores(acc_s, p.scale / p.softcap, p.softcap / p.scale);
-        if (tile_needs_mask(m_block * kBM, kBM, n_block * kBN, kBN, seqlen, win))
-          mask_scores(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen, win);
+        const bool need_mask = tile_needs_mask(m_block * kBM, kBM, n_block * kBN, kBN, seqlen, win);
         if constexpr (!kSoftcap) {
+          if (need_mask) mask_scores(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen, win);
           CUTE_UNROLL
           for (int i = 0; i < size<0>(s_rc); ++i) {
             const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
@@ -367,41 +366,37 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
           cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
           copy(rP, tPsP);
         } else {
+          // one pass per element (capped score, mask, P, P (1 - t^2)): no tensor-wide
+          // intermediate, so the register need stays that of the loop without softcap
+          const float cap_in = p.scale / p.softcap, cap_out = p.softcap * kLog2e;  // z * sl2
           Tensor rP = make_tensor<Element>(acc_s.layout());
           Tensor p_rc = make_tensor(rP.data(), acc_rowcol_sm90(rP.layout()));
           CUTE_UNROLL
           for (int i = 0; i < size<0>(s_rc); ++i) {
             const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
             CUTE_UNROLL
-            for (int j = 0; j < size<1>(s_rc); ++j)
-              p_rc(i, j) = static_cast<Element>(fast_exp2(fmaf(s_rc(i, j), sl2, -lse2)));
+            for (int j = 0; j < size<1>(s_rc); ++j) {
+              const float t = tanh_exact_enough(s_rc(i, j) * cap_in);
+              float pv = fast_exp2(fmaf(t, cap_out, -lse2));  // score * log2(e) = t * cap * log2(e)
+              if (need_mask) {
+                const int row = m_block * kBM + get<0>(tScS_rc(i, j));
+                const int col = n_block * kBN + get<1>(tScS_rc(i, j));
+                if (col >= seqlen || col > row + win.wr || col < row - win.wl) pv = 0.f;
+              }
+              p_rc(i, j) = static_cast<Element>(pv);
+              s_rc(i, j) = pv * fmaf(-t, t, 1.f);  // |t| <= 1: the factor is in [0, 1]
+            }
           }
           cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
           copy(rP, tPsP);
         }
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_dp);
-        if constexpr (!kSoftcap) {
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s_rc); ++i) {  // dS = P (dP - delta) in place of dP
+          const float dlt = ss.delta[st * kBM + get<0>(tScS_rc(i, 0))];
           CUTE_UNROLL
-          for (int i = 0; i < size<0>(s_rc); ++i) {  // dS = P (dP - delta) in place of dP
-            const float dlt = ss.delta[st * kBM + get<0>(tScS_rc(i, 0))];
-            CUTE_UNROLL
-            for (int j = 0; j < size<1>(s_rc); ++j) dp_rc(i, j) = s_rc(i, j) * (dp_rc(i, j) - dlt);
-          }
-        } else {
-          const float t_of_z = p.scale / p.softcap;
-          CUTE_UNROLL
-          for (int i = 0; i < size<0>(s_rc); ++i) {
-            const int r = st * kBM + get<0>(tScS_rc(i, 0));
-            const float lse2 = ss.lse2[r], dlt = ss.delta[r];
-            CUTE_UNROLL
-            for (int j = 0; j < size<1>(s_rc); ++j) {
-              const float z = s_rc(i, j), t = z * t_of_z;
-              const float pv = fast_exp2(fmaf(z, sl2, -lse2));
-              // masked: z = -inf, P = 0 and 1 - t^2 = -inf -> clamped to 0 (never 0 * inf)
-              dp_rc(i, j) = pv * (dp_rc(i, j) - dlt) * fmaxf(fmaf(-t, t, 1.f), 0.f);
-            }
-          }
+          for (int j = 0; j < size<1>(s_rc); ++j) dp_rc(i, j) = s_rc(i, j) * (dp_rc(i, j) - dlt);
         }
         Tensor rdS = convert_frag<Element>(acc_dp);
         copy(rdS, tdSsdS);
