@@ -187,6 +187,8 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
     _require()
     wl, wr, cap = _window_softcap(q.device, window, softcap, causal)
     family, fwd = _family(), _sm90_fwd()
+    if cap:  # softcap exists in the overlap mainloop only (the kernel runs it in any case)
+        fwd |= SM90_FWD_CODES["overlap"]
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
         *_tables(spec, q.device), bool(causal), float(scale), family, fwd, wl, wr, cap)
