@@ -4,6 +4,9 @@
 // The Python module prope_kernels._C only exists to load this library (registration is static).
 #include <Python.h>
 
+#include <cmath>
+#include <cstdint>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -190,7 +193,8 @@ prope::MutMat mut(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.st
 // built, else SM80), 1 SM80, 2 SM90 (the Python side passes 2 for PROPE_CUDA_SM90=1, 1 for =0);
 // asking for SM90 where it cannot run raises.
 prope::AttnProblem problem(const char* op, const Qkv& a, const Tables& t, int64_t max_seqlen,
-                           bool causal, double scale, int64_t family) {
+                           bool causal, double scale, int64_t family, int64_t window_left,
+                           int64_t window_right, double softcap) {
   TORCH_CHECK(family >= 0 && family <= 2, op, ": family must be 0 (auto), 1 (sm80) or 2 (sm90), got ",
               family);
   prope::AttnProblem pb;
@@ -206,6 +210,14 @@ prope::AttnProblem problem(const char* op, const Qkv& a, const Tables& t, int64_
   pb.rot = t.rot;
   pb.causal = causal;
   pb.scale = static_cast<float>(scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1 && window_left <= INT32_MAX &&
+                    window_right <= INT32_MAX, op, ": window_left and window_right must be -1 "
+                    "(unbounded) or a key count >= 0, got (", window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), op,
+                    ": softcap must be 0 (off) or a positive float, got ", softcap);
+  pb.window_left = static_cast<int>(window_left);
+  pb.window_right = static_cast<int>(window_right);
+  pb.softcap = static_cast<float>(softcap);
   int major = 0, minor = 0;
   const int dev = a.q.device().index();
   check_cuda(op, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -221,6 +233,16 @@ prope::AttnProblem problem(const char* op, const Qkv& a, const Tables& t, int64_
   return pb;
 }
 
+// window / softcap: the SM90 kernels only (and no softcap in the SM90 split backward)
+void check_window(const char* op, const prope::AttnProblem& pb, bool backward) {
+  if (prope::window_supported(pb, backward)) return;
+  TORCH_CHECK_VALUE(prope::resolve_family(pb) == prope::Family::Sm90, op,
+                    ": window / softcap need the SM90 kernels (an sm_90 device and a build with "
+                    "the 9.0a target); the SM80 kernels implement neither; use backend='triton'");
+  TORCH_CHECK_VALUE(false, op, ": softcap is not implemented by the SM90 split (deterministic) "
+                    "backward; use the fused one (deterministic=False) or backend='triton'");
+}
+
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
@@ -231,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& pair_a, const at::Tensor& pair_b,
                                             const at::Tensor& pair_freq, const at::Tensor& identity,
                                             bool causal, double scale, int64_t family,
-                                            int64_t sm90_fwd) {
+                                            int64_t sm90_fwd, int64_t window_left,
+                                            int64_t window_right, double softcap) {
   const char* op = "prope_cuda::attn_fwd";
   // sm90_fwd: the SM90 forward's variant, FwdParams::sm90_fwd (bit 0 overlap, bit 1 lpt order)
   TORCH_CHECK(sm90_fwd >= 0 && sm90_fwd <= 3, op, ": sm90_fwd must be 0..3 (bit 0 overlap, bit 1 "
@@ -240,8 +263,10 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
   c10::cuda::CUDAGuard guard(q.device());
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
-  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
+  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family, window_left,
+                                  window_right, softcap);
   pb.sm90_fwd = static_cast<int>(sm90_fwd);
+  check_window(op, pb, false);
 
   at::Tensor out = at::empty(a.q.sizes(), a.q.options());
   at::Tensor lse = at::empty({a.hq, a.total}, a.q.options().dtype(at::kFloat));
@@ -266,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen,
     const at::Tensor& pair_a, const at::Tensor& pair_b, const at::Tensor& pair_freq,
-    const at::Tensor& identity, bool causal, double scale, int64_t family, int64_t sm90_bwd) {
+    const at::Tensor& identity, bool causal, double scale, int64_t family, int64_t sm90_bwd,
+    int64_t window_left, int64_t window_right, double softcap) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
   TORCH_CHECK(sm90_bwd == 0 || sm90_bwd == 1, op, ": sm90_bwd must be 0 (fused) or 1 (split), got ",
@@ -275,8 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
-  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family);
+  prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family, window_left,
+                                  window_right, softcap);
   pb.sm90_split = sm90_bwd == 1;
+  check_window(op, pb, true);
   // The SM80 backward and the SM90 fused backward sum dQ with float atomics (order varies run to
   // run): under torch.use_deterministic_algorithms(True) they raise (warn with warn_only), as
   // torch's own atomic kernels do. The SM90 split backward sums every gradient element in one
@@ -350,11 +378,13 @@ TORCH_LIBRARY(prope_cuda, m) {
         "Tensor identity, bool conjugate) -> Tensor");
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "
         "int max_seqlen, Tensor pair_a, Tensor pair_b, Tensor pair_freq, Tensor identity, "
-        "bool causal, float scale, int family=0, int sm90_fwd=0) -> (Tensor, Tensor)");
+        "bool causal, float scale, int family=0, int sm90_fwd=0, int window_left=-1, "
+        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
         "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0, "
-        "int sm90_bwd=0) -> (Tensor, Tensor, Tensor)");
+        "int sm90_bwd=0, int window_left=-1, int window_right=-1, float softcap=0.0) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prope_cuda, CUDA, m) {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import env
-from .backends import record_launch, refuse_features
+from .backends import record_launch
 
 _LOADED = None
 _LOAD_ERROR = None
@@ -38,11 +38,11 @@ def _register_fakes() -> None:
     lib = "prope_cuda::"
 
     def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0,
-            sm90_fwd=0):
+            sm90_fwd=0, window_left=-1, window_right=-1, softcap=0.0):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
-            family=0, sm90_bwd=0):
+            family=0, sm90_bwd=0, window_left=-1, window_right=-1, softcap=0.0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def rope_(x, pos, pa, pb, pf, ident, conjugate):
@@ -136,6 +136,36 @@ def resolved_family(device, family: int) -> str:
     return "sm90" if fam == FAMILY_SM90 else "sm80"
 
 
+def sm90_runs(device) -> bool:
+    """Whether attention on ``device`` runs the SM90 kernels (PROPE_CUDA_SM90 as set now): only
+    they implement window and softcap."""
+    return resolved_family(device, _family()) == "sm90"
+
+
+def _window_softcap(device, window, softcap, causal, split=False):
+    """(window_left, window_right, softcap) for the ops; a ValueError naming the argument where
+    the kernels that would run lack them (the SM80 kernels; softcap in the split backward).
+    Plain causal ((-1, 0) or (-1, -1) with causal) is no window."""
+    left, right = (int(window[0]), int(window[1]))
+    cap = float(softcap or 0.0)
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with -1 (unbounded) or >= 0 each, got "
+                         f"{tuple(window)}")
+    if not (cap >= 0.0) or cap == float("inf"):
+        raise ValueError(f"softcap must be 0 (off) or a positive finite float, got {softcap}")
+    if left >= 0 or (right >= 0 and not causal) or cap:
+        if not sm90_runs(device):
+            raise ValueError("backend='cuda' implements window and softcap in its SM90 kernels "
+                             "only (an sm_90 GPU, a build with the 9.0a target, PROPE_CUDA_SM90 "
+                             f"not 0); got window={tuple(window)}, softcap={softcap} on "
+                             f"{device}; use backend='triton'")
+        if split and cap:
+            raise ValueError("backend='cuda': softcap is not implemented by the deterministic "
+                             "(SM90 split) backward; use deterministic=False (and torch's "
+                             "deterministic mode off) or backend='triton'")
+    return left, right, cap
+
+
 def _record(pass_, device, family, variant) -> None:
     """What this launch ran (prope_kernels.backends.launched): the family, and the SM90 variant."""
     fam = resolved_family(device, family)
@@ -155,11 +185,13 @@ def _tables(spec, device):
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0):
     _require()
-    refuse_features("cuda", window, softcap, causal)
+    wl, wr, cap = _window_softcap(q.device, window, softcap, causal)
     family, fwd = _family(), _sm90_fwd()
+    if cap:  # softcap exists in the overlap mainloop only (the kernel runs it in any case)
+        fwd |= SM90_FWD_CODES["overlap"]
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale), family, fwd)
+        *_tables(spec, q.device), bool(causal), float(scale), family, fwd, wl, wr, cap)
     _record("fwd", q.device, family, {c: m for m, c in SM90_FWD_CODES.items()}[fwd])
     return out, lse
 
@@ -169,15 +201,16 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse.
     deterministic: the SM90 split backward (the SM80 kernels have no deterministic backward)."""
     _require()
-    refuse_features("cuda", window, softcap, causal)
     family, bwd = _family(), _sm90_bwd(deterministic)
+    wl, wr, cap = _window_softcap(q.device, window, softcap, causal, bwd == SM90_BWD_SPLIT)
     if deterministic and resolved_family(q.device, family) != "sm90":
         raise ValueError("backend='cuda' with deterministic=True needs its SM90 kernels (an sm_90 "
                          "GPU and a build with the 9.0a target): the SM80 backward sums dQ with "
                          "atomics; use backend='triton'")
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
-        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), family, bwd)
+        int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), family, bwd,
+        wl, wr, cap)
     _record("bwd", q.device, family, SM90_BWD_NAMES[bwd])
     return dq, dk, dv
 

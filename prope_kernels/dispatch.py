@@ -146,7 +146,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
     notes = []
     runnable = {}
     ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
-    lacks = {n: sorted(set(needs) - set(be.features)) for n, be in backends.REGISTRY.items()}
+    lacks = {n: sorted(set(needs) - set(be.features_on(q))) for n, be in backends.REGISTRY.items()}
     if ch.kernel and lacks.get("sdpa"):
         ch = sdpa.Choice(None, ch.dense, False, f"PyTorch's kernels are called without "
                                                 f"{', '.join(lacks['sdpa'])} here")

@@ -155,16 +155,18 @@ def test_bad_window_and_softcap(kw, exc, msg):
 
 
 def test_backends_without_window_or_softcap(monkeypatch):
-    # A backend whose registry entry lacks "window"/"softcap" (CUDA today): naming it raises,
-    # "auto" passes over it to the next backend that has them.
+    # A backend whose registry entry lacks "window"/"softcap" (CUDA off its SM90 kernels, e.g.
+    # for CPU tensors): naming it raises, "auto" passes over it to the next backend that has them.
     import dataclasses
 
     from prope_kernels import backends
+    q, k, v = _qkv("cpu", d=64)
     for feature in ("window", "softcap"):
-        assert feature not in backends.get("cuda").features
+        assert feature in backends.get("cuda").features           # somewhere (SM90 kernels)
+        assert feature not in backends.get("cuda").features_on(q)  # not for CPU tensors
+        assert not backends.get("cuda").can_run(q, frozenset({feature}))
         assert feature in backends.get("triton").features
         assert feature in backends.get("reference").features
-    q, k, v = _qkv("cpu", d=64)
     with pytest.raises(ValueError, match="backend='cuda' does not implement window"):
         prope_attention(q, k, v, window=(15, 0), backend="cuda")
     with pytest.raises(ValueError, match="backend='cuda' does not implement softcap"):

@@ -181,11 +181,24 @@ void set_problem(Params& p, const AttnProblem& pb) {
   p.kv_heads = pb.kv_heads;
   p.scale = pb.scale;
   p.causal = pb.causal;
+  p.window_left = pb.window_left;
+  p.window_right = pb.window_right;
+  p.softcap = pb.softcap;
+}
+
+bool uses_window_or_softcap(const AttnProblem& pb) {
+  return pb.window_left >= 0 || (pb.window_right >= 0 && !pb.causal) || pb.softcap > 0.f;
+}
+
+bool window_supported(const AttnProblem& pb, bool backward) {
+  if (!uses_window_or_softcap(pb)) return true;
+  if (resolve_family(pb) != Family::Sm90) return false;
+  return !(backward && pb.sm90_split && pb.softcap > 0.f);
 }
 
 cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   const AttnProblem& pb = a.pb;
-  if (!head_dim_supported(pb.head_dim)) return cudaErrorInvalidValue;
+  if (!head_dim_supported(pb.head_dim) || !window_supported(pb, false)) return cudaErrorInvalidValue;
   if (pb.total == 0 || pb.max_seqlen == 0 || pb.num_seqs == 0) return cudaSuccess;
   const FwdWs ws = fwd_ws(pb, a.workspace);
   const int d = pb.head_dim;
@@ -220,7 +233,7 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
 
 cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
   const AttnProblem& pb = a.pb;
-  if (!head_dim_supported(pb.head_dim)) return cudaErrorInvalidValue;
+  if (!head_dim_supported(pb.head_dim) || !window_supported(pb, true)) return cudaErrorInvalidValue;
   if (pb.total == 0 || pb.max_seqlen == 0 || pb.num_seqs == 0) return cudaSuccess;
   const BwdWs ws = bwd_ws(pb, a.workspace);
   const int d = pb.head_dim;

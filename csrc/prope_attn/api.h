@@ -33,6 +33,11 @@ struct AttnProblem {
   RotTables rot;                        // device tables; num_rot == 0: no rotation at all
   bool causal = true;
   float scale = 1.f;
+  // SM90 only (attn_fwd / attn_bwd return cudaErrorInvalidValue on the SM80 kernels; the
+  // binding says so first, window_supported()): sliding window (-1: unbounded side) and logit
+  // softcap (0: off), FwdParams' semantics. The SM90 split backward has no softcap.
+  int window_left = -1, window_right = -1;
+  float softcap = 0.f;
   int sm = 80;                   // compute capability of the device, major * 10 + minor
   Family family = Family::Auto;
   int sm90_fwd = 0;              // SM90 forward variant, FwdParams::sm90_fwd (forward only)
@@ -78,6 +83,11 @@ int attn_bwd_smem_bytes(const AttnProblem& pb);
 // (every dQ, dK, dV element summed by one thread in a fixed order); the others sum dQ by atomics.
 // The gradients of rows outside every sequence are zero, whatever the family.
 bool attn_bwd_deterministic(const AttnProblem& pb);
+// Whether pb's window / softcap (if any) can run on the family it resolves to (SM90 only; no
+// softcap in the split backward when backward is true).
+bool window_supported(const AttnProblem& pb, bool backward);
+// Whether pb asks for a window or a softcap at all ((-1, 0) with causal is plain causal).
+bool uses_window_or_softcap(const AttnProblem& pb);
 
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb);
 size_t attn_bwd_workspace_bytes(const AttnProblem& pb);

@@ -189,15 +189,17 @@ struct BwdSm90Args {
 };
 
 // The dK/dV-stationary loop of both designs. kFused: also dQ (atomics), lse/delta from the
-// tiled arrays, dK rotated back in the epilogue (kRotate). Split: kRotate is false.
-template <class Tr, bool kCausal, bool kFused, bool kRotate>
+// tiled arrays, dK rotated back in the epilogue (kRotate), softcap (kSoftcap). Split: kRotate
+// and kSoftcap are false. The sliding window (BwdParams::window_*) is runtime in both: only the
+// q blocks that see a key of this block are loaded, and only tiles it cuts are masked.
+template <class Tr, bool kCausal, bool kFused, bool kRotate, bool kSoftcap = false>
 __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const int n_block,
                                               const int hk, const int b) {
   using namespace cute;
   using Element = typename Tr::Element;
   using Pipeline = typename Tr::PipelineQdO;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kD = Tr::kHeadDim;
-  static_assert(kFused || !kRotate, "the split backward rotates dK back in api.cu");
+  static_assert(kFused || (!kRotate && !kSoftcap), "the split backward: no rotation, no softcap");
   const BwdParams& p = args.p;
 
   const int seq_start = p.cu_seqlens[b];
@@ -205,9 +207,11 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
   if (n_block * kBN >= seqlen) return;  // uniform over the CTA, before any barrier
   const int group = p.q_heads / p.kv_heads;
   const int n_rows = seqlen - n_block * kBN;
-  // causal: q rows below this key block's first key never see it
-  const int m_block_min = kCausal ? (n_block * kBN) / kBM : 0;
-  const int m_block_max = (seqlen + kBM - 1) / kBM;
+  // q blocks [m_block_min, m_block_max) that see a key of this block (causal: none below its
+  // first key; window: none past its last key + wl)
+  const WindowBounds win = window_bounds(p.window_left, p.window_right, kCausal, seqlen);
+  int m_block_min, m_block_max;
+  query_block_range(n_block * kBN, kBN, kBM, seqlen, win, m_block_min, m_block_max);
   const int m_steps = m_block_max - m_block_min;
   const int steps = group * m_steps;  // (q head of the group, q block), q block fastest
 
@@ -340,21 +344,49 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
         // P = exp2(S * scale * log2e - lse2) while dP runs, stored to smem at once (registers:
         // fp32 P stays for dS, its 16-bit copy does not); lse2 and delta of this thread's rows
         // come from the step's stage. Rows past the sequence have lse2 = +inf (P = 0); keys
-        // past it and the causal upper triangle are masked here.
+        // past it and keys outside the window (causal: the upper triangle) are masked here.
+        // Softcap: t = tanh(S * scale / softcap), P = exp2(t * softcap * log2(e) - lse2) goes to
+        // 16 bits for smem, and acc_s keeps P (1 - t^2) (tanh's exact derivative; the scale is
+        // applied to dQ and dK later, as without softcap), so that dS = that (dP - delta) is the
+        // same loop as without.
         Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
         Tensor dp_rc = make_tensor(acc_dp.data(), acc_rowcol_sm90(acc_dp.layout()));
-        const bool need_mask = n_rows < kBN || (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
         warpgroup_wait<1>();
         warpgroup_fence_operand(acc_s);
-        if (need_mask) mask_scores<kCausal>(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen);
-        CUTE_UNROLL
-        for (int i = 0; i < size<0>(s_rc); ++i) {
-          const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
+        const bool need_mask = tile_needs_mask(m_block * kBM, kBM, n_block * kBN, kBN, seqlen, win);
+        if constexpr (!kSoftcap) {
+          if (need_mask) mask_scores(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen, win);
           CUTE_UNROLL
-          for (int j = 0; j < size<1>(s_rc); ++j) s_rc(i, j) = fast_exp2(fmaf(s_rc(i, j), sl2, -lse2));
-        }
-        {
+          for (int i = 0; i < size<0>(s_rc); ++i) {
+            const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
+            CUTE_UNROLL
+            for (int j = 0; j < size<1>(s_rc); ++j) s_rc(i, j) = fast_exp2(fmaf(s_rc(i, j), sl2, -lse2));
+          }
           Tensor rP = convert_frag<Element>(acc_s);
+          cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
+          copy(rP, tPsP);
+        } else {
+          // one pass per element (capped score, mask, P, P (1 - t^2)): no tensor-wide
+          // intermediate, so the register need stays that of the loop without softcap
+          const float cap_in = p.scale / p.softcap, cap_out = p.softcap * kLog2e;  // z * sl2
+          Tensor rP = make_tensor<Element>(acc_s.layout());
+          Tensor p_rc = make_tensor(rP.data(), acc_rowcol_sm90(rP.layout()));
+          CUTE_UNROLL
+          for (int i = 0; i < size<0>(s_rc); ++i) {
+            const float lse2 = ss.lse2[st * kBM + get<0>(tScS_rc(i, 0))];
+            CUTE_UNROLL
+            for (int j = 0; j < size<1>(s_rc); ++j) {
+              const float t = tanh_exact_enough(s_rc(i, j) * cap_in);
+              float pv = fast_exp2(fmaf(t, cap_out, -lse2));  // score * log2(e) = t * cap * log2(e)
+              if (need_mask) {
+                const int row = m_block * kBM + get<0>(tScS_rc(i, j));
+                const int col = n_block * kBN + get<1>(tScS_rc(i, j));
+                if (col >= seqlen || col > row + win.wr || col < row - win.wl) pv = 0.f;
+              }
+              p_rc(i, j) = static_cast<Element>(pv);
+              s_rc(i, j) = pv * fmaf(-t, t, 1.f);  // |t| <= 1: the factor is in [0, 1]
+            }
+          }
           cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);  // previous step's reads of sP/sdS done
           copy(rP, tPsP);
         }
@@ -381,7 +413,7 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
           const int row = m_block * kBM + get<0>(tScS(i));
           const int col = n_block * kBN + get<1>(tScS(i));
           float pv = 0.f, ds = 0.f;
-          if (row < seqlen && col < seqlen && !(kCausal && col > row)) {
+          if (row < seqlen && col < seqlen && col <= row + win.wr && col >= row - win.wl) {
             pv = fast_exp2(fmaf(acc_s(i), sl2, -__ldg(lse + row) * kLog2e));
             ds = pv * (acc_dp(i) - __ldg(delta + row));
           }
@@ -489,11 +521,11 @@ attn_bwd_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 
 // The fused backward's kernel: grid (kv heads, sequences, key blocks), the key block slowest so
 // that under a causal mask every CTA of the first (longest) key blocks starts before any other.
-template <class Tr, bool kCausal, bool kRotate>
+template <class Tr, bool kCausal, bool kRotate, bool kSoftcap = false>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
 attn_bwd_fused_sm90_kernel(CUTE_GRID_CONSTANT const BwdSm90Args<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  bwd_sm90_dkdv<Tr, kCausal, true, kRotate>(args, blockIdx.z, blockIdx.x, blockIdx.y);
+  bwd_sm90_dkdv<Tr, kCausal, true, kRotate, kSoftcap>(args, blockIdx.z, blockIdx.x, blockIdx.y);
 #endif
 }
 
@@ -597,8 +629,10 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
   if (m_block * kBM >= seqlen) return;  // uniform over the CTA, before any barrier
   const int hk = h / (p.q_heads / p.kv_heads);
   const int m_rows = seqlen - m_block * kBM;
-  int n_block_max = (seqlen + kBN - 1) / kBN;
-  if (kCausal) n_block_max = min(n_block_max, ((m_block + 1) * kBM + kBN - 1) / kBN);
+  // key blocks [n_block_min, n_block_max) of the window (causal: wr = 0), as the forward
+  const WindowBounds win = window_bounds(p.window_left, p.window_right, kCausal, seqlen);
+  int n_block_min, n_block_max;
+  key_block_range(m_block * kBM, kBM, kBN, seqlen, win, n_block_min, n_block_max);
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -644,7 +678,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       copy(args.tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQg, tQs);
       copy(args.tma_do.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tdOg, tdOs);
       auto wr = cutlass::make_producer_start_state<Pipeline>();
-      for (int n = 0; n < n_block_max; ++n) {
+      for (int n = n_block_min; n < n_block_max; ++n) {
         pipe_k.producer_acquire(wr);
         copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
         pipe_v.producer_acquire(wr);
@@ -686,7 +720,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
 
     ss.barrier_q.wait(0);
     cutlass::PipelineState<Tr::kStages> rd;
-    for (int n_block = 0; n_block < n_block_max; ++n_block) {
+    for (int n_block = n_block_min; n_block < n_block_max; ++n_block) {
       const int st = rd.index();
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBM>, Int<kBN>>{});
@@ -704,8 +738,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
       // triangle get P = 0 (their K/V rows may hold another sequence's data)
       Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_sm90(acc_s.layout()));
       Tensor dp_rc = make_tensor(acc_dp.data(), acc_rowcol_sm90(acc_dp.layout()));
-      const bool need_mask = (n_block + 1) * kBN > seqlen ||
-                             (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
+      const bool need_mask = tile_needs_mask(m_block * kBM, kBM, n_block * kBN, kBN, seqlen, win);
       CUTE_UNROLL
       for (int i = 0; i < size<0>(s_rc); ++i) {
         CUTE_UNROLL
@@ -714,7 +747,7 @@ attn_bwd_dq_sm90_kernel(CUTE_GRID_CONSTANT const BwdDqSm90Args<Tr> args) {
           if (need_mask) {
             const int row = m_block * kBM + get<0>(tScS_rc(i, j));
             const int col = n_block * kBN + get<1>(tScS_rc(i, j));
-            if (col >= seqlen || (kCausal && col > row)) pv = 0.f;
+            if (col >= seqlen || col > row + win.wr || col < row - win.wl) pv = 0.f;
           }
           dp_rc(i, j) = pv * (dp_rc(i, j) - dlt[i]);
         }
@@ -885,12 +918,15 @@ cudaError_t run_attn_bwd_fused_sm90(const BwdParams& p, cudaStream_t st) {
   const dim3 grid(p.kv_heads, p.num_seqs, (p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN);
   constexpr int smem = Tr::kSmemBytes, T = Tr::kNThreads;
   const bool rot = p.rot.num_rot > 0;
-  if (p.causal)
-    e = rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, true>, grid, T, smem, args, st)
-            : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, false>, grid, T, smem, args, st);
-  else
-    e = rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, true>, grid, T, smem, args, st)
-            : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, false>, grid, T, smem, args, st);
+  auto pick = [&](auto sc) -> cudaError_t {
+    constexpr bool kSc = decltype(sc)::value;
+    if (p.causal)
+      return rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, true, kSc>, grid, T, smem, args, st)
+                 : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, true, false, kSc>, grid, T, smem, args, st);
+    return rot ? launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, true, kSc>, grid, T, smem, args, st)
+               : launch_sm90(attn_bwd_fused_sm90_kernel<Tr, false, false, kSc>, grid, T, smem, args, st);
+  };
+  e = p.softcap > 0.f ? pick(std::true_type{}) : pick(std::false_type{});
   if (e != cudaSuccess) return e;
   constexpr int post_smem = Tr::kBlockM * (kD + 8) * int(sizeof(float));
   return launch_sm90(bwd_postprocess_sm90_kernel<Tr>, tiles, 256, post_smem, p, st);
@@ -928,6 +964,8 @@ cudaError_t run_attn_bwd_sm90(const BwdParams& p, cudaStream_t st) {
   if (p.total == 0 || p.max_seqlen == 0 || p.num_seqs == 0) return cudaSuccess;
   if (p.total > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
   if (p.num_seqs > 65535) return cudaErrorInvalidValue;  // gridDim.y / gridDim.z
+  // the split backward has no softcap (binding.cpp and cuda.py refuse it with a message)
+  if (p.sm90_split && p.softcap > 0.f) return cudaErrorInvalidValue;
   return p.sm90_split ? run_attn_bwd_split_sm90<kBF16, kD>(p, st) : run_attn_bwd_fused_sm90<kBF16, kD>(p, st);
 }
 

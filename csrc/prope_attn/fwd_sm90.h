@@ -58,13 +58,14 @@ CUTE_HOST_DEVICE auto acc_to_a_sm90(Layout l) {
   return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l), get<0, 1>(v));
 }
 
-// Scores of keys past the sequence (col >= seqlen) and, causal, of the upper triangle (col > row)
-// set to -inf: s_rc (rows, keys) in the row-col view of an accumulator, c_rc the same view of its
-// (row, col) coordinates, row0 / col0 the tile's first row and key in the sequence. Called only
-// on edge and diagonal blocks (the forward and the fused backward).
-template <bool kCausal, class TensorS, class TensorC>
+// Scores of keys past the sequence (col >= seqlen) and outside the window (col > row + wr: the
+// causal upper triangle when wr = 0; col < row - wl) set to -inf: s_rc (rows, keys) in the row-col
+// view of an accumulator, c_rc the same view of its (row, col) coordinates, row0 / col0 the
+// tile's first row and key in the sequence. Called only on the tiles tile_needs_mask() names
+// (the forward and the fused backward); w.wr is the constant 0 in the causal kernels.
+template <class TensorS, class TensorC>
 __device__ __forceinline__ void mask_scores(TensorS& s_rc, const TensorC& c_rc, int row0, int col0,
-                                            int seqlen) {
+                                            int seqlen, WindowBounds w) {
   using namespace cute;
   CUTE_UNROLL
   for (int i = 0; i < size<0>(s_rc); ++i) {
@@ -72,9 +73,25 @@ __device__ __forceinline__ void mask_scores(TensorS& s_rc, const TensorC& c_rc, 
     for (int j = 0; j < size<1>(s_rc); ++j) {
       const int row = row0 + get<0>(c_rc(i, j));
       const int col = col0 + get<1>(c_rc(i, j));
-      if (col >= seqlen || (kCausal && col > row)) s_rc(i, j) = -INFINITY;
+      if (col >= seqlen || col > row + w.wr || col < row - w.wl) s_rc(i, j) = -INFINITY;
     }
   }
+}
+
+// Logit softcapping in place: s -> tanh(s * cap_in) * cap_out with cap_in = scale / softcap and
+// cap_out = softcap / scale, so that the result times the softmax scale is softcap *
+// tanh(scale * s / softcap) and the softmax and lse code stay as they are. tanh as
+// sign(x) (1 - e) / (1 + e), e = 2^(-2 |x| log2(e)) in (0, 1]: absolute error ~1e-7 and no
+// overflow (tanh.approx.f32 is 2^-11 relative: 0.02 of a score at softcap 50).
+__device__ __forceinline__ float tanh_exact_enough(float x) {
+  const float e = fast_exp2(fabsf(x) * -2.8853900817779268f);  // -2 log2(e)
+  return copysignf(__fdividef(1.f - e, 1.f + e), x);
+}
+template <class TensorS>
+__device__ __forceinline__ void softcap_scores(TensorS& s, float cap_in, float cap_out) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i) s(i) = tanh_exact_enough(s(i) * cap_in) * cap_out;
 }
 
 // A tile that runs past the end of its sequence holds the next sequence's rows in shared memory
@@ -260,7 +277,9 @@ __device__ __forceinline__ void wg_gemm_issue(Mma& mma, const TA& a, const TB& b
   warpgroup_commit_batch();
 }
 
-template <class Tr, bool kCausal, bool kRotate, bool kOverlap>
+// kSoftcap: logit softcapping (instantiated with the overlap mainloop only); the sliding window
+// is runtime (FwdParams::window_*): loop bounds and the edge-tile mask, as causal.
+template <class Tr, bool kCausal, bool kRotate, bool kOverlap, bool kSoftcap = false>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
 attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -281,8 +300,12 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
   if (m_block * kBM >= seqlen) return;  // uniform over the CTA, before any barrier
   const int hk = h / (p.q_heads / p.kv_heads);  // GQA: kv head of this q head
   const int m_rows = seqlen - m_block * kBM;    // valid rows of this q block (may be < kBM)
-  int n_block_max = (seqlen + kBN - 1) / kBN;
-  if (kCausal) n_block_max = min(n_block_max, ((m_block + 1) * kBM + kBN - 1) / kBN);
+  // key blocks [n_block_min, n_block_max): the window's (causal: wr = 0); blocks outside are
+  // never loaded. Loops count n = 0 .. n_blocks - 1, key block n_block_min + n.
+  const WindowBounds win = window_bounds(p.window_left, p.window_right, kCausal, seqlen);
+  int n_block_min, n_block_max;
+  key_block_range(m_block * kBM, kBM, kBN, seqlen, win, n_block_min, n_block_max);
+  const int n_blocks = n_block_max - n_block_min;
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
@@ -311,9 +334,10 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       Tensor mV = args.tma_v.get_tma_tensor(make_shape(int(p.total), kD, p.kv_heads));
       Tensor gQ = local_tile(domain_offset(make_coord(seq_start, _0{}), mQ(_, _, h)),
                              Shape<Int<kBM>, Int<kD>>{}, make_coord(m_block, _0{}));  // (kBM, kD)
-      Tensor gK = local_tile(domain_offset(make_coord(seq_start, _0{}), mK(_, _, hk)),
+      const int k0 = seq_start + n_block_min * kBN;  // first key loaded: tile n is block n_block_min + n
+      Tensor gK = local_tile(domain_offset(make_coord(k0, _0{}), mK(_, _, hk)),
                              Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));        // (kBN, kD, n)
-      Tensor gV = local_tile(domain_offset(make_coord(seq_start, _0{}), mV(_, _, hk)),
+      Tensor gV = local_tile(domain_offset(make_coord(k0, _0{}), mV(_, _, hk)),
                              Shape<Int<kBN>, Int<kD>>{}, make_coord(_, _0{}));
       auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -337,10 +361,10 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         pipe_v.producer_acquire(w);
         copy(args.tma_v.with(*pipe_v.producer_get_barrier(w), 0), tVg(_, n), tVs(_, w.index()));
       };
-      const int n_last = n_block_max - 1;
+      const int n_last = n_blocks - 1;
       if constexpr (!kOverlap) {  // the consumers' order: K(n), V(n)
         auto wr = cutlass::make_producer_start_state<Pipeline>();
-        for (int n = 0; n < n_block_max; ++n) {
+        for (int n = 0; n < n_blocks; ++n) {
           pipe_k.producer_acquire(wr);
           copy(args.tma_k.with(*pipe_k.producer_get_barrier(wr), 0), tKg(_, n), tKs(_, wr.index()));
           pipe_v.producer_acquire(wr);
@@ -387,16 +411,17 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     }
 
     const float sl2 = p.scale * 1.4426950408889634f;  // scores -> log2 domain
-    // keys past the end of the sequence, and the causal upper triangle, get -inf
+    // softcap (kSoftcap), then keys past the end of the sequence and outside the window (causal:
+    // the upper triangle) get -inf; n_block is the absolute key block
     auto mask = [&](int n_block) {
-      const bool need_mask = (n_block + 1) * kBN > seqlen ||
-                             (kCausal && (n_block + 1) * kBN - 1 > m_block * kBM);
-      if (need_mask) mask_scores<kCausal>(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen);
+      if constexpr (kSoftcap) softcap_scores(acc_s, p.scale / p.softcap, p.softcap / p.scale);
+      if (tile_needs_mask(m_block * kBM, kBM, n_block * kBN, kBN, seqlen, win))
+        mask_scores(s_rc, tScS_rc, m_block * kBM, n_block * kBN, seqlen, win);
     };
 
     if constexpr (!kOverlap) {
       cutlass::PipelineState<Tr::kStages> rd;
-      for (int n_block = 0; n_block < n_block_max; ++n_block) {
+      for (int n_block = n_block_min; n_block < n_block_max; ++n_block) {
         pipe_k.consumer_wait(rd);
         wg_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, rd.index()), acc_s);  // S = Q K^T
         pipe_k.consumer_release(rd);
@@ -421,7 +446,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
       // Pingpong (head_dim <= 128, as FA3): warpgroup w issues its GEMMs only while holding the
       // token: sync on named barrier 1 + w (256 threads: its own 128 + the other's arrive), hand
       // it over by arriving on the other's barrier. The first consumer pre-arrives on its own
-      // barrier so that it goes first. Both consumers run the same n_block_max iterations, so
+      // barrier so that it goes first. Both consumers run the same n_blocks iterations, so
       // the hand-overs pair up.
       constexpr bool kPingpong = kD <= 128;
       const int wg = warp_group - 1;  // consumer 0 or 1
@@ -448,6 +473,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         return cutlass::PipelineState<kS>(n % kS, uint32_t((n / kS) & 1), uint32_t(n));
       };
 
+      // iteration n handles key block n_block_min + n (the pipeline states count from 0)
       // block 0: S(0) alone
       {
         const auto rk = at(0);
@@ -459,12 +485,12 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         warpgroup_fence_operand(acc_s);
         pipe_k.consumer_release(rk);
       }
-      mask(0);
+      mask(n_block_min);
       softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);  // corr: 0 (O is still 0)
       to_p();
 
-      for (int n_block = 1; n_block < n_block_max; ++n_block) {
-        const auto rk = at(n_block), rv = at(n_block - 1);
+      for (int n = 1; n < n_blocks; ++n) {
+        const auto rk = at(n), rv = at(n - 1);
         pipe_k.consumer_wait(rk);
         token_wait();
         wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, rk.index()), acc_s);         // S(n)
@@ -476,7 +502,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         warpgroup_wait<1>();                                                          // S(n) done
         warpgroup_fence_operand(acc_s);
         pipe_k.consumer_release(rk);
-        mask(n_block);
+        mask(n_block_min + n);
         softmax_block_corr<kRows>(s_rc, row_max, row_sum, corr, sl2);
         warpgroup_wait<0>();                                                          // P V done
         warpgroup_fence_operand(acc_o);
@@ -491,7 +517,7 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
         if (wg == 0) cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 1);
       }
       rescale_rows<kRows>(o_rc, corr);
-      const auto rv = at(n_block_max - 1);
+      const auto rv = at(n_blocks - 1);
       pipe_v.consumer_wait(rv);
       // only the last block can run past the sequence: both consumers share the zeroing of its
       // V rows there behind the 256-thread barrier (one barrier per warpgroup, whose id needs
@@ -556,7 +582,9 @@ cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t st) {
   const int m_blocks = (p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM;
   // sm90_fwd bit 0: the overlap mainloop; bit 1: the longest-first grid (q blocks slowest), where
   // the q block count fits gridDim.z (65535) and the sequence count gridDim.y
-  const bool overlap = p.sm90_fwd & 1;
+  // softcap: the overlap mainloop whatever bit 0 says (the only one instantiated with it)
+  const bool softcap = p.softcap > 0.f;
+  const bool overlap = (p.sm90_fwd & 1) || softcap;
   const bool lpt = (p.sm90_fwd & 2) && m_blocks <= 65535 && p.num_seqs <= 65535;
   args.p.sm90_fwd = (overlap ? 1 : 0) | (lpt ? 2 : 0);
   const dim3 grid = lpt ? dim3(p.q_heads, p.num_seqs, m_blocks) : dim3(m_blocks, p.q_heads, p.num_seqs);
@@ -568,13 +596,14 @@ cudaError_t run_attn_fwd_sm90(const FwdParams& p, cudaStream_t st) {
     return cudaGetLastError();
   };
   const bool rot = p.rot.num_rot > 0;
-  auto pick = [&](auto ov) -> cudaError_t {
-    constexpr bool kOv = decltype(ov)::value;
+  auto pick = [&](auto ov, auto sc) -> cudaError_t {
+    constexpr bool kOv = decltype(ov)::value, kSc = decltype(sc)::value;
     if (p.causal)
-      return rot ? go(attn_fwd_sm90_kernel<Tr, true, true, kOv>) : go(attn_fwd_sm90_kernel<Tr, true, false, kOv>);
-    return rot ? go(attn_fwd_sm90_kernel<Tr, false, true, kOv>) : go(attn_fwd_sm90_kernel<Tr, false, false, kOv>);
+      return rot ? go(attn_fwd_sm90_kernel<Tr, true, true, kOv, kSc>) : go(attn_fwd_sm90_kernel<Tr, true, false, kOv, kSc>);
+    return rot ? go(attn_fwd_sm90_kernel<Tr, false, true, kOv, kSc>) : go(attn_fwd_sm90_kernel<Tr, false, false, kOv, kSc>);
   };
-  return overlap ? pick(std::true_type{}) : pick(std::false_type{});
+  if (softcap) return pick(std::true_type{}, std::true_type{});
+  return overlap ? pick(std::true_type{}, std::false_type{}) : pick(std::false_type{}, std::false_type{});
 }
 
 }  // namespace prope

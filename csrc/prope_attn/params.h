@@ -38,6 +38,11 @@ struct FwdParams {
   float scale = 1.f;         // softmax scale
   RotTables rot;             // used when num_rot > 0
   bool causal = true;
+  // SM90 only (the SM80 kernels refuse them): sliding window, row i sees key j iff
+  // i - window_left <= j <= i + window_right (-1: unbounded side; causal: right is 0), and
+  // logit softcapping, score = softcap * tanh(scale * q.k / softcap) (0: off).
+  int window_left = -1, window_right = -1;
+  float softcap = 0.f;
   // SM90 forward variant (fwd_sm90.h, csrc/README.md): bit 0 the overlap mainloop (else basic),
   // bit 1 the longest-first grid order ("lpt"); 0 = the kernel as first validated. SM80: unused.
   int sm90_fwd = 0;
@@ -63,6 +68,8 @@ struct BwdParams {
   int num_seqs = 0, max_seqlen = 0, q_heads = 0, kv_heads = 0;
   float scale = 1.f;
   bool causal = true;
+  int window_left = -1, window_right = -1;  // as FwdParams (SM90 only)
+  float softcap = 0.f;                      // as FwdParams (SM90 fused backward only)
   // SM90 only: true = the split backward (a dK/dV kernel and a q-stationary dQ kernel, no
   // atomics, deterministic; 7 GEMMs per tile pair), false = the fused backward (one kernel, 5
   // GEMMs, dQ by float4 atomics into the tiled accumulator; run_attn_bwd_sm90 then also runs
@@ -92,6 +99,41 @@ constexpr int kBwdTileM = 64;
 inline int64_t bwd_tiles(int64_t total, int num_seqs) { return total / kBwdTileM + num_seqs; }
 PROPE_HOST_DEVICE inline int64_t bwd_tile(int32_t seq_start, int b, int m_block) {
   return int64_t(seq_start / kBwdTileM) + b + m_block;
+}
+
+// Block ranges of the SM90 kernels under a sliding window (causal is the window (-1, 0)); wl, wr
+// are a sequence's bounds as window_bounds() gives them (never negative). Host code too:
+// csrc/tests/test_layouts.cu checks them against brute force.
+struct WindowBounds { int wl, wr; };
+// An unbounded side becomes seqlen + 256: past every key of the sequence from every row of any
+// tile (tiles <= 256 rows), so it adds no block and no mask, and nothing overflows.
+PROPE_HOST_DEVICE inline WindowBounds window_bounds(int left, int right, bool causal, int seqlen) {
+  const int big = seqlen + 256;
+  return {left < 0 ? big : left, causal ? 0 : (right < 0 ? big : right)};
+}
+// Key blocks [lo, hi) of bn keys that query rows [m0, m0 + bm) can see (rows past seqlen may be
+// included; keys never past it). Blocks outside are never loaded.
+PROPE_HOST_DEVICE inline void key_block_range(int m0, int bm, int bn, int seqlen, WindowBounds w,
+                                              int& lo, int& hi) {
+  const int first = m0 - w.wl;
+  lo = first > 0 ? first / bn : 0;
+  const int last = m0 + bm - 1 + w.wr;  // last key any row sees (before the sequence's end)
+  const int n_blocks = (seqlen + bn - 1) / bn;
+  hi = last / bn + 1 < n_blocks ? last / bn + 1 : n_blocks;
+}
+// Query blocks [lo, hi) of bm rows that see some key of [n0, n0 + bn).
+PROPE_HOST_DEVICE inline void query_block_range(int n0, int bn, int bm, int seqlen, WindowBounds w,
+                                                int& lo, int& hi) {
+  const int first = n0 - w.wr;
+  lo = first > 0 ? first / bm : 0;
+  const int last = n0 + bn - 1 + w.wl;
+  const int m_blocks = (seqlen + bm - 1) / bm;
+  hi = last / bm + 1 < m_blocks ? last / bm + 1 : m_blocks;
+}
+// Whether tile (rows [m0, m0 + bm), keys [n0, n0 + bn)) needs the score mask: a key past the
+// sequence, or a (row, key) pair outside the window. Tiles where it is false are seen whole.
+PROPE_HOST_DEVICE inline bool tile_needs_mask(int m0, int bm, int n0, int bn, int seqlen, WindowBounds w) {
+  return n0 + bn > seqlen || n0 + bn - 1 > m0 + w.wr || n0 < m0 + bm - 1 - w.wl;
 }
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };

@@ -13,6 +13,7 @@
 //    atomics write and the postprocess reads back) covering the (64, d) tile once, bwd_tile();
 //  * the SM90 backward's dQ kernel: the same views as the forward's (S and dQ accumulators, dS
 //    re-viewed as the A operand of dS K, the K^T view of the K stages) and its float2 dQ stores;
+//  * the SM90 block ranges and edge-tile predicate under a sliding window (check_window_ranges.h);
 //  * copy_rows/store_rows: each (CPY, m, :) slice of the gmem<->smem tiled copies is one tile row
 //    (the row predicate is taken from its first element), forward and backward.
 #include <cstdio>
@@ -24,6 +25,7 @@
 #include "prope_attn/fwd_kernel.h"
 #include "prope_attn/bwd_sm90.h"
 #include "prope_attn/fwd_sm90.h"
+#include "check_window_ranges.h"
 
 using namespace cute;
 
@@ -416,6 +418,7 @@ int main() {
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, true>>("fused dQ 256");
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, false>>("fused dQ f16 256");
   e += check_bwd_tiles();
+  e += check_window_ranges();
   e += check_row_spans<prope::FwdSm90Traits<64, true>::SmemLayoutK>("zero fwd V 64");
   e += check_row_spans<prope::FwdSm90Traits<128, true>::SmemLayoutK>("zero fwd V 128");
   e += check_row_spans<prope::FwdSm90Traits<256, true>::SmemLayoutK>("zero fwd V 256");

@@ -67,6 +67,10 @@ class Backend:
     interpreter_cpu: bool = False    # also CPU tensors when TRITON_INTERPRET=1
     # optional attention features: "window" (sliding window), "softcap" (logit softcapping)
     features: frozenset = frozenset({"varlen", "lse", "rope"})
+    # the features it has for q-like x where they depend on the device (a GPU architecture): a
+    # subset of ``features``, which lists what it has anywhere; None: ``features`` everywhere
+    device_features: Optional[Callable[[torch.Tensor], frozenset]] = None
+    features_note: str = ""          # where the device-dependent features are (error messages)
     # None when usable, else the reason (completes "backend='x' ..."); called lazily
     unavailable: Callable[[], Optional[str]] = lambda: None
     # when ``auto`` should take it for an input it can run (None: never picked by auto)
@@ -88,24 +92,34 @@ class Backend:
             return True
         return self.interpreter_cpu and device.type == "cpu" and env.interpreting()
 
+    def features_on(self, x: torch.Tensor) -> frozenset:
+        """The features it has for q-like ``x`` (on x's device)."""
+        return self.features if self.device_features is None else self.device_features(x)
+
     def can_run(self, x: torch.Tensor, needs: frozenset = frozenset()) -> bool:
         """Whether it takes q-like ``x`` (device, dtype, head_dim) with the features ``needs``
         and is usable here."""
         return (self.runs_on(x.device) and x.dtype in self.dtypes
                 and self.head_dim_ok(x.shape[-1]) and needs <= self.features
-                and self.unavailable() is None)
+                and self.unavailable() is None and needs <= self.features_on(x))
 
     def check(self, x: torch.Tensor, needs: frozenset = frozenset()) -> None:
         """Raise a ValueError/TypeError naming the backend when it cannot run ``x`` or lacks a
         feature of ``needs``."""
         missing = sorted(set(needs) - set(self.features))
+        here = "" if missing else " here"
+        if not missing:
+            missing = sorted(set(needs) - set(self.features_on(x)))
         if missing:
             names = {"window": "window (sliding-window attention)",
                      "softcap": "softcap (logit softcapping)"}
             others = [b.name for b in REGISTRY.values() if set(needs) <= b.features]
             raise ValueError(f"backend={self.name!r} does not implement "
-                             + " or ".join(names.get(m, m) for m in missing) + "; use "
-                             + ", ".join(f"backend={b!r}" for b in others + ["auto"]))
+                             + " or ".join(names.get(m, m) for m in missing) + here
+                             + (f" ({self.name}: only {self.features_note})"
+                                if here and self.features_note else "") + "; use "
+                             + ", ".join(f"backend={b!r}" for b in others + ["auto"]
+                                         if b != self.name))
         if not self.runs_on(x.device):
             raise ValueError(f"backend={self.name!r} needs CUDA tensors, got tensors on "
                              f"{x.device} ({self.device_hint})")
@@ -328,6 +342,17 @@ def _cuda_unavailable():
             "prope_kernels.cuda.available() says are not usable here; use backend='triton'")
 
 
+_CUDA_BASE = frozenset({"varlen", "lse", "rope", "deterministic"})
+
+
+def _cuda_features(x):
+    # window and softcap: the SM90 kernels only (an sm_90 GPU and a build with 9.0a)
+    from .. import cuda
+    if x.device.type == "cuda" and cuda.available() and cuda.sm90_runs(x.device):
+        return _CUDA_BASE | {"window", "softcap"}
+    return _CUDA_BASE
+
+
 def _cuda_preferred(x):
     from .. import cuda
     return cuda.preferred_over_triton(x)
@@ -353,7 +378,8 @@ register(Backend(
     name="cuda", module="prope_kernels.cuda",
     description="CUDA C++ kernels (csrc/, CUTLASS/CuTe), built into prope_kernels._C",
     head_dims="head_dim 64, 128 or 256", head_dim_ok=lambda d: d in (64, 128, 256),
-    features=frozenset({"varlen", "lse", "rope", "deterministic"}),
+    features=_CUDA_BASE | {"window", "softcap"}, device_features=_cuda_features,
+    features_note="its SM90 kernels, on an sm_90 GPU (softcap: not with deterministic=True)",
     unavailable=_cuda_unavailable, auto=_cuda_preferred,
 ))
 
