@@ -135,7 +135,8 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
            causal: bool, needs: frozenset = frozenset()) -> Decision:
     """The auto choice for packed q (total, hq, d), k (total, hkv, d), or (batch, seqlen, ...),
     for a call that uses the features ``needs`` (a backend without one of them cannot run it)."""
-    from . import backends, sdpa
+    from . import backends
+    from .backends import sdpa
     d = q.shape[-1]
     if q.device.type != "cuda":
         return Decision("reference", f"tensors on {q.device}: the kernels need CUDA tensors",
@@ -173,7 +174,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
 def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bool = False,
          notes=None) -> Decision:
     """The policy, on facts alone: runnable backends (name -> what), the sdpa backend's
-    :class:`prope_kernels.sdpa.Choice`, the dispatch key and its table entry (or None)."""
+    :class:`prope_kernels.backends.sdpa.Choice`, the dispatch key and its table entry (or None)."""
     notes = list(notes or [])
     why = expired(entry) if entry is not None else None
     if why:

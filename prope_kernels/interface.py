@@ -320,7 +320,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chosen = backends.resolve(backend, q, needs, attn=attn)  # raises what the op would raise
     dec = Decision(chosen, f"requested by backend={backend!r}", "requested")
     if chosen == "sdpa":
-        from . import sdpa
+        from .backends import sdpa
         ch = sdpa.choose(q, *attn)
         dec.kernel, dec.notes = ch.kernel, list(ch.notes)
         dec.reason += f"; {ch.why}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prope_kernels import backends
-from prope_kernels import cuda as cuda_backend
+from prope_kernels.backends import cuda as cuda_backend
 from prope_kernels.models.gemma import ATTN_BACKENDS
 
 

@@ -182,7 +182,7 @@ def test_sdpa_equal_lengths(device):
 def triton_mode(monkeypatch):
     """Set the Triton kernels' switches of a case; on a GPU also torch's deterministic mode (the
     dK/dV of the GQA split then sums in a fixed order, so the runs are bitwise comparable)."""
-    from prope_kernels.triton import configs, hopper
+    from prope_kernels.backends.triton import configs, hopper
     changed = []
 
     def apply(q_on_load=True, kv_split=0, kernels="portable", fused_dq=None):

@@ -159,7 +159,7 @@ def test_backends_without_window_or_softcap(monkeypatch):
     # "auto" passes over it to the next backend that has them.
     import dataclasses
 
-    from prope_kernels import backends
+    from prope_kernels.backends import registry as backends
     for feature in ("window", "softcap"):
         assert feature not in backends.get("cuda").features
         assert feature in backends.get("triton").features

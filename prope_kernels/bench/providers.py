@@ -234,7 +234,7 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
         raise Unavailable("TRITON_INTERPRET=1 is set on a GPU machine: unset it to time "
                           "the compiled kernels")
     if be == "sdpa":
-        from prope_kernels import sdpa
+        from prope_kernels.backends import sdpa
         ch = sdpa.choose(q, k_sample, len(ctx["cu_list"]) - 1, case.seqlen, case.causal)
         if ch.kernel is None:
             raise Unavailable(f"no PyTorch attention kernel for this shape: {ch.why}")
@@ -300,7 +300,7 @@ def _with_switches(prov, call, notes) -> Impl:
 def _triton_kernel_set(prov, call, dev, notes, features):
     """prope-triton: the kernels the backend picks (the user's PROPE_TRITON_KERNELS, default
     portable); prope-triton-hopper / -portable: that kernel set forced."""
-    from prope_kernels.triton import hopper
+    from prope_kernels.backends.triton import hopper
     if switches_set(prov.name).get(prope_env.TRITON_KERNELS) == "hopper":
         if features:
             raise Unavailable("the Hopper kernels have no sliding window or softcap yet (the "

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import env
-from ..backends import record_launch
+from ... import env
+from ..common import record_launch
 from . import hopper
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
     _bwd_preprocess_kernel

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import env
+from ... import env
 from .common import LN2, LOG2E, dot, kv_block, q_block, softmax_block, store_dkdv
 from .rope import lowp
 

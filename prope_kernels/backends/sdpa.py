@@ -1,6 +1,6 @@
 """Vendor-core backend ("sdpa"): PyTorch's fused attention kernels with our p-RoPE around them.
 
-Same contract as :mod:`prope_kernels.triton.ops` (packed layout: q (total, q_heads, d), k/v
+Same contract as :mod:`prope_kernels.backends.triton.ops` (packed layout: q (total, q_heads, d), k/v
 (total, kv_heads, d), int32 cu_seqlens, int64 positions, lse (q_heads, total) fp32 natural log):
 
 * forward: q and k are rotated into short-lived buffers (the Triton rotation kernel on CUDA:
@@ -52,8 +52,8 @@ from typing import Optional
 
 import torch
 
-from . import env
-from . import reference as ref
+from .. import env
+from .. import reference as ref
 
 KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
 GPU_KERNELS = ("cudnn", "flash", "efficient")
@@ -375,7 +375,7 @@ def _cpu_bwd(dout, q, k, v, out, lse, b, causal, scale):
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0):
-    from .backends import record_launch, refuse_features
+    from .common import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     total, hq, d = q.shape
     if total == 0 or max_seqlen == 0:
@@ -390,7 +390,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
              scale, window=(-1, -1), softcap=0.0, deterministic=False):
-    from .backends import record_launch, refuse_features
+    from .common import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     if deterministic:  # its kernels follow torch's own setting (the registry refuses it first)
         raise ValueError("backend='sdpa' has no deterministic=True mode (torch's kernels follow "

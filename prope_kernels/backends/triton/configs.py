@@ -13,7 +13,7 @@ import contextlib
 import torch
 import triton
 
-from .. import env
+from ... import env
 from .rope import rope_launch_raw
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
