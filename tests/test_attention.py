@@ -46,7 +46,7 @@ def test_head_dims(device, d):
 def q_prerotated():
     """Run the forward in its Q_ON_LOAD=0 mode (Q rotated into the output buffer by the config
     pre-hook). On a GPU the autotuner picks the mode; under the interpreter the test chooses."""
-    from prope_kernels.backends.triton.configs import set_interpreter_q_on_load
+    from prope_kernels.backends.triton.tuning import set_interpreter_q_on_load
     if torch.cuda.is_available():
         pytest.skip("the autotuner picks the Q rotation mode on a GPU")
     set_interpreter_q_on_load(False)

@@ -223,7 +223,7 @@ def _triton_configs(ran, mode) -> list:
     if not passes:
         return []
     from prope_kernels.backends.triton import hopper
-    from prope_kernels.backends.triton.configs import chosen_configs
+    from prope_kernels.backends.triton.tuning import chosen_configs
     names = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
              ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
     chosen = {**chosen_configs(), **hopper.chosen_configs()}

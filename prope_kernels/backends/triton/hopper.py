@@ -508,7 +508,7 @@ def _set_allocator():
 
 
 def _new(x, *shape, dtype=None):
-    from .ops import _new as new
+    from .common import new
     return new(x, *shape, dtype=dtype)
 
 
