@@ -27,6 +27,17 @@ but q, k, v may be views into larger buffers, so nothing past ``total`` may be r
 Rows past ``cu_seqlens[-1]``, if a direct caller passes them, are unspecified in the outputs
 (tests/test_padding_poison.py checks all of this for every backend).
 
+A backend with a ``check_attention`` (sdpa: which of PyTorch's kernels) also takes ``kernel=``
+in attn_fwd / attn_bwd: the kernel of the call's plan (:func:`prope_kernels.dispatch.plan`),
+chosen once per call, before the forward, and saved for the backward; None (a direct call of
+the backend) lets it choose.
+
+Layering: each backend is a leaf module under ``prope_kernels/backends/`` (reference.py, triton/,
+cuda.py, sdpa.py) that imports only :mod:`~prope_kernels.backends.common` (feature refusal, the
+launch record) and the package's base modules (env, rotary, reference), never this registry, the
+dispatch or the public API; this module imports no backend when it is imported (each is named
+by its module path and imported on first use; tests/test_imports.py checks both).
+
 Adding a backend = one module with those functions + one :func:`register` call below (a
 :class:`Backend` entry: module path, imported on first use, and its capabilities). The public
 API, the Gemma model's ``attn`` choices, the trainer's ``--attn`` and the benchmark's providers
@@ -72,8 +83,10 @@ class Backend:
     unavailable: Callable[[], Optional[str]] = lambda: None
     # when ``auto`` should take it for an input it can run (None: never picked by auto)
     auto: Optional[Callable[[torch.Tensor], bool]] = None
-    # attention inputs a backend may still refuse (a vendor kernel's limits): called with
-    # (q, k, num_seqs, max_seqlen, causal), raises a ValueError naming why
+    # attention inputs a backend may still refuse (a vendor kernel's limits), and the kernel it
+    # picks for them: called with (q, k, num_seqs, max_seqlen, causal); returns its choice (an
+    # object with ``kernel`` (str), ``why`` (str) and ``notes`` (tuple of str)) or raises a
+    # ValueError naming why not. The kernel goes into the call's plan (prope_kernels.dispatch).
     check_attention: Optional[Callable] = None
     device_hint: str = "use backend='reference' on the CPU"
     _module: list = field(default_factory=list, repr=False, compare=False)
@@ -188,13 +201,10 @@ def get(name: str) -> Backend:
     return REGISTRY[name]
 
 
-def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
-    """The backend ``auto`` picks for q-like ``x`` and a call that uses the features ``needs``.
-    attn: (k, num_seqs, max_seqlen, causal) of an attention call: then the dispatch table /
-    default of :mod:`prope_kernels.dispatch` decides (``prope_kernels.explain`` says why)."""
-    if attn is not None:
-        from ..dispatch import decide
-        return decide(x, *attn, needs=needs).backend
+def choose_auto(x: torch.Tensor, needs: frozenset = frozenset()) -> str:
+    """The backend ``auto`` picks for the rotation alone of ``x`` with the features ``needs``.
+    (For attention, :func:`prope_kernels.dispatch.plan` decides: a measured table or its
+    documented default.)"""
     for name in AUTO_ORDER:
         be = REGISTRY[name]
         if be.auto is not None and be.can_run(x, needs) and be.auto(x):
@@ -202,24 +212,16 @@ def choose_auto(x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> s
     return "reference"
 
 
-def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset(), attn=None) -> str:
-    """A backend name for ``x``: ``auto`` resolved, an explicit choice checked (ValueError or
-    TypeError naming what it cannot run). needs: the features the call uses. attn: (k,
-    num_seqs, max_seqlen, causal) of an attention call (x is q), None for the rotation alone."""
+def resolve(backend, x: torch.Tensor, needs: frozenset = frozenset()) -> str:
+    """A backend name for the rotation alone of ``x`` (or a backend's checks for any call):
+    ``auto`` resolved, an explicit choice checked (ValueError or TypeError naming what it cannot
+    run). needs: the features the call uses. Attention calls are planned by
+    :func:`prope_kernels.dispatch.plan`, which runs these checks and the backend's own."""
     if not isinstance(backend, str) or backend not in choices():
         raise ValueError(f"backend must be one of {choices()}, got {backend!r}")
     if backend == "auto":
-        if attn is not None and torch.compiler.is_compiling():
-            # Inside torch.compile the attention op gets "auto" and decides when it runs, on
-            # the real tensors (prope_kernels.interface): torch's kernel-eligibility checks that
-            # the decision calls are not traceable.
-            return "auto"
-        return choose_auto(x, needs, attn)
-    be = REGISTRY[backend]
-    be.check(x, needs)
-    if (attn is not None and be.check_attention is not None
-            and not torch.compiler.is_compiling()):
-        be.check_attention(x, *attn)
+        return choose_auto(x, needs)
+    REGISTRY[backend].check(x, needs)
     return backend
 
 
@@ -332,7 +334,7 @@ register(Backend(
 
 def _sdpa_check(q, k, num_seqs, max_seqlen, causal):
     from . import sdpa
-    sdpa.check(q, k, num_seqs, max_seqlen, causal)
+    return sdpa.check(q, k, num_seqs, max_seqlen, causal)
 
 
 # PyTorch's fused attention (cuDNN, else flash, else memory-efficient; CPU: the CPU flash op)
