@@ -302,7 +302,9 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
     entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
     expansions, what cannot run. Validates like the op (same errors) and runs nothing.
-    Returns a :class:`prope_kernels.dispatch.Decision`; ``print()`` it for the explanation.
+    Returns a :class:`prope_kernels.dispatch.Decision`, the one :func:`prope_kernels.dispatch.plan`
+    makes for the call (its ``plan`` is what the op's forward and backward run); ``print()`` it
+    for the explanation.
     """
     packed = cu_seqlens is not None
     check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,

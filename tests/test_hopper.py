@@ -1,5 +1,5 @@
-"""The Hopper kernels (prope_kernels/backends/triton/hopper.py) against the float64 reference, and the
-dispatch between them and the portable kernels.
+"""The Hopper kernels (prope_kernels/backends/triton/hopper.py) against the float64 reference,
+and the dispatch between them and the portable kernels.
 
 Without a GPU they run under the CPU interpreter (Triton 3.9's interpreter executes the device-side
 tensor descriptors, zero-fill and clipped stores included) at small odd shapes, forced by

@@ -1,10 +1,11 @@
 """Every tuned Triton config, run once on a GPU against the float64 reference.
 
-The autotuner may pick any row of the config tables in ``prope_kernels/backends/triton/configs.py``; the
-other GPU tests run with PROPE_AUTOTUNE=0 (first row only, see conftest.py), so this file is what
-checks the rest. Each case forces one (kernel, config) and runs forward and backward at an odd
-GQA shape with rotation; a wrong mask, a bad pipelining choice or a miscompile shows up as an
-error above the tolerance rule (or NaN, outputs being poisoned).
+The autotuner may pick any row of the config tables in
+``prope_kernels/backends/triton/configs.py``; the other GPU tests run with PROPE_AUTOTUNE=0
+(first row only, see conftest.py), so this file is what checks the rest. Each case forces one
+(kernel, config) and runs forward and backward at an odd GQA shape with rotation; a wrong mask, a
+bad pipelining choice or a miscompile shows up as an error above the tolerance rule (or NaN,
+outputs being poisoned).
 """
 
 import pytest

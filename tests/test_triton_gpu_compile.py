@@ -180,7 +180,7 @@ def _resource_usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
-# --- the Hopper kernels (prope_kernels/backends/triton/hopper.py): every config of every table ---------
+# --- the Hopper kernels (prope_kernels/backends/triton/hopper.py): every config of every table --
 
 # Register spill bound a thread for the Hopper kernels' configs (the tables keep only rows under it)
 HOPPER_STACK_LIMIT = 256

@@ -8,6 +8,6 @@ backend module (a backend is imported when it first runs).
 """
 
 from .common import launched, record_launch, refuse_features  # noqa: F401
-from .registry import (ALL_DTYPES, AUTO_ORDER, KERNEL_DTYPES, KERNEL_SOURCES, REGISTRY,  # noqa: F401
-                       Backend, choices, choose_auto, describe_error, get, import_error,
+from .registry import (ALL_DTYPES, AUTO_ORDER, KERNEL_DTYPES, KERNEL_SOURCES,  # noqa: F401
+                       REGISTRY, Backend, choices, choose_auto, describe_error, get, import_error,
                        kernel_hash, kernel_hashes, names, register, resolve)

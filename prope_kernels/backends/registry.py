@@ -300,7 +300,8 @@ def _cuda_unavailable():
     if not torch.cuda.is_available():
         return "needs a CUDA device (prope_kernels._C loads, but torch sees no GPU)"
     return ("needs the compiled extension prope_kernels._C and a CUDA device, which "
-            "prope_kernels.backends.cuda.available() says are not usable here; use backend='triton'")
+            "prope_kernels.backends.cuda.available() says are not usable here; use "
+            "backend='triton'")
 
 
 def _cuda_preferred(x):
