@@ -188,3 +188,30 @@ def test_sdpa_plan_is_checked(monkeypatch):
         sdpa.planned("cudnn", q, k, 3, 24)
     ch = sdpa.planned("efficient", q, k, 2, 24)
     assert ch.dense and ch.expand_kv
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_gpu_one_decision_per_call(monkeypatch, backend):
+    # on a GPU: torch's kernel checks run once per call (named sdpa) and auto decides once; the
+    # backward runs the kernel the forward ran, which is the one explain() names
+    from prope_kernels import dispatch, explain, prope_attention
+    from prope_kernels.backends import sdpa
+    choose, decide = _Count(sdpa.choose), _Count(dispatch.decide)
+    monkeypatch.setattr(sdpa, "choose", choose)
+    monkeypatch.setattr(dispatch, "decide", decide)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 200, h, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+               .requires_grad_() for h in (8, 2, 2))
+    dec = explain(q, k, v, backend=backend)
+    choose.take(), decide.take()
+    backends.launched(clear=True)
+    out = prope_attention(q, k, v, backend=backend)
+    assert choose.take() <= 1 and decide.take() == (backend == "auto")
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    assert (choose.take(), decide.take()) == (0, 0)
+    ran = backends.launched(clear=True)
+    assert ran["fwd"]["backend"] == ran["bwd"]["backend"] == dec.backend, (ran, str(dec))
+    if dec.backend == "sdpa":
+        assert ran["fwd"]["kernel"] == ran["bwd"]["kernel"] == dec.kernel, (ran, str(dec))
