@@ -95,7 +95,7 @@ def _gpus() -> dict:
 def build_record() -> Optional[dict]:
     """setup.py's record of how this install was built (None when there is none: a source
     checkout used without a build, or a build before records were written)."""
-    from . import cuda
+    from .backends import cuda
 
     folders = [PACKAGE_DIR]
     ext = cuda.extension_path()
@@ -134,7 +134,7 @@ def _cuda_extension(gpus: dict) -> dict:
     """Is prope_kernels._C here, does it load, what was it built for, does that match the GPUs."""
     import torch
 
-    from . import cuda
+    from .backends import cuda
 
     ext: dict = {"path": cuda.extension_path(), "loads": False, "error": None,
                  "record": build_record(), "gpus": []}

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 
 from . import env
+from .backends import registry
 
 TABLE = Path(__file__).with_name("dispatch.json")
 SCHEMA = 2
@@ -119,8 +120,16 @@ class Decision:
     kernel: Optional[str] = None      # the sdpa backend's ATen kernel, when it runs
     notes: list = field(default_factory=list)
 
+    @property
+    def plan(self) -> str:
+        """What the custom ops are given (a string, so that torch.compile traces it): the backend,
+        and its kernel where it picks one (``"sdpa:flash"``); the forward saves it for the
+        backward, which runs the same plan without deciding again."""
+        return f"{self.backend}:{self.kernel}" if self.kernel else self.backend
+
     def __str__(self) -> str:
-        lines = [f"backend: {self.backend} ({self.source})", f"why: {self.reason}"]
+        lines = [f"backend: {self.backend} ({self.source})", f"plan: {self.plan}",
+                 f"why: {self.reason}"]
         if self.kernel:
             lines.append(f"PyTorch kernel: {self.kernel}")
         if self.key:
@@ -131,11 +140,47 @@ class Decision:
     __repr__ = __str__
 
 
+def parse_plan(plan: str) -> tuple:
+    """(backend, kernel or None) of a :attr:`Decision.plan` string."""
+    name, _, kernel = plan.partition(":")
+    return name, kernel or None
+
+
+def plan(backend, q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
+         causal: bool, needs: frozenset = frozenset()) -> Decision:
+    """The one decision of an attention call, made before its forward: ``backend`` ("auto" or a
+    name) resolved and checked into a :class:`Decision` whose :attr:`~Decision.plan` the custom
+    ops run, forward and backward (nothing downstream checks or chooses again). q (total, hq, d)
+    or (batch, seqlen, hq, d); k likewise; needs: the features the call uses. ``explain()``
+    returns this same Decision. Raises what the call would raise (ValueError/TypeError naming the
+    backend and why it cannot run the input).
+
+    Inside torch.compile the decision cannot be traced (torch's kernel-eligibility checks):
+    there "auto" stays "auto", and a named backend its name, and the ops decide on the real
+    tensors when they run (the forward and the backward each)."""
+    if not isinstance(backend, str) or backend not in registry.choices():
+        raise ValueError(f"backend must be one of {registry.choices()}, got {backend!r}")
+    compiling = torch.compiler.is_compiling()
+    if backend == "auto":
+        if compiling:
+            return Decision("auto", "inside torch.compile: the op decides on the real tensors",
+                            "compile")
+        return decide(q, k, num_seqs, max_seqlen, causal, needs=needs)
+    be = registry.get(backend)
+    be.check(q, needs)
+    dec = Decision(backend, f"requested by backend={backend!r}", "requested")
+    if be.check_attention is not None and not compiling:
+        ch = be.check_attention(q, k, num_seqs, max_seqlen, causal)
+        dec.kernel, dec.notes = ch.kernel, list(ch.notes)
+        dec.reason += f"; {ch.why}"
+    return dec
+
+
 def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
            causal: bool, needs: frozenset = frozenset()) -> Decision:
     """The auto choice for packed q (total, hq, d), k (total, hkv, d), or (batch, seqlen, ...),
     for a call that uses the features ``needs`` (a backend without one of them cannot run it)."""
-    from . import backends, sdpa
+    from .backends import sdpa
     d = q.shape[-1]
     if q.device.type != "cuda":
         return Decision("reference", f"tensors on {q.device}: the kernels need CUDA tensors",
@@ -146,7 +191,8 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
     notes = []
     runnable = {}
     ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
-    lacks = {n: sorted(set(needs) - set(be.features_on(q))) for n, be in backends.REGISTRY.items()}
+    lacks = {n: sorted(set(needs) - set(be.features_on(q)))
+             for n, be in registry.REGISTRY.items()}
     if ch.kernel and lacks.get("sdpa"):
         ch = sdpa.Choice(None, ch.dense, False, f"PyTorch's kernels are called without "
                                                 f"{', '.join(lacks['sdpa'])} here")
@@ -156,7 +202,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
     else:
         notes.append(f"sdpa cannot run: {ch.why}")
     for name in ("triton", "cuda"):
-        be = backends.REGISTRY.get(name)
+        be = registry.REGISTRY.get(name)
         if be is not None and be.can_run(q) and not lacks.get(name):
             runnable[name] = be.description
         elif name == "triton":
@@ -165,7 +211,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
                 f"it lacks {', '.join(lacks[name])}" if lacks.get(name) else
                 f"it takes {be.head_dims}, got head_dim {d}"))
     k_ = key(arch(q.device), d, q.shape[-2] // k.shape[-2], causal, not ch.dense, max_seqlen)
-    cuda_be = backends.REGISTRY.get("cuda")
+    cuda_be = registry.REGISTRY.get("cuda")
     cuda_preferred = bool("cuda" in runnable and cuda_be.auto is not None and cuda_be.auto(q))
     return pick(runnable, ch, k_, lookup(k_), cuda_preferred, notes)
 
@@ -173,7 +219,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
 def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bool = False,
          notes=None) -> Decision:
     """The policy, on facts alone: runnable backends (name -> what), the sdpa backend's
-    :class:`prope_kernels.sdpa.Choice`, the dispatch key and its table entry (or None)."""
+    :class:`prope_kernels.backends.sdpa.Choice`, the dispatch key and its table entry (or None)."""
     notes = list(notes or [])
     why = expired(entry) if entry is not None else None
     if why:
@@ -208,8 +254,7 @@ def pick(runnable: dict, ch, k_: dict, entry: Optional[dict], cuda_preferred: bo
 @lru_cache(maxsize=1)
 def installed_kernels() -> dict:
     """The installed package's kernel versions, {backend: hash} (read once per process)."""
-    from .backends import kernel_hashes
-    return kernel_hashes()
+    return registry.kernel_hashes()
 
 
 def expired(entry: dict) -> Optional[str]:

@@ -9,7 +9,7 @@ whether it is set.
   PROPE_POISON=1       fill kernel outputs and scratch buffers with NaN before the kernels run,
                        so anything a kernel forgets to write shows up (set by the tests)
   PROPE_AUTOTUNE=0     no autotuning: each Triton kernel runs the first row of its config table
-                       (GPU test runs; see prope_kernels/triton/configs.py)
+                       (GPU test runs; see prope_kernels/backends/triton/configs.py)
   PROPE_KV_SPLIT=n     force the GQA split of the Triton backward's dK/dV programs (tests)
   PROPE_TRITON_KERNELS which Triton kernels backend="triton" runs: portable (default: always
                        attention.py's, the kernels validated on GPUs), auto (the Hopper kernels

@@ -9,8 +9,13 @@ One path from kernel to user, whatever the backend::
 Every backend sees the packed layout: q (total, q_heads, d), k/v (total, kv_heads, d), int32
 ``cu_seqlens`` (num_seqs + 1,) and int64 ``positions`` (total,). A dense (batch, seqlen, ...) call is
 packed by a free view. ``lse`` is (q_heads, total) float32, natural log. The backends, their
-capabilities and the ``auto`` policy live in :mod:`prope_kernels.backends`; the checks in
-:mod:`prope_kernels.validation`.
+capabilities in :mod:`prope_kernels.backends.registry`, the ``auto`` policy and the call's plan
+in :mod:`prope_kernels.dispatch`; the checks in :mod:`prope_kernels.validation`.
+
+One decision per call: the public function resolves ``backend`` once into a plan
+(:func:`prope_kernels.dispatch.plan`: the backend and, for sdpa, PyTorch's kernel), passed to
+the custom op as a string; the forward saves it with its arguments and the backward runs the
+same plan (neither checks nor chooses again). :func:`explain` returns that same plan.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import dispatch
 from . import reference as ref
+from .backends import registry
 from .rotary import PRoPESpec
 from .validation import (check_attention, check_cu_seqlens, check_cu_values, check_positions,
                          check_deterministic, check_rope_input, check_window_softcap,
@@ -38,18 +44,21 @@ def _spec(d, p, theta, variant, layout) -> PRoPESpec:
 
 
 def _backend_module(name: str):
-    return backends.get(name).load()
+    return registry.get(name).load()
 
 
-def _attn_module(name, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, window_right=-1,
-                 softcap=0.0, deterministic=False):
-    # "auto" reaches the op only from torch.compile (see backends.resolve); the features the
-    # call needs are passed to choose_auto here too.
-    if name == "auto":
+def _attn_plan(plan, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, window_right=-1,
+               softcap=0.0, deterministic=False):
+    """(backend module, its keyword arguments) for the op's ``backend`` argument: the call's
+    plan (dispatch.plan: "triton", "sdpa:flash", ...), made once by the public function before
+    the forward and saved for the backward. "auto" reaches the op only from torch.compile, where
+    the decision is made here, on the real tensors (with the features the call needs)."""
+    if plan == "auto":
         needs = features_needed((window_left, window_right), softcap, causal, deterministic)
-        name = backends.choose_auto(q, needs,
-                                    attn=(k, cu_seqlens.numel() - 1, max_seqlen, causal))
-    return _backend_module(name)
+        plan = dispatch.decide(q, k, cu_seqlens.numel() - 1, max_seqlen, causal,
+                               needs=needs).plan
+    name, kernel = dispatch.parse_plan(plan)
+    return _backend_module(name), ({} if kernel is None else {"kernel": kernel})
 
 
 @torch.library.custom_op("prope_kernels::attn_fwd", mutates_args=())
@@ -62,10 +71,10 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         # free here (no device sync): the check torch.compile skips when tracing the public call
         check_cu_values(cu_seqlens, q.shape[0], max_seqlen, padding=False)
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
-                     softcap, deterministic)
+    m, kw = _attn_plan(backend, q, k, cu_seqlens, max_seqlen, causal, window_left,
+                       window_right, softcap, deterministic)
     return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale,
-                      (window_left, window_right), softcap)
+                      (window_left, window_right), softcap, **kw)
 
 
 @_attn_fwd_op.register_fake
@@ -83,11 +92,11 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  deterministic: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m = _attn_module(backend, q, k, cu_seqlens, max_seqlen, causal, window_left, window_right,
-                     softcap, deterministic)
+    m, kw = _attn_plan(backend, q, k, cu_seqlens, max_seqlen, causal, window_left,
+                       window_right, softcap, deterministic)
     return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
                       causal, softmax_scale, (window_left, window_right), softcap,
-                      deterministic=deterministic)
+                      deterministic=deterministic, **kw)
 
 
 @_attn_bwd_op.register_fake
@@ -104,8 +113,8 @@ def _attn_setup_context(ctx, inputs, output):
     # unused lse) the backends get dlse=None and skip its term (the sdpa backend would else run
     # an extra forward and backward on a zero dlse)
     ctx.set_materialize_grads(False)
-    # p, theta, variant, layout, causal, scale, window_left, window_right, softcap, backend
-    # (and deterministic, when given)
+    # p, theta, variant, layout, causal, scale, window_left, window_right, softcap, backend (the
+    # call's plan: the backward runs what the forward ran) and deterministic, when given
     ctx.args = (max_seqlen, *args)
     ctx.n_inputs = len(inputs)
 
@@ -204,7 +213,7 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     b, s = q.shape[:2]
     if positions is not None:
         check_positions(positions, [(s,), (b, s)], q.device)
-    backend = backends.resolve(backend, q, needs, attn=(k, b, s, causal))
+    backend = dispatch.plan(backend, q, k, b, s, causal, needs).plan
 
     if positions is None:
         pos = torch.arange(s, device=q.device, dtype=torch.int64).repeat(b)
@@ -267,7 +276,7 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if positions is not None:
             positions = positions[:used]
     num_seqs = cu_seqlens.numel() - 1
-    backend = backends.resolve(backend, q, needs, attn=(k, num_seqs, int(max_seqlen), causal))
+    backend = dispatch.plan(backend, q, k, num_seqs, int(max_seqlen), causal, needs).plan
 
     if positions is None:
         pos = ref.varlen_positions(cu_seqlens, q.shape[0])
@@ -293,9 +302,10 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
     entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
     expansions, what cannot run. Validates like the op (same errors) and runs nothing.
-    Returns a :class:`prope_kernels.dispatch.Decision`; ``print()`` it for the explanation.
+    Returns a :class:`prope_kernels.dispatch.Decision`, the one :func:`prope_kernels.dispatch.plan`
+    makes for the call (its ``plan`` is what the op's forward and backward run); ``print()`` it
+    for the explanation.
     """
-    from .dispatch import Decision, decide
     packed = cu_seqlens is not None
     check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,
                     causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
@@ -315,16 +325,7 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if positions is not None:
             check_positions(positions, [(s,), (b, s)], q.device)
         attn = (k, b, s, causal)
-    if backend == "auto":
-        return decide(q, *attn, needs=needs)
-    chosen = backends.resolve(backend, q, needs, attn=attn)  # raises what the op would raise
-    dec = Decision(chosen, f"requested by backend={backend!r}", "requested")
-    if chosen == "sdpa":
-        from . import sdpa
-        ch = sdpa.choose(q, *attn)
-        dec.kernel, dec.notes = ch.kernel, list(ch.notes)
-        dec.reason += f"; {ch.why}"
-    return dec
+    return dispatch.plan(backend, q, *attn, needs=needs)  # what the call plans and runs
 
 
 def apply_prope(x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, p: float = 0.75,
@@ -343,7 +344,7 @@ def apply_prope(x: torch.Tensor, positions: Optional[torch.Tensor] = None, *, p:
         positions = torch.arange(lead[-1], device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    backend = backends.resolve(backend, x)
+    backend = registry.resolve(backend, x)
     pos = positions.to(torch.int64).expand(lead).reshape(-1)
     xf = x.reshape(-1, x.shape[-2], x.shape[-1])
     y = _rope_op(xf, pos, spec.p, spec.theta, variant, layout, conjugate, backend)

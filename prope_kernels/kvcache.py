@@ -426,7 +426,7 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         starts = [0] * len(lens) if cache_leftpad is None else cache_leftpad.tolist()
         return _reference_inplace(q, k_cache, v_cache, k, v, lens, positions, k_positions, spec,
                                   causal, softmax_scale, window, softcap, starts)
-    from .triton import decode
+    from .backends.triton import decode
     tables = spec.tables(q.device)
     if sn:
         decode.append_launch(k, v, k_cache, v_cache, k_positions, cache_seqlens, tables,

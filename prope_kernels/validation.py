@@ -3,7 +3,8 @@ names the argument and what was expected, before any kernel runs.
 
 The rotation's arguments (head_dim, p, theta, variant, layout) are checked by constructing a
 :class:`prope_kernels.rotary.PRoPESpec`; the backend choice by
-:func:`prope_kernels.backends.resolve`.
+:func:`prope_kernels.dispatch.plan` (attention) and :func:`prope_kernels.backends.registry.resolve`
+(the rotation alone).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_head_dims(device, d):
 def q_prerotated():
     """Run the forward in its Q_ON_LOAD=0 mode (Q rotated into the output buffer by the config
     pre-hook). On a GPU the autotuner picks the mode; under the interpreter the test chooses."""
-    from prope_kernels.triton.configs import set_interpreter_q_on_load
+    from prope_kernels.backends.triton.tuning import set_interpreter_q_on_load
     if torch.cuda.is_available():
         pytest.skip("the autotuner picks the Q rotation mode on a GPU")
     set_interpreter_q_on_load(False)
@@ -98,7 +98,7 @@ def test_deterministic_keyword_takes_the_repeatable_path(device, monkeypatch):
     # deterministic=True (flash-attn's keyword) without torch's flag: the dK/dV split programs
     # write partial sums instead of atomics, the launch says so, and the result is repeatable.
     from prope_kernels import backends
-    from prope_kernels.triton import ops
+    from prope_kernels.backends.triton import ops
     monkeypatch.setenv("PROPE_KV_SPLIT", "2")
     real, seen = ops._attn_bwd_dkdv_kernel, []
 

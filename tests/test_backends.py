@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prope_kernels import backends
-from prope_kernels import cuda as cuda_backend
+from prope_kernels.backends import cuda as cuda_backend
 from prope_kernels.models.gemma import ATTN_BACKENDS
 
 
@@ -88,3 +88,130 @@ def test_launches_are_recorded_as_resolved(monkeypatch):
     monkeypatch.setattr(torch.ops, "prope_cuda", types.SimpleNamespace(), raising=False)
     assert cuda_backend.resolved_family("cuda", cuda_backend.FAMILY_AUTO).startswith("unresolved")
     assert cuda_backend.resolved_family("cuda", cuda_backend.FAMILY_SM90) == "sm90"
+
+
+# --- one decision per call: the plan ----------------------------------------------------------
+
+class _Count:
+    """Wraps ``fn`` and counts its calls (reset by ``take``)."""
+
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, *a, **kw):
+        self.n += 1
+        return self.fn(*a, **kw)
+
+    def take(self):
+        n, self.n = self.n, 0
+        return n
+
+
+def _qkv(b=2, s=24, hq=4, hkv=2, d=32, grad=True):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(b, s, h, d, generator=g) * 0.5).half().requires_grad_(grad)
+            for h in (hq, hkv, hkv)]
+
+
+def test_named_sdpa_chooses_its_kernel_once_per_call(monkeypatch):
+    # backend="sdpa": PyTorch's kernel is chosen once (the plan), before the forward; the
+    # op's forward and backward run that plan without asking torch again (they chose it
+    # twice more before)
+    from prope_kernels import explain, prope_attention, prope_attention_varlen
+    from prope_kernels.backends import sdpa
+    choose = _Count(sdpa.choose)
+    monkeypatch.setattr(sdpa, "choose", choose)
+    q, k, v = _qkv()
+    out = prope_attention(q, k, v, backend="sdpa")
+    assert choose.take() == 1
+    assert backends.launched(clear=True)["fwd"] == {"backend": "sdpa", "kernel": "cpu_flash"}
+    out.float().sum().backward()
+    assert choose.take() == 0
+    assert backends.launched(clear=True)["bwd"] == {"backend": "sdpa", "kernel": "cpu_flash"}
+    dec = explain(q, k, v, backend="sdpa")
+    assert choose.take() == 1 and dec.plan == "sdpa:cpu_flash"
+    assert "plan: sdpa:cpu_flash" in str(dec)
+    # varlen (a per-sequence loop on the CPU): the same
+    qp, kp, vp = (x.detach().flatten(0, 1).requires_grad_() for x in (q, k, v))
+    cu = torch.tensor([0, 5, 24, 48], dtype=torch.int32)
+    prope_attention_varlen(qp, kp, vp, cu, 24, backend="sdpa").float().sum().backward()
+    assert choose.take() == 1
+
+
+def test_auto_decides_once_and_the_backward_runs_its_plan(monkeypatch):
+    # auto: dispatch.decide runs once per call, in the public function, and its plan (here a
+    # stand-in decision for the sdpa backend with a named kernel) reaches forward and backward
+    # unchanged: no second decision, no kernel choice downstream
+    from prope_kernels import dispatch, explain, prope_attention
+    from prope_kernels.backends import sdpa
+    decided = dispatch.Decision("sdpa", "test", "default", kernel="cpu_flash")
+    decide = _Count(lambda *a, **kw: decided)
+    choose = _Count(sdpa.choose)
+    monkeypatch.setattr(dispatch, "decide", decide)
+    monkeypatch.setattr(sdpa, "choose", choose)
+    q, k, v = _qkv()
+    out = prope_attention(q, k, v)
+    assert (decide.take(), choose.take()) == (1, 0)
+    assert backends.launched()["fwd"] == {"backend": "sdpa", "kernel": "cpu_flash"}
+    out.float().sum().backward()
+    assert (decide.take(), choose.take()) == (0, 0)
+    assert backends.launched(clear=True)["bwd"] == {"backend": "sdpa", "kernel": "cpu_flash"}
+    # explain() returns the very decision the call runs
+    assert explain(q, k, v) is decided and decide.take() == 1
+
+
+def test_auto_on_the_cpu_decides_once(monkeypatch):
+    from prope_kernels import dispatch, prope_attention
+    decide = _Count(dispatch.decide)
+    monkeypatch.setattr(dispatch, "decide", decide)
+    q, k, v = (x.detach().float().requires_grad_() for x in _qkv(grad=False))
+    prope_attention(q, k, v).sum().backward()
+    assert decide.take() == 1
+    assert backends.launched(clear=True)["bwd"]["backend"] == "reference"
+
+
+def test_plan_strings():
+    from prope_kernels import dispatch
+    assert dispatch.parse_plan("sdpa:flash") == ("sdpa", "flash")
+    assert dispatch.parse_plan("triton") == ("triton", None)
+    assert dispatch.Decision("sdpa", "", "requested", kernel="cudnn").plan == "sdpa:cudnn"
+    assert dispatch.Decision("cuda", "", "default").plan == "cuda"
+
+
+def test_sdpa_plan_is_checked(monkeypatch):
+    # a plan the shapes cannot run (a direct op call with a wrong kernel) is a clear error
+    from prope_kernels.backends import sdpa
+    q, k, v = (x.detach().flatten(0, 1) for x in _qkv(grad=False))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sdpa.planned("math", q, k, 2, 24)
+    with pytest.raises(ValueError, match="dense batches only"):
+        sdpa.planned("cudnn", q, k, 3, 24)
+    ch = sdpa.planned("efficient", q, k, 2, 24)
+    assert ch.dense and ch.expand_kv
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_gpu_one_decision_per_call(monkeypatch, backend):
+    # on a GPU: torch's kernel checks run once per call (named sdpa) and auto decides once; the
+    # backward runs the kernel the forward ran, which is the one explain() names
+    from prope_kernels import dispatch, explain, prope_attention
+    from prope_kernels.backends import sdpa
+    choose, decide = _Count(sdpa.choose), _Count(dispatch.decide)
+    monkeypatch.setattr(sdpa, "choose", choose)
+    monkeypatch.setattr(dispatch, "decide", decide)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 200, h, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+               .requires_grad_() for h in (8, 2, 2))
+    dec = explain(q, k, v, backend=backend)
+    choose.take(), decide.take()
+    backends.launched(clear=True)
+    out = prope_attention(q, k, v, backend=backend)
+    assert choose.take() <= 1 and decide.take() == (backend == "auto")
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    assert (choose.take(), decide.take()) == (0, 0)
+    ran = backends.launched(clear=True)
+    assert ran["fwd"]["backend"] == ran["bwd"]["backend"] == dec.backend, (ran, str(dec))
+    if dec.backend == "sdpa":
+        assert ran["fwd"]["kernel"] == ran["bwd"]["kernel"] == dec.kernel, (ran, str(dec))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prope_kernels import backends, config
+from prope_kernels import config
+from prope_kernels.backends import registry as backends
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def test_real_interpreter_without_numpy_end_to_end(tmp_path):
 
 
 def test_cuda_reason_and_build_record(monkeypatch, tmp_path):
-    from prope_kernels import cuda
+    from prope_kernels.backends import cuda
 
     monkeypatch.setattr(cuda, "extension_path", lambda: None)
     monkeypatch.setattr(cuda, "available", lambda: False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prope_kernels import apply_prope, explain, prope_attention, prope_attention_varlen
-from prope_kernels import sdpa
+from prope_kernels.backends import sdpa
 
 
 def _qkv(shape_q, shape_k, seed=0):

@@ -11,7 +11,7 @@ import torch
 
 from harness import HEADS, rand, run_dense, run_varlen, seed
 from prope_kernels import apply_prope, prope_attention
-from prope_kernels import cuda as cuda_backend
+from prope_kernels.backends import cuda as cuda_backend
 from prope_kernels import reference as ref
 from prope_kernels.rotary import PRoPESpec
 from tolerance import check

@@ -1,5 +1,5 @@
-"""The Hopper kernels (prope_kernels/triton/hopper.py) against the float64 reference, and the
-dispatch between them and the portable kernels.
+"""The Hopper kernels (prope_kernels/backends/triton/hopper.py) against the float64 reference,
+and the dispatch between them and the portable kernels.
 
 Without a GPU they run under the CPU interpreter (Triton 3.9's interpreter executes the device-side
 tensor descriptors, zero-fill and clipped stores included) at small odd shapes, forced by
@@ -10,7 +10,7 @@ training sizes at every head_dim and GQA group, and every config of the tables o
 import pytest
 import torch
 
-from prope_kernels.triton import hopper
+from prope_kernels.backends.triton import hopper
 from harness import HEADS, run_dense
 
 ON_GPU = torch.cuda.is_available()

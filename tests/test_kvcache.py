@@ -344,7 +344,7 @@ def test_varlen_qk_reference_is_per_sequence_dense():
 def _aot_cases():
     import torch
     import triton
-    from prope_kernels.triton import decode as D
+    from prope_kernels.backends.triton import decode as D
     for dt, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for d, feats in ((64, (False, False)), (128, (False, False)), (128, (True, True)),
                          (256, (False, False))):

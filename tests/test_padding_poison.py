@@ -182,7 +182,7 @@ def test_sdpa_equal_lengths(device):
 def triton_mode(monkeypatch):
     """Set the Triton kernels' switches of a case; on a GPU also torch's deterministic mode (the
     dK/dV of the GQA split then sums in a fixed order, so the runs are bitwise comparable)."""
-    from prope_kernels.triton import configs, hopper
+    from prope_kernels.backends.triton import hopper, tuning
     changed = []
 
     def apply(q_on_load=True, kv_split=0, kernels="portable", fused_dq=None):
@@ -192,7 +192,7 @@ def triton_mode(monkeypatch):
         if not q_on_load:
             if ON_GPU:
                 pytest.skip("the autotuner picks the Q rotation mode on a GPU")
-            configs.set_interpreter_q_on_load(False)
+            tuning.set_interpreter_q_on_load(False)
             changed.append("q_on_load")
         if fused_dq is not None:
             monkeypatch.setattr(hopper, "fused_dq", lambda d: fused_dq)
@@ -202,7 +202,7 @@ def triton_mode(monkeypatch):
             torch.use_deterministic_algorithms(True, warn_only=True)
     yield apply
     if changed:
-        configs.set_interpreter_q_on_load(True)
+        tuning.set_interpreter_q_on_load(True)
     torch.use_deterministic_algorithms(False)
 
 

@@ -60,7 +60,7 @@ def test_kernel_angles_at_long_context(device):
     # The fastest pair turns 1 rad per token. Run the rotation kernel in fp32 (no output rounding
     # to hide behind) at positions near 1e6 with theta 1e6 and compare with float64: a float32
     # angle would be off by up to ~0.03 rad here.
-    from prope_kernels.triton.rope import rope_launch
+    from prope_kernels.backends.triton.rope import rope_launch
     spec = PRoPESpec(64, 1.0, 1e6)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(64, 2, 64, generator=gen).to(device)

@@ -13,8 +13,8 @@ import types
 import pytest
 import torch
 
-from prope_kernels import (dispatch, env, explain, prope_attention, prope_attention_varlen,
-                           sdpa)
+from prope_kernels import dispatch, env, explain, prope_attention, prope_attention_varlen
+from prope_kernels.backends import sdpa
 from prope_kernels.rotary import PRoPESpec
 from harness import HEADS, run_dense, run_varlen
 
@@ -317,12 +317,12 @@ def test_kernel_versions_follow_the_sources(tmp_path):
     # the table entries that timed it; a backend whose sources are absent has none
     from prope_kernels import backends
     root = tmp_path / "repo"
-    for name in ("prope_kernels/triton/ops.py", "prope_kernels/rotary.py"):
+    for name in ("prope_kernels/backends/triton/ops.py", "prope_kernels/rotary.py"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x = 1\n")
     before = backends.kernel_hash("triton", root)
     assert before and backends.kernel_hash("triton", root) == before
-    (root / "prope_kernels/triton/ops.py").write_text("x = 2\n")
+    (root / "prope_kernels/backends/triton/ops.py").write_text("x = 2\n")
     assert backends.kernel_hash("triton", root) not in (None, before)
     assert backends.kernel_hash("cuda", root) is None          # no csrc/ here
     assert set(dispatch.installed_kernels()) == {"triton", "sdpa", "cuda"}

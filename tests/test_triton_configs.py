@@ -1,10 +1,11 @@
 """Every tuned Triton config, run once on a GPU against the float64 reference.
 
-The autotuner may pick any row of the config tables in ``prope_kernels/triton/configs.py``; the
-other GPU tests run with PROPE_AUTOTUNE=0 (first row only, see conftest.py), so this file is what
-checks the rest. Each case forces one (kernel, config) and runs forward and backward at an odd
-GQA shape with rotation; a wrong mask, a bad pipelining choice or a miscompile shows up as an
-error above the tolerance rule (or NaN, outputs being poisoned).
+The autotuner may pick any row of the config tables in
+``prope_kernels/backends/triton/configs.py``; the other GPU tests run with PROPE_AUTOTUNE=0
+(first row only, see conftest.py), so this file is what checks the rest. Each case forces one
+(kernel, config) and runs forward and backward at an odd GQA shape with rotation; a wrong mask, a
+bad pipelining choice or a miscompile shows up as an error above the tolerance rule (or NaN,
+outputs being poisoned).
 """
 
 import pytest
@@ -14,7 +15,7 @@ from harness import run_dense
 
 
 def _cases():
-    from prope_kernels.triton.configs import TABLES
+    from prope_kernels.backends.triton.configs import TABLES
     for kernel, table in TABLES.items():
         for d in (64, 128, 256, 512):
             for row in table[d]:
@@ -26,7 +27,7 @@ def _cases():
 @pytest.mark.parametrize("kernel,d,row", list(_cases()),
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_every_tuned_config(monkeypatch, kernel, d, row):
-    from prope_kernels.triton.configs import force_config
+    from prope_kernels.backends.triton.tuning import force_config
     # the portable kernels' tables: on an sm_90 GPU the dispatch would pick the Hopper kernels
     # (tests/test_hopper.py runs every config of theirs)
     monkeypatch.setenv("PROPE_TRITON_KERNELS", "portable")
@@ -39,7 +40,7 @@ def test_config_selection_rules(monkeypatch):
     # The pruning the GPU autotuner applies (it is bypassed under the interpreter, which has a
     # single config): all rows of the bucket by default, the first with PROPE_AUTOTUNE=0, exactly
     # the forced one under force_config, and a clear error for a row not in the table.
-    from prope_kernels.triton import configs as C
+    from prope_kernels.backends.triton import configs as C, tuning
     fwd = [C.fwd_cfg(*row, q) for row in C.rows(C.FWD) for q in (1, 0)]
     dq = [C.cfg(*row) for row in C.rows(C.DQ)]
 
@@ -58,9 +59,9 @@ def test_config_selection_rules(monkeypatch):
     assert rows(prune_dq(dq, {"HEAD_DIM": 64})) == [C.DQ[64][0]]
     assert rows(prune_fwd(fwd, {"HEAD_DIM": 256, "N_ROT": 3})) == [C.FWD[256][0] + (0,)]
     row = C.FWD[256][2] + (1,)
-    with C.force_config("fwd", row):
+    with tuning.force_config("fwd", row):
         assert rows(prune_fwd(fwd, {"HEAD_DIM": 256, "N_ROT": 3})) == [row]
-    with C.force_config("dq", (999, 1, 1, 1)):
+    with tuning.force_config("dq", (999, 1, 1, 1)):
         with pytest.raises(ValueError, match="not a config of head_dim 64"):
             prune_dq(dq, {"HEAD_DIM": 64})
     assert not C.FORCED

@@ -74,9 +74,9 @@ def _attn_consts(d, bm, bn, **kw):
 
 
 def _cases(full, dims=None):
-    from prope_kernels.triton import attention as A
-    from prope_kernels.triton import configs as C
-    from prope_kernels.triton import rope as R
+    from prope_kernels.backends.triton import attention as A
+    from prope_kernels.backends.triton import configs as C
+    from prope_kernels.backends.triton import rope as R
     dims = dims or ((64, 128, 256, 512) if full else (128,))
     for d in dims:
         fwd = C.FWD[d] if full else C.FWD[d][:1]
@@ -141,8 +141,8 @@ STACK_LIMIT_D512 = 768
 
 
 def check_spills():
-    from prope_kernels.triton import attention as A
-    from prope_kernels.triton.configs import TABLES
+    from prope_kernels.backends.triton import attention as A
+    from prope_kernels.backends.triton.configs import TABLES
     for d in (128, 256, 512):
         rows = {k: TABLES[k][d][0] for k in TABLES}
         for name, fn, consts in (
@@ -242,14 +242,14 @@ def _resource_usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
-# --- the Hopper kernels (prope_kernels/triton/hopper.py): every config of every table ---------
+# --- the Hopper kernels (prope_kernels/backends/triton/hopper.py): every config of every table --
 
 # Register spill bound a thread for the Hopper kernels' configs (the tables keep only rows under it)
 HOPPER_STACK_LIMIT = 256
 
 
 def _hopper_cases():
-    from prope_kernels.triton import hopper as H
+    from prope_kernels.backends.triton import hopper as H
     for name, fn, extra in (
             ("hfwd", H._hfwd_kernel, {}),
             ("hbwd", H._hbwd_kernel, dict(SPLIT=2, ATOMIC=True, FUSED_DQ=True,
@@ -288,7 +288,7 @@ def check_hopper():
 
 
 def test_hopper_kernels_compile_for_sm90():
-    from prope_kernels.triton import hopper as H
+    from prope_kernels.backends.triton import hopper as H
     if not H.triton_supports():
         pytest.skip(f"Triton {triton.__version__} has no device-side tensor descriptors")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

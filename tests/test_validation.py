@@ -159,7 +159,7 @@ def test_backends_without_window_or_softcap(monkeypatch):
     # for CPU tensors): naming it raises, "auto" passes over it to the next backend that has them.
     import dataclasses
 
-    from prope_kernels import backends
+    from prope_kernels.backends import registry as backends
     q, k, v = _qkv("cpu", d=64)
     for feature in ("window", "softcap"):
         assert feature in backends.get("cuda").features           # somewhere (SM90 kernels)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from . import record_launch
+from .common import record_launch
 
 
 def _compute_dtype(dtype):

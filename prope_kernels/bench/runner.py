@@ -249,7 +249,7 @@ def _triton_configs(ran, mode) -> list:
     hopper = triton_module("hopper")
     kernels = {("fwd", "portable"): ("fwd",), ("bwd", "portable"): ("dkdv", "dq"),
                ("fwd", "hopper"): ("hfwd",), ("bwd", "hopper"): ("hbwd", "hdkdv", "hdq")}
-    chosen = {**triton_module("configs").chosen_configs(), **hopper.chosen_configs()}
+    chosen = {**triton_module("tuning").chosen_configs(), **hopper.chosen_configs()}
     names = [n for p in passes for n in kernels[p, ran[p]["kernels"]] if n in chosen]
     return ["configs " + ", ".join(f"{n} {chosen[n]}" for n in names)] if names else []
 

@@ -1,6 +1,6 @@
 """Vendor-core backend ("sdpa"): PyTorch's fused attention kernels with our p-RoPE around them.
 
-Same contract as :mod:`prope_kernels.triton.ops` (packed layout: q (total, q_heads, d), k/v
+Same contract as :mod:`prope_kernels.backends.triton.ops` (packed layout: q (total, q_heads, d), k/v
 (total, kv_heads, d), int32 cu_seqlens, int64 positions, lse (q_heads, total) fp32 natural log):
 
 * forward: q and k are rotated into short-lived buffers (the Triton rotation kernel on CUDA:
@@ -10,7 +10,8 @@ Same contract as :mod:`prope_kernels.triton.ops` (packed layout: q (total, q_hea
 * backward: q and k are rotated again, the matching ATen backward op runs, and dq', dk' are
   rotated back by the opposite angle (the gradient of a rotation is its inverse).
 
-Which ATen kernel (:func:`choose`), in order:
+Which ATen kernel (:func:`choose`; the public API chooses once per call, into the call's plan,
+and passes it as ``kernel=`` to the forward and the backward: :func:`planned`), in order:
 
 * ``cudnn``: ``aten._scaled_dot_product_cudnn_attention`` (+ ``_backward``), dense batches only
   (every sequence has ``max_seqlen`` tokens), where ``torch.backends.cuda.can_use_cudnn_attention``
@@ -52,8 +53,8 @@ from typing import Optional
 
 import torch
 
-from . import env
-from . import reference as ref
+from .. import env
+from .. import reference as ref
 
 KERNELS = ("cudnn", "flash", "efficient", "cpu_flash")
 GPU_KERNELS = ("cudnn", "flash", "efficient")
@@ -181,6 +182,29 @@ def check(q, k, num_seqs, max_seqlen, causal) -> Choice:
                          f"(head_dim={q.shape[-1]}, {q.dtype}, {q.shape[-2]} q heads, "
                          f"{k.shape[-2]} kv heads): {ch.why}; use backend='triton' or 'auto'")
     return ch
+
+
+def planned(kernel: str, q, k, num_seqs, max_seqlen) -> Choice:
+    """The :class:`Choice` of a call whose plan names ``kernel`` (chosen once per call, by
+    :func:`check` before the forward; the backward reuses it): what the kernel needs (dense,
+    k/v expansion) follows from the shapes, without asking torch again."""
+    if kernel not in KERNELS:
+        raise ValueError(f"backend='sdpa': kernel must be one of {KERNELS}, got {kernel!r}")
+    total, hq = q.shape[0], q.shape[-2]
+    dense = max_seqlen > 0 and num_seqs * max_seqlen == total
+    if kernel in ("cudnn", "efficient") and not dense:
+        raise ValueError(f"backend='sdpa': the {kernel} kernel takes dense batches only (every "
+                         f"sequence of max_seqlen={max_seqlen} tokens), got {num_seqs} sequences "
+                         f"in {total} tokens")
+    expand = kernel == "efficient" and hq != k.shape[-2]
+    return Choice(kernel, dense, expand, f"planned: {kernel}")
+
+
+def _choice(kernel, q, k, cu_seqlens, max_seqlen, causal) -> Choice:
+    # the plan's kernel when the call has one (the public API), else chosen here (a direct call)
+    n = cu_seqlens.numel() - 1
+    return (check(q, k, n, max_seqlen, causal) if kernel is None
+            else planned(kernel, q, k, n, max_seqlen))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,13 +398,13 @@ def _cpu_bwd(dout, q, k, v, out, lse, b, causal, scale):
 # ----------------------------------------------------------------------------------------------
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
-             softcap=0.0):
-    from .backends import record_launch, refuse_features
+             softcap=0.0, kernel=None):
+    from .common import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     total, hq, d = q.shape
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), q.new_zeros((hq, total), dtype=torch.float32)
-    ch = check(q, k, cu_seqlens.numel() - 1, max_seqlen, causal)
+    ch = _choice(kernel, q, k, cu_seqlens, max_seqlen, causal)
     record_launch("fwd", "sdpa", kernel=ch.kernel)
     qr = _rotate(q, positions, spec, False)  # short-lived: freed when this function returns
     kr = _rotate(k, positions, spec, False)
@@ -389,8 +413,8 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0, deterministic=False):
-    from .backends import record_launch, refuse_features
+             scale, window=(-1, -1), softcap=0.0, deterministic=False, kernel=None):
+    from .common import record_launch, refuse_features
     refuse_features("sdpa", window, softcap, causal)
     if deterministic:  # its kernels follow torch's own setting (the registry refuses it first)
         raise ValueError("backend='sdpa' has no deterministic=True mode (torch's kernels follow "
@@ -398,7 +422,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     total = q.shape[0]
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    ch = check(q, k, cu_seqlens.numel() - 1, max_seqlen, causal)
+    ch = _choice(kernel, q, k, cu_seqlens, max_seqlen, causal)
     record_launch("bwd", "sdpa", kernel=ch.kernel)
     dout = dout.contiguous()
     qr = _rotate(q, positions, spec, False)

@@ -10,22 +10,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import env
-from ..backends import record_launch
+from ... import env
+from ..common import record_launch
 from . import hopper
 from .attention import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, \
     _bwd_preprocess_kernel
+from .common import new as _new
 from .configs import dkdv_max_block_n, kv_split, seq_bucket
 from .rope import rope_launch
-
-
-def _new(x, *shape, dtype=None):
-    """Output/scratch allocation. PROPE_POISON=1 (set by the tests) fills it with NaN so that
-    anything a kernel forgets to write shows up as NaN instead of stale memory."""
-    shape = shape or x.shape
-    if env.poison():
-        return torch.full(shape, float("nan"), device=x.device, dtype=dtype or x.dtype)
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype)
 
 
 def _common(q, k, spec):

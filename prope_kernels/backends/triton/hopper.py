@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import env
+from ... import env
 from .common import LN2, LOG2E, dot, fwd_loop, kv_block, q_block, store_dkdv
 from .rope import lowp
 
@@ -491,7 +491,7 @@ def _set_allocator():
 
 
 def _new(x, *shape, dtype=None):
-    from .ops import _new as new
+    from .common import new
     return new(x, *shape, dtype=dtype)
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import env
+from ... import env
 from .rope import lowp, rope_cos_sin
 
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import env
-from .backends import record_launch
+from .. import env
+from .common import record_launch
 
 _LOADED = None
 _LOAD_ERROR = None
@@ -24,7 +24,7 @@ def _load() -> bool:
     global _LOADED, _LOAD_ERROR
     if _LOADED is None:
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.prope_cuda.*)
+            from .. import _C  # noqa: F401  (registers torch.ops.prope_cuda.*)
         except (ImportError, OSError) as e:  # not built, or built against another torch
             _LOADED, _LOAD_ERROR = False, e
         else:
@@ -71,7 +71,7 @@ def extension_path():
     (found without importing it)."""
     import importlib.util
     try:
-        spec = importlib.util.find_spec(f"{__package__}._C")
+        spec = importlib.util.find_spec("prope_kernels._C")
     except (ImportError, ValueError):
         return None
     return spec.origin if spec is not None else None

@@ -1,5 +1,7 @@
-"""Tuning policy of the Triton attention kernels (attention.py): config tables, the autotuner's
-pruning, forced configs for tests, the configs chosen last, and the GQA split of the backward.
+"""Tuning policy of the Triton attention kernels (attention.py), as data below them: config
+tables, the autotuner's pruning (and the configs tests force, :data:`FORCED`), and the GQA split
+of the backward. What acts on the kernels themselves (forcing a config, the configs chosen last)
+is in tuning.py, above attention.py.
 
 On a GPU the autotuner times the rows of the head_dim bucket's table (all of them by default; the
 first only with PROPE_AUTOTUNE=0; exactly one under :func:`force_config`). Under the CPU
@@ -8,12 +10,10 @@ interpreter (TRITON_INTERPRET=1) each kernel has one small config.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 
-from .. import env
+from ... import env
 from .rope import rope_launch_raw
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head_dim bucket; the autotuner picks among those that fit.
@@ -160,42 +160,3 @@ def kv_split(group: int, kv_programs: int, device) -> int:
         if group % split == 0 and kv_programs * split >= want:
             return split
     return group
-
-
-def _kernels() -> dict:
-    from .attention import KERNELS  # attention.py imports this module for its decorators
-    return KERNELS
-
-
-def set_interpreter_q_on_load(on_load: bool) -> None:
-    """Tests only (CPU interpreter, single config): choose the forward's Q rotation mode."""
-    c = _kernels()["fwd"].configs[0]
-    c.kwargs["Q_ON_LOAD"] = int(on_load)
-    c.pre_hook = None if on_load else rotate_q_into_out
-
-
-@contextlib.contextmanager
-def force_config(kernel: str, row: tuple):
-    """Tests on a GPU: run ``kernel`` ("fwd", "dkdv" or "dq") with exactly the config ``row`` =
-    (BLOCK_M, BLOCK_N, warps, stages) of its table (fwd: plus Q_ON_LOAD), no tuning."""
-    kern = _kernels()[kernel]
-    FORCED[kernel] = tuple(row)
-    kern.cache.clear()
-    try:
-        yield
-    finally:
-        del FORCED[kernel]
-        kern.cache.clear()
-
-
-def chosen_configs() -> dict:
-    """The config each kernel ran with last (autotuned or not): {"fwd": "128x64 w8 s2 q0", ...}.
-    The benchmark records it next to each Triton timing, to show which table rows win."""
-    out = {}
-    for name, kern in _kernels().items():
-        c = getattr(kern, "best_config", None)
-        if c is not None:
-            kw = c.kwargs
-            q = f" q{kw['Q_ON_LOAD']}" if "Q_ON_LOAD" in kw else ""
-            out[name] = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}{q}"
-    return out

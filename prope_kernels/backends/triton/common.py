@@ -1,4 +1,5 @@
-"""Small JIT helpers shared by the portable kernels (attention.py) and the Hopper ones (hopper.py).
+"""Small JIT helpers shared by the portable kernels (attention.py) and the Hopper ones (hopper.py),
+and the allocation of their outputs and scratch (:func:`new`).
 
 EMULATE (constexpr) is set only under the CPU interpreter with bfloat16 inputs, never on a GPU.
 Triton 3.9's interpreter mishandles bf16 in tl.dot and casts fp32->bf16 by truncation; ``dot``
@@ -6,13 +7,24 @@ here and ``rope.lowp`` make it compute what the GPU computes (exact fp32 dots of
 round-to-nearest casts), so the CPU tests hold the kernels to the GPU's accuracy.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from ... import env
 from .rope import lowp
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+def new(x, *shape, dtype=None):
+    """Output/scratch allocation. PROPE_POISON=1 (set by the tests) fills it with NaN so that
+    anything a kernel forgets to write shows up as NaN instead of stale memory."""
+    shape = shape or x.shape
+    if env.poison():
+        return torch.full(shape, float("nan"), device=x.device, dtype=dtype or x.dtype)
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype)
 
 
 @triton.jit

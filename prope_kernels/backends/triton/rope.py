@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import env
+from ... import env
 
 TWO_PI = tl.constexpr(6.283185307179586)
 INV_TWO_PI = tl.constexpr(0.15915494309189535)
