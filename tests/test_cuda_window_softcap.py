@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness import Reference
-from prope_kernels import cuda as cuda_backend
+from prope_kernels.backends import cuda as cuda_backend
 from prope_kernels import prope_attention, prope_attention_varlen
 from prope_kernels.rotary import PRoPESpec
 from test_window_softcap import HEADS, _compare, _inputs

@@ -125,7 +125,7 @@ def check(archs=(80, 90), dts=("bf16", "fp16")):
                     f"{name}: {k.metadata.shared} B shared memory on sm_{arch}"
                 print(f"ok sm_{arch} {dt} {name}", flush=True)
     check_spills()
-    from prope_kernels.triton import attention as A
+    from prope_kernels.backends.triton import attention as A
     check_scale_fold(A._attn_fwd_kernel, _attn_consts(128, 128, 64, Q_ON_LOAD=0), "fwd d128 "
                      "128x64 w8 s3", 8, 3)
 
@@ -269,7 +269,7 @@ def _hopper_cases():
 def check_hopper():
     """Compile every Hopper config for sm_90; each must use wgmma and TMA (cp.async.bulk.tensor)
     and spill at most HOPPER_STACK_LIMIT bytes a thread. And the forward's scale fold."""
-    from prope_kernels.triton import hopper as H
+    from prope_kernels.backends.triton import hopper as H
     for name, fn, consts, warps, stages in _hopper_cases():
         k = _compile(fn, dict(consts), "bf16", 90, warps, stages)
         ptx = k.asm["ptx"]
