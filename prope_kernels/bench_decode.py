@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .bench.timing import bench_cpu, bench_gpu
+from .bench.runner import bench_cpu, bench_gpu
 from .kvcache import prope_attention_with_kvcache
 
 # (batch, cache_len): batch 32-64, cache 4k-32k; Llama-3-8B heads (32 q, 8 kv, d 128), bf16
