@@ -554,7 +554,7 @@ train() {
     # a failed build is reported; the benchmark still runs (its cuda entry then says skipped)
     [ "$brc" -eq 0 ] || status=1
   fi
-  qstep train_bench 97 "$PY" -m prope_kernels.train --preset gemma-2b \
+  qstep train_bench 97 "$PY" -m prope_kernels.train_main --preset gemma-2b \
       --benchmark "${TRAIN_BENCH_STEPS:-4}" --benchmark-warmup 2 --no-progress \
       --out "$tmp/bench"
   cp "$tmp"/bench/benchmark.json "$tmp"/bench/benchmark.md "$OUT"/ 2>/dev/null \

@@ -861,17 +861,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    if cfg.benchmark:
-        from .train_bench import benchmark
-
-        try:
-            args = sys.argv[1:] if argv is None else list(argv)
-            benchmark(cfg, log=lambda line: print(line, flush=True),
-                      command=" ".join(["prope-train"] + args))
-        except UsageError as e:
-            print(f"prope-train: error: {e}", file=sys.stderr)
-            return 2
-        return 0
+    if cfg.benchmark:  # the benchmark imports this module: prope-train (train_main) runs it
+        print("prope-train: error: --benchmark runs through prope-train "
+              "(python -m prope_kernels.train_main), not python -m prope_kernels.train",
+              file=sys.stderr)
+        return 2
     first = env.distributed()[1] == 0
 
     def say(line: str) -> None:

@@ -510,6 +510,6 @@ def test_train_stage_runs_the_real_commands():
     # the commands the stage runs (not faked): the gemma-2b benchmark and the gpu preset
     text = SCRIPT.read_text()
     body = text[text.index("train() {"):text.index("stage() {")]
-    assert "-m prope_kernels.train --preset gemma-2b" in body and "--benchmark" in body
+    assert "-m prope_kernels.train_main --preset gemma-2b" in body and "--benchmark" in body
     assert "-m prope_kernels.experiments table2 --preset gpu" in body
     assert "--max-minutes" in body  # a cut table2 still tabulates the seeds it finished

@@ -76,7 +76,7 @@ def test_pyproject_metadata():
     # test = train + bench + what the Hugging Face tests need
     assert set(extras["train"]) | set(extras["bench"]) <= set(extras["test"])
     assert {"transformers", "accelerate", "pytest"} <= set(extras["test"])
-    assert proj["scripts"] == {"prope-train": "prope_kernels.train:main",
+    assert proj["scripts"] == {"prope-train": "prope_kernels.train_main:main",
                                "prope-experiment": "prope_kernels.experiments:main",
                                "prope-kernels": "prope_kernels.config:main",
                                "prope-bench": "prope_kernels.bench.cli:main"}

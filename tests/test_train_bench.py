@@ -13,10 +13,11 @@ import torch
 from prope_kernels.data import make_batch, pack
 from prope_kernels.models import Gemma, preset
 from prope_kernels.models.gemma import MLP, Attention, RMSNorm
-from prope_kernels.train import (TrainConfig, adamw_kwargs, compile_parts, main, make_autocast,
+from prope_kernels.train import (TrainConfig, adamw_kwargs, compile_parts, make_autocast,
                                  make_optimizer, memory_estimate, parse_args, peak_flops_named,
                                  setup, train_step)
 from prope_kernels.train_bench import bars
+from prope_kernels.train_main import main
 
 
 @pytest.fixture(autouse=True)

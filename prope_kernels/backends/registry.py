@@ -115,7 +115,9 @@ class Backend:
         and is usable here."""
         return (self.runs_on(x.device) and x.dtype in self.dtypes
                 and self.head_dim_ok(x.shape[-1]) and needs <= self.features
-                and self.unavailable() is None and needs <= self.features_on(x))
+                and self.unavailable() is None
+                # the device's features are asked only for a call that needs any
+                and (not needs or needs <= self.features_on(x)))
 
     def check(self, x: torch.Tensor, needs: frozenset = frozenset()) -> None:
         """Raise a ValueError/TypeError naming the backend when it cannot run ``x`` or lacks a

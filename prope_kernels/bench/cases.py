@@ -206,3 +206,15 @@ def build_sweep(name: str, dtype: str = "bfloat16", seqlens=None, head_dims=None
         return [varlen_case("varlen-16384", "varlen", 16384, 32, 8, 128, seed=2, min_len=128,
                             max_len=8192, dtype=dtype)]
     raise ValueError(f"unknown sweep {name!r}")
+
+
+# the banner a smoke run's report and plots carry (its numbers are not GPU figures)
+SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
+                "It checks that the suite works end to end; its numbers are not GPU figures and "
+                "say nothing about speed.")
+GPU_SMOKE_BANNER = ("GPU SMOKE RUN: tiny shapes; launch overhead dominates. Not the standard "
+                    "report: run `prope-bench` without --smoke for figures.")
+
+
+def banner(meta):
+    return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bars import ordered
-from .cases import MODE_LABELS
+from .cases import MODE_LABELS, banner
 from .providers import PROVIDERS
-from .report import banner
 
 
 def _style(prov):

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from .bars import NOISE, NOT_JUDGED, SETS, bars, index, judged, ordered
-from .cases import MODE_LABELS, PRESETS, SMOKE_PRESETS
+from .cases import MODE_LABELS, PRESETS, SMOKE_PRESETS, banner
 from .providers import FLOOR, PROVIDERS
 
 META_CSV = ("run_kind", "gpu", "driver", "torch", "torch_cuda", "cudnn", "triton", "date_utc",
@@ -45,17 +45,6 @@ def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool
     files["md"] = out_dir / "report.md"
     files["md"].write_text(markdown(meta, settings, rows, files["png"]))
     return files
-
-SMOKE_BANNER = ("CPU SMOKE RUN: tiny shapes on a CPU (reference backend, Triton interpreter). "
-                "It checks that the suite works end to end; its numbers are not GPU figures and "
-                "say nothing about speed.")
-GPU_SMOKE_BANNER = ("GPU SMOKE RUN: tiny shapes; launch overhead dominates. Not the standard "
-                    "report: run `prope-bench` without --smoke for figures.")
-
-
-def banner(meta):
-    return {"cpu-smoke": SMOKE_BANNER, "gpu-smoke": GPU_SMOKE_BANNER}.get(meta["run_kind"])
-
 
 def _cell(r):
     """A table cell: "median ms (TFLOP/s)", or the status of a row that was not timed."""
