@@ -16,8 +16,10 @@ Differences from flash-attn, all explicit:
 * Features the kernels do not have raise a ``ValueError`` naming the argument: ``dropout_p``
   other than 0, ``alibi_slopes``, ``return_attn_probs=True`` (use :func:`prope_attention` with
   ``return_lse=True`` for the log-sum-exp, in flash-attn's lse layout), ``block_table``
-  (paged KV cache), and, in the varlen call, different query and key sequences
-  (``cu_seqlens_q`` not ``cu_seqlens_k``, or ``max_seqlen_q != max_seqlen_k``).
+  (paged KV cache).
+* The varlen call takes keys of their own lengths (``cu_seqlens_k`` != ``cu_seqlens_q``), with
+  flash-attn's bottom-right alignment of the masks; the keys' positions are ``k_positions``
+  (keyword-only; default 0..Lk-1 in each sequence, q at the last Lq of them).
 * ``softcap=0.0`` is off, as in flash-attn; ``window_size=(-1, -1)`` is unbounded, with the
   right side capped at 0 when causal (flash-attn's convention, see :func:`prope_attention`).
 
@@ -146,15 +148,19 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            return_attn_probs: bool = False, block_table=None, *, p: float,
                            theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                            positions: Optional[torch.Tensor] = None,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto",
+                           k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed sequences with p-RoPE fused in, called like flash-attn's
     ``flash_attn_varlen_func``.
 
-    q: (total, q_heads, head_dim); k, v: (total, kv_heads, head_dim). Queries and keys are the
-    same tokens (self-attention): ``cu_seqlens_k`` must be ``cu_seqlens_q`` (the same tensor, or
-    an equal one) and ``max_seqlen_k == max_seqlen_q``; anything else raises a ValueError, as do
-    ``block_table`` (a paged KV cache), ``dropout_p != 0``, ``alibi_slopes`` and
-    ``return_attn_probs=True``. The other arguments and the keyword-only rotation (``p``
+    q: (total_q, q_heads, head_dim); k, v: (total_k, kv_heads, head_dim). Sequence i is q rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` over k rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``;
+    when the lengths differ the masks align bottom-right (flash-attn's convention; see
+    :func:`prope_attention_varlen`, ``cu_seqlens_k``), and only the triton and reference
+    backends run the call. With ``cu_seqlens_k`` equal to ``cu_seqlens_q`` (the same tensor, or
+    an equal one) and ``max_seqlen_k == max_seqlen_q`` it is self-attention over the same tokens,
+    as before. ``block_table`` (a paged KV cache), ``dropout_p != 0``, ``alibi_slopes`` and
+    ``return_attn_probs=True`` raise a ValueError. The other arguments and the keyword-only rotation (``p``
     required, ``positions`` (total,), default restarting at 0 in each sequence) are those of
     :func:`flash_attn_func`; see :func:`prope_attention_varlen` for cu_seqlens' contract
     (eager calls check its values; rows past ``cu_seqlens[-1]`` are padding).
@@ -168,11 +174,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "block_table=None")
     if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int):
         raise TypeError(f"{fn}: max_seqlen_q must be an int, got {max_seqlen_q!r}")
-    if max_seqlen_k != max_seqlen_q:
-        raise ValueError(f"{fn}: max_seqlen_k ({max_seqlen_k!r}) must equal max_seqlen_q "
-                         f"({max_seqlen_q}): queries and keys are the same tokens here "
-                         "(self-attention)")
-    if cu_seqlens_k is not cu_seqlens_q:
+    if isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int):
+        raise TypeError(f"{fn}: max_seqlen_k must be an int, got {max_seqlen_k!r}")
+    same = cu_seqlens_k is cu_seqlens_q
+    if not same and max_seqlen_k == max_seqlen_q:
         same = (isinstance(cu_seqlens_k, torch.Tensor) and isinstance(cu_seqlens_q, torch.Tensor)
                 and cu_seqlens_k.shape == cu_seqlens_q.shape
                 and cu_seqlens_k.device == cu_seqlens_q.device)
@@ -180,10 +185,14 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # eager: compare the values (a device->host sync on CUDA; pass the same tensor twice
             # to skip it). Inside torch.compile equal shapes are the caller's contract.
             same = bool(torch.equal(cu_seqlens_k, cu_seqlens_q))
-        if not same:
-            raise ValueError(f"{fn}: cu_seqlens_k must equal cu_seqlens_q: queries and keys are "
-                             "the same tokens here (self-attention; no cross-attention or "
-                             "KV cache)")
+    if not same or max_seqlen_k != max_seqlen_q or k_positions is not None:
+        # keys of their own lengths (or positions): bottom-right aligned masks
+        return prope_attention_varlen(
+            q, k, v, cu_seqlens_q, max_seqlen_q, p=p, theta=theta, variant=variant,
+            layout=layout, causal=causal, softmax_scale=softmax_scale, positions=positions,
+            backend=backend, window=_window(window_size, fn), softcap=_softcap(softcap, fn),
+            deterministic=deterministic, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+            k_positions=k_positions)
     return prope_attention_varlen(q, k, v, cu_seqlens_q, max_seqlen_q, p=p, theta=theta,
                                   variant=variant, layout=layout, causal=causal,
                                   softmax_scale=softmax_scale, positions=positions,

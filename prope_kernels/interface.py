@@ -48,13 +48,15 @@ def _backend_module(name: str):
 
 
 def _attn_plan(plan, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, window_right=-1,
-               softcap=0.0, deterministic=False):
+               softcap=0.0, deterministic=False, qk=False):
     """(backend module, its keyword arguments) for the op's ``backend`` argument: the call's
     plan (dispatch.plan: "triton", "sdpa:flash", ...), made once by the public function before
     the forward and saved for the backward. "auto" reaches the op only from torch.compile, where
     the decision is made here, on the real tensors (with the features the call needs)."""
     if plan == "auto":
         needs = features_needed((window_left, window_right), softcap, causal, deterministic)
+        if qk:
+            needs = needs | {"qk_lengths"}
         plan = dispatch.decide(q, k, cu_seqlens.numel() - 1, max_seqlen, causal,
                                needs=needs).plan
     name, kernel = dispatch.parse_plan(plan)
@@ -65,21 +67,39 @@ def _attn_plan(plan, q, k, cu_seqlens, max_seqlen, causal, window_left=-1, windo
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  positions: torch.Tensor, max_seqlen: int, p: float, theta: float, variant: str,
                  layout: str, causal: bool, softmax_scale: float, window_left: int,
-                 window_right: int, softcap: float, backend: str, deterministic: bool = False
+                 window_right: int, softcap: float, backend: str, deterministic: bool = False,
+                 cu_seqlens_k: Optional[torch.Tensor] = None,
+                 positions_k: Optional[torch.Tensor] = None, max_seqlen_k: int = -1
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    # cu_seqlens_k, positions_k, max_seqlen_k: keys of their own lengths and positions
+    # (seqlen_q != seqlen_k, bottom-right aligned); None: k/v rows are q's (cu_seqlens, positions)
     if cu_seqlens.device.type == "cpu":
         # free here (no device sync): the check torch.compile skips when tracing the public call
         check_cu_values(cu_seqlens, q.shape[0], max_seqlen, padding=False)
+        if cu_seqlens_k is not None:
+            check_cu_values(cu_seqlens_k, k.shape[0], max_seqlen_k, padding=False,
+                            name="cu_seqlens_k", max_name="max_seqlen_k", rows="k")
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m, kw = _attn_plan(backend, q, k, cu_seqlens, max_seqlen, causal, window_left,
-                       window_right, softcap, deterministic)
+    m, kw = _attn_plan(backend, q, k, cu_seqlens, max(max_seqlen, max_seqlen_k), causal,
+                       window_left, window_right, softcap, deterministic,
+                       qk=cu_seqlens_k is not None)
     return m.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, softmax_scale,
-                      (window_left, window_right), softcap, **kw)
+                      (window_left, window_right), softcap, **kw,
+                      **_qk_args(cu_seqlens_k, positions_k, max_seqlen_k))
+
+
+def _qk_args(cu_seqlens_k, positions_k, max_seqlen_k) -> dict:
+    # only calls with keys of their own lengths hand the backends these (the equal-length call
+    # is unchanged, and a backend without "qk_lengths" never sees them)
+    if cu_seqlens_k is None:
+        return {}
+    return dict(cu_seqlens_k=cu_seqlens_k, positions_k=positions_k, max_seqlen_k=max_seqlen_k)
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, positions, max_seqlen, p, theta, variant, layout, causal,
-      softmax_scale, window_left, window_right, softcap, backend, deterministic=False):
+      softmax_scale, window_left, window_right, softcap, backend, deterministic=False,
+      cu_seqlens_k=None, positions_k=None, max_seqlen_k=-1):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -89,26 +109,37 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  cu_seqlens: torch.Tensor, positions: torch.Tensor, max_seqlen: int, p: float,
                  theta: float, variant: str, layout: str, causal: bool, softmax_scale: float,
                  window_left: int, window_right: int, softcap: float, backend: str,
-                 deterministic: bool = False
+                 deterministic: bool = False, cu_seqlens_k: Optional[torch.Tensor] = None,
+                 positions_k: Optional[torch.Tensor] = None, max_seqlen_k: int = -1
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(q.shape[-1], p, theta, variant, layout)
-    m, kw = _attn_plan(backend, q, k, cu_seqlens, max_seqlen, causal, window_left,
-                       window_right, softcap, deterministic)
+    m, kw = _attn_plan(backend, q, k, cu_seqlens, max(max_seqlen, max_seqlen_k), causal,
+                       window_left, window_right, softcap, deterministic,
+                       qk=cu_seqlens_k is not None)
     return m.attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec,
                       causal, softmax_scale, (window_left, window_right), softcap,
-                      deterministic=deterministic, **kw)
+                      deterministic=deterministic, **kw,
+                      **_qk_args(cu_seqlens_k, positions_k, max_seqlen_k))
 
 
 @_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, p, theta, variant, layout,
-      causal, softmax_scale, window_left, window_right, softcap, backend, deterministic=False):
+      causal, softmax_scale, window_left, window_right, softcap, backend, deterministic=False,
+      cu_seqlens_k=None, positions_k=None, max_seqlen_k=-1):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_ARGS = 11   # p .. deterministic: the op's arguments between max_seqlen and cu_seqlens_k
 
 
 def _attn_setup_context(ctx, inputs, output):
     q, k, v, cu, pos, max_seqlen, *args = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu, pos)  # no rotated copies are kept
+    # the k-specific trailing arguments (None, None, -1 for an equal-length call)
+    cu_k, pos_k, max_k = (list(args[_N_ARGS:]) + [None, None, -1])[:3]
+    args = args[:_N_ARGS]
+    ctx.save_for_backward(q, k, v, out, lse, cu, pos, cu_k, pos_k)  # no rotated copies kept
+    ctx.max_k = max_k
     # an unused output's gradient arrives as None, not zeros: without return_lse (or with an
     # unused lse) the backends get dlse=None and skip its term (the sdpa backend would else run
     # an extra forward and backward on a zero dlse)
@@ -120,10 +151,11 @@ def _attn_setup_context(ctx, inputs, output):
 
 
 def _attn_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu, pos = ctx.saved_tensors
+    q, k, v, out, lse, cu, pos, cu_k, pos_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu, pos, *ctx.args)
+    dq, dk, dv = _attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, cu, pos, *ctx.args,
+                              cu_seqlens_k=cu_k, positions_k=pos_k, max_seqlen_k=ctx.max_k)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -166,13 +198,15 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
                     causal: bool = True, softmax_scale: Optional[float] = None,
                     positions: Optional[torch.Tensor] = None, backend: str = "auto",
                     return_lse: bool = False, window: tuple = (-1, -1),
-                    softcap: Optional[float] = None, deterministic: bool = False):
+                    softcap: Optional[float] = None, deterministic: bool = False,
+                    k_positions: Optional[torch.Tensor] = None):
     """Attention with p-RoPE applied to q and k inside the kernel.
 
     Args:
         q: (batch, seqlen, q_heads, head_dim), float16/bfloat16 for the kernels.
-        k, v: (batch, seqlen, kv_heads, head_dim); q_heads % kv_heads == 0 (MHA, GQA, MQA:
-            k/v are never expanded in memory).
+        k, v: (batch, seqlen_k, kv_heads, head_dim); q_heads % kv_heads == 0 (MHA, GQA, MQA:
+            k/v are never expanded in memory). seqlen_k may differ from q's seqlen (see
+            "seqlen_q != seqlen_k" below).
         p: fraction of the d/2 frequency pairs that rotate, in [0, 1] (0: NoPE, 1: RoPE).
         theta: RoPE base.
         variant: "prope" (fastest pairs rotate), "reversed" (slowest pairs rotate) or
@@ -202,15 +236,31 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
             ``torch.use_deterministic_algorithms(True)`` asks each backend's kernels for the
             same. Off by default: the fastest backward sums dQ with atomics.
 
+        k_positions: k's positions, (seqlen_k,) or (batch, seqlen_k); see below.
+
+    seqlen_q != seqlen_k (flash-attn's convention, e.g. new queries over a longer context):
+    the masks align bottom-right: query i sees key j iff ``j <= i + seqlen_k - seqlen_q``
+    (causal) and the window's bounds shift the same way. Default positions: k at
+    ``0..seqlen_k-1``, q at the last seqlen_q of them (``seqlen_k - seqlen_q + i``; with
+    ``k_positions`` given, q defaults to its last seqlen_q entries). ``positions`` alone with
+    different lengths is ambiguous and refused (pass ``k_positions`` too). A query row that sees
+    no key (seqlen_q > seqlen_k under a causal mask) gets out 0 and lse -inf, as in flash-attn;
+    its gradients are 0. Backends: reference and triton (the portable kernels); the others
+    refuse it and ``auto`` passes them over. With equal lengths and no ``k_positions``
+    nothing of this runs.
+
     Returns:
         out (batch, seqlen, q_heads, head_dim) like q, and lse when ``return_lse``.
     """
     spec, scale = check_attention(q, k, v, packed=False, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, k_len_free=True)
     window, softcap, needs = check_window_softcap(window, softcap, causal)
     needs = check_deterministic(deterministic, needs)
     b, s = q.shape[:2]
+    if k.shape[1] != s or k_positions is not None:
+        return _dense_qk(q, k, v, spec, scale, causal, positions, k_positions, backend,
+                         return_lse, window, softcap, deterministic, needs)
     if positions is not None:
         check_positions(positions, [(s,), (b, s)], q.device)
     backend = dispatch.plan(backend, q, k, b, s, causal, needs).plan
@@ -229,13 +279,63 @@ def prope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: flo
     return out
 
 
+def _dense_qk(q, k, v, spec, scale, causal, positions, k_positions, backend, return_lse, window,
+              softcap, deterministic, needs):
+    """prope_attention with seqlen_q != seqlen_k or k's own positions: packed as varlen with
+    separate q and k offsets."""
+    b, s = q.shape[:2]
+    sk = k.shape[1]
+    pos, kpos = _qk_positions(positions, k_positions, [(s,), (b, s)], [(sk,), (b, sk)], s, sk,
+                              q.device)
+    needs = needs | {"qk_lengths"}
+    backend = dispatch.plan(backend, q, k, b, max(s, sk), causal, needs).plan
+    pos = pos.to(torch.int64).expand(b, s).reshape(b * s)
+    kpos = kpos.to(torch.int64).expand(b, sk).reshape(b * sk)
+    cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * s
+    cu_k = torch.arange(b + 1, device=q.device, dtype=torch.int32) * sk
+    qf = q.reshape(b * s, q.shape[2], q.shape[3])
+    kf, vf = (x.reshape(b * sk, x.shape[2], x.shape[3]) for x in (k, v))
+    out, lse = _attn_fwd_op(qf, kf, vf, cu, pos, s, spec.p, spec.theta, spec.variant,
+                            spec.layout, causal, scale, *window, softcap, backend, deterministic,
+                            cu_k, kpos, sk)
+    out = out.view(b, s, q.shape[2], q.shape[3])
+    if return_lse:
+        return out, lse.view(q.shape[2], b, s).transpose(0, 1)
+    return out
+
+
+def _qk_positions(positions, k_positions, q_shapes, k_shapes, s, sk, device):
+    """Dense (q, k) positions of a seqlen_q != seqlen_k call (validated; defaults: k 0..sk-1, q
+    the last s of k's)."""
+    if positions is not None:
+        check_positions(positions, q_shapes, device)
+    if k_positions is not None:
+        check_positions(k_positions, k_shapes, device, name="k_positions")
+    if k_positions is None:
+        if positions is not None:
+            raise ValueError(f"k_positions is required when positions is given and seqlen_q "
+                             f"({s}) != seqlen_k ({sk}): which positions k has is ambiguous")
+        k_positions = torch.arange(sk, device=device)
+        return torch.arange(sk - s, sk, device=device), k_positions
+    if positions is None:
+        if s > sk:
+            raise ValueError(f"positions is required when k_positions is given and seqlen_q "
+                             f"({s}) > seqlen_k ({sk}): q's default is the last seqlen_q "
+                             f"entries of k_positions")
+        positions = k_positions[..., sk - s:]
+    return positions, k_positions
+
+
 def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens: torch.Tensor, max_seqlen: int, *, p: float = 0.75,
                            theta: float = 10000.0, variant: str = "prope", layout: str = "half",
                            causal: bool = True, softmax_scale: Optional[float] = None,
                            positions: Optional[torch.Tensor] = None, backend: str = "auto",
                            return_lse: bool = False, window: tuple = (-1, -1),
-                           softcap: Optional[float] = None, deterministic: bool = False):
+                           softcap: Optional[float] = None, deterministic: bool = False,
+                           cu_seqlens_k: Optional[torch.Tensor] = None,
+                           max_seqlen_k: Optional[int] = None,
+                           k_positions: Optional[torch.Tensor] = None):
     """Packed sequences: q (total, q_heads, d), k/v (total, kv_heads, d).
 
     Sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32/int64 on q's device, starts at
@@ -259,13 +359,25 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     positions: (total,) integers; default restarts at 0 in each sequence.
     window, softcap, deterministic: as in :func:`prope_attention`; the window is over indices
     inside each sequence (it never crosses a sequence boundary).
+    cu_seqlens_k, max_seqlen_k, k_positions: keys of their own lengths (flash-attn's
+    ``cu_seqlens_k``/``max_seqlen_k``): k/v (total_k, kv_heads, d), sequence i's keys are rows
+    ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` (same number of sequences as ``cu_seqlens``, which
+    then describes q alone; rows past ``cu_seqlens_k[-1]`` are padding as for q). Masks align
+    bottom-right per sequence and positions default as in :func:`prope_attention` (k
+    ``0..Lk-1``, q ``Lk-Lq..Lk-1``); k_positions: (total_k,). Without them (or with
+    ``cu_seqlens_k`` = ``cu_seqlens``), cu_seqlens and max_seqlen describe both.
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
+    qk = cu_seqlens_k is not None or max_seqlen_k is not None or k_positions is not None
     spec, scale = check_attention(q, k, v, packed=True, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, k_len_free=cu_seqlens_k is not None)
     window, softcap, needs = check_window_softcap(window, softcap, causal)
     needs = check_deterministic(deterministic, needs)
+    if qk:
+        return _varlen_qk(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, spec,
+                          scale, causal, positions, k_positions, backend, return_lse, window,
+                          softcap, deterministic, needs)
     total = q.shape[0]
     used = check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)   # None inside compile
     if positions is not None:
@@ -285,6 +397,73 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
                             spec.theta, variant, layout, causal, scale, *window, softcap,
                             backend, deterministic)
+    if pad:
+        out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad))
+        lse = torch.nn.functional.pad(lse, (0, pad))
+    return (out, lse) if return_lse else out
+
+
+def _varlen_qk(q, k, v, cu_seqlens, max_seqlen, cu_k, max_k, spec, scale, causal, positions,
+               k_positions, backend, return_lse, window, softcap, deterministic, needs):
+    """prope_attention_varlen with cu_seqlens_k / max_seqlen_k / k_positions."""
+    if cu_k is None:
+        cu_k = cu_seqlens          # keys packed like q (k_positions alone, or max_seqlen_k)
+    if max_k is None:
+        if cu_k is not cu_seqlens:
+            raise TypeError("max_seqlen_k is required with cu_seqlens_k")
+        max_k = max_seqlen
+    total, total_k = q.shape[0], k.shape[0]
+    used = check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)     # None inside compile
+    used_k = check_cu_seqlens(cu_k, total_k, q.device, max_k, name="cu_seqlens_k",
+                              max_name="max_seqlen_k", rows="k")
+    if cu_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k must have as many entries as cu_seqlens (num_seqs + 1 = "
+                         f"{cu_seqlens.numel()}), got {cu_k.numel()}")
+    if positions is not None:
+        check_positions(positions, [(total,)], q.device)
+    if k_positions is not None:
+        check_positions(k_positions, [(total_k,)], q.device, name="k_positions")
+    if positions is not None and k_positions is None and cu_k is not cu_seqlens:
+        raise ValueError("k_positions is required when positions is given with cu_seqlens_k: "
+                         "which positions k has is ambiguous")
+    pad = 0 if used is None else total - used
+    pad_k = 0 if used_k is None else total_k - used_k
+    if pad:    # padding rows: never handed to a backend
+        q = q[:used]
+        positions = None if positions is None else positions[:used]
+    if pad_k:
+        k, v = k[:used_k], v[:used_k]
+        k_positions = None if k_positions is None else k_positions[:used_k]
+    cq = cu_seqlens.to(torch.int64)
+    ck = cu_k.to(torch.int64)
+    lens_q = cq[1:] - cq[:-1]
+    if k_positions is None:
+        kpos = ref.varlen_positions(ck, k.shape[0])
+    else:
+        kpos = k_positions.to(torch.int64)
+    if positions is not None:
+        pos = positions.to(torch.int64)
+    else:
+        # query t of sequence i is key row t + (cu_k[i+1] - cu_q[i+1]): the last Lq keys
+        if k_positions is not None and used is not None and bool(((ck[1:] - ck[:-1])
+                                                                   < lens_q).any()):
+            raise ValueError("positions is required when k_positions is given and a sequence "
+                             "has more queries than keys (cu_seqlens vs cu_seqlens_k): q's "
+                             "default is the last Lq entries of its sequence in k_positions")
+        shift = torch.repeat_interleave(ck[1:] - cq[1:], lens_q, output_size=q.shape[0])
+        rows = torch.arange(q.shape[0], device=q.device) + shift
+        if k_positions is None:
+            pos = rows - torch.repeat_interleave(ck[:-1], lens_q, output_size=q.shape[0])
+        else:
+            pos = kpos[rows]
+    num_seqs = cu_seqlens.numel() - 1
+    needs = needs | {"qk_lengths"}
+    backend = dispatch.plan(backend, q, k, num_seqs, max(int(max_seqlen), int(max_k)), causal,
+                            needs).plan
+    out, lse = _attn_fwd_op(q, k, v, cu_seqlens.to(torch.int32), pos, int(max_seqlen), spec.p,
+                            spec.theta, spec.variant, spec.layout, causal, scale, *window,
+                            softcap, backend, deterministic, cu_k.to(torch.int32), kpos,
+                            int(max_k))
     if pad:
         out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad))
         lse = torch.nn.functional.pad(lse, (0, pad))

@@ -158,6 +158,100 @@ def prope_attention_varlen(q, k, v, cu_seqlens, spec: PRoPESpec, causal=True,
     return (out, lse) if return_lse else out
 
 
+# ----------------------------------------------------------------------------------------------
+# reference math: q and k of different lengths (bottom-right alignment), separate positions
+# ----------------------------------------------------------------------------------------------
+
+def attention_mask_bottom_right(m: int, n: int, causal: bool = True, window=(-1, -1),
+                                device=None):
+    """Boolean (m, n) mask (True = visible) of m queries over n keys, or None for "all": query
+    i sees key j iff ``i + n - m - left <= j <= i + n - m + right`` (flash-attn's alignment;
+    m == n is :func:`prope_kernels.reference.attention_mask`). A row can be empty when
+    m > n under a causal mask (its output is 0, its lse -inf)."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return None
+    rel = (torch.arange(n, device=device)[None, :]
+           - torch.arange(m, device=device)[:, None] - (n - m))     # j - (i + n - m)
+    keep = torch.ones(m, n, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= rel >= -left
+    if right >= 0:
+        keep &= rel <= right
+    return keep
+
+
+def attention_qk(q, k, v, causal=True, softmax_scale=None, return_lse=False, window=(-1, -1),
+                 softcap=None):
+    """Softmax attention of q (batch, sq, hq, d) over k, v (batch, sk, hkv, d) in their own
+    dtype, masks aligned bottom-right. Fully masked rows give out 0 and lse -inf (no NaN).
+    lse: (batch, hq, sq)."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bmhd,bnhd->bhmn", q, k) * scale
+    s = softcap_scores(s, softcap)
+    keep = attention_mask_bottom_right(s.shape[-2], s.shape[-1], causal, window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
+    if s.shape[-1] == 0:   # no keys at all: every row is empty
+        out = torch.einsum("bhmn,bnhd->bmhd", s, v)
+        return (out, lse) if return_lse else out
+    mx = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isinf(mx), torch.zeros_like(mx), mx))
+    den = e.sum(dim=-1, keepdim=True)
+    prob = e / torch.where(den == 0, torch.ones_like(den), den)
+    out = torch.einsum("bhmn,bnhd->bmhd", prob, v)
+    return (out, lse) if return_lse else out
+
+
+def prope_attention_qk(q, k, v, spec: PRoPESpec, q_positions=None, k_positions=None,
+                       causal=True, softmax_scale=None, return_lse=False, window=(-1, -1),
+                       softcap=None):
+    """Reference of the dense op with ``seqlen_q != seqlen_k``: q (b, sq, hq, d) rotated at
+    ``q_positions`` ((sq,) or (b, sq); default ``sk - sq .. sk - 1``: q at the end of k), k
+    (b, sk, hkv, d) at ``k_positions`` (default ``0 .. sk - 1``), then :func:`attention_qk`.
+    Differentiable (autograd through the rotation and the softmax)."""
+    sq, sk = q.shape[1], k.shape[1]
+    if k_positions is None:
+        k_positions = torch.arange(sk, device=q.device)
+    if q_positions is None:
+        q_positions = torch.arange(sk - sq, sk, device=q.device)
+    qr = apply_prope(q, q_positions, spec)
+    kr = apply_prope(k, k_positions, spec)
+    return attention_qk(qr, kr, v, causal, softmax_scale, return_lse, window, softcap)
+
+
+def prope_attention_varlen_qk(q, k, v, cu_seqlens_q, cu_seqlens_k, spec: PRoPESpec,
+                              q_positions=None, k_positions=None, causal=True,
+                              softmax_scale=None, return_lse=False, window=(-1, -1),
+                              softcap=None):
+    """Reference of the varlen op with separate q and k packings: q (total_q, hq, d), k/v
+    (total_k, hkv, d); sequence i is q rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` over k rows
+    ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``. Default positions per sequence: k ``0..Lk-1``,
+    q ``Lk-Lq..Lk-1``. lse: (hq, total_q)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{len(cq)} and {len(ck)}")
+    outs, lses = [], []
+    for (qs, qe), (ks, ke) in zip(zip(cq[:-1], cq[1:]), zip(ck[:-1], ck[1:])):
+        qp = None if q_positions is None else q_positions[qs:qe]
+        kp = None if k_positions is None else k_positions[ks:ke]
+        o, l = prope_attention_qk(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], spec, qp, kp,
+                                  causal, softmax_scale, True, window, softcap)
+        outs.append(o[0])
+        lses.append(l[0])
+    out = torch.cat(outs) if outs else q[:0].clone()
+    lse = torch.cat(lses, dim=-1) if lses else q.new_empty(q.shape[1], 0, dtype=torch.float32)
+    return (out, lse) if return_lse else out
+
+
 def visible_pairs(seqlen: int, causal: bool, window=(-1, -1)) -> int:
     """Number of (query, key) pairs that :func:`attention_mask` keeps in one sequence."""
     left, right = window
@@ -187,5 +281,6 @@ def attention_flops(batch: int, seqlen: int, q_heads: int, head_dim: int, causal
 __all__ = [
     "rotation_angles", "apply_prope", "attention", "attention_mask", "softcap_scores",
     "prope_attention", "prope_attention_varlen", "varlen_positions", "default_positions",
-    "visible_pairs", "attention_flops",
+    "visible_pairs", "attention_flops", "attention_mask_bottom_right", "attention_qk",
+    "prope_attention_qk", "prope_attention_varlen_qk",
 ]

@@ -17,9 +17,10 @@ from .rotary import PRoPESpec
 
 
 def check_attention(q, k, v, *, packed, p, theta, variant, layout, causal, softmax_scale,
-                    return_lse):
-    """The checks shared by the dense and varlen attention calls. Returns (spec, scale)."""
-    check_qkv(q, k, v, packed=packed)
+                    return_lse, k_len_free=False):
+    """The checks shared by the dense and varlen attention calls. Returns (spec, scale).
+    k_len_free: k/v may have their own seqlen (dense) or total (packed, with cu_seqlens_k)."""
+    check_qkv(q, k, v, packed=packed, k_len_free=k_len_free)
     spec = PRoPESpec(q.shape[-1], p, theta, variant, layout)
     check_bool("causal", causal)
     check_bool("return_lse", return_lse)
@@ -95,7 +96,7 @@ def check_tensor(name, x, ndim, what):
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def check_qkv(q, k, v, packed: bool):
+def check_qkv(q, k, v, packed: bool, k_len_free: bool = False):
     what = "(total_tokens, heads, head_dim)" if packed else "(batch, seqlen, heads, head_dim)"
     nd = 3 if packed else 4
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -106,7 +107,11 @@ def check_qkv(q, k, v, packed: bool):
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, "
                          f"v={v.device}")
     lead = q.shape[:-2]
-    if k.shape[:-2] != lead or v.shape[:-2] != lead:
+    if k_len_free:   # seqlen_q != seqlen_k: dense calls still share the batch
+        if not packed and (k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]):
+            raise ValueError(f"q, k, v must agree in batch: q {tuple(q.shape)}, k "
+                             f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    elif k.shape[:-2] != lead or v.shape[:-2] != lead:
         dims = "total_tokens" if packed else "(batch, seqlen)"
         raise ValueError(f"q, k, v must agree in {dims}: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -158,29 +163,32 @@ def check_bool(name, x):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
 
 
-def check_cu_seqlens(cu_seqlens, total, device, max_seqlen):
+def check_cu_seqlens(cu_seqlens, total, device, max_seqlen, name="cu_seqlens",
+                     max_name="max_seqlen", rows="q"):
     """The varlen call's ``cu_seqlens`` and ``max_seqlen``. Returns ``cu_seqlens[-1]`` (the rows
     inside sequences; rows past it, up to ``total``, are padding) as a host int, or None inside
     ``torch.compile``, where the value checks are skipped (they need a device->host copy)."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32/int64 torch.Tensor, got "
+        raise TypeError(f"{name} must be an int32/int64 torch.Tensor, got "
                         f"{type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got shape "
+        raise ValueError(f"{name} must be 1-D with num_seqs + 1 >= 2 entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens must be on the same device as q ({device}), got "
+        raise ValueError(f"{name} must be on the same device as q ({device}), got "
                          f"{cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return None  # value checks need a host sync; the op checks CPU tensors when it runs
-    return check_cu_values(cu_seqlens, total, max_seqlen, padding=True)
+    return check_cu_values(cu_seqlens, total, max_seqlen, padding=True, name=name,
+                           max_name=max_name, rows=rows)
 
 
-def check_cu_values(cu_seqlens, total, max_seqlen, padding):
+def check_cu_values(cu_seqlens, total, max_seqlen, padding, name="cu_seqlens",
+                    max_name="max_seqlen", rows="q"):
     """The value checks of ``cu_seqlens`` (int tensor, any device) against ``total`` rows and
     ``max_seqlen``: starts at 0, non-decreasing, ``cu_seqlens[-1] <= total`` (``== total`` when
     not ``padding``), every length <= ``max_seqlen``. Returns ``cu_seqlens[-1]``.
@@ -195,22 +203,22 @@ def check_cu_values(cu_seqlens, total, max_seqlen, padding):
         return seen[4]  # same tensor, unmodified, already checked (e.g. by the previous layer)
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+        raise ValueError(f"{name} must start at 0, got {cu[0].item()}")
     lens = cu[1:] - cu[:-1]
     if (lens < 0).any():
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}...")
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()[:16]}...")
     end = cu[-1].item()
     if end > total:
-        raise ValueError(f"cu_seqlens[-1] ({end}) exceeds the number of tokens in q ({total})")
+        raise ValueError(f"{name}[-1] ({end}) exceeds the number of tokens in {rows} ({total})")
     if end != total and not padding:
         raise ValueError(
-            f"cu_seqlens[-1] ({end}) must equal the number of tokens in q ({total}) here: rows "
+            f"{name}[-1] ({end}) must equal the number of tokens in {rows} ({total}) here: rows "
             f"past cu_seqlens[-1] (padding) are taken by eager prope_attention_varlen calls only; "
             f"inside torch.compile pass q[:cu_seqlens[-1]] (and k, v, positions likewise)")
     longest = lens.max().item()
     if longest > max_seqlen:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
-                         f"cu_seqlens ({longest}); the kernels size their grids by max_seqlen "
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in "
+                         f"{name} ({longest}); the kernels size their grids by max_seqlen "
                          f"and would leave the rows past it unwritten")
     if len(CU_CHECKED) > 64:
         CU_CHECKED.clear()

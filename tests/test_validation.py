@@ -19,7 +19,9 @@ def _qkv(device, b=2, s=8, hq=4, hkv=2, d=32, dtype=torch.float16):
 BAD_DENSE = [
     (lambda q, k, v: prope_attention(q[0], k, v), ValueError, "q must have 4 dims"),
     (lambda q, k, v: prope_attention(q, k.float(), v), TypeError, "share a dtype"),
-    (lambda q, k, v: prope_attention(q, k[:, :5], v[:, :5]), ValueError, "agree in"),
+    # k/v may have their own seqlen (seqlen_q != seqlen_k), never their own batch or k != v
+    (lambda q, k, v: prope_attention(q, k[:1], v[:1]), ValueError, "agree in batch"),
+    (lambda q, k, v: prope_attention(q, k[:, :5], v), ValueError, "k and v must have the same"),
     (lambda q, k, v: prope_attention(q, k, v[..., :16]), ValueError, "same shape"),
     (lambda q, k, v: prope_attention(q[..., :3, :], k, v), ValueError, "multiple of kv_heads"),
     (lambda q, k, v: prope_attention(q, k, v, p=1.5), ValueError, "p must be in [0, 1]"),

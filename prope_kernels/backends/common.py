@@ -12,6 +12,14 @@ def refuse_features(name: str, window, softcap, causal) -> None:
                          f"window={tuple(window)}, softcap={softcap}; use backend='triton'")
 
 
+def refuse_qk(name: str, cu_seqlens_k) -> None:
+    """For backends without "qk_lengths": the API never passes keys of their own lengths to them
+    (registry features); this guards a direct call of the op with them."""
+    if cu_seqlens_k is not None:
+        raise ValueError(f"backend={name!r} does not implement qk_lengths (seqlen_q != seqlen_k, "
+                         f"cu_seqlens_k, k_positions); use backend='triton' or 'reference'")
+
+
 # ----------------------------------------------------------------------------------------------
 # what ran: the settings each backend resolved at its latest attention launch (the benchmark
 # records them)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import env
-from .common import record_launch
+from .common import record_launch, refuse_qk
 
 _LOADED = None
 _LOAD_ERROR = None
@@ -183,7 +183,8 @@ def _tables(spec, device):
 
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
-             softcap=0.0):
+             softcap=0.0, cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
+    refuse_qk("cuda", cu_seqlens_k)   # seqlen_q != seqlen_k: not in the CUDA kernels
     _require()
     wl, wr, cap = _window_softcap(q.device, window, softcap, causal)
     family, fwd = _family(), _sm90_fwd()
@@ -197,9 +198,11 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal, scale,
-             window=(-1, -1), softcap=0.0, deterministic=False):
+             window=(-1, -1), softcap=0.0, deterministic=False, cu_seqlens_k=None,
+             positions_k=None, max_seqlen_k=None):
     """dlse may be None; if given, the row term becomes delta = rowsum(dO * O) - dlse.
     deterministic: the SM90 split backward (the SM80 kernels have no deterministic backward)."""
+    refuse_qk("cuda", cu_seqlens_k)
     _require()
     family, bwd = _family(), _sm90_bwd(deterministic)
     wl, wr, cap = _window_softcap(q.device, window, softcap, causal, bwd == SM90_BWD_SPLIT)

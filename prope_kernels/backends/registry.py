@@ -77,7 +77,8 @@ class Backend:
     head_dim_ok: Callable[[int], bool] = lambda d: d % 2 == 0
     devices: Optional[tuple] = ("cuda",)            # device types; None: any device
     interpreter_cpu: bool = False    # also CPU tensors when TRITON_INTERPRET=1
-    # optional attention features: "window" (sliding window), "softcap" (logit softcapping)
+    # optional attention features: "window" (sliding window), "softcap" (logit softcapping),
+    # "qk_lengths" (k/v of their own lengths and positions: cu_seqlens_k, bottom-right masks)
     features: frozenset = frozenset({"varlen", "lse", "rope"})
     # the features it has for q-like x where they depend on the device (a GPU architecture): a
     # subset of ``features``, which lists what it has anywhere; None: ``features`` everywhere
@@ -128,7 +129,9 @@ class Backend:
             missing = sorted(set(needs) - set(self.features_on(x)))
         if missing:
             names = {"window": "window (sliding-window attention)",
-                     "softcap": "softcap (logit softcapping)"}
+                     "softcap": "softcap (logit softcapping)",
+                     "qk_lengths": "qk_lengths (seqlen_q != seqlen_k, cu_seqlens_k, "
+                                   "k_positions)"}
             others = [b.name for b in REGISTRY.values() if set(needs) <= b.features]
             raise ValueError(f"backend={self.name!r} does not implement "
                              + " or ".join(names.get(m, m) for m in missing) + here
@@ -342,7 +345,8 @@ register(Backend(
     head_dims="an even head_dim <= 256, or 512",
     head_dim_ok=lambda d: d % 2 == 0 and (d <= 256 or d == 512),
     interpreter_cpu=True,
-    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap"}),
+    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap",
+                        "qk_lengths"}),
     unavailable=_triton_unavailable, auto=lambda x: x.device.type == "cuda",
     device_hint="set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly, or use "
                 "backend='reference'",
@@ -383,7 +387,8 @@ register(Backend(
     description="pure PyTorch (the definition), float32 math (float64 for float64 inputs), any "
                 "device",
     dtypes=ALL_DTYPES, devices=None,
-    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap"}),
+    features=frozenset({"varlen", "lse", "rope", "deterministic", "window", "softcap",
+                        "qk_lengths"}),
 ))
 
 AUTO_ORDER[:] = ["cuda", "triton"]

@@ -398,9 +398,10 @@ def _cpu_bwd(dout, q, k, v, out, lse, b, causal, scale):
 # ----------------------------------------------------------------------------------------------
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
-             softcap=0.0, kernel=None):
-    from .common import record_launch, refuse_features
+             softcap=0.0, kernel=None, cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
+    from .common import record_launch, refuse_features, refuse_qk
     refuse_features("sdpa", window, softcap, causal)
+    refuse_qk("sdpa", cu_seqlens_k)
     total, hq, d = q.shape
     if total == 0 or max_seqlen == 0:
         return torch.zeros_like(q), q.new_zeros((hq, total), dtype=torch.float32)
@@ -413,9 +414,11 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0, deterministic=False, kernel=None):
-    from .common import record_launch, refuse_features
+             scale, window=(-1, -1), softcap=0.0, deterministic=False, kernel=None,
+             cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
+    from .common import record_launch, refuse_features, refuse_qk
     refuse_features("sdpa", window, softcap, causal)
+    refuse_qk("sdpa", cu_seqlens_k)
     if deterministic:  # its kernels follow torch's own setting (the registry refuses it first)
         raise ValueError("backend='sdpa' has no deterministic=True mode (torch's kernels follow "
                          "torch.use_deterministic_algorithms); use backend='triton'")

@@ -55,7 +55,7 @@ def _scores(x, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _key_blocks(start_m, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr = False):
     """Keys seen by query rows [start_m, start_m + BLOCK_M) -> (lo, free_lo, free_hi, hi):
     blocks in [free_lo, free_hi) are seen whole by every row and inside the sequence (no mask
     at all); [lo, free_lo) (WINDOW only) and [free_hi, hi) need the mask. Blocks outside
@@ -65,6 +65,10 @@ def _key_blocks(start_m, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     if WINDOW:
         lo = (tl.maximum(start_m - wl, 0) // BLOCK_N) * BLOCK_N
         hi = tl.minimum(L, start_m + BLOCK_M + wr)
+        if SHIFT:
+            # seqlen_q != seqlen_k: start_m (rows in key coordinates) may be negative and the
+            # block may see no key at all: an empty range, never one below 0
+            hi = tl.maximum(hi, lo)
         # whole block [n, n + BLOCK_N) seen by all rows: n >= last row - wl, n + BLOCK_N - 1 <=
         # first row + wr
         free_lo = tl.maximum(tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 - wl, 0), BLOCK_N)
@@ -87,13 +91,15 @@ def _key_blocks(start_m, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr = False):
     """Query rows that see keys [start_n, start_n + BLOCK_N) -> (lo, free_lo, free_hi, hi), as
     in _key_blocks: [free_lo, free_hi) unmasked, [lo, free_lo) and [free_hi, hi) masked."""
     m_even = (L // BLOCK_M) * BLOCK_M
     if WINDOW:
         lo = (tl.maximum(start_n - wr, 0) // BLOCK_M) * BLOCK_M
         hi = tl.minimum(L, start_n + BLOCK_N + wl)
+        if SHIFT:
+            hi = tl.maximum(hi, lo)     # start_n in query coordinates may be negative
         # whole block [m, m + BLOCK_M) sees all keys: m >= last key - wr, m + BLOCK_M - 1 <=
         # first key + wl
         free_lo = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - wr, 0), BLOCK_M)
@@ -115,6 +121,18 @@ def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     return lo, free_lo, free_hi, hi
 
 
+@triton.jit
+def _k_range(CU, CU_K, seq_start, L, seq, SHIFT: tl.constexpr):
+    """The key rows of sequence ``seq`` -> (first key token (int64), key count Lk, Lk - L: the
+    key index of query row 0). Without SHIFT the keys are the query rows (offset 0)."""
+    if SHIFT:
+        k_start = tl.load(CU_K + seq).to(tl.int64)
+        Lk = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+        return k_start, Lk, Lk - L
+    else:
+        return seq_start, L, 0
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +140,7 @@ def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 @triton.autotune(**autotune_args("fwd"))
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, POS, CU, C_PART, C_SIGN, C_FREQ,
+    Q, K, V, O, LSE, POS, CU, CU_K, C_PART, C_SIGN, C_FREQ,
     PAIR_A, PAIR_B, PAIR_F, IDS, N_ROT,     # read by the Q_ON_LOAD=0 pre-hook only
     sm_scale, cap_in, cap_out, total, n_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -130,10 +148,14 @@ def _attn_fwd_kernel(
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_ON_LOAD: tl.constexpr,
+    SHIFT: tl.constexpr = False,
 ):
     h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
+    # SHIFT (seqlen_q != seqlen_k): keys from CU_K; query row i sits at key index i + Lk - L
+    # (bottom-right alignment), the masks compare in key coordinates (WINDOW is always on)
+    k_start, Lk, off = _k_range(CU, CU_K, seq_start, L, tl.program_id(0) // n_heads, SHIFT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
@@ -162,28 +184,32 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    k_base = K + seq_start * stride_kt + hk * stride_kh
-    v_base = V + seq_start * stride_vt + hk * stride_vh
-    lo, free_lo, free_hi, hi = _key_blocks(start_m, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_base = K + k_start * stride_kt + hk * stride_kh
+    v_base = V + k_start * stride_vt + hk * stride_vh
+    lo, free_lo, free_hi, hi = _key_blocks(start_m + off, Lk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL,
+                                           WINDOW, SHIFT)
+    rows = offs_m + off                                 # query rows in key coordinates
     # the key loop in up to three parts: the blocks the window's left edge cuts (masked), blocks
     # every row sees whole (no mask), the diagonal / ragged tail / right edge (masked)
     if WINDOW:
-        acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                                 offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out,
+        acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                                 offs_d, Lk, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out,
                                  BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
                                  EMULATE)
-    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out,
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                             offs_d, Lk, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out,
                              BLOCK_N, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
                              EMULATE)
-    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out,
+    acc, l_i, m_i = fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                             offs_d, Lk, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out,
                              BLOCK_N, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, False,
                              EMULATE)
 
     if WINDOW:
         # every row of the sequence sees its own key; padding rows past its end may see none:
-        # keep them finite (out 0, lse -inf; they are not stored)
+        # keep them finite (out 0, lse -inf; they are not stored). SHIFT: a row that sees no
+        # key (seqlen_q > seqlen_k under a causal mask, or no key at all) gets out 0, lse -inf,
+        # as flash-attn gives
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2                 # natural log, (BLOCK_M,)
@@ -218,7 +244,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stri
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, L, lo, hi, qk_scale, wl, wr, cap_in, cap_out,
+                    offs_n, offs_d, L, lo, hi, off, qk_scale, wl, wr, cap_in, cap_out,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                     EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
@@ -248,7 +274,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL or WINDOW:
-                keep = keep & visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
+                # off: the key index of query row 0 (seqlen_k - seqlen_q; 0 when equal)
+                keep = keep & visible(offs_m[None, :] + off, offs_n[:, None], wl, wr, WINDOW)
             pT = tl.where(keep, pT, 0.0)
         dv = dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
         dpT = dot(v, tl.trans(do), None, EMULATE)
@@ -263,7 +290,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                  reset_to_zero=["DK", "DV"])  # ATOMIC accumulates: zero before every trial
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, CU_K,
     sm_scale, cap_in, cap_out, total, n_kv_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -271,6 +298,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SHIFT: tl.constexpr = False,
 ):
     # One program: BLOCK_N keys of kv head hk and GROUP // SPLIT of the query heads that read it.
     # GQA/MQA gradients are reduced over those heads in registers (no expanded k/v).
@@ -279,20 +307,33 @@ def _attn_bwd_dkdv_kernel(
     #   ATOMIC=1: atomic adds into one zeroed fp32 buffer (the default: 1x the fp32 size of k);
     #   ATOMIC=0: fp32 partial sums DK/DV[split] (split stride stride_dks; dv shares the strides)
     #             that the launcher adds up in a fixed order (torch's deterministic mode).
-    split, hk, seq_start, L, start_n = kv_block(CU, n_kv_heads, SPLIT, BLOCK_N)
-    if start_n >= L:
+    if SHIFT:
+        # seqlen_q != seqlen_k: key blocks over CU_K, query rows over CU; query row i sits at key
+        # index i + off
+        split, hk, k_start, Lk, start_n = kv_block(CU_K, n_kv_heads, SPLIT, BLOCK_N)
+        seq = tl.program_id(0) // (n_kv_heads * SPLIT)
+        seq_start = tl.load(CU + seq).to(tl.int64)
+        L = tl.load(CU + seq + 1) - tl.load(CU + seq)
+        off = Lk - L
+    else:
+        split, hk, seq_start, L, start_n = kv_block(CU, n_kv_heads, SPLIT, BLOCK_N)
+        k_start = seq_start
+        Lk = L
+        off = 0
+    if start_n >= Lk:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
+    kv_mask = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + (k_start + offs_n)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
                 mask=kv_mask, other=0.0)                                     # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+    v = tl.load(V + (k_start + offs_n)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    lo, free_lo, free_hi, hi = _query_blocks(start_n, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    lo, free_lo, free_hi, hi = _query_blocks(start_n - off, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL,
+                                             WINDOW, SHIFT)
     for g in range(split * (GROUP // SPLIT), (split + 1) * (GROUP // SPLIT)):
         h = (hk * GROUP + g).to(tl.int64)
         q_base = Q + seq_start * stride_qt + h * stride_qh
@@ -302,19 +343,19 @@ def _attn_bwd_dkdv_kernel(
         # diagonal / window-edge blocks (masked), blocks every row sees whole (no mask), the
         # ragged tail and the window's far edge (masked)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, lo, free_lo, qk_scale, wl, wr,
+                                 stride_dot, offs_n, offs_d, L, lo, free_lo, off, qk_scale, wl, wr,
                                  cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, free_lo, free_hi, qk_scale, wl,
+                                 stride_dot, offs_n, offs_d, L, free_lo, free_hi, off, qk_scale, wl,
                                  wr, cap_in, cap_out, BLOCK_M, HEAD_DIM, False, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, free_hi, hi, qk_scale, wl, wr,
+                                 stride_dot, offs_n, offs_d, L, free_hi, hi, off, qk_scale, wl, wr,
                                  cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
     dk = dk * sm_scale
-    store_dkdv(DK, DV, dk, dv, seq_start + offs_n, offs_d, hk, stride_dkt, stride_dkh, stride_dvt,
+    store_dkdv(DK, DV, dk, dv, k_start + offs_n, offs_d, hk, stride_dkt, stride_dkh, stride_dvt,
                stride_dvh, kv_mask, split.to(tl.int64) * stride_dks, SPLIT > 1 and ATOMIC,
                EMULATE)
 
@@ -360,7 +401,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
                  restore_value=["DQ"])  # DQ may alias Q (in-place dQ' over Q'): restore per trial
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K,
     sm_scale, cap_in, cap_out, total, n_heads, seq_bucket, wl, wr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
@@ -368,10 +409,12 @@ def _attn_bwd_dq_kernel(
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ROTATE: tl.constexpr, EVEN_D: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SHIFT: tl.constexpr = False,
 ):
     h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
+    k_start, Lk, off = _k_range(CU, CU_K, seq_start, L, tl.program_id(0) // n_heads, SHIFT)
     h64 = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -385,18 +428,20 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + h64 * total + seq_start + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    k_base = K + seq_start * stride_kt + hk * stride_kh
-    v_base = V + seq_start * stride_vt + hk * stride_vh
-    lo, free_lo, free_hi, hi = _key_blocks(start_m, L, wl, wr, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    k_base = K + k_start * stride_kt + hk * stride_kh
+    v_base = V + k_start * stride_vt + hk * stride_vh
+    lo, free_lo, free_hi, hi = _key_blocks(start_m + off, Lk, wl, wr, BLOCK_M, BLOCK_N, CAUSAL,
+                                           WINDOW, SHIFT)
+    rows = offs_m + off                                 # query rows in key coordinates
     if WINDOW:
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                           offs_d, L, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
+                           offs_d, Lk, lo, free_lo, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
                            HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
+                       offs_d, Lk, free_lo, free_hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
                        HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                       offs_d, L, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
+                       offs_d, Lk, free_hi, hi, qk_scale, wl, wr, cap_in, cap_out, BLOCK_N,
                        HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, EVEN_D, EMULATE)
     dq = dq * sm_scale
     tl.store(DQ + (seq_start + offs_m)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],

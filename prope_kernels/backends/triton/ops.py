@@ -55,6 +55,20 @@ def _mask_args(causal, window, softcap, scale, max_seqlen):
                 WINDOW=use_window, SOFTCAP=softcap > 0)
 
 
+def _mask_args_qk(causal, window, softcap, scale, max_seqlen, max_seqlen_k):
+    """_mask_args for seqlen_q != seqlen_k: always the WINDOW kernels (the masks compare query
+    row i + Lk - Lq with key j, and rows that see no key need the WINDOW kernels' empty-row
+    handling); an unbounded side is passed as more than any offset reaches."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    big = int(max_seqlen) + int(max_seqlen_k) + 1
+    softcap = float(softcap or 0.0)
+    return dict(wl=left if left >= 0 else big, wr=right if right >= 0 else big,
+                cap_in=scale / softcap if softcap else 0.0, cap_out=softcap * _LOG2E,
+                CAUSAL=bool(causal), WINDOW=True, SOFTCAP=softcap > 0, SHIFT=True)
+
+
 def rope(x, positions, spec, conjugate):
     y = _new(x)
     return rope_launch(x, y, positions.contiguous(), spec.tables(x.device), spec.num_rotated,
@@ -62,33 +76,43 @@ def rope(x, positions, spec, conjugate):
 
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
-             softcap=0.0):
+             softcap=0.0, cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
+    """cu_seqlens_k, positions_k, max_seqlen_k (all or none): keys of their own lengths and
+    positions (seqlen_q != seqlen_k, bottom-right aligned); the portable kernels run them."""
     total, hq, d = q.shape
+    qk = cu_seqlens_k is not None
     out = _new(q)
     lse = _new(q, hq, total, dtype=torch.float32)
     if total == 0 or max_seqlen == 0:
         return out, lse
+    if qk and (k.shape[0] == 0 or max_seqlen_k == 0):   # no keys: out 0, lse -inf
+        return out.zero_(), lse.fill_(float("-inf"))
     positions = positions.contiguous()
     cu_seqlens = cu_seqlens.contiguous()
+    cu_k = cu_seqlens_k.contiguous() if qk else cu_seqlens
+    pos_k = positions_k.contiguous() if qk else positions
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
-    meta.update(_mask_args(causal, window, softcap, scale, max_seqlen))
-    # sm_90: the Hopper kernels where they support the call (no window/softcap there yet)
-    use_hopper = hopper.selected(q, k, v, window=window if meta["WINDOW"] else None,
-                                 softcap=softcap if meta["SOFTCAP"] else None)
+    if qk:
+        meta.update(_mask_args_qk(causal, window, softcap, scale, max_seqlen, max_seqlen_k))
+    else:
+        meta.update(_mask_args(causal, window, softcap, scale, max_seqlen))
+    # sm_90: the Hopper kernels where they support the call (no window/softcap/qk there yet)
+    use_hopper = not qk and hopper.selected(q, k, v, window=window if meta["WINDOW"] else None,
+                                            softcap=softcap if meta["SOFTCAP"] else None)
     record_launch("fwd", "triton", kernels="hopper" if use_hopper else "portable")
     if use_hopper:
         return hopper.attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, meta["CAUSAL"],
                                scale, seq_bucket=seq_bucket(max_seqlen), rotate=meta["ROTATE"],
                                emulate=meta["EMULATE"])
     if meta["ROTATE"]:
-        k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
+        k_rot = rope_launch(k, _new(k), pos_k, tables, spec.num_rotated, False)
     else:
         k_rot = k
     num_seqs = cu_seqlens.numel() - 1
     grid = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k_rot, v, out, lse, positions, cu_seqlens,
+        q, k_rot, v, out, lse, positions, cu_seqlens, cu_k,
         tables.col_partner, tables.col_sign, tables.col_freq,
         tables.pair_a, tables.pair_b, tables.pair_freq, tables.identity, spec.num_rotated,
         scale, meta.pop("cap_in"), meta.pop("cap_out"), total, hq, seq_bucket(max_seqlen),
@@ -100,23 +124,32 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
 
 
 def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, spec, causal,
-             scale, window=(-1, -1), softcap=0.0, deterministic=False):
+             scale, window=(-1, -1), softcap=0.0, deterministic=False, cu_seqlens_k=None,
+             positions_k=None, max_seqlen_k=None):
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     total, hq, d = q.shape
     hkv = k.shape[1]
+    qk = cu_seqlens_k is not None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    if total == 0 or max_seqlen == 0:
+    if (total == 0 or max_seqlen == 0 or k.shape[0] == 0
+            or (qk and max_seqlen_k == 0)):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     positions = positions.contiguous()
     cu_seqlens = cu_seqlens.contiguous()
+    cu_k = cu_seqlens_k.contiguous() if qk else cu_seqlens
+    pos_k = positions_k.contiguous() if qk else positions
+    max_k = int(max_seqlen_k) if qk else max_seqlen
     lse = lse.contiguous()
     tables = spec.tables(q.device)
     meta = _common(q, k, spec)
-    feat = _mask_args(causal, window, softcap, scale, max_seqlen)
+    if qk:
+        feat = _mask_args_qk(causal, window, softcap, scale, max_seqlen, max_k)
+    else:
+        feat = _mask_args(causal, window, softcap, scale, max_seqlen)
     runtime = (feat.pop("cap_in"), feat.pop("cap_out"))   # after sm_scale
     wl, wr = feat.pop("wl"), feat.pop("wr")                # after seq_bucket
-    meta.update(feat)                                      # CAUSAL, WINDOW, SOFTCAP
+    meta.update(feat)                                      # CAUSAL, WINDOW, SOFTCAP (SHIFT)
     num_seqs = cu_seqlens.numel() - 1
 
     delta = _new(q, hq, total, dtype=torch.float32)
@@ -127,7 +160,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t, HAS_DLSE=dlse is not None,
     )
 
-    use_hopper = hopper.selected(q, k, v, backward=True,
+    use_hopper = not qk and hopper.selected(q, k, v, backward=True,
                                  window=window if meta["WINDOW"] else None,
                                  softcap=softcap if meta["SOFTCAP"] else None,
                                  deterministic=deterministic)
@@ -143,13 +176,13 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     if meta["ROTATE"]:
         # Short-lived rotated copies; dq is computed over q_rot in place (see attention.py).
         q_rot = rope_launch(q, _new(q), positions, tables, spec.num_rotated, False)
-        k_rot = rope_launch(k, _new(k), positions, tables, spec.num_rotated, False)
+        k_rot = rope_launch(k, _new(k), pos_k, tables, spec.num_rotated, False)
         dq = q_rot
     else:
         q_rot, k_rot = q, k
         dq = _new(q)
     bucket = seq_bucket(max_seqlen)
-    kv_programs = triton.cdiv(max_seqlen, dkdv_max_block_n(d)) * num_seqs * hkv
+    kv_programs = triton.cdiv(max_k, dkdv_max_block_n(d)) * num_seqs * hkv
     split = kv_split(meta["GROUP"], kv_programs, q.device)
     # split > 1: the split programs of a key block reduce into fp32 dk/dv. By default with atomic
     # adds into one zeroed buffer; deterministic (the keyword or torch's setting): as partial sums
@@ -164,9 +197,9 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         dk = _new(k, split, *k.shape, dtype=torch.float32)
         dv = _new(v, split, *v.shape, dtype=torch.float32)
 
-    grid_kv = lambda m: (num_seqs * hkv * split, triton.cdiv(max_seqlen, m["BLOCK_N"]))  # noqa: E731,E501
+    grid_kv = lambda m: (num_seqs * hkv * split, triton.cdiv(max_k, m["BLOCK_N"]))  # noqa: E731,E501
     _attn_bwd_dkdv_kernel[grid_kv](
-        q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens,
+        q_rot, k_rot, v, dout, lse, delta, dk, dv, cu_seqlens, cu_k,
         scale, *runtime, total, hkv, bucket, wl, wr,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
@@ -179,7 +212,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     dv = dv.to(v.dtype)
     grid_q = lambda m: (num_seqs * hq, triton.cdiv(max_seqlen, m["BLOCK_M"]))  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
-        q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens,
+        q_rot, k_rot, v, dout, lse, delta, dq, cu_seqlens, cu_k,
         scale, *runtime, total, hq, bucket, wl, wr,
         q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
         v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
@@ -189,6 +222,6 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
         # gradients w.r.t. the rotated tensors -> w.r.t. q and k: the opposite rotation, in place
         rope_launch(dq, dq, positions, tables, spec.num_rotated, True)
         # dK' in fp32 (split sums) is rotated back in fp32 and rounded once, into a new tensor
-        dk = rope_launch(dk, dk if dk.dtype == k.dtype else _new(k), positions, tables,
+        dk = rope_launch(dk, dk if dk.dtype == k.dtype else _new(k), pos_k, tables,
                          spec.num_rotated, True)
     return dq, dk.to(k.dtype), dv
