@@ -414,11 +414,11 @@ def _varlen_qk(q, k, v, cu_seqlens, max_seqlen, cu_k, max_k, spec, scale, causal
         max_k = max_seqlen
     total, total_k = q.shape[0], k.shape[0]
     used = check_cu_seqlens(cu_seqlens, total, q.device, max_seqlen)     # None inside compile
-    used_k = check_cu_seqlens(cu_k, total_k, q.device, max_k, name="cu_seqlens_k",
-                              max_name="max_seqlen_k", rows="k")
-    if cu_k.numel() != cu_seqlens.numel():
+    if isinstance(cu_k, torch.Tensor) and cu_k.numel() != cu_seqlens.numel():
         raise ValueError(f"cu_seqlens_k must have as many entries as cu_seqlens (num_seqs + 1 = "
                          f"{cu_seqlens.numel()}), got {cu_k.numel()}")
+    used_k = check_cu_seqlens(cu_k, total_k, q.device, max_k, name="cu_seqlens_k",
+                              max_name="max_seqlen_k", rows="k")
     if positions is not None:
         check_positions(positions, [(total,)], q.device)
     if k_positions is not None:
@@ -476,7 +476,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             layout: str = "half", causal: bool = True, softmax_scale: Optional[float] = None,
             positions: Optional[torch.Tensor] = None, backend: str = "auto",
             return_lse: bool = False, window: tuple = (-1, -1), softcap: Optional[float] = None,
-            deterministic: bool = False):
+            deterministic: bool = False, cu_seqlens_k: Optional[torch.Tensor] = None,
+            max_seqlen_k: Optional[int] = None, k_positions: Optional[torch.Tensor] = None):
     """Which backend :func:`prope_attention` (or, with ``cu_seqlens`` and ``max_seqlen``,
     :func:`prope_attention_varlen`) would run for these arguments, and why: a dispatch-table
     entry (measured) or the documented default, the sdpa backend's PyTorch kernel, k/v
@@ -487,9 +488,21 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     packed = cu_seqlens is not None
     check_attention(q, k, v, packed=packed, p=p, theta=theta, variant=variant, layout=layout,
-                    causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
+                    causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                    k_len_free=not packed or cu_seqlens_k is not None)
     _, _, needs = check_window_softcap(window, softcap, causal)
     needs = check_deterministic(deterministic, needs)
+    # seqlen_q != seqlen_k (the backends with "qk_lengths"; the full checks are the call's)
+    qk = (k_positions is not None or cu_seqlens_k is not None or max_seqlen_k is not None
+          or (not packed and k.shape[1] != q.shape[1]))
+    if qk:
+        needs = needs | {"qk_lengths"}
+        if packed:
+            return dispatch.plan(backend, q, k, cu_seqlens.numel() - 1,
+                                 max(int(max_seqlen or 0), int(max_seqlen_k or 0)), causal,
+                                 needs=needs)
+        return dispatch.plan(backend, q, k, q.shape[0], max(q.shape[1], k.shape[1]), causal,
+                             needs=needs)
     if packed:
         if max_seqlen is None:
             raise TypeError("explain: max_seqlen is required with cu_seqlens")

@@ -59,7 +59,8 @@ def test_signature_matches_flash_attn(fn, flash):
                              ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                               "max_seqlen_k") else default), x.name
     kw = {x.name: x.default for x in params if x.kind == x.KEYWORD_ONLY}
-    assert kw == ROTARY
+    # the varlen call also takes the keys' own positions (cu_seqlens_k != cu_seqlens_q)
+    assert kw == (dict(ROTARY, k_positions=None) if fn is flash_attn_varlen_func else ROTARY)
 
 
 def test_exports():
@@ -171,21 +172,34 @@ def test_flash_attn_varlen_func_is_prope_attention_varlen(device):
     assert torch.equal(got, want)
 
 
+def test_flash_attn_varlen_func_keys_of_their_own_lengths(device):
+    # cu_seqlens_k != cu_seqlens_q: prope_attention_varlen with cu_seqlens_k (bottom-right masks)
+    q, k, v, cu, m = packed(device)
+    cu_k = torch.tensor([0, 9, 13, 20], dtype=torch.int32, device=device)
+    got = flash_attn_varlen_func(q, k, v, cu, cu_k, m, 9, causal=True, p=0.5,
+                                 backend="reference")
+    want = prope_attention_varlen(q, k, v, cu, m, p=0.5, causal=True, cu_seqlens_k=cu_k,
+                                  max_seqlen_k=9, backend="reference")
+    assert torch.equal(got, want)
+    assert not torch.equal(got, flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True, p=0.5,
+                                                       backend="reference"))
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(dropout_p=0.5), "dropout_p"),
     (dict(block_table=torch.zeros(3, 1, dtype=torch.int32)), "block_table"),
     (dict(return_attn_probs=True), "return_attn_probs"),
     (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
-    ("cu_k", "cu_seqlens_k"),
-    ("max_k", "max_seqlen_k"),
+    ("cu_k", "cu_seqlens_k must have as many entries"),   # keys of another num_seqs
+    ("max_k", "max_seqlen_k"),                              # below the longest key sequence
 ])
 def test_flash_attn_varlen_func_refuses(device, change, match):
     q, k, v, cu, m = packed(device)
     cu_k, m_k, kw = cu, m, {}
     if change == "cu_k":
-        cu_k = torch.tensor([0, 6, 16, 20], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 6, 20], dtype=torch.int32, device=device)
     elif change == "max_k":
-        m_k = m + 1
+        m_k = m - 1
     else:
         kw = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in change.items()}
     with pytest.raises(ValueError, match=match):

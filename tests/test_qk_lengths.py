@@ -309,3 +309,12 @@ def test_auto_passes_over_backends_without_the_feature():
     assert "qk_lengths" not in registry.get("sdpa").features
     assert "qk_lengths" in registry.get("triton").features
     assert "qk_lengths" in registry.get("reference").features
+
+
+def test_explain_names_the_feature():
+    from prope_kernels import explain
+    q, = _rand("x", [(2, 3, 2, 16)], torch.float16)
+    k, v = _rand("x2", [(2, 5, 2, 16)] * 2, torch.float16)
+    assert explain(q, k, v, backend="reference").plan == "reference"
+    with pytest.raises(ValueError, match="qk_lengths"):
+        explain(q, k, v, backend="sdpa")
