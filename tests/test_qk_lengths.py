@@ -318,3 +318,41 @@ def test_explain_names_the_feature():
     assert explain(q, k, v, backend="reference").plan == "reference"
     with pytest.raises(ValueError, match="qk_lengths"):
         explain(q, k, v, backend="sdpa")
+
+
+# --- torch.compile and the op schema -------------------------------------------------------------
+
+COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compile_fullgraph_varlen_qk(device, backend):
+    lq, lk = [5, 12], [9, 3]
+    q, k, v = _rand("c", [(17, 4, 32), (12, 2, 32), (12, 2, 32)], torch.float16)
+    q, k, v = (x.to(device) for x in (q, k, v))
+    cq, ck = _cu(lq).to(device), _cu(lk).to(device)
+
+    def fn(q, k, v):
+        o = prope_attention_varlen(q, k, v, cq, 12, cu_seqlens_k=ck, max_seqlen_k=9, p=0.5,
+                                   backend=backend)
+        return (o.float() ** 2).sum()
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+    res = []
+    for f in (fn, compiled):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        loss = f(*xs)
+        res.append((loss.detach(), *torch.autograd.grad(loss, xs)))
+    for a, b in zip(*res):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_opcheck_attn_fwd_qk(device):
+    from prope_kernels.interface import _attn_fwd_op
+    q, k, v = _rand("o", [(17, 4, 32), (12, 2, 32), (12, 2, 32)], torch.float16)
+    q, k, v = (x.to(device).requires_grad_() for x in (q, k, v))
+    cq, ck = _cu([5, 12]).to(device), _cu([9, 3]).to(device)
+    qpos, kpos = (x.to(device) for x in _default_positions([5, 12], [9, 3]))
+    torch.library.opcheck(_attn_fwd_op, (q, k, v, cq, qpos, 12, 0.75, 10000.0, "prope", "half",
+                                         True, 32 ** -0.5, -1, -1, 0.0, "triton", False, ck,
+                                         kpos, 9))
