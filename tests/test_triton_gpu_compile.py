@@ -34,7 +34,7 @@ def _types(dt):
         for b in "th"]
     t = {n: "i32" for n in ints}
     t.update(Q=p, K=p, V=p, O=p, DO=p, DK=p, DV=p, DQ=p, X=p, Y=p, DLSE="*fp32", LSE="*fp32",
-             DELTA="*fp32", POS="*i64", CU="*i32", C_PART="*i32", C_SIGN="*fp32", C_FREQ="*fp64",
+             DELTA="*fp32", POS="*i64", CU="*i32", CU_K="*i32", C_PART="*i32", C_SIGN="*fp32", C_FREQ="*fp64",
              PAIR_A="*i32", PAIR_B="*i32", PAIR_F="*fp64", IDS="*i32", sm_scale="fp32",
              cap_in="fp32", cap_out="fp32")
     return t
@@ -101,6 +101,9 @@ def _cases(full, dims=None):
             bm, bn, w, s = rows[d][0]
             yield (f"{name} window+softcap d{d} {bm}x{bn} w{w} s{s}", fn,
                    _attn_consts(d, bm, bn, **feats, **extra), w, s)
+            # seqlen_q != seqlen_k (SHIFT: keys over CU_K, always with the WINDOW masks)
+            yield (f"{name} qk-lengths d{d} {bm}x{bn} w{w} s{s}", fn,
+                   _attn_consts(d, bm, bn, WINDOW=True, SHIFT=True, **extra), w, s)
     yield ("bwd_preprocess d128", A._bwd_preprocess_kernel,
            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, HAS_DLSE=True), 4, 1)
     yield ("rope d256 p0.75", R._rope_kernel,
@@ -221,9 +224,9 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check"], env=env,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, their window+softcap variants,
-    # preprocess, rope, fp32->lowp rope)
-    assert r.stdout.count("ok sm_") == 2 * 2 * 10, r.stdout[-3000:]
+    # 2 archs x 2 dtypes x (fwd in both Q modes, dkdv, dq, their window+softcap and qk-lengths
+    # variants, preprocess, rope, fp32->lowp rope)
+    assert r.stdout.count("ok sm_") == 2 * 2 * 13, r.stdout[-3000:]
     # the untuned defaults at head_dim 128, 256 and 512: fwd, dkdv, dq
     assert r.stdout.count("ok spills sm_90") == 3 * 3, r.stdout[-3000:]
     assert r.stdout.count("scale fold sm_90") == 1, r.stdout[-3000:]

@@ -28,6 +28,12 @@ Optional features, compile-time switches (no cost when off):
   call has wr = 0, an unbounded side is passed as max_seqlen). The loop bounds shrink to the
   window: key (query) blocks wholly outside it are never visited, so the work scales with the
   window; only the blocks it cuts get a mask (``_key_blocks``, ``_query_blocks``).
+* SHIFT: seqlen_q != seqlen_k (``CU_K``: the keys' offsets, their own lengths Lk). Query row i
+  of a sequence sits at key index i + Lk - Lq (flash-attn's bottom-right alignment): the masks
+  and the block ranges are computed on the shifted rows (``rows``, ``start_m + off``; the dK/dV
+  kernel shifts its key block into query coordinates), always with the WINDOW masks (a causal
+  call is the window (unbounded, 0)), whose empty-row handling gives a row that sees no key
+  out 0 and lse -inf (as flash-attn does). Off, the kernels are the ones without it.
 * SOFTCAP: scores s = softcap * tanh(q.k * sm_scale / softcap) (runtime cap_in = sm_scale /
   softcap, cap_out = softcap * log2(e)); the backward multiplies dS by the tanh's derivative
   1 - tanh^2 (the tanh is recomputed, not stored).
@@ -122,15 +128,12 @@ def _query_blocks(start_n, L, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _k_range(CU, CU_K, seq_start, L, seq, SHIFT: tl.constexpr):
-    """The key rows of sequence ``seq`` -> (first key token (int64), key count Lk, Lk - L: the
-    key index of query row 0). Without SHIFT the keys are the query rows (offset 0)."""
-    if SHIFT:
-        k_start = tl.load(CU_K + seq).to(tl.int64)
-        Lk = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
-        return k_start, Lk, Lk - L
-    else:
-        return seq_start, L, 0
+def _k_range(CU_K, L, seq):
+    """seqlen_q != seqlen_k: the key rows of sequence ``seq`` -> (first key token (int64), key
+    count Lk, Lk - L: the key index of query row 0)."""
+    k_start = tl.load(CU_K + seq).to(tl.int64)
+    Lk = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+    return k_start, Lk, Lk - L
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +158,12 @@ def _attn_fwd_kernel(
         return
     # SHIFT (seqlen_q != seqlen_k): keys from CU_K; query row i sits at key index i + Lk - L
     # (bottom-right alignment), the masks compare in key coordinates (WINDOW is always on)
-    k_start, Lk, off = _k_range(CU, CU_K, seq_start, L, tl.program_id(0) // n_heads, SHIFT)
+    if SHIFT:
+        k_start, Lk, off = _k_range(CU_K, L, tl.program_id(0) // n_heads)
+    else:                                    # keys are the query rows: nothing shifts
+        k_start = seq_start
+        Lk = L
+        off = 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
@@ -414,7 +422,12 @@ def _attn_bwd_dq_kernel(
     h, hk, seq_start, L, start_m = q_block(CU, n_heads, GROUP, BLOCK_M)
     if start_m >= L:
         return
-    k_start, Lk, off = _k_range(CU, CU_K, seq_start, L, tl.program_id(0) // n_heads, SHIFT)
+    if SHIFT:
+        k_start, Lk, off = _k_range(CU_K, L, tl.program_id(0) // n_heads)
+    else:                                    # keys are the query rows: nothing shifts
+        k_start = seq_start
+        Lk = L
+        off = 0
     h64 = h.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
