@@ -252,7 +252,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, total, stride_ot, stride_oh, stri
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    offs_n, offs_d, L, lo, hi, off, qk_scale, wl, wr, cap_in, cap_out,
+                    offs_n, offs_d, L, lo, hi, qk_scale, wl, wr, cap_in, cap_out,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                     EVEN_D: tl.constexpr, EMULATE: tl.constexpr):
@@ -282,8 +282,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         if MASKED:
             keep = m_ok[None, :]
             if CAUSAL or WINDOW:
-                # off: the key index of query row 0 (seqlen_k - seqlen_q; 0 when equal)
-                keep = keep & visible(offs_m[None, :] + off, offs_n[:, None], wl, wr, WINDOW)
+                keep = keep & visible(offs_m[None, :], offs_n[:, None], wl, wr, WINDOW)
             pT = tl.where(keep, pT, 0.0)
         dv = dot(lowp(pT, do.dtype, EMULATE), do, dv, EMULATE)
         dpT = dot(v, tl.trans(do), None, EMULATE)
@@ -323,11 +322,16 @@ def _attn_bwd_dkdv_kernel(
         seq_start = tl.load(CU + seq).to(tl.int64)
         L = tl.load(CU + seq + 1) - tl.load(CU + seq)
         off = Lk - L
+        # the query-side masks: visible(i + off, j, wl, wr) == visible(i, j, wl - off, wr + off)
+        wl_q = wl - off
+        wr_q = wr + off
     else:
         split, hk, seq_start, L, start_n = kv_block(CU, n_kv_heads, SPLIT, BLOCK_N)
         k_start = seq_start
         Lk = L
         off = 0
+        wl_q = wl
+        wr_q = wr
     if start_n >= Lk:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -351,15 +355,15 @@ def _attn_bwd_dkdv_kernel(
         # diagonal / window-edge blocks (masked), blocks every row sees whole (no mask), the
         # ragged tail and the window's far edge (masked)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, lo, free_lo, off, qk_scale, wl, wr,
+                                 stride_dot, offs_n, offs_d, L, lo, free_lo, qk_scale, wl_q, wr_q,
                                  cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, free_lo, free_hi, off, qk_scale, wl,
-                                 wr, cap_in, cap_out, BLOCK_M, HEAD_DIM, False, CAUSAL, WINDOW,
+                                 stride_dot, offs_n, offs_d, L, free_lo, free_hi, qk_scale, wl_q,
+                                 wr_q, cap_in, cap_out, BLOCK_M, HEAD_DIM, False, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                 stride_dot, offs_n, offs_d, L, free_hi, hi, off, qk_scale, wl, wr,
+                                 stride_dot, offs_n, offs_d, L, free_hi, hi, qk_scale, wl_q, wr_q,
                                  cap_in, cap_out, BLOCK_M, HEAD_DIM, True, CAUSAL, WINDOW,
                                  SOFTCAP, EVEN_D, EMULATE)
     dk = dk * sm_scale
