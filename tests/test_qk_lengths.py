@@ -168,6 +168,10 @@ def test_triton_dense(b, sq, sk, heads, causal, window, p, dtype):
     ([13, 33, 1], [40, 17, 6], False, (-1, -1), "mha"),
     ([13, 33, 1], [40, 17, 6], True, (4, -1), "mqa"),
     ([9, 30], [31, 8], False, (2, 7), "gqa"),
+    # whole blocks no row sees, on both sides: query blocks far before the keys (Lq - Lk > the
+    # forward's 32 rows) and key blocks far before every query's window (dK/dV kernel: empty
+    # query range, hi < lo)
+    ([80, 5], [5, 100], True, (3, -1), "mqa"),
 ])
 def test_triton_varlen(lq, lk, causal, window, heads):
     _varlen("triton", lq, lk, heads, 32, causal, window, 0.5, torch.float16)
