@@ -360,3 +360,25 @@ def test_opcheck_attn_fwd_qk(device):
     torch.library.opcheck(_attn_fwd_op, (q, k, v, cq, qpos, 12, 0.75, 10000.0, "prope", "half",
                                          True, 32 ** -0.5, -1, -1, 0.0, "triton", False, ck,
                                          kpos, 9))
+
+
+def test_triton_dkdv_empty_query_range_with_tall_blocks():
+    """dK/dV kernel, BLOCK_M > BLOCK_N (GPU tables have such rows): a key block that no query's
+    window reaches (hi < lo in its query range) must run no query block; a rounding of the
+    unmasked range's end toward 0 once gave it one at negative rows (non-finite dk under the
+    poison). The interpreter's one config is reshaped for this test."""
+    from prope_kernels import env
+    from prope_kernels.backends.triton.attention import KERNELS
+    if not env.interpreting():
+        pytest.skip("reshapes the CPU interpreter's single dK/dV config")
+    kern = KERNELS["dkdv"]
+    cfg = kern.configs[0]
+    old = dict(cfg.kwargs)
+    cfg.kwargs.update(BLOCK_M=64, BLOCK_N=16)
+    kern.cache.clear()
+    try:
+        _varlen("triton", [40, 5], [30, 100], "mqa", 32, True, (3, -1), 0.5, torch.float16)
+    finally:
+        cfg.kwargs.clear()
+        cfg.kwargs.update(old)
+        kern.cache.clear()
