@@ -365,9 +365,13 @@ def prope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     then describes q alone; rows past ``cu_seqlens_k[-1]`` are padding as for q). Masks align
     bottom-right per sequence and positions default as in :func:`prope_attention` (k
     ``0..Lk-1``, q ``Lk-Lq..Lk-1``); k_positions: (total_k,). Without them (or with
-    ``cu_seqlens_k`` = ``cu_seqlens``), cu_seqlens and max_seqlen describe both.
+    ``cu_seqlens_k`` the same tensor as ``cu_seqlens`` and no other k argument), cu_seqlens and
+    max_seqlen describe both and the equal-length path runs.
     Returns out (total, q_heads, d), and lse (q_heads, total) when ``return_lse``.
     """
+    if (cu_seqlens_k is cu_seqlens and k_positions is None
+            and (max_seqlen_k is None or max_seqlen_k == max_seqlen)):
+        cu_seqlens_k = max_seqlen_k = None    # the same keys as queries: the equal-length path
     qk = cu_seqlens_k is not None or max_seqlen_k is not None or k_positions is not None
     spec, scale = check_attention(q, k, v, packed=True, p=p, theta=theta, variant=variant,
                                   layout=layout, causal=causal, softmax_scale=softmax_scale,

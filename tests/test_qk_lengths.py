@@ -382,3 +382,18 @@ def test_triton_dkdv_empty_query_range_with_tall_blocks():
         cfg.kwargs.clear()
         cfg.kwargs.update(old)
         kern.cache.clear()
+
+
+def test_same_cu_seqlens_tensor_is_the_equal_length_path(monkeypatch):
+    from prope_kernels.backends import reference as be
+    seen = []
+    orig = be.attn_fwd
+    monkeypatch.setattr(be, "attn_fwd", lambda *a, **kw: seen.append(sorted(kw)) or orig(*a, **kw))
+    q, k, v = _qkv(8, 8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    a = prope_attention_varlen(q, k, v, cu, 5, cu_seqlens_k=cu, max_seqlen_k=5,
+                               backend="reference")
+    b = prope_attention_varlen(q, k, v, cu, 5, cu_seqlens_k=cu.clone(), max_seqlen_k=5,
+                               backend="reference")
+    assert "cu_seqlens_k" not in seen[0] and "cu_seqlens_k" in seen[1]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
