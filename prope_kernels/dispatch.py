@@ -190,7 +190,13 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
                         "default")
     notes = []
     runnable = {}
-    ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
+    if "qk_lengths" in needs:
+        # keys of their own lengths: sdpa lacks the feature, and its eligibility check reads k
+        # as packed like q (a reshape that would raise), so it is not asked
+        ch = sdpa.Choice(None, q.dim() == 4, False, "PyTorch's kernels are called without "
+                                                    "qk_lengths here")
+    else:
+        ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
     lacks = {n: sorted(set(needs) - set(be.features_on(q)))
              for n, be in registry.REGISTRY.items()}
     if ch.kernel and lacks.get("sdpa"):

@@ -397,3 +397,24 @@ def test_same_cu_seqlens_tensor_is_the_equal_length_path(monkeypatch):
                                backend="reference")
     assert "cu_seqlens_k" not in seen[0] and "cu_seqlens_k" in seen[1]
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_on_a_gpu_plans_triton_without_asking_sdpa(monkeypatch):
+    # auto on CUDA tensors: sdpa's eligibility check (a reshape of k as packed like q) is not
+    # asked for keys of their own lengths; the plan is a backend with qk_lengths. Stand-in CUDA
+    # "tensors": the policy reads only device, dtype and shapes.
+    import types
+    from prope_kernels import dispatch
+    from prope_kernels.backends import sdpa
+
+    def like(shape):
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16,
+                                     shape=shape, dim=lambda: len(shape))
+
+    def asked(*a, **kw):
+        raise AssertionError("sdpa.choose was asked about a qk_lengths call")
+    monkeypatch.setattr(dispatch, "arch", lambda dev: "sm_90")
+    monkeypatch.setattr(sdpa, "choose", asked)
+    dec = dispatch.decide(like((2, 3, 4, 128)), like((2, 7, 2, 128)), 2, 7, True,
+                          needs=frozenset({"qk_lengths"}))
+    assert dec.plan in ("triton", "reference"), dec
