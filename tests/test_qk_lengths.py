@@ -362,26 +362,36 @@ def test_opcheck_attn_fwd_qk(device):
                                          kpos, 9))
 
 
-def test_triton_dkdv_empty_query_range_with_tall_blocks():
-    """dK/dV kernel, BLOCK_M > BLOCK_N (GPU tables have such rows): a key block that no query's
-    window reaches (hi < lo in its query range) must run no query block; a rounding of the
-    unmasked range's end toward 0 once gave it one at negative rows (non-finite dk under the
-    poison). The interpreter's one config is reshaped for this test."""
+@pytest.mark.parametrize("shapes,lq,lk", [
+    # dK/dV kernel, BLOCK_M > BLOCK_N: key blocks no query's window reaches (hi < lo in their
+    # query range): fails without the free_hi <= hi bound (non-finite dk under the poison)
+    ({"dkdv": (64, 16)}, [40, 5], [30, 100]),
+    # forward and dQ kernels, BLOCK_N > BLOCK_M: query blocks that see no key (Lq >> Lk): fails
+    # without the hi >= lo clamp of _key_blocks (non-finite out)
+    ({"fwd": (16, 64), "dq": (16, 64)}, [90, 5], [6, 30]),
+])
+def test_triton_empty_block_ranges_with_other_block_shapes(shapes, lq, lk):
+    """The block shapes the GPU tables have (tall or wide) on the empty ranges of the SHIFT
+    kernels: integer division truncates toward 0 (as on the GPU), so a range end computed from a
+    negative row could land past an empty range's start. The interpreter's one config per
+    kernel is reshaped for this test."""
     from prope_kernels import env
     from prope_kernels.backends.triton.attention import KERNELS
     if not env.interpreting():
-        pytest.skip("reshapes the CPU interpreter's single dK/dV config")
-    kern = KERNELS["dkdv"]
-    cfg = kern.configs[0]
-    old = dict(cfg.kwargs)
-    cfg.kwargs.update(BLOCK_M=64, BLOCK_N=16)
-    kern.cache.clear()
+        pytest.skip("reshapes the CPU interpreter's single config of each kernel")
+    saved = []
     try:
-        _varlen("triton", [40, 5], [30, 100], "mqa", 32, True, (3, -1), 0.5, torch.float16)
+        for name, (bm, bn) in shapes.items():
+            cfg = KERNELS[name].configs[0]
+            saved.append((name, cfg, dict(cfg.kwargs)))
+            cfg.kwargs.update(BLOCK_M=bm, BLOCK_N=bn)
+            KERNELS[name].cache.clear()
+        _varlen("triton", lq, lk, "mqa", 32, True, (3, -1), 0.5, torch.float16)
     finally:
-        cfg.kwargs.clear()
-        cfg.kwargs.update(old)
-        kern.cache.clear()
+        for name, cfg, old in saved:
+            cfg.kwargs.clear()
+            cfg.kwargs.update(old)
+            KERNELS[name].cache.clear()
 
 
 def test_same_cu_seqlens_tensor_is_the_equal_length_path(monkeypatch):
