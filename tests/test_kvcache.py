@@ -100,6 +100,29 @@ def test_kvcache_splits_and_features(num_splits, feature, device):
     run_and_check(q, kc, vc, k, v, cs, PRoPESpec(d, 0.5), "triton", **kw)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_rows_that_see_no_key(num_splits, device):
+    # non-causal, window (0, 0), 3 queries over 1 key (bottom-right): rows 0 and 1 see nothing.
+    # They give out 0 and lse -inf (not 0, not NaN), as the reference.
+    b, S, hq, hkv, d = 1, 8, 2, 1, 32
+    q, kc, vc, _, _ = make(b, S, hq, hkv, d, 3, 0, torch.float16, device, seed=5)
+    out, lse = prope_attention_with_kvcache(q, kc, vc, cache_seqlens=1, causal=False,
+                                            window=(0, 0), return_lse=True, backend="triton",
+                                            num_splits=num_splits)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(lse[0, :, :2], torch.full_like(lse[0, :, :2], float("-inf")))
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+    assert torch.isfinite(lse[0, :, 2]).all()
+    one = torch.tensor([1], dtype=torch.int32, device=device)
+    o64, l64, _, _ = kvcache_reference(q.double(), kc.double(), vc.double(), None, None, one,
+                                       PRoPESpec(d, 0.75), causal=False, window=(0, 0))
+    olp, _, _, _ = kvcache_reference(q, kc, vc, None, None, one, PRoPESpec(d, 0.75),
+                                     causal=False, window=(0, 0))
+    check("out", out, o64, olp)
+    assert torch.equal(torch.isinf(lse), torch.isinf(l64.float()))
+    assert torch.allclose(lse[0, :, 2], l64[0, :, 2].float(), atol=1e-2)
+
+
 def test_kvcache_transposed_cache_view(device):
     """A transformers cache (batch, heads, seq, d) passes as .transpose(1, 2) and is written in
     place through the view."""

@@ -63,6 +63,8 @@ def rope(x, positions, spec, conjugate):
 
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0):
+    if not scale > 0:  # the forward takes the row max of raw scores and scales it once
+        raise ValueError(f"softmax_scale must be > 0 for backend='triton', got {scale}")
     total, hq, d = q.shape
     out = _new(q)
     lse = _new(q, hq, total, dtype=torch.float32)
