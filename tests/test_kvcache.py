@@ -394,9 +394,11 @@ def _aot_cases():
 
 
 # bytes of stack a thread: every split_kv compile has a fixed 32 B frame (fp16/bf16/fp32 alike);
-# more is register spills. fp32 (the exact path, rare on a GPU) with window + softcap + leftpad
-# at d128 spills 8 B on sm_80 (measured with Triton 3.9): allowed there, nowhere else
-STACK_LIMIT = {"fp16": 32, "bf16": 32, "fp32": 40}
+# more is register spills. Measured (54 compiles each): Triton 3.9 none for fp16/bf16 and 8 B for
+# fp32 d128 with window + softcap + leftpad on sm_80; Triton 3.8 (CI's) 8 B for bf16 d128 with
+# window + softcap + leftpad on sm_90; Triton 3.6 (the GPU machine's) 24 B for fp32 d128 on sm_90.
+# Allowed: those small spills, nothing larger (the 640 B of fp32 d128 at 64 keys fails)
+STACK_LIMIT = {"fp16": 40, "bf16": 40, "fp32": 64}
 
 
 def _aot_main():
@@ -405,7 +407,7 @@ def _aot_main():
     from triton.compiler import ASTSource
     from test_triton_gpu_compile import _resource_usage
     floats = {"sm_scale", "cap_in", "cap_out"}
-    n = 0
+    n, over = 0, []
     for name, fn, consts, dt, warps in _aot_cases():
         ptr = {"KPOS": "*i64", "QPOS": "*i64", "SEQLENS": "*i32", "LEFTPAD": "*i32", "OP": "*fp32", "LP": "*fp32",
                "LSE": "*fp32", "C_PART": "*i32", "C_SIGN": "*fp32", "C_FREQ": "*fp64",
@@ -430,9 +432,11 @@ def _aot_main():
             regs, stack = _resource_usage(k.asm["cubin"])
             print(f"ok sm_{arch} {name}: regs {regs}, stack {stack} B, smem {k.metadata.shared}",
                   flush=True)
-            assert stack <= STACK_LIMIT[dt], f"{name} spills {stack} B on sm_{arch}"
+            if stack > STACK_LIMIT[dt]:
+                over.append(f"{name} spills {stack - 32} B on sm_{arch}")
             n += 1
     print(f"compiled {n}")
+    assert not over, "; ".join(over)
 
 
 def test_decode_kernels_compile_for_gpu():
