@@ -197,7 +197,7 @@ def decide(q: torch.Tensor, k: torch.Tensor, num_seqs: int, max_seqlen: int,
                                                     "qk_lengths here")
     else:
         ch = sdpa.choose(q, k, num_seqs, max_seqlen, causal)
-    lacks = {n: sorted(set(needs) - set(be.features_on(q)))
+    lacks = {n: sorted(set(needs) - set(be.features_on(q, needs))) if needs else []
              for n, be in registry.REGISTRY.items()}
     if ch.kernel and lacks.get("sdpa"):
         ch = sdpa.Choice(None, ch.dense, False, f"PyTorch's kernels are called without "

@@ -192,7 +192,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, w
                              f"{tuple(getattr(cache_leftpad, 'shape', ()))}")
         if cache_leftpad.device != q.device:
             raise ValueError(f"cache_leftpad is on {cache_leftpad.device}, q on {q.device}")
-        if lens is not None:
+        if check_values:  # one host copy, as for cache_seqlens; skipped when the caller opts out
             lps = cache_leftpad.tolist()
     for i, c in enumerate(lens or ()):
         if c < 0:
@@ -209,8 +209,9 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale, w
                              f"- cache_leftpad[{i}]) for {sq} queries: with causal=True each "
                              f"query needs its own key (at least seqlen_q keys)")
 
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
+    if backend == "auto":  # the Triton kernels where they run the call, else the reference
+        backend = ("triton" if q.is_cuda and q.dtype in _KERNEL_DTYPES and 16 <= d <= 256
+                   else "reference")
     if backend not in ("triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference' for the KV-cache op, "
                          f"got {backend!r}")
@@ -272,14 +273,16 @@ def prope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             b's keys start at cache row ``cache_leftpad[b]`` (left padding of a batch); rows
             before it are never read. Default positions then count from it. Its values are
             checked with cache_seqlens' (``0 <= cache_leftpad <= cache_seqlens``).
-        check_cache_seqlens: False skips the host copy of a ``cache_seqlens`` tensor (no device
-            sync, as flash-attn, e.g. for CUDA graphs): its values are then the caller's
+        check_cache_seqlens: False skips the host copies of a ``cache_seqlens`` tensor and of
+            ``cache_leftpad`` (no device sync, as flash-attn, e.g. for CUDA graphs): their
+            values (and ``cache_leftpad <= cache_seqlens``) are then the caller's
             contract (``0 <= cache_seqlens``, ``cache_seqlens + new <= cache_len``, at least
             seqlen_q keys under ``causal``), unchecked; the splits are sized by ``cache_len``.
 
     Returns out (batch, seqlen_q, q_heads, head_dim) in q's dtype (and lse). Inference only
     (no autograd). Under ``torch.compile`` it is the custom op ``prope_kernels::attn_with_kvcache``
-    (no graph break with an int ``cache_seqlens`` or ``check_cache_seqlens=False``). Bad input
+    (no graph break with ``check_cache_seqlens=False``, or an int ``cache_seqlens`` and no
+    ``cache_leftpad``). Bad input
     (shapes, dtypes, devices, a cache too short for ``cache_seqlens + new_tokens``, fewer keys
     than causal queries, a ``cache_leftpad`` outside ``[0, cache_seqlens]``) raises a
     ``ValueError`` / ``TypeError`` naming the argument before any kernel runs; the cache is then unchanged.

@@ -55,6 +55,22 @@ def test_auto_policy(monkeypatch, cuda_built, cuda_faster, device, dtype, d, wan
     assert backends.choose_auto(_like(device, dtype, d)) == want
 
 
+def test_cuda_softcap_not_with_the_deterministic_backward(monkeypatch):
+    # on an sm_90 GPU the CUDA backend has window and softcap, but its deterministic (split)
+    # backward has no softcap: the combination is refused before the forward runs, and auto
+    # passes cuda over for it (a stand-in sm_90 "tensor": no GPU needed)
+    monkeypatch.setattr(cuda_backend, "available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "sm90_runs", lambda device: True)
+    monkeypatch.setattr(cuda_backend, "preferred_over_triton", lambda x: True)
+    cuda = backends.get("cuda")
+    x = _like("cuda")
+    assert cuda.can_run(x, frozenset({"softcap"}))
+    assert cuda.can_run(x, frozenset({"window", "deterministic"}))
+    assert not cuda.can_run(x, frozenset({"softcap", "deterministic"}))
+    with pytest.raises(ValueError, match="backend='cuda' does not implement softcap"):
+        cuda.check(x, frozenset({"softcap", "deterministic"}))
+
+
 def test_cuda_not_built_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cuda_backend, "available", lambda: False)
     with pytest.raises(ValueError, match="backend='cuda' needs the compiled extension"):

@@ -100,6 +100,29 @@ def test_kvcache_splits_and_features(num_splits, feature, device):
     run_and_check(q, kc, vc, k, v, cs, PRoPESpec(d, 0.5), "triton", **kw)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_rows_that_see_no_key(num_splits, device):
+    # non-causal, window (0, 0), 3 queries over 1 key (bottom-right): rows 0 and 1 see nothing.
+    # They give out 0 and lse -inf (not 0, not NaN), as the reference.
+    b, S, hq, hkv, d = 1, 8, 2, 1, 32
+    q, kc, vc, _, _ = make(b, S, hq, hkv, d, 3, 0, torch.float16, device, seed=5)
+    out, lse = prope_attention_with_kvcache(q, kc, vc, cache_seqlens=1, causal=False,
+                                            window=(0, 0), return_lse=True, backend="triton",
+                                            num_splits=num_splits)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(lse[0, :, :2], torch.full_like(lse[0, :, :2], float("-inf")))
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+    assert torch.isfinite(lse[0, :, 2]).all()
+    one = torch.tensor([1], dtype=torch.int32, device=device)
+    o64, l64, _, _ = kvcache_reference(q.double(), kc.double(), vc.double(), None, None, one,
+                                       PRoPESpec(d, 0.75), causal=False, window=(0, 0))
+    olp, _, _, _ = kvcache_reference(q, kc, vc, None, None, one, PRoPESpec(d, 0.75),
+                                     causal=False, window=(0, 0))
+    check("out", out, o64, olp)
+    assert torch.equal(torch.isinf(lse), torch.isinf(l64.float()))
+    assert torch.allclose(lse[0, :, 2], l64[0, :, 2].float(), atol=1e-2)
+
+
 def test_kvcache_transposed_cache_view(device):
     """A transformers cache (batch, heads, seq, d) passes as .transpose(1, 2) and is written in
     place through the view."""
@@ -371,9 +394,11 @@ def _aot_cases():
 
 
 # bytes of stack a thread: every split_kv compile has a fixed 32 B frame (fp16/bf16/fp32 alike);
-# more is register spills. fp32 (the exact path, rare on a GPU) with window + softcap + leftpad
-# at d128 spills 8 B on sm_80 (measured with Triton 3.9): allowed there, nowhere else
-STACK_LIMIT = {"fp16": 32, "bf16": 32, "fp32": 40}
+# more is register spills. Measured (54 compiles each): Triton 3.9 none for fp16/bf16 and 8 B for
+# fp32 d128 with window + softcap + leftpad on sm_80; Triton 3.8 (CI's) 8 B for bf16 d128 with
+# window + softcap + leftpad on sm_90; Triton 3.6 (the GPU machine's) 24 B for fp32 d128 on sm_90.
+# Allowed: those small spills, nothing larger (the 640 B of fp32 d128 at 64 keys fails)
+STACK_LIMIT = {"fp16": 40, "bf16": 40, "fp32": 64}
 
 
 def _aot_main():
@@ -382,7 +407,7 @@ def _aot_main():
     from triton.compiler import ASTSource
     from test_triton_gpu_compile import _resource_usage
     floats = {"sm_scale", "cap_in", "cap_out"}
-    n = 0
+    n, over = 0, []
     for name, fn, consts, dt, warps in _aot_cases():
         ptr = {"KPOS": "*i64", "QPOS": "*i64", "SEQLENS": "*i32", "LEFTPAD": "*i32", "OP": "*fp32", "LP": "*fp32",
                "LSE": "*fp32", "C_PART": "*i32", "C_SIGN": "*fp32", "C_FREQ": "*fp64",
@@ -407,9 +432,11 @@ def _aot_main():
             regs, stack = _resource_usage(k.asm["cubin"])
             print(f"ok sm_{arch} {name}: regs {regs}, stack {stack} B, smem {k.metadata.shared}",
                   flush=True)
-            assert stack <= STACK_LIMIT[dt], f"{name} spills {stack} B on sm_{arch}"
+            if stack > STACK_LIMIT[dt]:
+                over.append(f"{name} spills {stack - 32} B on sm_{arch}")
             n += 1
     print(f"compiled {n}")
+    assert not over, "; ".join(over)
 
 
 def test_decode_kernels_compile_for_gpu():

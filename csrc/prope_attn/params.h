@@ -105,11 +105,13 @@ PROPE_HOST_DEVICE inline int64_t bwd_tile(int32_t seq_start, int b, int m_block)
 // are a sequence's bounds as window_bounds() gives them (never negative). Host code too:
 // csrc/tests/test_layouts.cu checks them against brute force.
 struct WindowBounds { int wl, wr; };
-// An unbounded side becomes seqlen + 256: past every key of the sequence from every row of any
-// tile (tiles <= 256 rows), so it adds no block and no mask, and nothing overflows.
+// An unbounded side, or one >= seqlen (which sees as far), becomes seqlen + 256: past every key
+// of the sequence from every row of any tile (tiles <= 256 rows), so it adds no block and no mask,
+// and nothing overflows (a side near INT32_MAX would wrap m0 + bm - 1 + wr).
 PROPE_HOST_DEVICE inline WindowBounds window_bounds(int left, int right, bool causal, int seqlen) {
   const int big = seqlen + 256;
-  return {left < 0 ? big : left, causal ? 0 : (right < 0 ? big : right)};
+  return {left < 0 || left >= seqlen ? big : left,
+          causal ? 0 : (right < 0 || right >= seqlen ? big : right)};
 }
 // Key blocks [lo, hi) of bn keys that query rows [m0, m0 + bm) can see (rows past seqlen may be
 // included; keys never past it). Blocks outside are never loaded.

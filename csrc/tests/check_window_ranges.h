@@ -28,17 +28,23 @@ inline int check_window_ranges(int trials = 4000, unsigned seed = 1234) {
   for (int t = 0; t < trials; ++t) {
     const int seqlen = uni(0, 3) == 0 ? uni(1, 70) : uni(1, 700);
     const bool causal = uni(0, 1);
-    const int left = uni(0, 4) == 0 ? -1 : (uni(0, 1) ? uni(0, 40) : uni(0, 800));
-    const int right = uni(0, 4) == 0 ? -1 : (uni(0, 1) ? uni(0, 40) : uni(0, 800));
+    // sides: unbounded, small, past the sequence, or near INT32_MAX (the binding accepts it)
+    auto side = [&] { const int r = uni(0, 9);
+      return r < 2 ? -1 : r == 2 ? 2147483647 - uni(0, 3) : (r < 6 ? uni(0, 40) : uni(0, 800)); };
+    const int left_arg = side(), right_arg = side();
+    // a side >= seqlen sees as far as an unbounded one from every row of the sequence (and rows
+    // past it are zeroed operands, never stored): the definition below treats both alike
+    const int left = left_arg >= seqlen ? -1 : left_arg;
+    const int right = right_arg >= seqlen ? -1 : right_arg;
     const int bm = tiles[t % 5][0], bn = tiles[t % 5][1];
-    const prope::WindowBounds w = prope::window_bounds(left, right, causal, seqlen);
+    const prope::WindowBounds w = prope::window_bounds(left_arg, right_arg, causal, seqlen);
     // the package's definition: row i sees key j iff i - left <= j <= i + right, right capped at
     // 0 when causal, -1 unbounded; plus j inside the sequence
     auto sees = [&](int i, int j) {
       if (j < 0 || j >= seqlen) return false;
-      if (left >= 0 && j < i - left) return false;
+      if (left >= 0 && j < int64_t(i) - left) return false;
       const int r = causal ? 0 : right;
-      if (r >= 0 && j > i + r) return false;
+      if (r >= 0 && j > int64_t(i) + r) return false;
       return true;
     };
     const int m_blocks = (seqlen + bm - 1) / bm, n_blocks = (seqlen + bn - 1) / bn;

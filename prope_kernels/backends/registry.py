@@ -82,7 +82,9 @@ class Backend:
     features: frozenset = frozenset({"varlen", "lse", "rope"})
     # the features it has for q-like x where they depend on the device (a GPU architecture): a
     # subset of ``features``, which lists what it has anywhere; None: ``features`` everywhere
-    device_features: Optional[Callable[[torch.Tensor], frozenset]] = None
+    # (x, needs) -> features; needs lets it refuse a combination (cuda: softcap with the
+    # deterministic backward)
+    device_features: Optional[Callable[[torch.Tensor, frozenset], frozenset]] = None
     features_note: str = ""          # where the device-dependent features are (error messages)
     # None when usable, else the reason (completes "backend='x' ..."); called lazily
     unavailable: Callable[[], Optional[str]] = lambda: None
@@ -107,9 +109,10 @@ class Backend:
             return True
         return self.interpreter_cpu and device.type == "cpu" and env.interpreting()
 
-    def features_on(self, x: torch.Tensor) -> frozenset:
-        """The features it has for q-like ``x`` (on x's device)."""
-        return self.features if self.device_features is None else self.device_features(x)
+    def features_on(self, x: torch.Tensor, needs: frozenset = frozenset()) -> frozenset:
+        """The features it has for q-like ``x`` (on x's device) in a call that needs ``needs``."""
+        return (self.features if self.device_features is None
+                else self.device_features(x, frozenset(needs)))
 
     def can_run(self, x: torch.Tensor, needs: frozenset = frozenset()) -> bool:
         """Whether it takes q-like ``x`` (device, dtype, head_dim) with the features ``needs``
@@ -118,15 +121,15 @@ class Backend:
                 and self.head_dim_ok(x.shape[-1]) and needs <= self.features
                 and self.unavailable() is None
                 # the device's features are asked only for a call that needs any
-                and (not needs or needs <= self.features_on(x)))
+                and (not needs or needs <= self.features_on(x, needs)))
 
     def check(self, x: torch.Tensor, needs: frozenset = frozenset()) -> None:
         """Raise a ValueError/TypeError naming the backend when it cannot run ``x`` or lacks a
         feature of ``needs``."""
         missing = sorted(set(needs) - set(self.features))
         here = "" if missing else " here"
-        if not missing:
-            missing = sorted(set(needs) - set(self.features_on(x)))
+        if not missing and needs:  # the device's features: only for a call that needs any
+            missing = sorted(set(needs) - set(self.features_on(x, needs)))
         if missing:
             names = {"window": "window (sliding-window attention)",
                      "softcap": "softcap (logit softcapping)",
@@ -326,11 +329,13 @@ def _cuda_unavailable():
 _CUDA_BASE = frozenset({"varlen", "lse", "rope", "deterministic"})
 
 
-def _cuda_features(x):
-    # window and softcap: the SM90 kernels only (an sm_90 GPU and a build with 9.0a)
+def _cuda_features(x, needs=frozenset()):
+    # window and softcap: the SM90 kernels only (an sm_90 GPU and a build with 9.0a); softcap
+    # not with the deterministic (split) backward, which has no softcap: refused up front, not
+    # after the forward has run
     from . import cuda
     if x.device.type == "cuda" and cuda.available() and cuda.sm90_runs(x.device):
-        return _CUDA_BASE | {"window", "softcap"}
+        return _CUDA_BASE | ({"window"} if "deterministic" in needs else {"window", "softcap"})
     return _CUDA_BASE
 
 

@@ -655,7 +655,7 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
         out = prope_attention_with_kvcache(
             q, k_all.transpose(1, 2), v_all.transpose(1, 2), cache_seqlens=k_all.shape[2],
             positions=plan.positions, backend=be if be in ("triton", "reference") else "auto",
-            cache_leftpad=leftpad, **kv_opts)
+            cache_leftpad=leftpad, check_cache_seqlens=leftpad is None, **kv_opts)
     elif not plan.varlen:
         out = prope_attention(q, k.contiguous(), v.contiguous(), positions=plan.positions, **opts)
     else:

@@ -230,7 +230,9 @@ def _combine_kernel(
     optr = O + b[:, None] * stride_ob + i[:, None] * stride_ot + h[:, None] * stride_oh
     tl.store(optr + dd[None, :], lowp(acc, O.dtype.element_ty, EMULATE),
              mask=r_mask[:, None] & (dd[None, :] < D))
-    tl.store(LSE + row64, (mx + tl.math.log2(tl.where(tot == 0.0, 1.0, tot))) * LN2, mask=r_mask)
+    # a row that sees no key in any split: lse -inf (out 0), as the reference
+    lse_row = (mx + tl.math.log2(tl.where(tot == 0.0, 1.0, tot))) * LN2
+    tl.store(LSE + row64, tl.where(tot == 0.0, float("-inf"), lse_row), mask=r_mask)
 
 
 def append_launch(k, v, k_cache, v_cache, k_positions, cache_seqlens, tables, num_rotated):
@@ -288,7 +290,9 @@ def choose_splits(batch, kv_heads, m_blocks, max_keys, block_n, device) -> int:
     if programs >= target:
         return 1
     most = max(1, triton.cdiv(max_keys, 4 * block_n))
-    return int(max(1, min(triton.cdiv(target, programs), most, 64)))
+    # a power of two: SPLITS is a constexpr, so a cache growing by a token recompiles only when
+    # the count changes (at most 7 values), not every 4 key blocks
+    return 1 << (int(max(1, min(triton.cdiv(target, programs), most, 64))).bit_length() - 1)
 
 
 def attn_launch(q, k_cache, v_cache, q_positions, seqlens, max_keys, tables, num_rotated,

@@ -79,6 +79,8 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
              softcap=0.0, cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
     """cu_seqlens_k, positions_k, max_seqlen_k (all or none): keys of their own lengths and
     positions (seqlen_q != seqlen_k, bottom-right aligned); the portable kernels run them."""
+    if not scale > 0:  # the forward takes the row max of raw scores and scales it once
+        raise ValueError(f"softmax_scale must be > 0 for backend='triton', got {scale}")
     total, hq, d = q.shape
     qk = cu_seqlens_k is not None
     out = _new(q)
