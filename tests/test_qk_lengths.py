@@ -45,16 +45,17 @@ def _grads(fn, xs, dout):
 
 
 def _compare(fused, lq, lk, heads, d, causal, window, p, dtype, qpos=None, kpos=None,
-             softcap=None):
+             softcap=None, device="cpu"):
     """out, lse, dq, dk, dv of ``fused(q, k, v) -> (out, lse)`` (varlen layout) against the
     float64 definition; PyTorch's error in ``dtype`` is the yardstick."""
     hq, hkv = HEADS[heads]
-    cq, ck = _cu(lq), _cu(lk)
-    q, k, v, do = _rand((tuple(lq), tuple(lk), heads, d, causal, window, p, str(dtype)),
-                        [(sum(lq), hq, d), (sum(lk), hkv, d), (sum(lk), hkv, d),
-                         (sum(lq), hq, d)], dtype)
+    cq, ck = _cu(lq).to(device), _cu(lk).to(device)
+    q, k, v, do = (x.to(device) for x in _rand(
+        (tuple(lq), tuple(lk), heads, d, causal, window, p, str(dtype)),
+        [(sum(lq), hq, d), (sum(lk), hkv, d), (sum(lk), hkv, d), (sum(lq), hq, d)], dtype))
     if qpos is None:
         qpos, kpos = _default_positions(lq, lk)
+    qpos, kpos = qpos.to(device), kpos.to(device)
     spec = PRoPESpec(d, p)
 
     def reference(q, k, v):
@@ -87,13 +88,14 @@ def _dense(backend, b, sq, sk, heads, d, causal, window, p, dtype, **kw):
     return _compare(fused, [sq] * b, [sk] * b, heads, d, causal, window, p, dtype)
 
 
-def _varlen(backend, lq, lk, heads, d, causal, window, p, dtype, softcap=None):
+def _varlen(backend, lq, lk, heads, d, causal, window, p, dtype, softcap=None, device="cpu"):
     def fused(q, k, v):
-        return prope_attention_varlen(q, k, v, _cu(lq), max(lq), p=p, causal=causal,
+        return prope_attention_varlen(q, k, v, _cu(lq).to(device), max(lq), p=p, causal=causal,
                                       window=window, softcap=softcap, backend=backend,
-                                      return_lse=True, cu_seqlens_k=_cu(lk),
+                                      return_lse=True, cu_seqlens_k=_cu(lk).to(device),
                                       max_seqlen_k=max(lk))
-    return _compare(fused, lq, lk, heads, d, causal, window, p, dtype, softcap=softcap)
+    return _compare(fused, lq, lk, heads, d, causal, window, p, dtype, softcap=softcap,
+                    device=device)
 
 
 # --- the definition ------------------------------------------------------------------------------
@@ -428,3 +430,15 @@ def test_auto_on_a_gpu_plans_triton_without_asking_sdpa(monkeypatch):
     dec = dispatch.decide(like((2, 3, 4, 128)), like((2, 7, 2, 128)), 2, 7, True,
                           needs=frozenset({"qk_lengths"}))
     assert dec.plan in ("triton", "reference"), dec
+
+
+# --- GPU (skipped without one): GPU sizes, the tuned configs, sm_90 (portable kernels there) -----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lq,lk,causal,window,heads,d,dtype", [
+    ([1000, 77, 513], [2048, 30, 513], True, (-1, -1), "gqa", 128, torch.bfloat16),
+    ([300, 1025], [4000, 64], False, (128, 0), "mha", 64, torch.float16),
+    ([700, 9], [130, 2000], True, (255, -1), "mqa", 256, torch.bfloat16),
+])
+def test_gpu_qk_lengths(lq, lk, causal, window, heads, d, dtype):
+    _varlen("triton", lq, lk, heads, d, causal, window, 0.5, dtype, device="cuda")
