@@ -243,6 +243,24 @@ void check_window(const char* op, const prope::AttnProblem& pb, bool backward) {
                     "backward; use the fused one (deterministic=False) or backend='triton'");
 }
 
+// run_a0 / run_b_off: the pairs' run (RotTables; PRoPESpec.chunk_run() computes it from the same
+// spec as the tables), -1 / 0 when there is none. Checked to lie inside the head with its a and
+// b chunks apart; that the tables hold this run is the caller's promise (reading them here would
+// copy from the device on every call).
+void set_run(const char* op, Tables& t, int64_t run_a0, int64_t run_b_off, int64_t d) {
+  if (run_a0 == -1) return;
+  const int64_t r = t.rot.num_rot;
+  TORCH_CHECK_VALUE(run_a0 >= 0 && r > 0, op, ": run_a0 must be -1 (no run) or >= 0 with rotated "
+                    "pairs, got ", run_a0, " with ", r, " rotated pairs");
+  const int64_t lo = prope::cs_table_lo(int(run_a0)), w = prope::cs_table_w(int(run_a0), int(r));
+  TORCH_CHECK_VALUE(run_b_off % 8 == 0 && run_b_off >= w && lo + run_b_off + w <= d, op,
+                    ": run_b_off must be a multiple of 8 with the chunks of dims [", lo, ", ", lo + w,
+                    ") and [", lo, " + run_b_off, ", lo + w, " + run_b_off) inside head_dim ", d,
+                    " and apart, got ", run_b_off, " (run_a0 ", run_a0, ")");
+  t.rot.run_a0 = static_cast<int>(run_a0);
+  t.rot.run_b_off = static_cast<int>(run_b_off);
+}
+
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
@@ -254,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& pair_freq, const at::Tensor& identity,
                                             bool causal, double scale, int64_t family,
                                             int64_t sm90_fwd, int64_t window_left,
-                                            int64_t window_right, double softcap) {
+                                            int64_t window_right, double softcap,
+                                            int64_t run_a0, int64_t run_b_off) {
   const char* op = "prope_cuda::attn_fwd";
   // sm90_fwd: the SM90 forward's variant, FwdParams::sm90_fwd (bit 0 overlap, bit 1 lpt order)
   TORCH_CHECK(sm90_fwd >= 0 && sm90_fwd <= 3, op, ": sm90_fwd must be 0..3 (bit 0 overlap, bit 1 "
@@ -263,6 +282,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q, const at::Tenso
   c10::cuda::CUDAGuard guard(q.device());
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, q.device());
+  set_run(op, t, run_a0, run_b_off, a.d);
   prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family, window_left,
                                   window_right, softcap);
   pb.sm90_fwd = static_cast<int>(sm90_fwd);
@@ -292,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& cu_seqlens, const at::Tensor& positions, int64_t max_seqlen,
     const at::Tensor& pair_a, const at::Tensor& pair_b, const at::Tensor& pair_freq,
     const at::Tensor& identity, bool causal, double scale, int64_t family, int64_t sm90_bwd,
-    int64_t window_left, int64_t window_right, double softcap) {
+    int64_t window_left, int64_t window_right, double softcap, int64_t run_a0, int64_t run_b_off) {
   const char* op = "prope_cuda::attn_bwd";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device(), kFix);
   TORCH_CHECK(sm90_bwd == 0 || sm90_bwd == 1, op, ": sm90_bwd must be 0 (fused) or 1 (split), got ",
@@ -301,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const at::Device dev = q.device();
   Qkv a = check_qkv(op, q, k, v, cu_seqlens, positions, max_seqlen);
   Tables t = tables(op, pair_a, pair_b, pair_freq, identity, a.d, dev);
+  set_run(op, t, run_a0, run_b_off, a.d);
   prope::AttnProblem pb = problem(op, a, t, max_seqlen, causal, scale, family, window_left,
                                   window_right, softcap);
   pb.sm90_split = sm90_bwd == 1;
@@ -379,12 +400,13 @@ TORCH_LIBRARY(prope_cuda, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor positions, "
         "int max_seqlen, Tensor pair_a, Tensor pair_b, Tensor pair_freq, Tensor identity, "
         "bool causal, float scale, int family=0, int sm90_fwd=0, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, int run_a0=-1, int run_b_off=0) "
+        "-> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? dlse, Tensor cu_seqlens, Tensor positions, int max_seqlen, Tensor pair_a, "
         "Tensor pair_b, Tensor pair_freq, Tensor identity, bool causal, float scale, int family=0, "
-        "int sm90_bwd=0, int window_left=-1, int window_right=-1, float softcap=0.0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "int sm90_bwd=0, int window_left=-1, int window_right=-1, float softcap=0.0, "
+        "int run_a0=-1, int run_b_off=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(prope_cuda, CUDA, m) {

@@ -76,6 +76,21 @@ class PRoPESpec:
         b = [k + h for k in ks] if self.layout == "half" else [2 * k + 1 for k in ks]
         return a, b, freqs
 
+    def chunk_run(self) -> tuple[int, int] | None:
+        """``(a0, b_off)`` when pair i is dims ``(a0 + i, a0 + i + b_off)`` with ``b_off % 8 == 0``
+        and the 8-aligned chunks covering the a dims apart from those of the b dims (the "half"
+        layout, except "partial" with r % 8 != 0); else None. The CUDA SM90 forward then rotates Q
+        in 16-byte chunks from a cos/sin table (RotTables::run_a0 in csrc/prope_attn/params.h)."""
+        a, b, _ = self.pairs()
+        if not a:
+            return None
+        a0, off = a[0], b[0] - a[0]
+        lo, hi = a0 // 8 * 8, -(-(a0 + len(a)) // 8) * 8
+        if (off % 8 or off < hi - lo or hi + off > self.head_dim
+                or a != list(range(a0, a0 + len(a))) or b != [x + off for x in a]):
+            return None
+        return a0, off
+
     def identity_dims(self) -> list[int]:
         a, b, _ = self.pairs()
         rot = set(a) | set(b)

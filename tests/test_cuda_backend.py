@@ -324,6 +324,59 @@ def test_sm90_misaligned_contiguous_inputs(sm90):
     test_misaligned_contiguous_inputs()
 
 
+# --- the SM90 kernels' rotation in shared memory (PROPE_CUDA_SM90_ROT): the forward's Q and the
+# fused backward's dK, in 16-byte chunks from the K pass's table, or one pair at a time ---
+
+def test_sm90_rot_switch(monkeypatch):
+    from prope_kernels import env
+    monkeypatch.delenv("PROPE_CUDA_SM90_ROT", raising=False)
+    assert env.cuda_sm90_rot() == "table"
+    assert cuda_backend._run(PRoPESpec(256, 0.75)) == (0, 128)
+    assert cuda_backend._run(PRoPESpec(64, 0.75, layout="interleaved")) == (-1, 0)
+    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", " Pairs ")
+    assert env.cuda_sm90_rot() == "pairs"
+    assert cuda_backend._run(PRoPESpec(256, 0.75)) == (-1, 0)
+    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", "chunks")
+    with pytest.raises(ValueError, match="PROPE_CUDA_SM90_ROT"):
+        env.cuda_sm90_rot()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rot", ["table", "pairs"])
+def test_sm90_rot(sm90, monkeypatch, rot):
+    # forward and gradients (the fused backward's dK rotated back): runs with table edges
+    # (reversed p = 0.3: the run starts at dim 90 of a chunk at 88; partial p = 0.25: b 32 dims
+    # on), a layout with no run (interleaved: pairs either way), one key block and partial last
+    # blocks, then varlen with empty and 1-row sequences, explicit positions
+    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", rot)
+    for i, (s, d, p, variant, layout) in enumerate((
+            (1025, 256, 0.75, "prope", "half"), (97, 128, 0.3, "reversed", "half"),
+            (300, 128, 0.25, "partial", "half"), (129, 64, 1.0, "prope", "interleaved"),
+            (1, 256, 0.25, "prope", "half"))):
+        dtype = torch.bfloat16 if i % 2 else torch.float16
+        _run_dense(dtype, 2, s, 4, 2, d, p=p, variant=variant, layout=layout, causal=i != 2)
+    run_varlen("cuda", torch.bfloat16, [130, 1, 0, 257, 64], 8, 2, 256, p=0.75, causal=True,
+               explicit_positions=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_sm90_rot_table_equals_pairs(sm90, monkeypatch):
+    # the two rotations compute the same angles (the table's in float64 with sincosf, the pairs'
+    # through sincospif): out and the gradients may differ by roundings, never more
+    gen = torch.Generator().manual_seed(seed("rot", 1025, 256))
+    q, k, v, do = (rand((2, 1025, h, 256), torch.bfloat16, "cuda", gen) for h in (8, 1, 1, 8))
+    res = []
+    for mode in ("table", "pairs"):
+        monkeypatch.setenv("PROPE_CUDA_SM90_ROT", mode)
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = prope_attention(*qkv, p=0.75, causal=True, backend="cuda")
+        out.backward(do)
+        res.append([out.float()] + [t.grad.float() for t in qkv])
+    for a, b in zip(*res):
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max().item() <= 2e-2 * max(1.0, b.abs().max().item())
+
+
 # --- the SM90 forward's variants (PROPE_CUDA_SM90_FWD): overlap mainloop, longest-first order ---
 
 def test_sm90_fwd_switch(monkeypatch):

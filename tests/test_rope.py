@@ -85,3 +85,53 @@ def test_variant_tables():
     a, b, f = s.pairs()
     assert (a, b) == ([0, 1], [2, 3]) and f == [1.0, 100.0 ** -0.5]
     assert PRoPESpec(8, 0.5, 100.0, "prope").pairs()[2] == [1.0, 100.0 ** -0.25]
+
+
+def _rotate_by_chunks(x, pos, spec):
+    """The CUDA SM90 forward's Q rotation for pairs in a run, in float64: the K pass's table holds
+    cos/sin of columns [lo, lo + w) (cs_table_lo/_w of csrc/prope_attn/params.h), cos 1 and sin 0
+    where no pair is (frequency 0 here); rotate_tile_chunks rotates each 8-dim chunk at lo + 8c
+    against the chunk b_off further."""
+    a0, off = spec.chunk_run()
+    a, _, f = spec.pairs()
+    lo = a0 // 8 * 8
+    w = -(-(a0 + len(a)) // 8) * 8 - lo
+    freq = torch.zeros(w, dtype=torch.float64)
+    freq[a0 - lo:a0 - lo + len(a)] = torch.tensor(f, dtype=torch.float64)
+    ang = pos[:, None].double() * freq  # (rows, w)
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    y = x.clone()
+    for c in range(w // 8):
+        ca = torch.arange(lo + 8 * c, lo + 8 * c + 8)
+        xa, xb = x[..., ca], x[..., ca + off]
+        y[..., ca] = xa * cos[..., 8 * c:8 * c + 8] - xb * sin[..., 8 * c:8 * c + 8]
+        y[..., ca + off] = xb * cos[..., 8 * c:8 * c + 8] + xa * sin[..., 8 * c:8 * c + 8]
+    return y
+
+
+@pytest.mark.parametrize("d", [64, 128, 256, 512])
+@pytest.mark.parametrize("variant", ["prope", "reversed", "partial"])
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_chunk_run(d, variant, layout):
+    # chunk_run() is the geometry the CUDA SM90 forward's chunked Q rotation trusts: where it gives
+    # one, rotating by chunks from the padded table must be the rotation exactly (the pairs, the
+    # identity dims untouched); the default layout must always get one
+    gen = torch.Generator().manual_seed(d)
+    for p in (0.1, 0.25, 0.3, 0.5, 0.75, 1.0):
+        spec = PRoPESpec(d, p, 1e4, variant, layout)
+        run = spec.chunk_run()
+        if layout == "interleaved" or spec.num_rotated == 0:
+            assert run is None
+            continue
+        r = spec.num_rotated
+        if variant != "partial" or r % 8 == 0:
+            assert run is not None, (d, p, variant)
+        if run is None:
+            continue
+        a0, off = run
+        a, b, _ = spec.pairs()
+        assert off % 8 == 0 and (a, b) == (list(range(a0, a0 + r)), list(range(a0 + off, a0 + off + r)))
+        x = torch.randn(37, 2, d, generator=gen, dtype=torch.float64)
+        pos = torch.randint(0, 100_000, (37,), generator=gen)
+        torch.testing.assert_close(_rotate_by_chunks(x, pos, spec), ref.apply_prope(x, pos, spec),
+                                   rtol=1e-12, atol=1e-12)

@@ -51,11 +51,19 @@ struct Carve {
 
 // The forward's and backward's buffers, in this order (the *_workspace_bytes functions and the
 // launchers carve the same way).
-struct FwdWs { void* k_rot; size_t bytes; };
+// Forward: the rotated K, and the SM90 kernels' cos/sin table when the pairs form a run
+// (RopeParams::cs_out; the backward's too, for its fused kernel).
+bool q_cs_table(const AttnProblem& pb) {
+  return pb.rot.num_rot > 0 && pb.rot.run_a0 >= 0 && resolve_family(pb) == Family::Sm90;
+}
+struct FwdWs { void* k_rot; float* q_cs; size_t bytes; };
 FwdWs fwd_ws(const AttnProblem& pb, void* base) {
   Carve c{static_cast<char*>(base)};
   FwdWs w{};
   w.k_rot = pb.rot.num_rot > 0 ? c.take(size_t(pb.total) * pb.kv_heads * pb.head_dim * esize(pb.dtype)) : nullptr;
+  w.q_cs = q_cs_table(pb) ? static_cast<float*>(c.take(size_t(pb.total) * 2 *
+                                                       cs_table_w(pb.rot.run_a0, pb.rot.num_rot) * sizeof(float)))
+                          : nullptr;
   w.bytes = c.off;
   return w;
 }
@@ -63,7 +71,7 @@ FwdWs fwd_ws(const AttnProblem& pb, void* base) {
 // of 64 q rows (bwd_tile(): at most total / 64 + num_seqs tiles per head); the others keep delta
 // (q_heads, total) and dQ (total, q_heads, d).
 bool fused_bwd(const AttnProblem& pb) { return resolve_family(pb) == Family::Sm90 && !pb.sm90_split; }
-struct BwdWs { float* delta; float* lse2; float* dq_accum; void* q_rot; void* k_rot; size_t bytes; };
+struct BwdWs { float* delta; float* lse2; float* dq_accum; void* q_rot; void* k_rot; float* k_cs; size_t bytes; };
 BwdWs bwd_ws(const AttnProblem& pb, void* base) {
   Carve c{static_cast<char*>(base)};
   BwdWs w{};
@@ -81,6 +89,10 @@ BwdWs bwd_ws(const AttnProblem& pb, void* base) {
   const bool rot = pb.rot.num_rot > 0;
   w.q_rot = rot ? c.take(nq * esize(pb.dtype)) : nullptr;
   w.k_rot = rot ? c.take(nk * esize(pb.dtype)) : nullptr;
+  // the fused kernel's dK rotation back: the K pass's cos/sin table (as the forward's)
+  w.k_cs = q_cs_table(pb) && fused_bwd(pb)
+               ? static_cast<float*>(c.take(size_t(pb.total) * 2 * cs_table_w(pb.rot.run_a0, pb.rot.num_rot) * sizeof(float)))
+               : nullptr;
   w.bytes = c.off;
   return w;
 }
@@ -144,7 +156,7 @@ size_t attn_bwd_workspace_bytes(const AttnProblem& pb) { return bwd_ws(pb, nullp
 cudaError_t rotate(const void* x, DType x_dtype, int64_t x_row, int64_t x_head, void* y,
                    DType y_dtype, int64_t y_row, int64_t y_head, int64_t total, int heads,
                    int head_dim, const int64_t* positions, const RotTables& rot, bool conjugate,
-                   float mul, cudaStream_t st) {
+                   float mul, cudaStream_t st, float* cs_out) {
   RopeParams p;
   p.x = x;
   p.y = y;
@@ -161,6 +173,7 @@ cudaError_t rotate(const void* x, DType x_dtype, int64_t x_row, int64_t x_head, 
   p.rot = rot;
   p.conjugate = conjugate;
   p.mul = mul;
+  p.cs_out = cs_out;
   return run_rope(p, st);
 }
 
@@ -203,12 +216,13 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   const FwdWs ws = fwd_ws(pb, a.workspace);
   const int d = pb.head_dim;
   // K rotated once into the workspace (contiguous (total, kv_heads, d)); Q is rotated inside the
-  // kernel as its tile lands in shared memory.
+  // kernel as its tile lands in shared memory (SM90, pairs in a run: from the cos/sin table this
+  // same pass writes).
   Mat k = a.k;
   if (pb.rot.num_rot > 0) {
     PROPE_TRY(rotate(a.k.ptr, pb.dtype, a.k.row, a.k.head, ws.k_rot, pb.dtype,
                      int64_t(pb.kv_heads) * d, d, pb.total, pb.kv_heads, d, pb.positions, pb.rot,
-                     false, 1.f, st));
+                     false, 1.f, st, ws.q_cs));
     k = Mat{ws.k_rot, int64_t(pb.kv_heads) * d, d};
   }
   FwdParams p;
@@ -221,6 +235,7 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st) {
   p.positions = pb.positions;
   p.rot = pb.rot;
   p.sm90_fwd = pb.sm90_fwd;
+  p.q_cs = ws.q_cs;
   const Family fam = resolve_family(pb);
   return dispatch(pb.dtype, d, [&](auto B, auto D) {
 #ifdef PROPE_HAS_SM90
@@ -259,7 +274,7 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
     PROPE_TRY(rotate(a.q.ptr, pb.dtype, a.q.row, a.q.head, ws.q_rot, pb.dtype, q_row, d, pb.total,
                      pb.q_heads, d, pb.positions, pb.rot, false, 1.f, st));
     PROPE_TRY(rotate(a.k.ptr, pb.dtype, a.k.row, a.k.head, ws.k_rot, pb.dtype, k_row, d, pb.total,
-                     pb.kv_heads, d, pb.positions, pb.rot, false, 1.f, st));
+                     pb.kv_heads, d, pb.positions, pb.rot, false, 1.f, st, ws.k_cs));
     q = Mat{ws.q_rot, q_row, d};
     k = Mat{ws.k_rot, k_row, d};
   }
@@ -288,6 +303,7 @@ cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st) {
     p.dq = a.dq.ptr; p.dq_row = a.dq.row; p.dq_head = a.dq.head;
     p.positions = pb.positions;
     p.rot = pb.rot;
+    p.k_cs = ws.k_cs;
   }
   const Family fam = resolve_family(pb);
   PROPE_TRY(dispatch(pb.dtype, d, [&](auto B, auto D) {

@@ -95,9 +95,10 @@ cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st);
 cudaError_t attn_bwd(const AttnBwdArgs& a, cudaStream_t st);
 
 // y = rotate(x * mul) (conjugate: the inverse rotation); x may alias y (same dtype and strides).
+// cs_out: also write the cos/sin table of RopeParams::cs_out (rot.run_a0 >= 0, not conjugate).
 cudaError_t rotate(const void* x, DType x_dtype, int64_t x_row, int64_t x_head, void* y,
                    DType y_dtype, int64_t y_row, int64_t y_head, int64_t total, int heads,
                    int head_dim, const int64_t* positions, const RotTables& rot, bool conjugate,
-                   float mul, cudaStream_t st);
+                   float mul, cudaStream_t st, float* cs_out = nullptr);
 
 }  // namespace prope

@@ -487,9 +487,16 @@ __device__ __forceinline__ void bwd_sm90_dkdv(const BwdSm90Args<Tr>& args, const
     copy(rdV, tdVsdV);
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
     if constexpr (kRotate) {  // dK w.r.t. the rotated k -> w.r.t. k (rotated pairs only)
-      rotate_tile_smem<true, true>(sdK, p.positions, int64_t(seq_start) + int64_t(n_block) * kBN, n_rows,
-                                   p.rot.pair_a, p.rot.pair_b, p.rot.pair_freq, p.rot.num_rot, ctid,
-                                   Tr::kConsumerThreads);
+      const int64_t k_row0 = int64_t(seq_start) + int64_t(n_block) * kBN;
+      if (p.k_cs != nullptr) {  // pairs in a run: 16-byte chunks, cos/sin from the K pass's table
+        const int w = cs_table_w(p.rot.run_a0, p.rot.num_rot);
+        rotate_tile_chunks<kBN, std::is_same_v<Element, cutlass::bfloat16_t>, true>(
+            ss.k.data(), p.k_cs + k_row0 * 2 * w, n_rows, w, cs_table_lo(p.rot.run_a0),
+            p.rot.run_b_off, ctid, Tr::kConsumerThreads, [] {});
+      } else {
+        rotate_tile_smem<true, true>(sdK, p.positions, k_row0, n_rows, p.rot.pair_a, p.rot.pair_b,
+                                     p.rot.pair_freq, p.rot.num_rot, ctid, Tr::kConsumerThreads);
+      }
       cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
     }
     Element* dkp = static_cast<Element*>(p.dk) + int64_t(seq_start) * p.dk_row + int64_t(hk) * p.dk_head;

@@ -7,7 +7,9 @@
 //     online softmax in registers, O += P V (RS wgmma, P re-viewed as the A operand).
 // p-RoPE: K arrives pre-rotated (the short-lived buffer of api.cu's forward); the consumers rotate
 // the Q tile in shared memory once it lands (rotated pairs only, identity dims untouched), then
-// fence.proxy.async so that wgmma (the async proxy) sees the stores.
+// fence.proxy.async so that wgmma (the async proxy) sees the stores. Pairs in a run (the "half"
+// layout) are rotated in 16-byte chunks with cos/sin from a table the K pass writes, its loads
+// issued before the Q wait (rotate_tile_chunks); others one element pair at a time, angle included.
 // Varlen: the TMA tensors span all packed tokens; a tile's coordinates are offset by the sequence
 // start. Rows past the sequence are loaded (from the next sequence, or zero-filled past the end
 // of the tensor), masked to -inf as keys and never stored as queries.
@@ -399,16 +401,26 @@ attn_fwd_sm90_kernel(CUTE_GRID_CONSTANT const FwdSm90Args<Tr> args) {
     float row_max[kRows], row_sum[kRows];
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) { row_max[i] = -INFINITY; row_sum[i] = 0.f; }
-    clear(acc_o);
 
-    ss.barrier_q.wait(0);
+    const int64_t q_row0 = int64_t(seq_start) + int64_t(m_block) * kBM;  // first token of the tile
+    auto wait_q = [&] { ss.barrier_q.wait(0); };
     if constexpr (kRotate) {
-      rotate_tile_smem<true>(sQ, p.positions, int64_t(seq_start) + int64_t(m_block) * kBM, m_rows,
-                       p.rot.pair_a, p.rot.pair_b, p.rot.pair_freq, p.rot.num_rot, ctid,
-                       Tr::kConsumerThreads);
+      if (p.q_cs != nullptr) {  // pairs in a run: 16-byte chunks, cos/sin from the K pass's table
+        const int w = cs_table_w(p.rot.run_a0, p.rot.num_rot);
+        rotate_tile_chunks<kBM, std::is_same_v<Element, cutlass::bfloat16_t>>(
+            ss.q.data(), p.q_cs + q_row0 * 2 * w, m_rows, w, cs_table_lo(p.rot.run_a0),
+            p.rot.run_b_off, ctid, Tr::kConsumerThreads, wait_q);
+      } else {
+        wait_q();
+        rotate_tile_smem<true>(sQ, p.positions, q_row0, m_rows, p.rot.pair_a, p.rot.pair_b,
+                               p.rot.pair_freq, p.rot.num_rot, ctid, Tr::kConsumerThreads);
+      }
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
       cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, 0);
+    } else {
+      wait_q();
     }
+    clear(acc_o);
 
     const float sl2 = p.scale * 1.4426950408889634f;  // scores -> log2 domain
     // softcap (kSoftcap), then keys past the end of the sequence and outside the window (causal:

@@ -13,6 +13,12 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#if defined(__CUDACC__)
+#define PROPE_HOST_DEVICE __host__ __device__
+#else
+#define PROPE_HOST_DEVICE
+#endif
+
 namespace prope {
 
 struct RotTables {
@@ -22,7 +28,23 @@ struct RotTables {
   const int32_t* identity = nullptr;   // (num_id,) dims copied as they are
   int num_rot = 0;
   int num_id = 0;
+  // One run of pairs (PRoPESpec.chunk_run(); -1: none, or not known): pair i is the dims
+  // (run_a0 + i, run_a0 + i + run_b_off) with run_b_off % 8 == 0, as the "half" layout gives.
+  // The SM90 forward (Q) and fused backward (dK back) then rotate in 16-byte chunks with cos/sin
+  // read from a table the K pass writes (cs_table_*), instead of one angle per element. The
+  // binding checks the geometry.
+  int run_a0 = -1;
+  int run_b_off = 0;
 };
+
+// The cos/sin table of a run: per token, cos of columns [lo, lo + w) then their sin (float32,
+// 2 * w per token), lo = run_a0 rounded down to 8 and w a multiple of 8, so that every 16-byte
+// chunk of 8 rotated dims has its 8 cos and 8 sin in two 32-byte spans. Columns of no pair
+// (the chunks' edges) hold cos 1, sin 0. Host code too: csrc/tests/test_layouts.cu.
+PROPE_HOST_DEVICE inline int cs_table_lo(int run_a0) { return run_a0 & ~7; }
+PROPE_HOST_DEVICE inline int cs_table_w(int run_a0, int num_rot) {
+  return ((run_a0 + num_rot + 7) & ~7) - (run_a0 & ~7);
+}
 
 struct FwdParams {
   const void* q = nullptr;   // query (NOT rotated: the kernel rotates the Q tile on load)
@@ -46,6 +68,9 @@ struct FwdParams {
   // SM90 forward variant (fwd_sm90.h, csrc/README.md): bit 0 the overlap mainloop (else basic),
   // bit 1 the longest-first grid order ("lpt"); 0 = the kernel as first validated. SM80: unused.
   int sm90_fwd = 0;
+  // SM90 forward with rot.run_a0 >= 0: the K pass's cos/sin table (total, 2 * cs_table_w)
+  // float32; null: Q is rotated with one angle per element (rotate_tile_smem).
+  const float* q_cs = nullptr;
 };
 
 // Backward on pre-rotated q/k (the caller rotates them into short-lived buffers and applies the
@@ -85,16 +110,14 @@ struct BwdParams {
   int64_t dq_row = 0, dq_head = 0;
   const int64_t* positions = nullptr;  // (total,)
   RotTables rot;                 // num_rot > 0: dK and dQ are rotated back in the kernels
+  // rot.run_a0 >= 0: the K pass's cos/sin table (as FwdParams::q_cs), dK rotated back from it
+  // in 16-byte chunks (rotate_tile_chunks); null: one pair at a time with its angle
+  const float* k_cs = nullptr;
 };
 
 // The SM90 fused backward's per-(q block, q head) buffers: q block m of sequence b (64 rows) is
 // tile cu_seqlens[b] / 64 + b + m. Tiles of different sequences never overlap (sequence b's
 // first tile is past sequence b-1's last), and there are at most total / 64 + num_seqs of them.
-#if defined(__CUDACC__)
-#define PROPE_HOST_DEVICE __host__ __device__
-#else
-#define PROPE_HOST_DEVICE
-#endif
 constexpr int kBwdTileM = 64;
 inline int64_t bwd_tiles(int64_t total, int num_seqs) { return total / kBwdTileM + num_seqs; }
 PROPE_HOST_DEVICE inline int64_t bwd_tile(int32_t seq_start, int b, int m_block) {
@@ -153,6 +176,8 @@ struct RopeParams {
   RotTables rot;
   bool conjugate = false;
   float mul = 1.f;
+  float* cs_out = nullptr;  // non-null (rot.run_a0 >= 0, not conjugate): the cos/sin table too,
+                            // (total, 2 * cs_table_w) float32, as Fwd/BwdParams read it
 };
 
 // delta[h, t] = sum_d dout[t, h, d] * out[t, h, d] - (dlse ? dlse[h, t] : 0)

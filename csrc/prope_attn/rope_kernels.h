@@ -19,7 +19,8 @@ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // One CTA per token (grid-stride): cos/sin of its num_rot angles go to smem once and serve every
-// head. Work item = (head, pair): reads both dims then writes both, so in-place (x == y) is safe.
+// head (and, with p.cs_out, the table the SM90 forward rotates Q with). Work item = (head, pair):
+// reads both dims then writes both, so in-place (x == y) is safe.
 // Identity dims: copied when out of place (a multiply only when mul != 1 is requested, i.e. the
 // float dq_accum -> dq conversion); not touched at all in place.
 template <typename Tin, typename Tout>
@@ -37,6 +38,16 @@ __global__ void rope_kernel(const RopeParams p) {
       cs[nr + i] = p.conjugate ? -s : s;
     }
     __syncthreads();
+    if (p.cs_out != nullptr) {  // the SM90 forward's Q table: pair i is column first + i
+      const int w = cs_table_w(p.rot.run_a0, nr), first = p.rot.run_a0 - cs_table_lo(p.rot.run_a0);
+      float* row = p.cs_out + t * 2 * w;
+      for (int col = threadIdx.x; col < w; col += blockDim.x) {
+        const int i = col - first;
+        const bool in = i >= 0 && i < nr;
+        row[col] = in ? cs[i] : 1.f;
+        row[w + col] = in ? cs[nr + i] : 0.f;
+      }
+    }
     const Tin* x = static_cast<const Tin*>(p.x) + t * p.x_row;
     Tout* y = static_cast<Tout*>(p.y) + t * p.y_row;
     for (int it = threadIdx.x; it < p.heads * nr; it += blockDim.x) {

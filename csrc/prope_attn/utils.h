@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
@@ -169,6 +171,119 @@ __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* posi
     using E = typename STensor::value_type;
     s(r, a) = E(xa * c - xb * sn);
     s(r, b) = E(xb * c + xa * sn);
+  }
+}
+
+// Byte offset of the 16-byte chunk holding columns [col, col + 8) (col % 8 == 0) of row r in a
+// (kRows, d) 16-bit tile laid out as tile_to_shape(Layout_K_SW128_Atom, (kRows, d)): row r of
+// atom column col / 64 is the 128-byte span at ((col / 64) * kRows + r) * 128, inside which the
+// 128-byte swizzle moves chunk j to j ^ (r % 8) (rotate_tile_chunks). (Host check: test_layouts.cu, against CuTe's
+// swizzled layout on the tiles this is used on.)
+template <int kRows>
+CUTE_HOST_DEVICE uint32_t sw128_chunk_bytes(int r, int col) {
+  static_assert(kRows % 8 == 0);
+  return uint32_t(((col >> 6) * kRows + r) * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4));
+}
+
+// The work items of rotate_tile_chunks: thread tid takes items tid, tid + nthreads, ... of
+// (row, chunk) = divmod(item, nchunk), advanced without a division per item. (Host check:
+// test_layouts.cu, every item once.)
+struct ChunkItems {
+  int r, c, dr, dc, nchunk;
+  CUTE_HOST_DEVICE ChunkItems(int tid, int nthreads, int n)
+      : r(tid / n), c(tid % n), dr(nthreads / n), dc(nthreads % n), nchunk(n) {}
+  CUTE_HOST_DEVICE void next() {
+    r += dr;
+    c += dc;
+    if (c >= nchunk) { c -= nchunk; ++r; }
+  }
+};
+
+// 8 packed 16-bit values (one 16-byte chunk) <-> 8 floats.
+template <bool kBF16>
+__device__ __forceinline__ void unpack8(const uint32_t (&u)[4], float (&f)[8]) {
+  CUTE_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBF16) {
+      f[2 * j] = __uint_as_float(u[j] << 16);
+      f[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    } else {
+      const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&u[j]));
+      f[2 * j] = x.x;
+      f[2 * j + 1] = x.y;
+    }
+  }
+}
+template <bool kBF16>
+__device__ __forceinline__ void pack8(const float (&f)[8], uint32_t (&u)[4]) {
+  CUTE_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBF16) {
+      const __nv_bfloat162 x = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+      u[j] = *reinterpret_cast<const uint32_t*>(&x);
+    } else {
+      const __half2 x = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+      u[j] = *reinterpret_cast<const uint32_t*>(&x);
+    }
+  }
+}
+
+// Rotate a (kRows, d) tile in shared memory (the forward's Q; kConj: the inverse rotation, the
+// fused backward's dK), pairs in a run (RotTables::run_a0): work item
+// (row r < min(nrows, kRows), chunk c; ChunkItems) rotates dims [lo + 8c, +8) against [lo + 8c + b_off, +8) with two
+// 16-byte smem loads, 16 FMA pairs and two 16-byte stores, cos/sin from the K pass's table
+// (row r at cs + r * 2w: w cos then w sin; lo, w: cs_table_lo/_w). The table of a thread's first
+// item is loaded before wait_tile() (the forward: the Q tile's TMA barrier), the next item's while
+// this one is rotated, so the angle math and the table's latency stay off the path to the GEMMs.
+template <int kRows, bool kBF16, bool kConj = false, class WaitTile>
+__device__ __forceinline__ void rotate_tile_chunks(void* tile, const float* cs, int nrows, int w,
+                                                   int lo, int b_off, int tid, int nthreads,
+                                                   WaitTile&& wait_tile) {
+  const int nchunk = w >> 3, rows = nrows < kRows ? nrows : kRows;
+  const uint32_t base = cute::cast_smem_ptr_to_uint(tile);
+  float4 t[4];  // cos[0:4], cos[4:8], sin[0:4], sin[4:8] of the next item
+  auto fetch = [&](int r, int c) {
+    const float4* row = reinterpret_cast<const float4*>(cs + int64_t(r) * 2 * w + 8 * c);
+    t[0] = __ldg(row);
+    t[1] = __ldg(row + 1);
+    t[2] = __ldg(row + (w >> 2));
+    t[3] = __ldg(row + (w >> 2) + 1);
+  };
+  ChunkItems it(tid, nthreads, nchunk);
+  if (it.r < rows) fetch(it.r, it.c);
+  wait_tile();
+#pragma unroll 1
+  while (it.r < rows) {
+    const float co[8] = {t[0].x, t[0].y, t[0].z, t[0].w, t[1].x, t[1].y, t[1].z, t[1].w};
+    float si[8] = {t[2].x, t[2].y, t[2].z, t[2].w, t[3].x, t[3].y, t[3].z, t[3].w};
+    if constexpr (kConj) {
+      CUTE_UNROLL
+      for (int j = 0; j < 8; ++j) si[j] = -si[j];
+    }
+    const int r = it.r, col = lo + 8 * it.c;
+    it.next();
+    if (it.r < rows) fetch(it.r, it.c);
+    const uint32_t pa = base + sw128_chunk_bytes<kRows>(r, col);
+    const uint32_t pb = base + sw128_chunk_bytes<kRows>(r, col + b_off);
+    uint32_t ua[4], ub[4];
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(ua[0]), "=r"(ua[1]), "=r"(ua[2]), "=r"(ua[3]) : "r"(pa));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(ub[0]), "=r"(ub[1]), "=r"(ub[2]), "=r"(ub[3]) : "r"(pb));
+    float xa[8], xb[8], ya[8], yb[8];
+    unpack8<kBF16>(ua, xa);
+    unpack8<kBF16>(ub, xb);
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      ya[j] = xa[j] * co[j] - xb[j] * si[j];
+      yb[j] = xb[j] * co[j] + xa[j] * si[j];
+    }
+    pack8<kBF16>(ya, ua);
+    pack8<kBF16>(yb, ub);
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                 ::"r"(pa), "r"(ua[0]), "r"(ua[1]), "r"(ua[2]), "r"(ua[3]) : "memory");
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                 ::"r"(pb), "r"(ub[0]), "r"(ub[1]), "r"(ub[2]), "r"(ub[3]) : "memory");
   }
 }
 

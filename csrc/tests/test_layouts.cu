@@ -261,6 +261,47 @@ int check_row_spans(const char* name) {
   return e;
 }
 
+// sw128_chunk_bytes (rotate_tile_chunks' smem address): element (r, c) of a 1024-byte aligned tile is
+// at byte 2 * offset under the 128-byte swizzle of the byte address (bits [4:6] ^= bits [7:9];
+// CuTe applies the atom's Swizzle<3,4,3> to the smem pointer's bytes). Every element of the chunk
+// at (r, col) must be its lane's 2 bytes at sw128_chunk_bytes(r, col) + 2 * lane. Then the
+// cos/sin table's columns (cs_table_lo/_w) cover every rotated pair of every run PRoPESpec
+// gives, with whole chunks.
+template <class L>
+int check_q_chunks(const char* name) {
+  static_assert(std::is_same_v<decltype(L{}.layout_a()), cute::Swizzle<3, 4, 3>>);
+  auto l = L{}.layout_b();
+  constexpr int R = decltype(size<0>(l))::value, C = decltype(size<1>(l))::value;
+  int e = 0;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const uint32_t b = uint32_t(2 * l(r, c));
+      const uint32_t sw = b ^ (((b >> 7) & 7u) << 4);
+      const uint32_t want = prope::sw128_chunk_bytes<R>(r, c & ~7) + 2 * (c & 7);
+      if (sw != want && e++ < 5) std::printf("%s: (%d,%d) at byte %u, chunk formula %u\n", name, r, c, sw, want);
+    }
+  for (int a0 = 0; a0 < 256; ++a0)
+    for (int nr = 1; a0 + nr <= 256; ++nr) {
+      const int lo = prope::cs_table_lo(a0), w = prope::cs_table_w(a0, nr);
+      if ((lo % 8 || w % 8 || lo > a0 || lo + w < a0 + nr || w - nr >= 16 || lo + 8 <= a0) && e++ < 5)
+        std::printf("%s: run (%d, %d) table columns [%d, %d)\n", name, a0, nr, lo, lo + w);
+    }
+  // ChunkItems: the 256 consumer threads visit every (row, chunk) of any row count once
+  for (int nchunk = 1; nchunk <= 32; ++nchunk)
+    for (int rows : {1, 7, 64, 127, R}) {
+      std::vector<int> seen(rows * nchunk, 0);
+      for (int tid = 0; tid < 256; ++tid)
+        for (prope::ChunkItems it(tid, 256, nchunk); it.r < rows; it.next()) {
+          if (it.c < 0 || it.c >= nchunk || (it.r * nchunk + it.c) % 256 != tid) { e++; break; }
+          seen[it.r * nchunk + it.c]++;
+        }
+      for (int i = 0; i < rows * nchunk; ++i)
+        if (seen[i] != 1 && e++ < 5) std::printf("%s: %d chunks, %d rows: item %d taken %d times\n", name, nchunk, rows, i, seen[i]);
+    }
+  std::printf("%-12s %s\n", name, e ? "FAILED" : "ok");
+  return e;
+}
+
 // bwd_tile: the tiles of different sequences never overlap and stay below bwd_tiles(), for
 // random packings (empty sequences, lengths around multiples of 64, a start past 0).
 int check_bwd_tiles() {
@@ -417,6 +458,12 @@ int main() {
   e += check_sm90_fused_dq<prope::BwdSm90Traits<128, true>>("fused dQ 128");
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, true>>("fused dQ 256");
   e += check_sm90_fused_dq<prope::BwdSm90Traits<256, false>>("fused dQ f16 256");
+  e += check_q_chunks<prope::FwdSm90Traits<64, true>::SmemLayoutQ>("q chunks 64");
+  e += check_q_chunks<prope::FwdSm90Traits<128, false>::SmemLayoutQ>("q chunks 128");
+  e += check_q_chunks<prope::FwdSm90Traits<256, true>::SmemLayoutQ>("q chunks 256");
+  e += check_q_chunks<prope::BwdSm90Traits<64, true>::SmemLayoutK>("dk chunks 64");
+  e += check_q_chunks<prope::BwdSm90Traits<128, false>::SmemLayoutK>("dk chunks 128");
+  e += check_q_chunks<prope::BwdSm90Traits<256, true>::SmemLayoutK>("dk chunks 256");
   e += check_bwd_tiles();
   e += check_window_ranges();
   e += check_row_spans<prope::FwdSm90Traits<64, true>::SmemLayoutK>("zero fwd V 64");

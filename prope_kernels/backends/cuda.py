@@ -38,11 +38,12 @@ def _register_fakes() -> None:
     lib = "prope_cuda::"
 
     def fwd(q, k, v, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale, family=0,
-            sm90_fwd=0, window_left=-1, window_right=-1, softcap=0.0):
+            sm90_fwd=0, window_left=-1, window_right=-1, softcap=0.0, run_a0=-1, run_b_off=0):
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     def bwd(dout, q, k, v, out, lse, dlse, cu, pos, max_seqlen, pa, pb, pf, ident, causal, scale,
-            family=0, sm90_bwd=0, window_left=-1, window_right=-1, softcap=0.0):
+            family=0, sm90_bwd=0, window_left=-1, window_right=-1, softcap=0.0, run_a0=-1,
+            run_b_off=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def rope_(x, pos, pa, pb, pf, ident, conjugate):
@@ -182,6 +183,14 @@ def _tables(spec, device):
     return t.pair_a, t.pair_b, t.pair_freq, t.identity
 
 
+def _run(spec) -> tuple:
+    """(run_a0, run_b_off) of the ops: the pairs' run (PRoPESpec.chunk_run), with which the SM90
+    forward rotates Q and the fused backward dK in 16-byte chunks from the K pass's cos/sin
+    table; (-1, 0): none, or PROPE_CUDA_SM90_ROT=pairs (one pair at a time, its angle)."""
+    run = spec.chunk_run() if env.cuda_sm90_rot() == "table" else None
+    return run if run is not None else (-1, 0)
+
+
 def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, window=(-1, -1),
              softcap=0.0, cu_seqlens_k=None, positions_k=None, max_seqlen_k=None):
     refuse_qk("cuda", cu_seqlens_k)   # seqlen_q != seqlen_k: not in the CUDA kernels
@@ -192,7 +201,7 @@ def attn_fwd(q, k, v, cu_seqlens, positions, max_seqlen, spec, causal, scale, wi
         fwd |= SM90_FWD_CODES["overlap"]
     out, lse = torch.ops.prope_cuda.attn_fwd(
         q, k, v, cu_seqlens.to(torch.int32), positions.to(torch.int64), int(max_seqlen),
-        *_tables(spec, q.device), bool(causal), float(scale), family, fwd, wl, wr, cap)
+        *_tables(spec, q.device), bool(causal), float(scale), family, fwd, wl, wr, cap, *_run(spec))
     _record("fwd", q.device, family, {c: m for m, c in SM90_FWD_CODES.items()}[fwd])
     return out, lse
 
@@ -213,7 +222,7 @@ def attn_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, positions, max_seqlen, s
     dq, dk, dv = torch.ops.prope_cuda.attn_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens.to(torch.int32), positions.to(torch.int64),
         int(max_seqlen), *_tables(spec, q.device), bool(causal), float(scale), family, bwd,
-        wl, wr, cap)
+        wl, wr, cap, *_run(spec))
     _record("bwd", q.device, family, SM90_BWD_NAMES[bwd])
     return dq, dk, dv
 
