@@ -15,6 +15,7 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, List
 
 import torch
@@ -152,14 +153,23 @@ _PEER_LACKS = {
     "flex": {"window+varlen": "window with varlen: not wired for FlexAttention here"}}
 
 
-def lacks(prov: Provider, case):
-    """Why ``prov`` cannot run ``case``'s features (the registry's for ours), else None."""
+def lacks(prov: Provider, case, device=None):
+    """Why ``prov`` cannot run ``case``'s features, else None. Ours: the registry's features,
+    and on ``device`` (where the backend runs there) its device-aware ones: the cuda backend has
+    window/softcap on sm_90 only."""
     need = needs(case)
     if prov.family == "prope":
         if prov.backend == "auto":
             return None
-        missing = sorted(need - set(backends.get(prov.backend).features))
-        return f"backend={prov.backend!r} does not implement {' or '.join(missing)}" \
+        entry = backends.get(prov.backend)
+        missing, where = sorted(need - set(entry.features)), ""
+        if not missing and need and device is not None and entry.runs_on(device):
+            # a q-like stand-in: the device check reads device, dtype and head_dim only
+            x = SimpleNamespace(device=device, dtype=torch.bfloat16,
+                                shape=(0, case.q_heads, case.head_dim))
+            missing = sorted(need - set(entry.features_on(x, frozenset(need))))
+            where = f" on this device ({entry.features_note})" if missing else ""
+        return f"backend={prov.backend!r} does not implement {' or '.join(missing)}{where}" \
             if missing else None
     for what, why in _PEER_LACKS.get(prov.family, {}).items():
         if set(what.split("+")) <= need:
@@ -167,9 +177,9 @@ def lacks(prov: Provider, case):
     return None
 
 
-def default(letter: str, case) -> List[str]:
-    """A default list for ``case``: its rows that can run the case's features."""
-    return [n for n in in_set(letter) if lacks(PROVIDERS[n], case) is None]
+def default(letter: str, case, device=None) -> List[str]:
+    """A default list for ``case``: its rows that can run the case's features (on ``device``)."""
+    return [n for n in in_set(letter) if lacks(PROVIDERS[n], case, device) is None]
 
 
 def select(patterns) -> List[str]:
@@ -237,7 +247,7 @@ def build(prov: Provider, case, ctx, q, k, v) -> Impl:
     cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs (GQA probing). Raises
     Unavailable."""
     dev = q.device
-    why = lacks(prov, case)
+    why = lacks(prov, case, dev)
     if why:
         raise Unavailable(why)
     if prov.family == "prope":
