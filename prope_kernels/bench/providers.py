@@ -1,11 +1,9 @@
-"""Providers: our fused op per backend, and the peers a user would otherwise call, as one table.
+"""Providers: our fused op per backend and the peers a user would otherwise call, as one table.
 
-Every provider maps (q, k, v) to ``out`` in the case's layout: dense ``(batch, seqlen, heads,
-head_dim)`` or packed ``(total_tokens, heads, head_dim)`` for varlen. Peers rotate q and k first
-as users do (half-split p-RoPE in float32, eager or the same function compiled); "norope" rows
-skip it (the floor a fused op has to meet). ``build`` raises :class:`Unavailable` when a provider
-cannot run here (not installed, no GPU, a feature its backend lacks): the report lists it as
-missing with that reason, never faked. Optional peers are imported only inside ``build``.
+Each maps (q, k, v) to ``out`` in the case's layout: ``(batch, seqlen, heads, head_dim)``, or
+``(total_tokens, heads, head_dim)`` for varlen. Peers rotate q and k first as users do (eager or
+compiled); "norope" rows skip it. ``build`` raises :class:`Unavailable` with the reason when a
+provider cannot run here (reported missing); optional peers are imported inside ``build`` only.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ TK = prope_env.TRITON_KERNELS  # "PROPE_TRITON_KERNELS"
 
 
 def triton_module(sub: str):
-    """A module of the triton backend's package (hopper, configs), found through the registry:
-    the one place the benchmark names a backend's internals."""
+    """A module of the triton backend's package (hopper, tuning), found through the registry."""
     return importlib.import_module(backends.get("triton").module.rpartition(".")[0] + "." + sub)
 
 
@@ -134,15 +131,13 @@ def in_set(letter: str) -> List[str]:
     return [n for n, p in PROVIDERS.items() if letter in p.sets]
 
 
-QUICK_PEER_PROVIDERS = in_set("Q")
-PYTEST_BENCH_PROVIDERS = in_set("B")
-PYTEST_SMOKE_PROVIDERS = in_set("b")
+QUICK_PEER_PROVIDERS, PYTEST_BENCH_PROVIDERS, PYTEST_SMOKE_PROVIDERS = map(in_set, "QBb")
 
 
 def needs(case) -> set:
     """The attention features a case uses."""
-    return ({"window"} if case.has_window else set()) | ({"softcap"} if case.softcap else set()) \
-        | ({"varlen"} if case.varlen else set())
+    return {f for f, on in (("window", case.has_window), ("softcap", case.softcap),
+                            ("varlen", case.varlen)) if on}
 
 
 # what the peers cannot express (SDPA: no softcap, a window only as an explicit (s x s) mask,
@@ -195,11 +190,9 @@ def select(patterns) -> List[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------------
-# the peers' p-RoPE, as users write it (half-split layout, float32 math; identity pairs have
-# frequency 0, as Gemma does, so the whole head is rotated). Tables are built once per case
-# outside the timed region, angles in float64 (an fp32 angle is off by 0.03 rad at 1e6).
-# ----------------------------------------------------------------------------------------------
+# the peers' p-RoPE as users write it: half-split, float32 math, identity pairs at frequency 0
+# (as Gemma does). Tables once per case, outside the timed call; angles in float64 (fp32 is off by
+# 0.03 rad at position 1e6).
 
 def rope_tables(positions: torch.Tensor, head_dim: int, p: float, theta: float):
     """cos, sin: (len(positions), head_dim // 2) float32 on positions' device."""
@@ -238,14 +231,9 @@ def rope_qk_compiled():
     return _compiled("rope", rope_qk_eager)
 
 
-# ----------------------------------------------------------------------------------------------
-# building a provider for a case
-# ----------------------------------------------------------------------------------------------
-
 def build(prov: Provider, case, ctx, q, k, v) -> Impl:
-    """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors (positions,
-    cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs (GQA probing). Raises
-    Unavailable."""
+    """A callable for ``prov`` on ``case`` (ctx: the case's device tensors; q, k, v: sample
+    inputs, for probing). Raises Unavailable."""
     dev = q.device
     why = lacks(prov, case, dev)
     if why:
@@ -277,11 +265,7 @@ def build(prov: Provider, case, ctx, q, k, v) -> Impl:
 def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     from prope_kernels import interface as api
     dev, be, notes = q.device, prov.backend, []
-    feat = {}  # sliding window / softcap: passed only when the case uses them
-    if case.has_window:
-        feat["window"] = tuple(case.window)
-    if case.softcap:
-        feat["softcap"] = case.softcap
+    feat = _features(case, "window", case.softcap)
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
     cu, max_s = ctx["cu_seqlens"], case.seqlen
     if be == "auto":
@@ -364,6 +348,13 @@ def _check_forced(prov, dev, features):
                               f"sm_{cap[0]}{cap[1]}, Triton {__import__('triton').__version__})")
     if prov.backend == "cuda" and sw.get("PROPE_CUDA_SM90") == "1" and cap != (9, 0):
         raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
+
+
+def _features(case, window_key, softcap):
+    """The window / softcap keywords, only where the case uses them (older flash-attn lacks
+    them)."""
+    return {**({window_key: tuple(case.window)} if case.has_window else {}),
+            **({"softcap": softcap} if case.softcap else {})}
 
 
 def _gqa_kw(fn_or_sig, group):
@@ -498,11 +489,8 @@ def _build_flash_attn(prov, case, ctx, q, k, v):
         raise Unavailable(hint) from e
     if q.device.type != "cuda":
         raise Unavailable("needs a CUDA GPU")
-    feat = dict(softmax_scale=case.head_dim ** -0.5, causal=case.causal)
-    if case.has_window:  # only when used: older flash-attn versions lack the keywords
-        feat["window_size"] = tuple(case.window)
-    if case.softcap:
-        feat["softcap"] = float(case.softcap)
+    feat = dict(softmax_scale=case.head_dim ** -0.5, causal=case.causal,
+                **_features(case, "window_size", float(case.softcap)))
     cu, max_s = ctx["cu_seqlens"], case.seqlen
 
     def fn(q, k, v):
