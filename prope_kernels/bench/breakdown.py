@@ -1,15 +1,10 @@
 """Where the time of one fused call goes: GPU time per kernel, from the torch profiler.
 
-    python -m prope_kernels.bench.breakdown            # gemma-2b preset, triton backend
     python -m prope_kernels.bench.breakdown --preset llama-gqa --backend cuda --json out.json
 
-(``python -m bench.breakdown`` from the repository root is the same command.)
-
-For each mode (forward, forward+backward) it profiles a few calls after warm-up (so autotuning
-and compilation are over) and lists every GPU kernel the call launched: the attention kernels,
-the rotation passes, the dK/dV reduction, torch's fills and copies. The share column says what
-the next optimisation should target. On a machine without a GPU it runs the interpreter-sized
-``--smoke`` case and reports CPU time per op instead (a pipeline check, not a measurement).
+(``python -m bench.breakdown`` from the repository root.) Per mode (fwd, fwd+bwd), a few calls
+after warm-up (autotuning and compiles over), every kernel launched with its share of the time.
+Without a GPU: a tiny case and CPU time per op (a pipeline check, not a measurement).
 """
 
 from __future__ import annotations
