@@ -18,6 +18,7 @@ import torch
 
 from prope_kernels import backends
 
+from . import providers as P
 from .cases import PRESETS
 from .runner import make_ctx, make_inputs
 
@@ -57,8 +58,6 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
-    from prope_kernels import prope_attention, prope_attention_varlen
-
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     case = PRESETS[args.preset]
@@ -71,11 +70,11 @@ def main(argv=None) -> int:
     q, k, v = make_inputs(case, device, seed=0)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
-    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=args.backend)
+    # the benchmark's own call of this backend (window, softcap, varlen as the case has them)
+    impl = P.build(P.PROVIDERS[f"prope-{args.backend}"], case, ctx, q, k, v)
+
     def call():
-        if case.varlen:
-            return prope_attention_varlen(q, k, v, ctx["cu_seqlens"], case.seqlen, **kw)
-        return prope_attention(q, k, v, **kw)
+        return impl.fn(q, k, v)
 
     def fwd_bwd():
         call().backward(dout)
