@@ -32,8 +32,12 @@ sweep, then the presets gemma-7b, gemma4-global and gemma-2b-varlen; it stops st
 after --budget-min minutes (default {STANDARD_BUDGET_MIN:g}) and reports the rest as skipped.
 Without a GPU the same pipeline runs at tiny shapes and is labelled a CPU smoke run (set
 TRITON_INTERPRET=1 to include the Triton kernels, interpreted); --smoke on a GPU gives tiny shapes
-labelled a GPU smoke run. Output: see --out. `python -m bench` from the repository root is the
-same command as prope-bench.
+labelled a GPU smoke run.
+
+Output: --out DIR, by default <date>_<gpu>/ under prope-bench-results/ in the current folder
+(from the root of a prope_kernels checkout: under bench/results/, where committed runs live;
+smoke runs there go to the git-ignored tmp_* folders). `python -m bench` from the repository
+root is the same command as prope-bench.
 
 examples:
   prope-bench                                       # standard report
