@@ -357,10 +357,6 @@ def _features(case, window_key, softcap):
             **({"softcap": softcap} if case.softcap else {})}
 
 
-def _gqa_kw(fn_or_sig, group):
-    return group > 1 and "enable_gqa" in inspect.signature(fn_or_sig).parameters
-
-
 def _bhsd(q, k, v, group, expand):
     """(b, s, h, d) -> (b, h, s, d), k/v repeated to q's heads when ``expand``."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -370,11 +366,7 @@ def _bhsd(q, k, v, group, expand):
 
 
 def _build_sdpa(prov, case, ctx, q, k, v):
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError as e:  # torch < 2.3
-        raise Unavailable(f"torch.nn.attention.sdpa_kernel is missing in torch "
-                          f"{torch.__version__}") from e
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3 (we need 2.4)
     attr = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[prov.backend]
     if not hasattr(SDPBackend, attr):
@@ -404,11 +396,7 @@ def _build_sdpa(prov, case, ctx, q, k, v):
     if group == 1:
         return Impl(make(False), notes)
     first_err = None
-    try:
-        has_gqa = _gqa_kw(F.scaled_dot_product_attention, group)
-    except (TypeError, ValueError):  # builtins without a signature: try it
-        has_gqa = True
-    for gqa in ([True] if has_gqa else []) + [False]:
+    for gqa in (True, False):  # enable_gqa (torch >= 2.5; a builtin: no signature to read) first
         fn = make(gqa)
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
         if case.varlen:
@@ -464,7 +452,7 @@ def _build_flex(prov, case, ctx, q, k, v):
             return torch.tanh(score / cap) * cap
         kw["score_mod"] = score_mod
         notes.append("softcap: score_mod")
-    expand = group > 1 and not _gqa_kw(flex_attention, group)
+    expand = group > 1 and "enable_gqa" not in inspect.signature(flex_attention).parameters
     if group > 1:
         kw.update({} if expand else {"enable_gqa": True})
         notes.append("GQA: k/v expanded with repeat_interleave (no enable_gqa)" if expand
