@@ -172,22 +172,15 @@ def _triton_configs(rows):
 
 
 def _shape_note(r, group):
-    parts = []
-    if group != "seqlen":
-        parts.append(f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
-                     else f"longest {r['seqlen']}")
-    if group not in ("heads", "head_dim"):
-        parts.append(f"{r['q_heads']} q / {r['kv_heads']} kv heads")
-    if group != "head_dim":
-        parts.append(f"head_dim {r['head_dim']}")
-    if group != "causal":
-        parts.append("causal" if r["causal"] else "non-causal")
-    if group != "p":
-        parts.append(f"p={r['p']:g}")
-    if group == "seqlen":
-        parts.append(f"{r['total_tokens']} tokens per call")
-    parts.append(r["dtype"])
-    return ", ".join(parts)
+    """The shape a sweep holds fixed: every part but the swept one."""
+    parts = [("seqlen", f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
+              else f"longest {r['seqlen']}"),
+             ("heads head_dim", f"{r['q_heads']} q / {r['kv_heads']} kv heads"),
+             ("head_dim", f"head_dim {r['head_dim']}"),
+             ("causal", "causal" if r["causal"] else "non-causal"), ("p", f"p={r['p']:g}")]
+    return ", ".join([text for swept, text in parts if group not in swept.split()]
+                     + ([f"{r['total_tokens']} tokens per call"] if group == "seqlen" else [])
+                     + [r["dtype"]])
 
 
 def _case_table(case, rows, idx):
