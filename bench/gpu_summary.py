@@ -1,13 +1,11 @@
-"""The summary of `.ci/gpu_check.sh quick`: steps, test counts, headline ratios, peak memory.
+"""The summary of `.ci/gpu_check.sh quick` (markdown): steps, test counts (junit XML, or the -v
+lines of a step killed before pytest wrote it), headline ratios and bars of the benchmark's
+results.json. Standard library only, the provider list aside. Exit 1 when a step or a test
+failed or our kernels were found wrong.
 
     python -m bench.gpu_summary --out summary.md --log quick.log --junit tests=tests.xml \\
         --bench bench.json --step tests=0:212:235 ...
     python -m bench.gpu_summary --quick-providers     # the providers quick benchmarks
-
-Reads the junit XML of each test step (or, when a step was killed before pytest wrote it, the
-``-v`` result lines of that step in the log) and the benchmark's results.json; writes markdown.
-Standard library only (the benchmark's provider list aside), so it runs in a second anywhere.
-Exit status 1 when a step failed, a test failed or the benchmark found our kernels wrong.
 """
 
 from __future__ import annotations

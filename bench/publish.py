@@ -3,18 +3,11 @@
     python -m bench.publish            # rewrite every table between its markers
     python -m bench.publish --check    # compare only: exit 1 with each difference or refusal
 
-``bench/publish.json`` says which rows each table shows: a run (a folder of bench/results/ with
-its raw ``results.json``, or ``bench.json`` from `.ci/gpu_check.sh`), a case and a provider.
-Every figure comes from that raw row; each row names its run. A table lives between
-
-    <!-- bench.publish NAME: ... -->   and   <!-- /bench.publish NAME -->
-
-in the files the spec lists. Refused (an error, nothing written): a run that is not committed
-(or differs from its commit), a row that did not run, and a run recorded from a dirty tree
-(prope_kernels.bench.env.clean) unless publish.json's ``dirty_runs`` lets it in with a reason:
-its rows then say "dirty tree". What ran is the row's ``switches``, read back from the backend
-at run time; runs from before that field (legacy) have none, and publish.json states what their
-rows ran together with the text of the row's own notes that shows it (checked to be there).
+bench/publish.json names each table's rows (run, case, provider) and files; a table lives between
+``<!-- bench.publish NAME: ... -->`` and ``<!-- /bench.publish NAME -->``. Refused: an
+uncommitted run, a row that did not run, a run from a dirty tree unless ``dirty_runs`` lets it in
+with a reason (its rows say "dirty tree"). What ran: the row's ``switches``; legacy runs without
+them: publish.json's ``legacy_switches`` with the text of the notes that shows it (checked).
 """
 
 from __future__ import annotations

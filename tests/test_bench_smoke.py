@@ -365,6 +365,32 @@ def test_default_lists_follow_backend_capabilities(monkeypatch):
     assert table["prope-newbe"].kind == "ours" and table["prope-newbe"].sets == ""
 
 
+def test_default_lists_ask_the_device_check(monkeypatch):
+    # the cuda backend lists window/softcap statically, but has them on sm_90 only: on another
+    # GPU the window/softcap presets must not take its rows (they would be refused at run time),
+    # and a row named by hand is reported missing with the reason, not run
+    from prope_kernels.backends import cuda
+    from prope_kernels.bench import providers as P
+    from prope_kernels.bench.cases import PRESETS
+    win, plain = PRESETS["gemma-2b-window"], PRESETS["gemma-2b"]
+    gpu = torch.device("cuda")
+    cap = {"now": (8, 0)}
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap["now"])
+    monkeypatch.setattr(cuda, "sm90_runs", lambda d: torch.cuda.get_device_capability(d) == (9, 0))
+    cuda_rows = lambda case: [n for n in P.default("P", case, gpu)  # noqa: E731
+                              if P.PROVIDERS[n].backend == "cuda"]
+    assert cuda_rows(win) == [] and "prope-triton" in P.default("P", win, gpu)
+    assert "prope-cuda" in cuda_rows(plain)  # no feature needed: no device question
+    why = P.lacks(P.PROVIDERS["prope-cuda"], win, gpu)
+    assert "window" in why and "sm_90" in why, why
+    cap["now"] = (9, 0)
+    assert "prope-cuda" in cuda_rows(win)
+    assert P.lacks(P.PROVIDERS["prope-cuda"], win, gpu) is None
+    # the CPU lists are unchanged: a backend that cannot run there is reported missing by build
+    assert "prope-cuda" in P.default("s", PRESETS["gemma-2b-window"], torch.device("cpu"))
+
+
 def test_cpu_smoke_bars_are_not_judged(smoke_run):
     # interpreter timings on a CPU cannot pass or fail a GPU speed bar: each bar of the smoke run
     # is computed (the pipeline works) but reads "n/a (CPU timings)", and the report says why

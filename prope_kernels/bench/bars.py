@@ -1,20 +1,10 @@
-"""The speed bars, computed from the rows of one run (never from figures of another run).
+"""The speed bars, from the rows of one run only (never another run's figures).
 
-Three sets (a bar's ``set``):
-
-* ``fused-op`` (the gemma-2b shape): each of our backends against FlashAttention-2 + compiled
-  RoPE, cuDNN SDPA without RoPE (time and memory), 500 TFLOP/s forward, and p=0.25 vs p=1.
-* ``sdpa-auto`` (the vendor-core backend and auto, every preset that ran): ``prope-sdpa`` within
-  1.05x of cuDNN SDPA + compiled RoPE, faster than FlashAttention-2 + compiled RoPE, peak memory
-  no higher than cuDNN + RoPE, goal within 1.03x of cuDNN without RoPE; ``prope-auto`` within
-  1.02x of the fastest of our backends in the same case.
-* ``features`` (attention features, each of our backends): the gemma-2b-window preset (window
-  (4095, 0)) at most 0.6x and gemma-2b-softcap (softcap 50) at most 1.10x the gemma-2b time of
-  the same backend, fwd+bwd and fwd.
-
-The bars are about GPU kernels: a CPU smoke run (wall-clock times of the reference backend,
-PyTorch's CPU kernels and the Triton interpreter) computes them, to show the pipeline works, but
-does not judge them: ``passed`` is None and ``verdict`` "n/a (CPU timings)".
+Sets: ``fused-op`` (each of our backends at gemma-2b against FlashAttention-2 + compiled RoPE,
+cuDNN SDPA without RoPE, 500 TFLOP/s forward, p=0.25 vs p=1); ``sdpa-auto`` (``prope-sdpa`` and
+``prope-auto`` at every preset against cuDNN and our fastest backend); ``features`` (window and
+softcap presets against gemma-2b, same backend). A CPU smoke run computes them but does not judge
+them (``passed`` None, verdict "n/a (CPU timings)").
 """
 
 from __future__ import annotations
@@ -35,26 +25,21 @@ CUDNN_ROPE = "sdpa-cudnn+rope-compiled"
 FLASH_ROPE = "sdpa-flash+rope-compiled"
 
 
-def index(rows):
-    """(case, provider, mode) -> row."""
+def index(rows):  # (case, provider, mode) -> row
     return {(r["case"], r["provider"], r["mode"]): r for r in rows}
 
 
-def ordered(seq):
-    """Unique items in first-seen order."""
+def ordered(seq):  # unique items in first-seen order
     return list(dict.fromkeys(seq))
 
 
-def judged(run_kind) -> bool:
-    """Whether a run's timings can judge the bars: not a CPU smoke run's."""
+def judged(run_kind) -> bool:  # a CPU smoke run's timings cannot judge the bars
     return run_kind != "cpu-smoke"
 
 
 def bars(rows, run_kind=None):
-    """One dict per bar that could be evaluated: set, case, provider, level, bar, value, target,
-    unit, ratio, passed, verdict. Bars whose rows are missing are left out. ``run_kind`` (the
-    run's meta): on a CPU smoke run every bar is computed but not judged (passed None, verdict
-    NOT_JUDGED)."""
+    """One dict per bar whose rows ran: set, case, provider, level, bar, value, target, unit,
+    ratio, passed, verdict (on a CPU smoke run: passed None, verdict NOT_JUDGED)."""
     idx = index(rows)
 
     def get(case, prov, mode, key="ms_median"):
@@ -111,14 +96,11 @@ def bars(rows, run_kind=None):
                  _times(base, 1.10), "ms", "le0"),
             ]
     out = []
-    judge = judged(run_kind)
     for group, case, p, level, what, val, ref, unit, op in checks:
         if val is None or ref is None:
             continue
-        ok = None
-        if judge:
-            ok = bool({"lt": val < ref, "gt": val > ref, "le": val <= ref * (1 + NOISE),
-                       "le0": val <= ref}[op])
+        ok = bool({"lt": val < ref, "gt": val > ref, "le": val <= ref * (1 + NOISE),
+                   "le0": val <= ref}[op]) if judged(run_kind) else None
         out.append({"set": group, "case": case, "provider": p, "level": level, "bar": what,
                     "value": val, "target": ref, "unit": unit,
                     "ratio": val / ref if ref else None, "passed": ok,

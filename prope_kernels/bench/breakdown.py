@@ -1,15 +1,10 @@
 """Where the time of one fused call goes: GPU time per kernel, from the torch profiler.
 
-    python -m prope_kernels.bench.breakdown            # gemma-2b preset, triton backend
     python -m prope_kernels.bench.breakdown --preset llama-gqa --backend cuda --json out.json
 
-(``python -m bench.breakdown`` from the repository root is the same command.)
-
-For each mode (forward, forward+backward) it profiles a few calls after warm-up (so autotuning
-and compilation are over) and lists every GPU kernel the call launched: the attention kernels,
-the rotation passes, the dK/dV reduction, torch's fills and copies. The share column says what
-the next optimisation should target. On a machine without a GPU it runs the interpreter-sized
-``--smoke`` case and reports CPU time per op instead (a pipeline check, not a measurement).
+(``python -m bench.breakdown`` from the repository root.) Per mode (fwd, fwd+bwd), a few calls
+after warm-up (autotuning and compiles over), every kernel launched with its share of the time.
+Without a GPU: a tiny case and CPU time per op (a pipeline check, not a measurement).
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ import torch
 
 from prope_kernels import backends
 
+from . import providers as P
 from .cases import PRESETS
 from .runner import make_ctx, make_inputs
 
@@ -62,8 +58,6 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
-    from prope_kernels import prope_attention, prope_attention_varlen
-
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     case = PRESETS[args.preset]
@@ -76,11 +70,11 @@ def main(argv=None) -> int:
     q, k, v = make_inputs(case, device, seed=0)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(q)
-    kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=args.backend)
+    # the benchmark's own call of this backend (window, softcap, varlen as the case has them)
+    impl = P.build(P.PROVIDERS[f"prope-{args.backend}"], case, ctx, q, k, v)
+
     def call():
-        if case.varlen:
-            return prope_attention_varlen(q, k, v, ctx["cu_seqlens"], case.seqlen, **kw)
-        return prope_attention(q, k, v, **kw)
+        return impl.fn(q, k, v)
 
     def fwd_bwd():
         call().backward(dout)

@@ -1,9 +1,6 @@
-"""What gets timed: one :class:`Case` per attention shape, named presets and sweeps.
-
-Dense cases use the training layout ``(batch, seqlen, heads, head_dim)``; varlen cases pack
-documents of uneven length into ``(total_tokens, heads, head_dim)`` (batch is 1, ``seqlen`` is the
-longest document).
-"""
+"""What gets timed: one :class:`Case` per attention shape, named presets and sweeps. Dense:
+``(batch, seqlen, heads, head_dim)``; varlen: ``(total_tokens, heads, head_dim)``, batch 1,
+``seqlen`` the longest document."""
 
 from __future__ import annotations
 
@@ -20,10 +17,8 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    """One attention problem. ``group`` says which report section it belongs to:
-    "preset", "seqlen", "head_dim", "causal", "heads", "p" or "varlen". ``window`` (flash-attn
-    convention, -1 = unbounded) and ``softcap`` (0 = off) are the optional attention features."""
-
+    """One attention problem; ``group``: its report section ("preset" or a sweep's name).
+    ``window``: flash-attn convention, -1 unbounded; ``softcap``: 0 off."""
     name: str
     group: str
     batch: int
@@ -58,13 +53,11 @@ class Case:
         return "MQA" if self.kv_heads == 1 else "GQA"
 
     def flops(self, mode: str) -> float:
-        """The standard count (prope_kernels.reference.attention_flops); for varlen the sum over
-        documents, so only attention inside a document counts."""
-        if self.varlen:
-            return sum(attention_flops(1, n, self.q_heads, self.head_dim, self.causal, mode,
-                                       self.window) for n in self.doc_lens)
-        return attention_flops(self.batch, self.seqlen, self.q_heads, self.head_dim, self.causal,
-                               mode, self.window)
+        """The standard count (reference.attention_flops); varlen: the sum over documents."""
+        return sum(attention_flops(b, n, self.q_heads, self.head_dim, self.causal, mode,
+                                   self.window)
+                   for b, n in ([(1, n) for n in self.doc_lens] if self.varlen
+                                else [(self.batch, self.seqlen)]))
 
     def describe(self) -> str:
         heads = (f"{self.q_heads} heads" if self.attn_kind == "MHA"
@@ -101,8 +94,8 @@ def from_dict(d) -> Case:
 
 
 def uneven_doc_lens(total: int, seed: int = 0, min_len: int = 64, max_len: Optional[int] = None):
-    """Document lengths summing to ``total``, drawn log-uniformly (many short documents, a few
-    long ones, as in packed pre-training data); deterministic for a seed."""
+    """Lengths summing to ``total``, log-uniform (many short documents, a few long ones, as in
+    packed pre-training data); deterministic for a seed."""
     rng = random.Random(seed)
     max_len = max_len or max(min_len, total // 2)
     lens, left = [], total
@@ -120,9 +113,7 @@ def varlen_case(name, group, total, q_heads, kv_heads, head_dim, *, seed=0, min_
     return Case(name, group, 1, max(lens), q_heads, kv_heads, head_dim, doc_lens=lens, **kw)
 
 
-# ----------------------------------------------------------------------------------------------
 # presets: published model shapes (Gemma, Llama-style GQA, MHA at head_dim 64)
-# ----------------------------------------------------------------------------------------------
 
 PRESETS = {
     "gemma-2b": Case("gemma-2b", "preset", 2, 8192, 8, 1, 256),
@@ -154,10 +145,6 @@ SMOKE_PRESETS = {
 P_VALUES = (0.0, 0.25, 0.75, 1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# sweeps
-# ----------------------------------------------------------------------------------------------
-
 SWEEPS = ("seqlen", "head_dim", "causal", "heads", "p", "varlen")
 
 
@@ -173,12 +160,8 @@ def sweep_p(base: Case, p_values=P_VALUES):
 
 def build_sweep(name: str, dtype: str = "bfloat16", seqlens=None, head_dims=None,
                 p_values=P_VALUES, smoke: bool = False):
-    """The cases of one sweep; ``smoke`` shrinks every shape to a few dozen tokens.
-
-    seqlen: constant tokens per call (batch = tokens // seqlen), Llama-style GQA heads (hidden
-    4096: 32 q / 8 kv heads at head_dim 128, the llama-gqa preset's kernels); head_dim: hidden
-    4096 as MHA; heads: MHA, GQA (4 q heads per kv head) and MQA at one shape; varlen: packed
-    documents of uneven length."""
+    """The cases of one sweep (``smoke``: a few dozen tokens). seqlen: constant tokens per call,
+    llama-gqa's heads; head_dim: hidden 4096, MHA; heads: MHA, GQA, MQA at one shape."""
     base = SMOKE_PRESETS["smoke-mqa"] if smoke else PRESETS["llama-gqa"]
     if name == "seqlen":  # (tokens, q heads, kv heads, head_dim)
         tok, hq, hkv, d = (32, 2, 1, 16) if smoke else (32768, 32, 8, 128)

@@ -1,17 +1,16 @@
-"""Correctness guard: before a provider is timed, spot-check it against the reference.
+"""Correctness guard: spot-check a provider against the reference before it is timed.
 
-Cheap at any size: the upstream gradient ``dout`` is zero except on a few query rows of the first
-and last sequence. The reference then needs only those rows' attention (rows x keys, not keys x
-keys): forward output of the rows, and through autograd the exact dq of the rows and dk, dv of the
-two sequences. Everything the provider writes outside them must be zero. Errors are
-relative Frobenius norms; a provider above the dtype's tolerance is marked wrong, not timed.
+Cheap at any size: ``dout`` is zero except on a few query rows of the first and last sequence,
+so the float32 reference needs only those rows' attention (rows x keys): their output, their dq
+and dk, dv of the two sequences; the provider's gradients elsewhere must be zero. Errors are
+relative Frobenius norms; above the dtype's tolerance the provider is marked wrong, not timed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prope_kernels.reference import apply_prope
+from prope_kernels.reference import apply_prope, attention_mask, softcap_scores
 from prope_kernels.rotary import PRoPESpec
 
 # relative-norm tolerance: a few times the rounding error of a bf16/fp16 attention (fwd and bwd);
@@ -40,11 +39,9 @@ def _rows(n, gen):
 
 
 def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int = 0):
-    """Run ``fn`` once (forward, and backward when ``with_grad``) and compare with the reference.
-
-    q, k, v: inputs in the case's layout (requires_grad is set here). spec_p: the p the provider
-    claims to apply (0 for the "no RoPE" rows). Returns a dict: ok, err_out, err_grad, leak, msg.
-    """
+    """Run ``fn`` once (and its backward when ``with_grad``) on q, k, v (the case's layout) and
+    compare with the reference at p ``spec_p`` (0 for "no RoPE" rows). Returns a dict: ok,
+    err_out, err_grad, leak, msg."""
     dt = q.dtype
     hq, hkv, d = case.q_heads, case.kv_heads, case.head_dim
     group = hq // hkv
@@ -76,20 +73,11 @@ def spot_check(fn, case, ctx, q, k, v, spec_p: float, with_grad: bool, seed: int
             kr = apply_prope(kl, pos[a:b], spec)                # (L, hkv, d)
             kr = kr.repeat_interleave(group, dim=1)
             ve = vl.repeat_interleave(group, dim=1)
-            s = torch.einsum("rhd,lhd->hrl", qr, kr) * scale
-            if case.softcap:
-                s = torch.tanh(s / case.softcap) * case.softcap
-            # positions restart per sequence: they are the indices the mask is defined on
-            qi, kj = pos[a + rows][:, None], pos[a:b][None, :]
-            allowed = torch.ones_like(qi == kj)
-            left, right = case.window
-            if case.causal:
-                allowed &= kj <= qi
-            if left >= 0:
-                allowed &= kj >= qi - left
-            if right >= 0:
-                allowed &= kj <= qi + right
-            s = s.masked_fill(~allowed[None], float("-inf"))
+            s = softcap_scores(torch.einsum("rhd,lhd->hrl", qr, kr) * scale, case.softcap)
+            # the checked rows of the sequence's (L, L) mask (positions = indices in it)
+            mask = attention_mask(b - a, b - a, case.causal, case.window, q.device)
+            if mask is not None:
+                s = s.masked_fill(~mask[rows][None], float("-inf"))
             o_ref = torch.einsum("hrl,lhd->rhd", torch.softmax(s, dim=-1), ve)
         errs_out.append(_rel(of[a + rows].detach(), o_ref.detach()))
         refs.append((a, b, rows, ql, kl, vl, o_ref))

@@ -156,6 +156,8 @@ def plan(args, smoke: bool):
         raise SystemExit(f"preset(s) {', '.join(big)} are GPU shapes; a smoke run (no GPU, or "
                          f"--smoke) takes only the tiny presets: {', '.join(C.SMOKE_PRESETS)}")
     sweeps = _names(args.sweep, C.SWEEPS, "sweep")
+    import torch  # the rows of a default list: those whose backend has the case's features here
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def preset_case(name):
         c = C.SMOKE_PRESETS.get(name) or C.PRESETS[name]
@@ -169,7 +171,7 @@ def plan(args, smoke: bool):
             letter = "V" if case.varlen else {"preset": "P", "p": "p"}.get(group, "S")
         mode = modes or (C.MODES if group == "preset" else
                          ("fwd",) if smoke and group == "p" else ("fwd", "fwd_bwd"))
-        return Job(case, user_provs or P.default(letter, case), mode)
+        return Job(case, user_provs or P.default(letter, case, device), mode)
 
     def jobs_of(names=(), sweep=None):
         if sweep is not None:

@@ -17,11 +17,9 @@ from prope_kernels.backends import kernel_hashes
 
 
 def _source_tree():
-    """The prope_kernels source checkout this package runs from (the folder holding
-    pyproject.toml, csrc/ and bench/ beside prope_kernels/): a clone, or an editable install of
-    one. None for a package installed into site-packages: then no git command runs (the folder
-    above site-packages may belong to an unrelated repository) and the run records the commit
-    only when PROPE_BENCH_COMMIT names it."""
+    """The prope_kernels checkout this package runs from (pyproject.toml and bench/ beside
+    prope_kernels/), else None (installed: no git command runs, the folder above site-packages
+    may be another repository; the commit then comes from PROPE_BENCH_COMMIT only)."""
     root = Path(__file__).resolve().parent.parent.parent
     try:
         project = (root / "pyproject.toml").read_text()
@@ -36,9 +34,8 @@ REPO = _source_tree()
 
 
 def results_root() -> Path:
-    """Where runs go by default: bench/results/ of the checkout when run from its root (where
-    committed runs live), else prope-bench-results/ in the current folder (never the installed
-    package's folder)."""
+    """Default home of runs: bench/results/ from the root of a checkout, else
+    prope-bench-results/ in the current folder."""
     here = Path.cwd()
     if REPO is not None and here.resolve() == REPO:
         return REPO / "bench" / "results"
@@ -46,8 +43,7 @@ def results_root() -> Path:
 
 
 def command() -> str:
-    """The command line of this run as the user typed it: ``prope-bench ...`` for the console
-    script, ``python -m <module> ...`` otherwise."""
+    """This run's command line: ``prope-bench ...`` or ``python -m <module> ...``."""
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if argv0.startswith("prope-bench"):
         head = [argv0]
@@ -60,7 +56,7 @@ def command() -> str:
 
 
 def _git_bytes(cmd):
-    """stdout of a git command in the checkout; None without one, or when it fails."""
+    """stdout of a command in the checkout; None without one, or when it fails."""
     if REPO is None:
         return None
     try:
@@ -88,8 +84,8 @@ _PATHS = ["--", *CODE, *(f":!{x}" for x in _EXCLUDE)]
 
 
 def _git_state():
-    """(HEAD, uncommitted changes in the measured code?, sha256 of `git diff HEAD` over it with
-    the untracked files, "" when the tree is clean); (None, None, None) without a git checkout."""
+    """(HEAD, measured code changed?, sha256 of `git diff HEAD` over it and the untracked files,
+    "" when clean); (None, None, None) without git."""
     head = _run(["git", "rev-parse", "HEAD"])
     if not head:
         return None, None, None
@@ -114,10 +110,9 @@ def _measured(path: str) -> bool:
 
 
 def tree_sha256(commit=None):
-    """sha256 over the path and bytes of every source file of the measured code (CODE, by
-    suffix, bench/results aside): of the files on disk (commit None; no git needed, as on a
-    lent machine), or of those committed at ``commit`` (None when git cannot read it). A run
-    whose hash equals its commit's ran that commit's code exactly."""
+    """sha256 over path and bytes of the measured source files (CODE by suffix, bench/results
+    aside): on disk (commit None; no git needed), or as committed at ``commit`` (None when git
+    cannot read it). Equal hashes: the run ran that commit's code exactly."""
     files = {}
     if REPO is None:  # an installed package: not the checkout's file set, nothing to compare
         return None
@@ -143,8 +138,8 @@ def tree_sha256(commit=None):
 
 
 def clean(meta: dict) -> bool:
-    """Whether a run ran committed code: `git diff HEAD` was empty, or the hash of its source
-    files equals that of the commit it names (runs without .git record only the latter)."""
+    """Whether a run ran committed code: an empty `git diff HEAD`, or its source hash equals
+    that of its commit (runs without .git record only the latter)."""
     if meta.get("git_diff_sha256") == "":
         return True
     src, commit = meta.get("source_sha256"), meta.get("git_commit")
@@ -153,9 +148,7 @@ def clean(meta: dict) -> bool:
 
 def run_kind(smoke: bool) -> str:
     """"gpu" (real figures), "gpu-smoke" (tiny shapes on a GPU) or "cpu-smoke"."""
-    if not torch.cuda.is_available():
-        return "cpu-smoke"
-    return "gpu-smoke" if smoke else "gpu"
+    return ("gpu-smoke" if smoke else "gpu") if torch.cuda.is_available() else "cpu-smoke"
 
 
 def collect(smoke: bool) -> dict:
@@ -198,8 +191,6 @@ def collect(smoke: bool) -> dict:
 
 def slug(meta: dict) -> str:
     """<date>_<gpu> for the default output folder, e.g. 2026-11-22_nvidia-h100-80gb-hbm3."""
-    name = meta["gpu"] or "cpu-smoke"
-    if meta["run_kind"] == "gpu-smoke":
-        name += "-smoke"
+    name = (meta["gpu"] or "cpu-smoke") + ("-smoke" if meta["run_kind"] == "gpu-smoke" else "")
     name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return f"{meta['date_utc'][:10]}_{name}"

@@ -3,16 +3,11 @@
     python -m prope_kernels.bench.hf_throughput               # GPU: small Llama and Gemma
     python -m prope_kernels.bench.hf_throughput --smoke --out /tmp/x  # CPU smoke, tiny size
 
-(``python -m bench.hf_throughput`` from the repository root is the same command.)
-
-Each case builds one random model, copies it, patches the copy, and times full training steps
-(forward with labels, backward, AdamW) of both in the same process, alternating rounds so clock
-or thermal drift hits both: "unpatched" is transformers' own attention (sdpa) with its RoPE,
-"patched" the fused op. Inputs: "dense" (one document per row) and "packed" (position_ids that
-restart: transformers builds a block-diagonal 4-D mask for sdpa, the patched model runs the
-varlen op). Before timing, the two models' losses on the same batch are compared.
-Writes <date>_<gpu>_hf/hf_throughput.json on a GPU into prope-bench-results/ of the current
-folder (bench/results/ from the root of a checkout), or into --out.
+(``python -m bench.hf_throughput`` from the repository root.) Per case one random model and a
+patched copy, timed over full training steps (forward with labels, backward, AdamW) in alternating
+rounds, after comparing their losses on one batch. Inputs "dense", or "packed" (position_ids that
+restart: sdpa's block-diagonal mask vs the varlen op). Writes <date>_<gpu>_hf/hf_throughput.json
+under the default results folder (see bench/README.md), or into --out.
 """
 
 from __future__ import annotations

@@ -9,15 +9,11 @@ from .cases import MODE_LABELS, banner
 from .providers import PROVIDERS
 
 
-def _style(prov):
+def _style(prov):  # ours bold; no-RoPE dashed; peers with compiled RoPE solid, eager dotted
     p = PROVIDERS.get(prov)
-    if p is None:
-        return {}
-    if p.kind == "ours":
-        return dict(lw=2.6, marker="o")
-    if p.kind == "no-rope":
-        return dict(lw=1.4, ls="--", marker="s")
-    return dict(lw=1.4, ls="-" if p.rope == "compiled" else ":", marker=".")
+    return {} if p is None else {"ours": dict(lw=2.6, marker="o"),
+                                 "no-rope": dict(lw=1.4, ls="--", marker="s")}.get(
+        p.kind, dict(lw=1.4, ls="-" if p.rope == "compiled" else ":", marker="."))
 
 
 def _label(prov):
@@ -29,12 +25,10 @@ GAP_IN = 0.12  # inches between the panels and the legend, and around the title
 
 
 def _plot(out_dir: Path, meta, name, what, panels, draw, panel_size=(6.5, 4.8)):
-    """The one plot helper: a row of panels (one per item of ``panels``), ``draw(ax, item)``
-    fills each; titled with the machine and versions, one legend for all panels below them
-    (never over the data: the figure grows by its height, as many columns as fit its width), a
-    watermark on smoke runs, saved as ``name``. A CPU smoke run's y axes are logarithmic: its
-    interpreter timings are orders of magnitude apart, and a linear axis would flatten the slow
-    ones to zero. Returns the PNG's path."""
+    """A row of panels, ``draw(ax, item)`` filling each; titled with machine and versions, one
+    legend below all panels (never over the data; as many columns as fit), a watermark on smoke
+    runs; log y axes on a CPU smoke run (its timings are orders of magnitude apart). Saved as
+    ``name``; returns its path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,11 +81,9 @@ def _plot(out_dir: Path, meta, name, what, panels, draw, panel_size=(6.5, 4.8)):
 
 
 def _colors(provs) -> dict:
-    """provider -> colour, fixed for the whole figure (every panel, one legend): matplotlib's
-    ten default colours, twenty (tab20) for more providers."""
+    """provider -> colour, one for the whole figure: tab10, tab20 for more providers."""
     import matplotlib
-    names = (list(matplotlib.colormaps["tab10"].colors) if len(provs) <= 10
-             else list(matplotlib.colormaps["tab20"].colors))
+    names = matplotlib.colormaps["tab10" if len(provs) <= 10 else "tab20"].colors
     return {p: names[i % len(names)] for i, p in enumerate(provs)}
 
 

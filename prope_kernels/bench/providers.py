@@ -1,11 +1,9 @@
-"""Providers: our fused op per backend, and the peers a user would otherwise call, as one table.
+"""Providers: our fused op per backend and the peers a user would otherwise call, as one table.
 
-Every provider maps (q, k, v) to ``out`` in the case's layout: dense ``(batch, seqlen, heads,
-head_dim)`` or packed ``(total_tokens, heads, head_dim)`` for varlen. Peers rotate q and k first
-as users do (half-split p-RoPE in float32, eager or the same function compiled); "norope" rows
-skip it (the floor a fused op has to meet). ``build`` raises :class:`Unavailable` when a provider
-cannot run here (not installed, no GPU, a feature its backend lacks): the report lists it as
-missing with that reason, never faked. Optional peers are imported only inside ``build``.
+Each maps (q, k, v) to ``out`` in the case's layout: ``(batch, seqlen, heads, head_dim)``, or
+``(total_tokens, heads, head_dim)`` for varlen. Peers rotate q and k first as users do (eager or
+compiled); "norope" rows skip it. ``build`` raises :class:`Unavailable` with the reason when a
+provider cannot run here (reported missing); optional peers are imported inside ``build`` only.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, List
 
 import torch
@@ -28,8 +27,7 @@ TK = prope_env.TRITON_KERNELS  # "PROPE_TRITON_KERNELS"
 
 
 def triton_module(sub: str):
-    """A module of the triton backend's package (hopper, configs), found through the registry:
-    the one place the benchmark names a backend's internals."""
+    """A module of the triton backend's package (hopper, tuning), found through the registry."""
     return importlib.import_module(backends.get("triton").module.rpartition(".")[0] + "." + sub)
 
 
@@ -133,15 +131,13 @@ def in_set(letter: str) -> List[str]:
     return [n for n, p in PROVIDERS.items() if letter in p.sets]
 
 
-QUICK_PEER_PROVIDERS = in_set("Q")
-PYTEST_BENCH_PROVIDERS = in_set("B")
-PYTEST_SMOKE_PROVIDERS = in_set("b")
+QUICK_PEER_PROVIDERS, PYTEST_BENCH_PROVIDERS, PYTEST_SMOKE_PROVIDERS = map(in_set, "QBb")
 
 
 def needs(case) -> set:
     """The attention features a case uses."""
-    return ({"window"} if case.has_window else set()) | ({"softcap"} if case.softcap else set()) \
-        | ({"varlen"} if case.varlen else set())
+    return {f for f, on in (("window", case.has_window), ("softcap", case.softcap),
+                            ("varlen", case.varlen)) if on}
 
 
 # what the peers cannot express (SDPA: no softcap, a window only as an explicit (s x s) mask,
@@ -152,14 +148,23 @@ _PEER_LACKS = {
     "flex": {"window+varlen": "window with varlen: not wired for FlexAttention here"}}
 
 
-def lacks(prov: Provider, case):
-    """Why ``prov`` cannot run ``case``'s features (the registry's for ours), else None."""
+def lacks(prov: Provider, case, device=None):
+    """Why ``prov`` cannot run ``case``'s features, else None. Ours: the registry's features,
+    and on ``device`` (where the backend runs there) its device-aware ones: the cuda backend has
+    window/softcap on sm_90 only."""
     need = needs(case)
     if prov.family == "prope":
         if prov.backend == "auto":
             return None
-        missing = sorted(need - set(backends.get(prov.backend).features))
-        return f"backend={prov.backend!r} does not implement {' or '.join(missing)}" \
+        entry = backends.get(prov.backend)
+        missing, where = sorted(need - set(entry.features)), ""
+        if not missing and need and device is not None and entry.runs_on(device):
+            # a q-like stand-in: the device check reads device, dtype and head_dim only
+            x = SimpleNamespace(device=device, dtype=torch.bfloat16,
+                                shape=(0, case.q_heads, case.head_dim))
+            missing = sorted(need - set(entry.features_on(x, frozenset(need))))
+            where = f" on this device ({entry.features_note})" if missing else ""
+        return f"backend={prov.backend!r} does not implement {' or '.join(missing)}{where}" \
             if missing else None
     for what, why in _PEER_LACKS.get(prov.family, {}).items():
         if set(what.split("+")) <= need:
@@ -167,9 +172,9 @@ def lacks(prov: Provider, case):
     return None
 
 
-def default(letter: str, case) -> List[str]:
-    """A default list for ``case``: its rows that can run the case's features."""
-    return [n for n in in_set(letter) if lacks(PROVIDERS[n], case) is None]
+def default(letter: str, case, device=None) -> List[str]:
+    """A default list for ``case``: its rows that can run the case's features (on ``device``)."""
+    return [n for n in in_set(letter) if lacks(PROVIDERS[n], case, device) is None]
 
 
 def select(patterns) -> List[str]:
@@ -185,11 +190,9 @@ def select(patterns) -> List[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------------
-# the peers' p-RoPE, as users write it (half-split layout, float32 math; identity pairs have
-# frequency 0, as Gemma does, so the whole head is rotated). Tables are built once per case
-# outside the timed region, angles in float64 (an fp32 angle is off by 0.03 rad at 1e6).
-# ----------------------------------------------------------------------------------------------
+# the peers' p-RoPE as users write it: half-split, float32 math, identity pairs at frequency 0
+# (as Gemma does). Tables once per case, outside the timed call; angles in float64 (fp32 is off by
+# 0.03 rad at position 1e6).
 
 def rope_tables(positions: torch.Tensor, head_dim: int, p: float, theta: float):
     """cos, sin: (len(positions), head_dim // 2) float32 on positions' device."""
@@ -228,16 +231,11 @@ def rope_qk_compiled():
     return _compiled("rope", rope_qk_eager)
 
 
-# ----------------------------------------------------------------------------------------------
-# building a provider for a case
-# ----------------------------------------------------------------------------------------------
-
 def build(prov: Provider, case, ctx, q, k, v) -> Impl:
-    """A callable for ``prov`` on ``case``. ``ctx`` holds the case's device tensors (positions,
-    cu_seqlens, doc ids, cos/sin tables); q, k, v are sample inputs (GQA probing). Raises
-    Unavailable."""
+    """A callable for ``prov`` on ``case`` (ctx: the case's device tensors; q, k, v: sample
+    inputs, for probing). Raises Unavailable."""
     dev = q.device
-    why = lacks(prov, case)
+    why = lacks(prov, case, dev)
     if why:
         raise Unavailable(why)
     if prov.family == "prope":
@@ -267,11 +265,7 @@ def build(prov: Provider, case, ctx, q, k, v) -> Impl:
 def _build_prope(prov, case, ctx, q, k_sample, v_sample):
     from prope_kernels import interface as api
     dev, be, notes = q.device, prov.backend, []
-    feat = {}  # sliding window / softcap: passed only when the case uses them
-    if case.has_window:
-        feat["window"] = tuple(case.window)
-    if case.softcap:
-        feat["softcap"] = case.softcap
+    feat = _features(case, "window", case.softcap)
     kw = dict(p=case.p, theta=case.theta, causal=case.causal, backend=be, **feat)
     cu, max_s = ctx["cu_seqlens"], case.seqlen
     if be == "auto":
@@ -356,8 +350,11 @@ def _check_forced(prov, dev, features):
         raise Unavailable("the SM90 kernels run on an sm_90 GPU (H100/H200) only")
 
 
-def _gqa_kw(fn_or_sig, group):
-    return group > 1 and "enable_gqa" in inspect.signature(fn_or_sig).parameters
+def _features(case, window_key, softcap):
+    """The window / softcap keywords, only where the case uses them (older flash-attn lacks
+    them)."""
+    return {**({window_key: tuple(case.window)} if case.has_window else {}),
+            **({"softcap": softcap} if case.softcap else {})}
 
 
 def _bhsd(q, k, v, group, expand):
@@ -369,11 +366,7 @@ def _bhsd(q, k, v, group, expand):
 
 
 def _build_sdpa(prov, case, ctx, q, k, v):
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError as e:  # torch < 2.3
-        raise Unavailable(f"torch.nn.attention.sdpa_kernel is missing in torch "
-                          f"{torch.__version__}") from e
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3 (we need 2.4)
     attr = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
             "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[prov.backend]
     if not hasattr(SDPBackend, attr):
@@ -403,11 +396,7 @@ def _build_sdpa(prov, case, ctx, q, k, v):
     if group == 1:
         return Impl(make(False), notes)
     first_err = None
-    try:
-        has_gqa = _gqa_kw(F.scaled_dot_product_attention, group)
-    except (TypeError, ValueError):  # builtins without a signature: try it
-        has_gqa = True
-    for gqa in ([True] if has_gqa else []) + [False]:
+    for gqa in (True, False):  # enable_gqa (torch >= 2.5; a builtin: no signature to read) first
         fn = make(gqa)
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
         if case.varlen:
@@ -463,7 +452,7 @@ def _build_flex(prov, case, ctx, q, k, v):
             return torch.tanh(score / cap) * cap
         kw["score_mod"] = score_mod
         notes.append("softcap: score_mod")
-    expand = group > 1 and not _gqa_kw(flex_attention, group)
+    expand = group > 1 and "enable_gqa" not in inspect.signature(flex_attention).parameters
     if group > 1:
         kw.update({} if expand else {"enable_gqa": True})
         notes.append("GQA: k/v expanded with repeat_interleave (no enable_gqa)" if expand
@@ -488,11 +477,8 @@ def _build_flash_attn(prov, case, ctx, q, k, v):
         raise Unavailable(hint) from e
     if q.device.type != "cuda":
         raise Unavailable("needs a CUDA GPU")
-    feat = dict(softmax_scale=case.head_dim ** -0.5, causal=case.causal)
-    if case.has_window:  # only when used: older flash-attn versions lack the keywords
-        feat["window_size"] = tuple(case.window)
-    if case.softcap:
-        feat["softcap"] = float(case.softcap)
+    feat = dict(softmax_scale=case.head_dim ** -0.5, causal=case.causal,
+                **_features(case, "window_size", float(case.softcap)))
     cu, max_s = ctx["cu_seqlens"], case.seqlen
 
     def fn(q, k, v):

@@ -36,10 +36,10 @@ def write_all(out_dir: Path, meta: dict, settings: dict, rows: list, plots: bool
          "bars": bars(rows, meta.get("run_kind")), "results": rows}, indent=1,
         default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x)))
     files["csv"] = out_dir / "results.csv"
-    fields = (list(rows[0]) + [k for k in META_CSV if k not in rows[0]]) if rows else []
     with open(files["csv"], "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=fields)
+        if rows:  # the rows, each with the meta columns
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + [k for k in META_CSV
+                                                              if k not in rows[0]])
             w.writeheader()
             w.writerows({**r, **{k: meta.get(k) for k in META_CSV}} for r in rows)
     files["md"] = out_dir / "report.md"
@@ -160,37 +160,27 @@ def markdown(meta, settings, rows, pngs=()):
 
 
 def _triton_configs(rows):
-    """Which rows of the Triton config tables the autotuner picked, per case (fwd+bwd runs)."""
-    picked = [(r["case"], r["notes"]) for r in rows
-              if r["provider"] == "prope-triton" and r["status"] == "ok"
-              and r["mode"] == "fwd_bwd" and "configs " in (r["notes"] or "")]
+    """The Triton configs the autotuner picked, per case (prope-triton's fwd+bwd notes)."""
+    picked = {r["case"]: n[len("configs "):] for r in rows if r["provider"] == "prope-triton"
+              and r["status"] == "ok" and r["mode"] == "fwd_bwd"
+              for n in (r["notes"] or "").split("; ") if n.startswith("configs ")}
     if not picked:
         return []
-    out = ["## Triton configs the autotuner picked (BLOCK_M x BLOCK_N, warps, stages)", "",
-           "| case | configs |", "|---|---|"]
-    for case, notes in picked:
-        cfg = next(n for n in notes.split("; ") if n.startswith("configs "))
-        out.append(f"| {case} | {cfg[len('configs '):]} |")
-    return out + [""]
+    return (["## Triton configs the autotuner picked (BLOCK_M x BLOCK_N, warps, stages)", "",
+             "| case | configs |", "|---|---|"]
+            + [f"| {case} | {cfg} |" for case, cfg in picked.items()] + [""])
 
 
 def _shape_note(r, group):
-    parts = []
-    if group != "seqlen":
-        parts.append(f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
-                     else f"longest {r['seqlen']}")
-    if group not in ("heads", "head_dim"):
-        parts.append(f"{r['q_heads']} q / {r['kv_heads']} kv heads")
-    if group != "head_dim":
-        parts.append(f"head_dim {r['head_dim']}")
-    if group != "causal":
-        parts.append("causal" if r["causal"] else "non-causal")
-    if group != "p":
-        parts.append(f"p={r['p']:g}")
-    if group == "seqlen":
-        parts.append(f"{r['total_tokens']} tokens per call")
-    parts.append(r["dtype"])
-    return ", ".join(parts)
+    """The shape a sweep holds fixed: every part but the swept one."""
+    parts = [("seqlen", f"batch {r['batch']}, seqlen {r['seqlen']}" if not r["varlen"]
+              else f"longest {r['seqlen']}"),
+             ("heads head_dim", f"{r['q_heads']} q / {r['kv_heads']} kv heads"),
+             ("head_dim", f"head_dim {r['head_dim']}"),
+             ("causal", "causal" if r["causal"] else "non-causal"), ("p", f"p={r['p']:g}")]
+    return ", ".join([text for swept, text in parts if group not in swept.split()]
+                     + ([f"{r['total_tokens']} tokens per call"] if group == "seqlen" else [])
+                     + [r["dtype"]])
 
 
 def _case_table(case, rows, idx):
@@ -231,7 +221,7 @@ def _sweep_table(group, rows, idx, key):
     provs = [p for p in ordered(r["provider"] for r in rs)
              if any(r["provider"] == p and r["status"] != "missing" for r in rs)]
     first = {r["case"]: r for r in rs}
-    lines = []
+    lines = []  # one table per mode: a row per case, a column per provider
     for m in modes:
         head = [f"{MODE_LABELS[m]}: ms (TF)"] + [PROVIDERS[p].label for p in provs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -1,14 +1,9 @@
-"""The one runner: for each case and provider, build, spot-check, then time every mode.
+"""The one runner: per case and provider, build, spot-check, then time every mode.
 
-One row per (case, provider, mode) with a status: ``ok`` (timed), ``missing`` (cannot run here:
-not installed, no GPU, ...), ``failed`` (it raised: no kernel for this shape, out of memory,
-compile error), ``wrong`` (output or gradients disagree with the reference: not timed),
-``skipped`` (the run's time budget was spent before it came up); every status but ok has a reason.
-
-Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs), every run's
-time kept (older Triton: quantiles), median and 20th/80th percentiles; on a CPU (smoke only) the
-wall clock, which says nothing about speed. Peak memory: ``torch.cuda.max_memory_allocated``
-during one call minus what was allocated before.
+One row per (case, provider, mode), status ``ok``, ``missing`` (cannot run here), ``failed``
+(raised), ``wrong`` (disagrees with the reference: not timed) or ``skipped`` (time budget spent),
+each but ok with a reason. GPU timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed),
+every run's time kept; CPU (smoke only): the wall clock. Peak memory: extra allocated in one call.
 """
 
 from __future__ import annotations
@@ -93,8 +88,8 @@ def _row(case, prov, mode, status, reason="", timing=None, mem=None, chk=None, n
              check_err_grad=(chk or {}).get("err_grad"), notes="; ".join(notes))
     # ours: what the backend launched, read back after the timed calls ("fwd: cuda sm90
     # overlap+lpt; bwd: cuda sm90 split"), and the kernel switches the provider set ({}: none)
-    r["switches"] = switches_text(ran) if ran else ""
-    r["switches_set"] = switches_set if prov.family == "prope" else None
+    r.update(switches=switches_text(ran) if ran else "",
+             switches_set=switches_set if prov.family == "prope" else None)
     return r
 
 
@@ -116,17 +111,9 @@ def _stats(times):
 
 
 def bench_gpu(fn, warmup_ms=25, rep_ms=200, grad_to_none=None):
-    from triton.testing import do_bench
-    kw = dict(warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none)
-    try:
-        times = do_bench(fn, return_mode="all", **kw)
-        if isinstance(times, (list, tuple)) and len(times) > 0:
-            return _stats(times)
-    except (AssertionError, TypeError, ValueError):
-        pass  # a Triton without return_mode="all": fall back to quantiles
-    med, p20, p80, mn, mx = (float(x) for x in do_bench(fn, quantiles=[0.5, 0.2, 0.8, 0.0, 1.0],
-                                                       **kw))
-    return dict(ms_median=med, ms_p20=p20, ms_p80=p80, ms_min=mn, ms_max=mx, n_runs=None)
+    from triton.testing import do_bench  # every run's time (return_mode "all": Triton >= 3.0)
+    return _stats(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                           return_mode="all"))
 
 
 def bench_cpu(fn, warmup=1, reps=2, grad_to_none=None):
@@ -176,25 +163,11 @@ def mode_fn(impl, mode, q, k, v, dout):
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def _measure(impl, mode, q, k, v, dout, st: Settings):
-    fn, gtn = mode_fn(impl, mode, q, k, v, dout)
-    timing = (bench_gpu(fn, st.warmup_ms, st.rep_ms, gtn) if q.device.type == "cuda"
-              else bench_cpu(fn, st.cpu_warmup, st.cpu_reps, gtn))
-    mem = peak_mib(fn, gtn) if st.memory else None
-    for x in (q, k, v):
-        x.grad = None
-    return timing, mem
-
-
 class _NoBar:  # progress bar without tqdm
     def __init__(self, *a, **k):
         pass
-
     update = set_description = close = __init__
-
-    @staticmethod
-    def write(msg, file=None):
-        print(msg, file=file)
+    write = staticmethod(print)
 
 
 def total_pairs(jobs):
@@ -291,7 +264,10 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
     for mode in modes:
         try:
             launched(clear=True)
-            timing, mem = _measure(impl, mode, q, k, v, dout, st)
+            fn, gtn = mode_fn(impl, mode, q, k, v, dout)
+            timing = (bench_gpu(fn, st.warmup_ms, st.rep_ms, gtn) if q.device.type == "cuda"
+                      else bench_cpu(fn, st.cpu_warmup, st.cpu_reps, gtn))
+            mem = peak_mib(fn, gtn) if st.memory else None
             ran = launched(clear=True)
             rows.append(_row(case, prov, mode, "ok", timing=timing, mem=mem, chk=chk,
                              notes=impl.notes + _triton_configs(ran, mode), ran=ran,
@@ -300,7 +276,7 @@ def _run_pair(case, prov, modes, ctx, device, st, t_start, seed, log):
             reason = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else short(e)
             log(f"[failed] {prov.name} on {case.name} {mode}: {reason}")
             rows.append(_row(case, prov, mode, "failed", reason, chk=chk, notes=impl.notes))
-            for x in (q, k, v):
-                x.grad = None
             _cleanup(device, full=True)
+        for x in (q, k, v):
+            x.grad = None
     return rows
