@@ -28,7 +28,7 @@ def quick_providers() -> list:
     budget, or a crash (which takes the process's CUDA context with it), costs only their rows."""
     from prope_kernels.bench.providers import PROVIDERS, QUICK_PEER_PROVIDERS
     late = ["prope-auto", "prope-triton-hopper", "prope-cuda-sm80", "prope-cuda-sm90-split",
-            "prope-cuda-sm90-basic"]
+            "prope-cuda-sm90-basic", "prope-cuda-sm90-rotpairs"]
     # prope-triton runs the portable kernels by default, prope-cuda the SM90 ones on sm_90: the
     # forced variants would time the same kernels twice
     ours = [n for n, p in PROVIDERS.items() if p.kind == "ours" and p.backend != "reference"
