@@ -421,3 +421,12 @@ def test_reports_name_no_tracker_numbers(smoke_run):
     for name in ("report.md", "results.json", "results.csv"):
         text = (out / name).read_text()
         assert not re.search(r"\bissue\s*#?\d", text, re.I), name
+
+
+def test_driver_query_runs_outside_a_checkout(monkeypatch):
+    # an installed package has no checkout: git commands give nothing there, but nvidia-smi (the
+    # driver version of a GPU run) must still run
+    from prope_kernels.bench import env as E
+    monkeypatch.setattr(E, "REPO", None)
+    assert E._run([sys.executable, "-c", "print('560.35')"]) == ""
+    assert E._run([sys.executable, "-c", "print('560.35')"], anywhere=True) == "560.35"

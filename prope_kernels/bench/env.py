@@ -55,9 +55,10 @@ def command() -> str:
     return " ".join(head + sys.argv[1:])
 
 
-def _git_bytes(cmd):
-    """stdout of a command in the checkout; None without one, or when it fails."""
-    if REPO is None:
+def _git_bytes(cmd, anywhere=False):
+    """stdout of a command in the checkout (anywhere: in this folder when there is none); None
+    without one, or when it fails."""
+    if REPO is None and not anywhere:
         return None
     try:
         p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=REPO)
@@ -66,8 +67,8 @@ def _git_bytes(cmd):
     return p.stdout if p.returncode == 0 else None
 
 
-def _run(cmd):
-    return (_git_bytes(cmd) or b"").decode(errors="replace").strip()
+def _run(cmd, anywhere=False):
+    return (_git_bytes(cmd, anywhere) or b"").decode(errors="replace").strip()
 
 
 def _version(mod):
@@ -177,7 +178,8 @@ def collect(smoke: bool) -> dict:
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                   anywhere=True)  # an installed package has no checkout; the driver is there
         meta.update(gpu=p.name, gpu_count=torch.cuda.device_count(),
                     sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
                     gpu_memory_gib=round(p.total_memory / 2**30, 1),
