@@ -225,7 +225,7 @@ def _resolved() -> dict:
         "PROPE_CUDA_SM90": lambda: {None: "auto (SM90 where built and on sm_90)", True: "SM90",
                                     False: "SM80"}[env.cuda_sm90()],
         "PROPE_CUDA_SM90_FWD": env.cuda_sm90_fwd,
-        "PROPE_CUDA_SM90_ROT": env.cuda_sm90_rot,
+        "PROPE_CUDA_ROT": env.cuda_rot,
         "PROPE_CUDA_SM90_BWD": env.cuda_sm90_bwd,
         "PROPE_SDPA_KERNEL": lambda: env.sdpa_kernel() or "auto (cuDNN, flash, efficient)",
         "PROPE_AUTOTUNE": lambda: "on" if env.autotune() else "off (first config of each table)",

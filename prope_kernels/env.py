@@ -26,8 +26,8 @@ whether it is set.
                        two consumers at head_dim <= 128, longest-first launch order over the
                        whole grid: 554 TFLOP/s at gemma-2b on an H100), overlap, basic+lpt,
                        basic (the first mainloop: 480 TFLOP/s there); csrc/README.md
-  PROPE_CUDA_SM90_ROT  how the SM90 kernels rotate in shared memory (the forward's Q tile, the
-                       fused backward's dK back): table (default: pairs in a run, the "half"
+  PROPE_CUDA_ROT       how the CUDA kernels rotate in shared memory (the SM80 and SM90
+                       forwards' Q tile, the SM90 fused backward's dK back): table (default: pairs in a run, the "half"
                        layout, in 16-byte chunks with cos/sin from a table the K pass writes;
                        other layouts one pair at a time) or pairs (always one pair at a time
                        with its angle, the kernels as measured on 2026-11-26)
@@ -111,11 +111,11 @@ def cuda_sm90_fwd() -> str:
     return v
 
 
-def cuda_sm90_rot() -> str:
-    """PROPE_CUDA_SM90_ROT: "table" (default, also when unset or empty) or "pairs"."""
-    v = _get("PROPE_CUDA_SM90_ROT", "").strip().lower() or "table"
+def cuda_rot() -> str:
+    """PROPE_CUDA_ROT: "table" (default, also when unset or empty) or "pairs"."""
+    v = _get("PROPE_CUDA_ROT", "").strip().lower() or "table"
     if v not in ("table", "pairs"):
-        raise ValueError(f"PROPE_CUDA_SM90_ROT must be 'table' or 'pairs' (or unset), got {v!r}")
+        raise ValueError(f"PROPE_CUDA_ROT must be 'table' or 'pairs' (or unset), got {v!r}")
     return v
 
 

@@ -316,7 +316,7 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     # one ran must still get the user's settings (here: unset), not the earlier provider's.
     from prope_kernels.bench import providers as P
     for var in ("PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD",
-                "PROPE_CUDA_SM90_ROT"):
+                "PROPE_CUDA_ROT"):
         monkeypatch.delenv(var, raising=False)
         monkeypatch.setitem(P.USER_ENV, var, None)
     seen = []
@@ -330,7 +330,7 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     default.fn(None, None, None)
     assert seen[0]["PROPE_CUDA_SM90"] == "0"
     assert seen[1] == {"PROPE_CUDA_SM90": None, "PROPE_CUDA_SM90_FWD": None,
-                       "PROPE_CUDA_SM90_BWD": None, "PROPE_CUDA_SM90_ROT": None}, seen
+                       "PROPE_CUDA_SM90_BWD": None, "PROPE_CUDA_ROT": None}, seen
     assert forced.switches_set == {"PROPE_CUDA_SM90": "0"} and default.switches_set == {}
     # every prope provider sets them, auto and sdpa included (auto may run the CUDA backend)
     forced.fn(None, None, None)
@@ -340,7 +340,7 @@ def test_kernel_switches_do_not_leak_between_providers(monkeypatch):
     assert split.switches_set == {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_BWD": "split"}
     pairs = P.with_switches(P.PROVIDERS["prope-cuda-sm90-rotpairs"], call, [])
     pairs.fn(None, None, None)
-    assert pairs.switches_set == {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_SM90_ROT": "pairs"}
+    assert pairs.switches_set == {"PROPE_CUDA_SM90": "1", "PROPE_CUDA_ROT": "pairs"}
     default.fn(None, None, None)
     assert seen[-1] == seen[1], seen  # the forced pairs do not stay on for the next provider
 

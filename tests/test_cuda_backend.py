@@ -324,31 +324,37 @@ def test_sm90_misaligned_contiguous_inputs(sm90):
     test_misaligned_contiguous_inputs()
 
 
-# --- the SM90 kernels' rotation in shared memory (PROPE_CUDA_SM90_ROT): the forward's Q and the
-# fused backward's dK, in 16-byte chunks from the K pass's table, or one pair at a time ---
+# --- the CUDA kernels' rotation in shared memory (PROPE_CUDA_ROT): the forwards' Q and the
+# SM90 fused backward's dK, in 16-byte chunks from the K pass's table, or one pair at a time ---
 
-def test_sm90_rot_switch(monkeypatch):
+def test_cuda_rot_switch(monkeypatch):
     from prope_kernels import env
-    monkeypatch.delenv("PROPE_CUDA_SM90_ROT", raising=False)
-    assert env.cuda_sm90_rot() == "table"
+    monkeypatch.delenv("PROPE_CUDA_ROT", raising=False)
+    assert env.cuda_rot() == "table"
     assert cuda_backend._run(PRoPESpec(256, 0.75)) == (0, 128)
     assert cuda_backend._run(PRoPESpec(64, 0.75, layout="interleaved")) == (-1, 0)
-    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", " Pairs ")
-    assert env.cuda_sm90_rot() == "pairs"
+    monkeypatch.setenv("PROPE_CUDA_ROT", " Pairs ")
+    assert env.cuda_rot() == "pairs"
     assert cuda_backend._run(PRoPESpec(256, 0.75)) == (-1, 0)
-    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", "chunks")
-    with pytest.raises(ValueError, match="PROPE_CUDA_SM90_ROT"):
-        env.cuda_sm90_rot()
+    monkeypatch.setenv("PROPE_CUDA_ROT", "chunks")
+    with pytest.raises(ValueError, match="PROPE_CUDA_ROT"):
+        env.cuda_rot()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
 @pytest.mark.parametrize("rot", ["table", "pairs"])
-def test_sm90_rot(sm90, monkeypatch, rot):
-    # forward and gradients (the fused backward's dK rotated back): runs with table edges
+def test_cuda_rot(monkeypatch, rot, family):
+    # both forwards rotate Q from the table, the SM90 fused backward dK back; out and the
+    # gradients against the float64 reference: runs with table edges
     # (reversed p = 0.3: the run starts at dim 90 of a chunk at 88; partial p = 0.25: b 32 dims
     # on), a layout with no run (interleaved: pairs either way), one key block and partial last
     # blocks, then varlen with empty and 1-row sequences, explicit positions
-    monkeypatch.setenv("PROPE_CUDA_SM90_ROT", rot)
+    _need_cuda_ext()
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the SM90 kernels run on sm_90 (H100/H200) only")
+    monkeypatch.setenv("PROPE_CUDA_SM90", "1" if family == "sm90" else "0")
+    monkeypatch.setenv("PROPE_CUDA_ROT", rot)
     for i, (s, d, p, variant, layout) in enumerate((
             (1025, 256, 0.75, "prope", "half"), (97, 128, 0.3, "reversed", "half"),
             (300, 128, 0.25, "partial", "half"), (129, 64, 1.0, "prope", "interleaved"),
@@ -367,7 +373,7 @@ def test_sm90_rot_table_equals_pairs(sm90, monkeypatch):
     q, k, v, do = (rand((2, 1025, h, 256), torch.bfloat16, "cuda", gen) for h in (8, 1, 1, 8))
     res = []
     for mode in ("table", "pairs"):
-        monkeypatch.setenv("PROPE_CUDA_SM90_ROT", mode)
+        monkeypatch.setenv("PROPE_CUDA_ROT", mode)
         qkv = [t.clone().requires_grad_() for t in (q, k, v)]
         out = prope_attention(*qkv, p=0.75, causal=True, backend="cuda")
         out.backward(do)

@@ -51,19 +51,18 @@ struct Carve {
 
 // The forward's and backward's buffers, in this order (the *_workspace_bytes functions and the
 // launchers carve the same way).
-// Forward: the rotated K, and the SM90 kernels' cos/sin table when the pairs form a run
-// (RopeParams::cs_out; the backward's too, for its fused kernel).
-bool q_cs_table(const AttnProblem& pb) {
-  return pb.rot.num_rot > 0 && pb.rot.run_a0 >= 0 && resolve_family(pb) == Family::Sm90;
+// Forward: the rotated K, and the cos/sin table the kernels rotate Q with when the pairs form a
+// run (RopeParams::cs_out; the backward's K pass writes it too, for the SM90 fused kernel's dK).
+bool run_table(const AttnProblem& pb) { return pb.rot.num_rot > 0 && pb.rot.run_a0 >= 0; }
+size_t table_bytes(const AttnProblem& pb) {
+  return size_t(pb.total) * 2 * cs_table_w(pb.rot.run_a0, pb.rot.num_rot) * sizeof(float);
 }
 struct FwdWs { void* k_rot; float* q_cs; size_t bytes; };
 FwdWs fwd_ws(const AttnProblem& pb, void* base) {
   Carve c{static_cast<char*>(base)};
   FwdWs w{};
   w.k_rot = pb.rot.num_rot > 0 ? c.take(size_t(pb.total) * pb.kv_heads * pb.head_dim * esize(pb.dtype)) : nullptr;
-  w.q_cs = q_cs_table(pb) ? static_cast<float*>(c.take(size_t(pb.total) * 2 *
-                                                       cs_table_w(pb.rot.run_a0, pb.rot.num_rot) * sizeof(float)))
-                          : nullptr;
+  w.q_cs = run_table(pb) ? static_cast<float*>(c.take(table_bytes(pb))) : nullptr;
   w.bytes = c.off;
   return w;
 }
@@ -90,9 +89,7 @@ BwdWs bwd_ws(const AttnProblem& pb, void* base) {
   w.q_rot = rot ? c.take(nq * esize(pb.dtype)) : nullptr;
   w.k_rot = rot ? c.take(nk * esize(pb.dtype)) : nullptr;
   // the fused kernel's dK rotation back: the K pass's cos/sin table (as the forward's)
-  w.k_cs = q_cs_table(pb) && fused_bwd(pb)
-               ? static_cast<float*>(c.take(size_t(pb.total) * 2 * cs_table_w(pb.rot.run_a0, pb.rot.num_rot) * sizeof(float)))
-               : nullptr;
+  w.k_cs = run_table(pb) && fused_bwd(pb) ? static_cast<float*>(c.take(table_bytes(pb))) : nullptr;
   w.bytes = c.off;
   return w;
 }

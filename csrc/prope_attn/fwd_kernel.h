@@ -1,6 +1,7 @@
 // Forward: FlashAttention-2 style, one CTA per (q block of kBlockM rows, q head, sequence).
 // The Q tile is rotated in shared memory right after it lands (it stays there for the whole
-// key loop, so each q element is rotated once); K arrives pre-rotated from a short-lived buffer
+// key loop, so each q element is rotated once; pairs in a run in 16-byte chunks from the K pass's
+// cos/sin table, as the SM90 forward); K arrives pre-rotated from a short-lived buffer
 // (run_rope), so no K element is rotated more than once either.
 #pragma once
 
@@ -127,10 +128,21 @@ __global__ void __launch_bounds__(Tr::kNThreads) attn_fwd_kernel(const FwdParams
   copy_rows(gcopy, tKgK(_, _, _, 0), tKsK, tKVc, seqlen);
   cp_async_fence();
   if constexpr (kRotate) {
-    cp_async_wait<0>();
-    __syncthreads();
-    rotate_tile_smem(sQ, p.positions, seq_start + int64_t(m_block) * kBM, m_rows, p.rot.pair_a,
-                     p.rot.pair_b, p.rot.pair_freq, p.rot.num_rot, tid, Tr::kNThreads);
+    auto wait_q = [&] {
+      cp_async_wait<0>();
+      __syncthreads();
+    };
+    const int64_t q_row0 = seq_start + int64_t(m_block) * kBM;
+    if (p.q_cs != nullptr) {  // pairs in a run: 16-byte chunks, cos/sin from the K pass's table
+      const int w = cs_table_w(p.rot.run_a0, p.rot.num_rot);
+      rotate_tile_chunks<kBM, std::is_same_v<Element, cutlass::bfloat16_t>>(
+          smem_raw, p.q_cs + q_row0 * 2 * w, m_rows, w, cs_table_lo(p.rot.run_a0),
+          p.rot.run_b_off, tid, Tr::kNThreads, wait_q);
+    } else {
+      wait_q();
+      rotate_tile_smem(sQ, p.positions, q_row0, m_rows, p.rot.pair_a, p.rot.pair_b,
+                       p.rot.pair_freq, p.rot.num_rot, tid, Tr::kNThreads);
+    }
     // visibility of the rotated tile: the __syncthreads at the top of the loop
   }
 

@@ -30,9 +30,9 @@ struct RotTables {
   int num_id = 0;
   // One run of pairs (PRoPESpec.chunk_run(); -1: none, or not known): pair i is the dims
   // (run_a0 + i, run_a0 + i + run_b_off) with run_b_off % 8 == 0, as the "half" layout gives.
-  // The SM90 forward (Q) and fused backward (dK back) then rotate in 16-byte chunks with cos/sin
-  // read from a table the K pass writes (cs_table_*), instead of one angle per element. The
-  // binding checks the geometry.
+  // The forwards (Q; SM80 and SM90) and the SM90 fused backward (dK back) then rotate in 16-byte
+  // chunks with cos/sin read from a table the K pass writes (cs_table_*), instead of one angle
+  // per element. The binding checks the geometry.
   int run_a0 = -1;
   int run_b_off = 0;
 };
@@ -68,8 +68,8 @@ struct FwdParams {
   // SM90 forward variant (fwd_sm90.h, csrc/README.md): bit 0 the overlap mainloop (else basic),
   // bit 1 the longest-first grid order ("lpt"); 0 = the kernel as first validated. SM80: unused.
   int sm90_fwd = 0;
-  // SM90 forward with rot.run_a0 >= 0: the K pass's cos/sin table (total, 2 * cs_table_w)
-  // float32; null: Q is rotated with one angle per element (rotate_tile_smem).
+  // rot.run_a0 >= 0: the K pass's cos/sin table (total, 2 * cs_table_w) float32, Q rotated from
+  // it in 16-byte chunks (rotate_tile_chunks); null: one angle per element (rotate_tile_smem).
   const float* q_cs = nullptr;
 };
 

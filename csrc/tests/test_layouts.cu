@@ -302,6 +302,22 @@ int check_q_chunks(const char* name) {
   return e;
 }
 
+// The SM80 forward's Q tile: its swizzle (Swizzle<3,3,3> on element offsets, the same 16-byte
+// chunk permutation) is part of the layout, so element (r, c) is at byte 2 * layout(r, c).
+template <class L>
+int check_q_chunks_sm80(const char* name) {
+  constexpr int R = decltype(size<0>(L{}))::value, C = decltype(size<1>(L{}))::value;
+  int e = 0;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const uint32_t b = uint32_t(2 * L{}(r, c));
+      const uint32_t want = prope::sw128_chunk_bytes<R>(r, c & ~7) + 2 * (c & 7);
+      if (b != want && e++ < 5) std::printf("%s: (%d,%d) at byte %u, chunk formula %u\n", name, r, c, b, want);
+    }
+  std::printf("%-12s %s\n", name, e ? "FAILED" : "ok");
+  return e;
+}
+
 // bwd_tile: the tiles of different sequences never overlap and stay below bwd_tiles(), for
 // random packings (empty sequences, lengths around multiples of 64, a start past 0).
 int check_bwd_tiles() {
@@ -461,6 +477,9 @@ int main() {
   e += check_q_chunks<prope::FwdSm90Traits<64, true>::SmemLayoutQ>("q chunks 64");
   e += check_q_chunks<prope::FwdSm90Traits<128, false>::SmemLayoutQ>("q chunks 128");
   e += check_q_chunks<prope::FwdSm90Traits<256, true>::SmemLayoutQ>("q chunks 256");
+  e += check_q_chunks_sm80<prope::FwdTraits<64, true>::SmemLayoutQ>("sm80 q chunks 64");
+  e += check_q_chunks_sm80<prope::FwdTraits<128, false>::SmemLayoutQ>("sm80 q chunks 128");
+  e += check_q_chunks_sm80<prope::FwdTraits<256, true>::SmemLayoutQ>("sm80 q chunks 256");
   e += check_q_chunks<prope::BwdSm90Traits<64, true>::SmemLayoutK>("dk chunks 64");
   e += check_q_chunks<prope::BwdSm90Traits<128, false>::SmemLayoutK>("dk chunks 128");
   e += check_q_chunks<prope::BwdSm90Traits<256, true>::SmemLayoutK>("dk chunks 256");

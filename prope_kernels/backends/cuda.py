@@ -184,10 +184,10 @@ def _tables(spec, device):
 
 
 def _run(spec) -> tuple:
-    """(run_a0, run_b_off) of the ops: the pairs' run (PRoPESpec.chunk_run), with which the SM90
-    forward rotates Q and the fused backward dK in 16-byte chunks from the K pass's cos/sin
-    table; (-1, 0): none, or PROPE_CUDA_SM90_ROT=pairs (one pair at a time, its angle)."""
-    run = spec.chunk_run() if env.cuda_sm90_rot() == "table" else None
+    """(run_a0, run_b_off) of the ops: the pairs' run (PRoPESpec.chunk_run), with which the
+    forwards rotate Q and the SM90 fused backward dK in 16-byte chunks from the K pass's cos/sin
+    table; (-1, 0): none, or PROPE_CUDA_ROT=pairs (one pair at a time, its angle)."""
+    run = spec.chunk_run() if env.cuda_rot() == "table" else None
     return run if run is not None else (-1, 0)
 
 

@@ -88,7 +88,7 @@ _OURS = [
      (_SM90, ("PROPE_CUDA_SM90_FWD", "basic")), "P"),
     # the SM90 kernels' rotation one pair at a time (Q, dK back) vs the default chunks from a table
     ("prope-cuda-sm90-rotpairs", "cuda", "cuda, SM90 kernels, rotation by pairs",
-     (_SM90, ("PROPE_CUDA_SM90_ROT", "pairs")), "P"),
+     (_SM90, ("PROPE_CUDA_ROT", "pairs")), "P"),
     ("prope-reference", "reference", "reference, PyTorch", (), "swqvb"),
     ("prope-triton-hopper", "triton", "triton, Hopper TMA kernels", ((TK, "hopper"),), ""),
 ]
@@ -312,7 +312,7 @@ def _build_prope(prov, case, ctx, q, k_sample, v_sample):
 # is built would pick up what an earlier one left behind. What really ran is read back from the
 # backend after each call (prope_kernels.backends.launched: the row's `switches`).
 SWITCHES = (TK, "PROPE_CUDA_SM90", "PROPE_CUDA_SM90_FWD", "PROPE_CUDA_SM90_BWD",
-            "PROPE_CUDA_SM90_ROT")
+            "PROPE_CUDA_ROT")
 USER_ENV = {var: os.environ.get(var) for var in SWITCHES}
 
 
