@@ -5,6 +5,7 @@
 //   run:   ./build/test_prope_attn          (the kernels the API picks: SM90 on sm_90 when built)
 //          ./build/test_prope_attn --sm80   (SM80 kernels)
 //          ./build/test_prope_attn --sm90   (SM90 kernels; needs an sm_90a build and an sm_90 GPU)
+//          ./build/test_prope_attn --rot=pairs   (Q / dK rotated one pair at a time, no table)
 //          ./build/test_prope_attn --sm90 --fwd=overlap+lpt   (an SM90 forward variant:
 //                                   basic, overlap, basic+lpt, overlap+lpt; csrc/README.md)
 //          ./build/test_prope_attn --sm90-split    (SM90, the split (deterministic) backward;
@@ -39,6 +40,7 @@ int g_sm = 80;
 prope::Family g_family = prope::Family::Auto;
 int g_sm90_fwd = 0;  // AttnProblem::sm90_fwd (--fwd=...)
 bool g_split = false;  // --sm90-split: the SM90 split backward (deterministic) instead of the fused one
+bool g_rot_table = true;  // --rot=pairs: no run given to the kernels (one pair at a time, its angle)
 
 struct Case {
   bool bf16;
@@ -68,6 +70,21 @@ void make_pairs(const Case& c, double theta, std::vector<int>& a, std::vector<in
   std::vector<bool> rot(d, false);
   for (int i = 0; i < r; ++i) rot[a[i]] = rot[b[i]] = true;
   for (int j = 0; j < d; ++j) if (!rot[j]) id.push_back(j);
+}
+
+// rotary.py's PRoPESpec.chunk_run(): pair i = (a0 + i, a0 + i + off), off % 8 == 0, the 8-dim
+// chunks of the a dims apart from the b dims' and inside the head; else a0 = -1
+void find_run(const std::vector<int>& a, const std::vector<int>& b, int d, int& a0, int& off) {
+  a0 = -1;
+  off = 0;
+  if (a.empty()) return;
+  const int r = int(a.size()), o = b[0] - a[0];
+  const int lo = prope::cs_table_lo(a[0]), w = prope::cs_table_w(a[0], r);
+  if (o % 8 != 0 || o < w || lo + o + w > d) return;
+  for (int i = 0; i < r; ++i)
+    if (a[i] != a[0] + i || b[i] != a[i] + o) return;
+  a0 = a[0];
+  off = o;
 }
 
 uint16_t to_bits(float x, bool bf16) {
@@ -228,6 +245,7 @@ bool run_case(const Case& c, std::mt19937& gen) {
   pb.rot.identity = dev_copy(id);
   pb.rot.num_rot = static_cast<int>(pa.size());
   pb.rot.num_id = static_cast<int>(id.size());
+  if (g_rot_table) find_run(pa, pb_, d, pb.rot.run_a0, pb.rot.run_b_off);
   pb.causal = c.causal;
   pb.scale = float(scale);
   pb.sm = g_sm;
@@ -314,6 +332,7 @@ int main(int argc, char** argv) {
   const char* fwd_names[] = {"basic", "overlap", "basic+lpt", "overlap+lpt"};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--rot=pairs") g_rot_table = false;
     if (a.rfind("--fwd=", 0) != 0) continue;
     g_sm90_fwd = -1;
     for (int v = 0; v < 4; ++v)
@@ -323,7 +342,8 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::printf("SM90 forward variant: %s\n", fwd_names[g_sm90_fwd]);
+  std::printf("SM90 forward variant: %s; rotation in smem: %s\n", fwd_names[g_sm90_fwd],
+              g_rot_table ? "chunks from the table where the pairs form a run" : "pairs");
   std::printf("device sm_%d, kernels: %s\n", g_sm,
               prope::resolve_family({.sm = g_sm, .family = g_family}) == prope::Family::Sm90
                   ? "SM90" : "SM80");
