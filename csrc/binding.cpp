@@ -250,8 +250,11 @@ void check_window(const char* op, const prope::AttnProblem& pb, bool backward) {
 void set_run(const char* op, Tables& t, int64_t run_a0, int64_t run_b_off, int64_t d) {
   if (run_a0 == -1) return;
   const int64_t r = t.rot.num_rot;
-  TORCH_CHECK_VALUE(run_a0 >= 0 && r > 0, op, ": run_a0 must be -1 (no run) or >= 0 with rotated "
-                    "pairs, got ", run_a0, " with ", r, " rotated pairs");
+  TORCH_CHECK_VALUE(run_a0 >= 0 && run_a0 + r <= d && r > 0, op, ": run_a0 must be -1 (no run) "
+                    "or a dim with the ", r, " rotated pairs after it inside head_dim ", d,
+                    ", got ", run_a0);
+  TORCH_CHECK_VALUE(run_b_off > 0 && run_b_off < d, op, ": run_b_off must be in (0, head_dim ",
+                    d, "), got ", run_b_off);
   const int64_t lo = prope::cs_table_lo(int(run_a0)), w = prope::cs_table_w(int(run_a0), int(r));
   TORCH_CHECK_VALUE(run_b_off % 8 == 0 && run_b_off >= w && lo + run_b_off + w <= d, op,
                     ": run_b_off must be a multiple of 8 with the chunks of dims [", lo, ", ", lo + w,

@@ -346,10 +346,11 @@ def test_cuda_rot_switch(monkeypatch):
 @pytest.mark.parametrize("rot", ["table", "pairs"])
 def test_cuda_rot(monkeypatch, rot, family):
     # both forwards rotate Q from the table, the SM90 fused backward dK back; out and the
-    # gradients against the float64 reference: runs with table edges
-    # (reversed p = 0.3: the run starts at dim 90 of a chunk at 88; partial p = 0.25: b 32 dims
-    # on), a layout with no run (interleaved: pairs either way), one key block and partial last
-    # blocks, then varlen with empty and 1-row sequences, explicit positions
+    # gradients against the float64 reference: runs with padded table edges (reversed p = 0.3,
+    # d 128: the run starts at dim 45 of the chunk at 40; prope p = 0.3, d 128 / 64: it ends at
+    # dim 19 / 9 inside its last chunk; partial p = 0.25, d 128: b 16 dims on), a layout with no
+    # run (interleaved: pairs either way), one key block and partial last blocks, then varlen with
+    # empty and 1-row sequences, explicit positions
     _need_cuda_ext()
     if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the SM90 kernels run on sm_90 (H100/H200) only")
@@ -358,11 +359,41 @@ def test_cuda_rot(monkeypatch, rot, family):
     for i, (s, d, p, variant, layout) in enumerate((
             (1025, 256, 0.75, "prope", "half"), (97, 128, 0.3, "reversed", "half"),
             (300, 128, 0.25, "partial", "half"), (129, 64, 1.0, "prope", "interleaved"),
-            (1, 256, 0.25, "prope", "half"))):
+            (1, 256, 0.25, "prope", "half"), (97, 128, 0.3, "prope", "half"),
+            (300, 64, 0.3, "prope", "half"))):
         dtype = torch.bfloat16 if i % 2 else torch.float16
         _run_dense(dtype, 2, s, 4, 2, d, p=p, variant=variant, layout=layout, causal=i != 2)
     run_varlen("cuda", torch.bfloat16, [130, 1, 0, 257, 64], 8, 2, 256, p=0.75, causal=True,
                explicit_positions=True, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", [1, 2])  # SM80, SM90 (FAMILY_* of backends/cuda.py)
+def test_rot_table_is_read(family):
+    # the ops given a run that is off by one chunk must answer differently from the right one:
+    # the kernels read the table (were q_cs / k_cs always null, the per-pair path would hide it)
+    _need_cuda_ext()
+    if family == 2 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the SM90 kernels run on sm_90 (H100/H200) only")
+    gen = torch.Generator().manual_seed(seed("rot-read", family))
+    q, k, v, do = (rand((200, h, 256), torch.bfloat16, "cuda", gen) for h in (4, 2, 2, 4))
+    cu = torch.tensor([0, 200], dtype=torch.int32, device="cuda")
+    pos = torch.arange(200, device="cuda")
+    spec = PRoPESpec(256, 0.5)  # run (0, 128): 64 pairs; (8, 128) passes the binding's check
+    tabs = cuda_backend._tables(spec, "cuda")
+    args = (cu, pos, 200, *tabs, True, 256 ** -0.5, family)
+
+    def fwd_bwd(run):
+        out, lse = torch.ops.prope_cuda.attn_fwd(q, k, v, *args, 3, -1, -1, 0.0, *run)
+        grads = torch.ops.prope_cuda.attn_bwd(do, q, k, v, out, lse, None, *args, 0, -1, -1, 0.0,
+                                              *run)
+        return [out.float()] + [g.float() for g in grads]
+    right, pairs, shifted = fwd_bwd((0, 128)), fwd_bwd((-1, 0)), fwd_bwd((8, 128))
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), right, pairs, shifted):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 2e-2 * scale, name  # table and pairs agree
+        if name == "out" or (name == "dk" and family == 2):  # what the table rotates
+            assert (a - c).abs().max().item() > 0.1 * scale, name
 
 
 @pytest.mark.gpu

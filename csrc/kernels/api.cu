@@ -154,6 +154,7 @@ cudaError_t rotate(const void* x, DType x_dtype, int64_t x_row, int64_t x_head, 
                    DType y_dtype, int64_t y_row, int64_t y_head, int64_t total, int heads,
                    int head_dim, const int64_t* positions, const RotTables& rot, bool conjugate,
                    float mul, cudaStream_t st, float* cs_out) {
+  if (cs_out != nullptr && (rot.run_a0 < 0 || conjugate)) return cudaErrorInvalidValue;
   RopeParams p;
   p.x = x;
   p.y = y;

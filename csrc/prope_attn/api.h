@@ -89,6 +89,11 @@ bool window_supported(const AttnProblem& pb, bool backward);
 // Whether pb asks for a window or a softcap at all ((-1, 0) with causal is plain causal).
 bool uses_window_or_softcap(const AttnProblem& pb);
 
+// The workspaces (the caller allocates them 256-byte aligned: TMA and 16-byte loads read them).
+// Forward: the rotated K (total * kv_heads * d elements) and, when rot.run_a0 >= 0, the cos/sin
+// table (total * 2 * cs_table_w fp32: 768 bytes a token at d 256, p 0.75, more than the rotated
+// K of one kv head, 512). Backward: delta, the dQ accumulator, the rotated Q and K, and the table
+// for the SM90 fused kernel.
 size_t attn_fwd_workspace_bytes(const AttnProblem& pb);
 size_t attn_bwd_workspace_bytes(const AttnProblem& pb);
 cudaError_t attn_fwd(const AttnFwdArgs& a, cudaStream_t st);

@@ -177,8 +177,10 @@ __device__ __forceinline__ void rotate_tile_smem(STensor& s, const int64_t* posi
 // Byte offset of the 16-byte chunk holding columns [col, col + 8) (col % 8 == 0) of row r in a
 // (kRows, d) 16-bit tile laid out as tile_to_shape(Layout_K_SW128_Atom, (kRows, d)): row r of
 // atom column col / 64 is the 128-byte span at ((col / 64) * kRows + r) * 128, inside which the
-// 128-byte swizzle moves chunk j to j ^ (r % 8) (rotate_tile_chunks). (Host check: test_layouts.cu, against CuTe's
-// swizzled layout on the tiles this is used on.)
+// 128-byte swizzle moves chunk j to j ^ (r % 8) (rotate_tile_chunks): the tile's base must be
+// 1024-byte aligned, as the SM90 kernels' smem tiles are (the SM80 tile's swizzle is in its
+// layout, relative to the base). (Host check: test_layouts.cu, against CuTe's layouts of the
+// tiles this is used on.)
 template <int kRows>
 CUTE_HOST_DEVICE uint32_t sw128_chunk_bytes(int r, int col) {
   static_assert(kRows % 8 == 0);
@@ -228,41 +230,49 @@ __device__ __forceinline__ void pack8(const float (&f)[8], uint32_t (&u)[4]) {
   }
 }
 
-// Rotate a (kRows, d) tile in shared memory (the forward's Q; kConj: the inverse rotation, the
-// fused backward's dK), pairs in a run (RotTables::run_a0): work item
-// (row r < min(nrows, kRows), chunk c; ChunkItems) rotates dims [lo + 8c, +8) against [lo + 8c + b_off, +8) with two
-// 16-byte smem loads, 16 FMA pairs and two 16-byte stores, cos/sin from the K pass's table
-// (row r at cs + r * 2w: w cos then w sin; lo, w: cs_table_lo/_w). The table of a thread's first
-// item is loaded before wait_tile() (the forward: the Q tile's TMA barrier), the next item's while
-// this one is rotated, so the angle math and the table's latency stay off the path to the GEMMs.
+// Rotate a (kRows, d) tile in shared memory (the forwards' Q; kConj: the inverse rotation, the
+// SM90 fused backward's dK), pairs in a run (RotTables::run_a0). Work item (row r <
+// min(nrows, kRows), chunk c; ChunkItems) rotates dims [lo + 8c, +8) against the 8 dims b_off
+// further: two 16-byte smem loads, 16 FMA pairs, two 16-byte stores, cos/sin from the K pass's
+// table (row r at cs + r * 2w: w cos then w sin; lo, w: cs_table_lo/_w). A thread's first two
+// items' table entries are loaded before wait_tile() (the forward: the Q tile's barrier), each
+// later one two items ahead: no angle math and little table latency before the GEMMs.
 template <int kRows, bool kBF16, bool kConj = false, class WaitTile>
 __device__ __forceinline__ void rotate_tile_chunks(void* tile, const float* cs, int nrows, int w,
                                                    int lo, int b_off, int tid, int nthreads,
                                                    WaitTile&& wait_tile) {
   const int nchunk = w >> 3, rows = nrows < kRows ? nrows : kRows;
   const uint32_t base = cute::cast_smem_ptr_to_uint(tile);
-  float4 t[4];  // cos[0:4], cos[4:8], sin[0:4], sin[4:8] of the next item
-  auto fetch = [&](int r, int c) {
-    const float4* row = reinterpret_cast<const float4*>(cs + int64_t(r) * 2 * w + 8 * c);
+  // cos[0:4], cos[4:8], sin[0:4], sin[4:8] of an item: a thread's items alternate between t0 and
+  // t1 (named arrays, so that they stay in registers), each loaded two items ahead
+  float4 t0[4], t1[4];
+  auto fetch = [&](float4 (&t)[4], const ChunkItems& at) {
+    if (at.r >= rows) return;
+    const float4* row = reinterpret_cast<const float4*>(cs + int64_t(at.r) * 2 * w + 8 * at.c);
     t[0] = __ldg(row);
     t[1] = __ldg(row + 1);
     t[2] = __ldg(row + (w >> 2));
     t[3] = __ldg(row + (w >> 2) + 1);
   };
-  ChunkItems it(tid, nthreads, nchunk);
-  if (it.r < rows) fetch(it.r, it.c);
+  ChunkItems it(tid, nthreads, nchunk), ahead = it;
+  fetch(t0, ahead);
+  ahead.next();
+  fetch(t1, ahead);
+  ahead.next();
   wait_tile();
-#pragma unroll 1
-  while (it.r < rows) {
+  // one item from t (then t takes the item two ahead); false once this thread has none left
+  auto rotate_one = [&](float4 (&t)[4]) -> bool {
+    if (it.r >= rows) return false;
     const float co[8] = {t[0].x, t[0].y, t[0].z, t[0].w, t[1].x, t[1].y, t[1].z, t[1].w};
     float si[8] = {t[2].x, t[2].y, t[2].z, t[2].w, t[3].x, t[3].y, t[3].z, t[3].w};
     if constexpr (kConj) {
       CUTE_UNROLL
       for (int j = 0; j < 8; ++j) si[j] = -si[j];
     }
+    fetch(t, ahead);
+    ahead.next();
     const int r = it.r, col = lo + 8 * it.c;
     it.next();
-    if (it.r < rows) fetch(it.r, it.c);
     const uint32_t pa = base + sw128_chunk_bytes<kRows>(r, col);
     const uint32_t pb = base + sw128_chunk_bytes<kRows>(r, col + b_off);
     uint32_t ua[4], ub[4];
@@ -284,6 +294,10 @@ __device__ __forceinline__ void rotate_tile_chunks(void* tile, const float* cs, 
                  ::"r"(pa), "r"(ua[0]), "r"(ua[1]), "r"(ua[2]), "r"(ua[3]) : "memory");
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
                  ::"r"(pb), "r"(ub[0]), "r"(ub[1]), "r"(ub[2]), "r"(ub[3]) : "memory");
+    return true;
+  };
+#pragma unroll 1
+  while (rotate_one(t0) && rotate_one(t1)) {
   }
 }
 

@@ -286,13 +286,15 @@ int check_q_chunks(const char* name) {
       if ((lo % 8 || w % 8 || lo > a0 || lo + w < a0 + nr || w - nr >= 16 || lo + 8 <= a0) && e++ < 5)
         std::printf("%s: run (%d, %d) table columns [%d, %d)\n", name, a0, nr, lo, lo + w);
     }
-  // ChunkItems: the 256 consumer threads visit every (row, chunk) of any row count once
+  // ChunkItems: the threads (256: the SM90 consumers; 128: the SM80 forward) visit every (row,
+  // chunk) of any row count once
+  for (int nt : {128, 256})
   for (int nchunk = 1; nchunk <= 32; ++nchunk)
     for (int rows : {1, 7, 64, 127, R}) {
       std::vector<int> seen(rows * nchunk, 0);
-      for (int tid = 0; tid < 256; ++tid)
-        for (prope::ChunkItems it(tid, 256, nchunk); it.r < rows; it.next()) {
-          if (it.c < 0 || it.c >= nchunk || (it.r * nchunk + it.c) % 256 != tid) { e++; break; }
+      for (int tid = 0; tid < nt; ++tid)
+        for (prope::ChunkItems it(tid, nt, nchunk); it.r < rows; it.next()) {
+          if (it.c < 0 || it.c >= nchunk || (it.r * nchunk + it.c) % nt != tid) { e++; break; }
           seen[it.r * nchunk + it.c]++;
         }
       for (int i = 0; i < rows * nchunk; ++i)

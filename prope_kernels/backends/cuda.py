@@ -11,6 +11,8 @@ tables come from :meth:`PRoPESpec.tables` (pair_a, pair_b, pair_freq, identity).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import env
@@ -183,11 +185,16 @@ def _tables(spec, device):
     return t.pair_a, t.pair_b, t.pair_freq, t.identity
 
 
+@functools.lru_cache(maxsize=64)
+def _chunk_run(spec):
+    return spec.chunk_run()  # specs are frozen: computed once per spec, not per call
+
+
 def _run(spec) -> tuple:
     """(run_a0, run_b_off) of the ops: the pairs' run (PRoPESpec.chunk_run), with which the
     forwards rotate Q and the SM90 fused backward dK in 16-byte chunks from the K pass's cos/sin
     table; (-1, 0): none, or PROPE_CUDA_ROT=pairs (one pair at a time, its angle)."""
-    run = spec.chunk_run() if env.cuda_rot() == "table" else None
+    run = _chunk_run(spec) if env.cuda_rot() == "table" else None
     return run if run is not None else (-1, 0)
 
 
