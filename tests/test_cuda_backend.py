@@ -393,7 +393,7 @@ def test_rot_table_is_read(family):
         scale = b.abs().max().item()
         assert (a - b).abs().max().item() <= 2e-2 * scale, name  # table and pairs agree
         if name == "out" or (name == "dk" and family == 2):  # what the table rotates
-            assert (a - c).abs().max().item() > 0.1 * scale, name
+            assert (a - c).abs().max().item() > 0.02 * scale, name  # never read: 0
 
 
 @pytest.mark.gpu
